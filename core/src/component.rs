@@ -1,0 +1,433 @@
+//! Component traits, their factories and the registry of known kinds.
+//!
+//! A factory names a kind (`vllm`), owns a config type (serde, `deny_unknown_fields`, defaults,
+//! [`ComponentConfig::validate`]) and builds the component. The service only wires factories.
+
+use std::any::Any;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::node::{DeError, Node};
+use crate::model::Batch;
+use crate::runtime::Output;
+use crate::telemetry::Telemetry;
+
+/// Receiver, processor or exporter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ComponentKind {
+    Receiver,
+    Processor,
+    Exporter,
+}
+
+impl ComponentKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Receiver => "receiver",
+            Self::Processor => "processor",
+            Self::Exporter => "exporter",
+        }
+    }
+
+    /// The config section that holds components of this kind.
+    pub fn section(self) -> &'static str {
+        match self {
+            Self::Receiver => "receivers",
+            Self::Processor => "processors",
+            Self::Exporter => "exporters",
+        }
+    }
+}
+
+impl fmt::Display for ComponentKind {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A component instance's name in config: `kind` or `kind/name`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ComponentId {
+    kind: String,
+    name: Option<String>,
+}
+
+impl ComponentId {
+    /// Parses `kind` or `kind/name`; the kind is lowercase letters, digits and `_`.
+    pub fn parse(id: &str) -> Result<Self, String> {
+        let (kind, name) = match id.split_once('/') {
+            Some((k, n)) => (k, Some(n)),
+            None => (id, None),
+        };
+        let kind_ok = !kind.is_empty()
+            && kind
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+        if !kind_ok {
+            return Err(format!(
+                "`{id}` is not a valid component id: expected `kind` or `kind/name`, where kind is lowercase letters, digits and `_`"
+            ));
+        }
+        if name.is_some_and(|n| n.is_empty() || n.contains(char::is_whitespace)) {
+            return Err(format!(
+                "`{id}` is not a valid component id: the name after `/` must be non-empty and have no spaces"
+            ));
+        }
+        Ok(Self {
+            kind: kind.to_owned(),
+            name: name.map(str::to_owned),
+        })
+    }
+
+    pub fn kind(&self) -> &str {
+        &self.kind
+    }
+
+    pub fn name(&self) -> Option<&str> {
+        self.name.as_deref()
+    }
+}
+
+impl fmt::Display for ComponentId {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        match &self.name {
+            Some(n) => write!(f, "{}/{}", self.kind, n),
+            None => f.write_str(&self.kind),
+        }
+    }
+}
+
+/// Why a component could not be built or stopped running.
+#[derive(Debug, thiserror::Error)]
+pub enum ComponentError {
+    #[error("{0}")]
+    Config(String),
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Other(#[from] Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// Why an export failed; decides whether the batch is tried again.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ExportError {
+    /// The backend may accept the batch later (down, overloaded, timed out).
+    #[error("{message}")]
+    Retryable {
+        message: String,
+        /// The backend's own hint (`Retry-After`, gRPC `RetryInfo`).
+        retry_after: Option<Duration>,
+    },
+    /// The backend will never accept this batch (bad request): it is dropped and counted.
+    #[error("{0}")]
+    Permanent(String),
+}
+
+impl ExportError {
+    pub fn retryable(message: impl Into<String>) -> Self {
+        Self::Retryable {
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+}
+
+/// A config field that fails a check beyond its type; `field` lets the error point at its line.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidationError {
+    pub field: Option<String>,
+    pub message: String,
+}
+
+impl ValidationError {
+    pub fn new(message: impl Into<String>) -> Self {
+        Self {
+            field: None,
+            message: message.into(),
+        }
+    }
+
+    pub fn field(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: Some(field.into()),
+            message: message.into(),
+        }
+    }
+}
+
+/// A component's config: deserialized from its YAML node, then validated.
+pub trait ComponentConfig: DeserializeOwned + Send + 'static {
+    fn validate(&self) -> Result<(), ValidationError> {
+        Ok(())
+    }
+}
+
+/// The config of a component that takes no settings; `kind: {}` or `kind:`.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NoConfig {}
+
+impl ComponentConfig for NoConfig {}
+
+/// What a factory knows when it builds a component.
+#[derive(Debug, Clone)]
+pub struct BuildContext {
+    pub id: ComponentId,
+    /// The pipeline a processor is built for; each pipeline gets its own processor instance.
+    pub pipeline: Option<String>,
+    /// The collector's own counters, for components that report on the collector itself.
+    pub telemetry: Telemetry,
+}
+
+/// What a running receiver is handed.
+pub struct ReceiverContext {
+    pub id: ComponentId,
+    /// Where batches go: every pipeline that lists this receiver.
+    pub output: Output,
+    /// Cancelled when the collector shuts down; the receiver returns soon after.
+    pub shutdown: CancellationToken,
+}
+
+/// Pulls or accepts samples and pushes batches until shutdown.
+#[async_trait]
+pub trait Receiver: Send {
+    async fn run(self: Box<Self>, ctx: ReceiverContext) -> Result<(), ComponentError>;
+}
+
+/// Transforms batches in place: synchronous and CPU-only.
+pub trait Processor: Send {
+    /// Transforms `batch`; leaving it empty stops it here (dropped, or held for a later flush).
+    fn process(&mut self, batch: &mut Batch);
+
+    /// How often [`Processor::flush`] is called, for processors that emit on a timer.
+    fn flush_interval(&self) -> Option<Duration> {
+        None
+    }
+
+    /// Emits what the processor holds; called on its timer and once at shutdown. The batch
+    /// continues with the processors after this one.
+    fn flush(&mut self) -> Option<Batch> {
+        None
+    }
+}
+
+/// Sends batches to a backend. The runtime owns queueing, retries and timeouts.
+#[async_trait]
+pub trait Exporter: Send {
+    async fn export(&mut self, batch: &Batch) -> Result<(), ExportError>;
+
+    /// Flushes anything buffered; called once after the last batch.
+    async fn shutdown(&mut self) -> Result<(), ExportError> {
+        Ok(())
+    }
+}
+
+/// Builds receivers of one kind.
+pub trait ReceiverFactory: Send + Sync + 'static {
+    type Config: ComponentConfig;
+    fn kind(&self) -> &'static str;
+    /// One line for `genai-collector components`.
+    fn description(&self) -> &'static str;
+    fn build(&self, config: Self::Config, ctx: &BuildContext) -> Result<Box<dyn Receiver>, ComponentError>;
+}
+
+/// Builds processors of one kind.
+pub trait ProcessorFactory: Send + Sync + 'static {
+    type Config: ComponentConfig;
+    fn kind(&self) -> &'static str;
+    fn description(&self) -> &'static str;
+    fn build(&self, config: &Self::Config, ctx: &BuildContext) -> Result<Box<dyn Processor>, ComponentError>;
+}
+
+/// Builds exporters of one kind.
+pub trait ExporterFactory: Send + Sync + 'static {
+    type Config: ComponentConfig;
+    fn kind(&self) -> &'static str;
+    fn description(&self) -> &'static str;
+    fn build(&self, config: Self::Config, ctx: &BuildContext) -> Result<Box<dyn Exporter>, ComponentError>;
+}
+
+/// A parsed, validated config whose concrete type only its factory knows.
+pub(crate) type AnyConfig = Box<dyn Any + Send>;
+
+/// What the registry keeps of a factory: its config type erased behind `parse`.
+pub(crate) trait DynFactory<T: ?Sized>: Send + Sync {
+    fn kind(&self) -> &'static str;
+    fn description(&self) -> &'static str;
+    fn parse(&self, node: &Node) -> Result<AnyConfig, DeError>;
+    fn build(&self, config: &mut AnyConfig, ctx: &BuildContext) -> Result<Box<T>, ComponentError>;
+}
+
+fn parse_config<C: ComponentConfig>(node: &Node) -> Result<AnyConfig, DeError> {
+    let config: C = node.deserialize()?;
+    config.validate().map_err(|e| {
+        let pos = e
+            .field
+            .as_deref()
+            .and_then(|f| node.key_node(f))
+            .map_or(node.pos, |k| k.pos);
+        let message = match e.field {
+            Some(f) => format!("`{f}`: {}", e.message),
+            None => e.message,
+        };
+        DeError::at(message, pos)
+    })?;
+    Ok(Box::new(Some(config)))
+}
+
+// Receivers and exporters are built once and take their config by value; processors are
+// built once per pipeline and borrow it.
+fn take_config<C: 'static>(config: &mut AnyConfig) -> Result<C, ComponentError> {
+    config
+        .downcast_mut::<Option<C>>()
+        .and_then(Option::take)
+        .ok_or_else(|| ComponentError::Config("config already consumed".into()))
+}
+
+struct Erased<F>(F);
+
+impl<F: ReceiverFactory> DynFactory<dyn Receiver> for Erased<F> {
+    fn kind(&self) -> &'static str {
+        self.0.kind()
+    }
+    fn description(&self) -> &'static str {
+        self.0.description()
+    }
+    fn parse(&self, node: &Node) -> Result<AnyConfig, DeError> {
+        parse_config::<F::Config>(node)
+    }
+    fn build(&self, config: &mut AnyConfig, ctx: &BuildContext) -> Result<Box<dyn Receiver>, ComponentError> {
+        self.0.build(take_config(config)?, ctx)
+    }
+}
+
+impl<F: ProcessorFactory> DynFactory<dyn Processor> for Erased<F> {
+    fn kind(&self) -> &'static str {
+        self.0.kind()
+    }
+    fn description(&self) -> &'static str {
+        self.0.description()
+    }
+    fn parse(&self, node: &Node) -> Result<AnyConfig, DeError> {
+        parse_config::<F::Config>(node)
+    }
+    fn build(&self, config: &mut AnyConfig, ctx: &BuildContext) -> Result<Box<dyn Processor>, ComponentError> {
+        let config = config
+            .downcast_ref::<Option<F::Config>>()
+            .and_then(Option::as_ref)
+            .ok_or_else(|| ComponentError::Config("config of the wrong type".into()))?;
+        self.0.build(config, ctx)
+    }
+}
+
+impl<F: ExporterFactory> DynFactory<dyn Exporter> for Erased<F> {
+    fn kind(&self) -> &'static str {
+        self.0.kind()
+    }
+    fn description(&self) -> &'static str {
+        self.0.description()
+    }
+    fn parse(&self, node: &Node) -> Result<AnyConfig, DeError> {
+        parse_config::<F::Config>(node)
+    }
+    fn build(&self, config: &mut AnyConfig, ctx: &BuildContext) -> Result<Box<dyn Exporter>, ComponentError> {
+        self.0.build(take_config(config)?, ctx)
+    }
+}
+
+type Registry<T> = BTreeMap<&'static str, Arc<dyn DynFactory<T>>>;
+
+/// The component kinds a collector binary knows. The binary's `builtin()` fills it; a custom
+/// build adds its own with `with_receiver` and friends.
+#[derive(Clone, Default)]
+pub struct Components {
+    pub(crate) receivers: Registry<dyn Receiver>,
+    pub(crate) processors: Registry<dyn Processor>,
+    pub(crate) exporters: Registry<dyn Exporter>,
+}
+
+/// One registered kind, as `genai-collector components` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KindInfo {
+    pub kind: ComponentKind,
+    pub name: &'static str,
+    pub description: &'static str,
+}
+
+impl Components {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Registers a receiver kind; a later registration of the same kind replaces the earlier.
+    pub fn with_receiver(mut self, factory: impl ReceiverFactory) -> Self {
+        self.receivers.insert(factory.kind(), Arc::new(Erased(factory)));
+        self
+    }
+
+    pub fn with_processor(mut self, factory: impl ProcessorFactory) -> Self {
+        self.processors.insert(factory.kind(), Arc::new(Erased(factory)));
+        self
+    }
+
+    pub fn with_exporter(mut self, factory: impl ExporterFactory) -> Self {
+        self.exporters.insert(factory.kind(), Arc::new(Erased(factory)));
+        self
+    }
+
+    /// Every registered kind, receivers first, each group sorted by name.
+    pub fn list(&self) -> Vec<KindInfo> {
+        fn infos<T: ?Sized>(kind: ComponentKind, r: &Registry<T>) -> impl Iterator<Item = KindInfo> + '_ {
+            r.values().map(move |f| KindInfo {
+                kind,
+                name: f.kind(),
+                description: f.description(),
+            })
+        }
+        infos(ComponentKind::Receiver, &self.receivers)
+            .chain(infos(ComponentKind::Processor, &self.processors))
+            .chain(infos(ComponentKind::Exporter, &self.exporters))
+            .collect()
+    }
+
+    pub(crate) fn kind_names(&self, kind: ComponentKind) -> Vec<&'static str> {
+        match kind {
+            ComponentKind::Receiver => self.receivers.keys().copied().collect(),
+            ComponentKind::Processor => self.processors.keys().copied().collect(),
+            ComponentKind::Exporter => self.exporters.keys().copied().collect(),
+        }
+    }
+
+    pub(crate) fn parse(&self, kind: ComponentKind, id: &ComponentId, node: &Node) -> Option<Result<AnyConfig, DeError>> {
+        let name = id.kind();
+        Some(match kind {
+            ComponentKind::Receiver => self.receivers.get(name)?.parse(node),
+            ComponentKind::Processor => self.processors.get(name)?.parse(node),
+            ComponentKind::Exporter => self.exporters.get(name)?.parse(node),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn component_ids() {
+        let id = ComponentId::parse("vllm/chat").unwrap();
+        assert_eq!((id.kind(), id.name()), ("vllm", Some("chat")));
+        assert_eq!(id.to_string(), "vllm/chat");
+        assert_eq!(ComponentId::parse("nvml").unwrap().name(), None);
+        assert_eq!(ComponentId::parse("pool_aggregate/a/b").unwrap().name(), Some("a/b"));
+        for bad in ["", "/x", "Vllm", "vllm/", "v llm", "vllm/a b"] {
+            assert!(ComponentId::parse(bad).is_err(), "{bad:?} should be rejected");
+        }
+    }
+}

@@ -1,0 +1,20 @@
+//! The core of genai-collector: the data model, component traits and factories, config loading,
+//! the pipeline runtime and self-telemetry. Receivers, processors and exporters depend on this
+//! crate alone; a team's own receiver crate does too.
+
+pub mod component;
+pub mod config;
+mod http;
+pub mod model;
+pub mod runtime;
+pub mod telemetry;
+
+pub use async_trait::async_trait;
+pub use component::{
+    BuildContext, ComponentConfig, ComponentError, ComponentId, ComponentKind, Components, ExportError,
+    Exporter, ExporterFactory, NoConfig, Processor, ProcessorFactory, Receiver, ReceiverContext,
+    ReceiverFactory, ValidationError,
+};
+pub use model::Batch;
+pub use runtime::{Output, RunSummary, RunningService, SendError, Service};
+pub use tokio_util::sync::CancellationToken;

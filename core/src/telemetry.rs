@@ -1,0 +1,373 @@
+//! Self-telemetry: what each component received, sent, dropped and refused, queue fill, and
+//! whether it is up. Rendered as Prometheus text (`genai_collector_*`) and as health JSON.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use crate::component::ComponentKind;
+use crate::model::{kv, now_unix_nanos, number_point, Batch, KeyValue, Metric, MetricExt};
+
+/// A component's lifecycle state, as health checks report it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum State {
+    Starting = 0,
+    Running = 1,
+    Stopped = 2,
+    Failed = 3,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Starting => "starting",
+            Self::Running => "running",
+            Self::Stopped => "stopped",
+            Self::Failed => "failed",
+        }
+    }
+
+    fn from_u8(v: u8) -> Self {
+        match v {
+            1 => Self::Running,
+            2 => Self::Stopped,
+            3 => Self::Failed,
+            _ => Self::Starting,
+        }
+    }
+}
+
+/// Counters of one component instance. All counts are in data points.
+#[derive(Debug)]
+pub struct ComponentStats {
+    pub kind: ComponentKind,
+    pub id: String,
+    /// The pipeline a processor instance belongs to.
+    pub pipeline: Option<String>,
+    /// Receiver: pushed into its pipelines. Processor: came in. Exporter: queued.
+    pub accepted: AtomicU64,
+    /// Processor: went out. Exporter: delivered.
+    pub sent: AtomicU64,
+    /// Receiver: refused because its pipelines were full. Exporter: queue full on arrival.
+    pub refused: AtomicU64,
+    /// Exporter: given up on (permanent error, retries exhausted, or shutdown deadline).
+    pub failed: AtomicU64,
+    /// Exporter: failed attempts, retried or not (in requests, not points).
+    pub attempt_failures: AtomicU64,
+    /// Exporter: points waiting in its queue or being sent.
+    pub queued: AtomicU64,
+    /// Exporter: batches the queue holds at most.
+    pub queue_capacity: AtomicU64,
+    /// Exporter: batches waiting in the queue.
+    pub queue_batches: AtomicU64,
+    state: AtomicU8,
+    last_error: Mutex<Option<String>>,
+}
+
+impl ComponentStats {
+    fn new(kind: ComponentKind, id: String, pipeline: Option<String>) -> Self {
+        Self {
+            kind,
+            id,
+            pipeline,
+            accepted: AtomicU64::new(0),
+            sent: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            attempt_failures: AtomicU64::new(0),
+            queued: AtomicU64::new(0),
+            queue_capacity: AtomicU64::new(0),
+            queue_batches: AtomicU64::new(0),
+            state: AtomicU8::new(State::Starting as u8),
+            last_error: Mutex::new(None),
+        }
+    }
+
+    pub fn add(counter: &AtomicU64, n: usize) {
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+
+    pub fn state(&self) -> State {
+        State::from_u8(self.state.load(Ordering::Relaxed))
+    }
+
+    pub fn set_state(&self, state: State) {
+        self.state.store(state as u8, Ordering::Relaxed);
+    }
+
+    /// Marks the component failed with the reason health checks will show.
+    pub fn fail(&self, error: impl Into<String>) {
+        self.set_state(State::Failed);
+        self.set_error(error);
+    }
+
+    pub fn set_error(&self, error: impl Into<String>) {
+        if let Ok(mut e) = self.last_error.lock() {
+            *e = Some(error.into());
+        }
+    }
+
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().ok().and_then(|e| e.clone())
+    }
+}
+
+/// The registry of component stats, shared by the runtime and the telemetry endpoint.
+#[derive(Clone, Debug)]
+pub struct Telemetry {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    started: Instant,
+    ready: AtomicBool,
+    components: Mutex<Vec<Arc<ComponentStats>>>,
+}
+
+impl Default for Telemetry {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Telemetry {
+    pub fn new() -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                started: Instant::now(),
+                ready: AtomicBool::new(false),
+                components: Mutex::new(Vec::new()),
+            }),
+        }
+    }
+
+    pub fn register(&self, kind: ComponentKind, id: &str, pipeline: Option<&str>) -> Arc<ComponentStats> {
+        let stats = Arc::new(ComponentStats::new(kind, id.to_owned(), pipeline.map(str::to_owned)));
+        if let Ok(mut c) = self.inner.components.lock() {
+            c.push(stats.clone());
+        }
+        stats
+    }
+
+    pub fn components(&self) -> Vec<Arc<ComponentStats>> {
+        self.inner.components.lock().map(|c| c.clone()).unwrap_or_default()
+    }
+
+    /// The stats of the component `id` of `kind` (the first pipeline's, for processors).
+    pub fn find(&self, kind: ComponentKind, id: &str) -> Option<Arc<ComponentStats>> {
+        self.components().into_iter().find(|c| c.kind == kind && c.id == id)
+    }
+
+    pub fn set_ready(&self, ready: bool) {
+        self.inner.ready.store(ready, Ordering::Relaxed);
+    }
+
+    /// Ready: started, not shutting down, and no component failed.
+    pub fn is_ready(&self) -> bool {
+        self.inner.ready.load(Ordering::Relaxed) && self.is_healthy()
+    }
+
+    /// Healthy: no component failed.
+    pub fn is_healthy(&self) -> bool {
+        self.components().iter().all(|c| c.state() != State::Failed)
+    }
+
+    /// The health document `/healthz` and `/readyz` serve.
+    pub fn health_json(&self) -> String {
+        let mut out = format!(
+            "{{\"status\":\"{}\",\"ready\":{},\"uptime_seconds\":{:.3},\"components\":[",
+            if self.is_healthy() { "ok" } else { "failed" },
+            self.is_ready(),
+            self.inner.started.elapsed().as_secs_f64()
+        );
+        for (i, c) in self.components().iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            let _ = write!(out, "{{\"kind\":\"{}\",\"id\":{}", c.kind, json_str(&c.id));
+            if let Some(p) = &c.pipeline {
+                let _ = write!(out, ",\"pipeline\":{}", json_str(p));
+            }
+            let _ = write!(out, ",\"state\":\"{}\"", c.state().as_str());
+            if let Some(e) = c.last_error() {
+                let _ = write!(out, ",\"last_error\":{}", json_str(&e));
+            }
+            out.push('}');
+        }
+        out.push_str("]}");
+        out
+    }
+
+    /// Self-metrics as a batch (sums and gauges), for the `internal` receiver.
+    pub fn to_batch(&self) -> Batch {
+        let now = now_unix_nanos();
+        let start = now.saturating_sub(self.inner.started.elapsed().as_nanos() as u64);
+        let components = self.components();
+        let mut metrics = Vec::with_capacity(SERIES.len() + 1);
+        let up = components
+            .iter()
+            .map(|c| number_point(now, f64::from(u8::from(c.state() == State::Running)), point_attrs(c)))
+            .collect();
+        metrics.push(Metric::gauge("genai_collector_component_up", "", up));
+        for s in SERIES {
+            let points: Vec<_> = components
+                .iter()
+                .filter(|c| c.kind == s.kind)
+                .map(|c| {
+                    let mut p = number_point(now, ComponentStats::get((s.field)(c)) as f64, point_attrs(c));
+                    if s.counter {
+                        p.start_time_unix_nano = start;
+                    }
+                    p
+                })
+                .collect();
+            if points.is_empty() {
+                continue;
+            }
+            let mut m = if s.counter { Metric::sum(s.name, s.unit, true, points) } else { Metric::gauge(s.name, s.unit, points) };
+            s.help.clone_into(&mut m.description);
+            metrics.push(m);
+        }
+        Batch::with_resource(vec![kv("service.name", "genai-collector"), kv("service.version", env!("CARGO_PKG_VERSION"))], metrics)
+    }
+
+    /// Self-metrics in the Prometheus text format (0.0.4).
+    pub fn render_prometheus(&self) -> String {
+        let components = self.components();
+        let mut out = String::with_capacity(4096);
+        let of = |kind: ComponentKind| components.iter().filter(move |c| c.kind == kind);
+        family(&mut out, "genai_collector_build_info", "gauge", "Version of this collector.", |o| {
+            let _ = writeln!(o, "genai_collector_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"));
+        });
+        family(&mut out, "genai_collector_uptime_seconds", "gauge", "Seconds since the collector started.", |o| {
+            let _ = writeln!(o, "genai_collector_uptime_seconds {:.3}", self.inner.started.elapsed().as_secs_f64());
+        });
+        family(&mut out, "genai_collector_component_up", "gauge", "1 when the component runs, 0 when it failed or stopped.", |o| {
+            for c in &components {
+                let up = u8::from(c.state() == State::Running);
+                let _ = writeln!(o, "genai_collector_component_up{{kind=\"{}\",{}}} {up}", c.kind, labels(c));
+            }
+        });
+        for s in SERIES {
+            let name = s.prometheus_name();
+            family(&mut out, &name, if s.counter { "counter" } else { "gauge" }, s.help, |o| {
+                for c in of(s.kind) {
+                    let _ = writeln!(o, "{name}{{{}}} {}", labels(c), ComponentStats::get((s.field)(c)));
+                }
+            });
+        }
+        out
+    }
+}
+
+/// One self-metric: which components have it, and which counter it reads.
+struct Series {
+    kind: ComponentKind,
+    /// The name without the `_total` a Prometheus counter takes.
+    name: &'static str,
+    counter: bool,
+    unit: &'static str,
+    help: &'static str,
+    field: fn(&ComponentStats) -> &AtomicU64,
+}
+
+impl Series {
+    fn prometheus_name(&self) -> String {
+        if self.counter {
+            format!("{}_total", self.name)
+        } else {
+            self.name.to_owned()
+        }
+    }
+}
+
+const SERIES: [Series; 11] = [
+    Series { kind: ComponentKind::Receiver, name: "genai_collector_receiver_accepted_points", counter: true, unit: "{point}", help: "Points a receiver pushed into its pipelines.", field: |c| &c.accepted },
+    Series { kind: ComponentKind::Receiver, name: "genai_collector_receiver_refused_points", counter: true, unit: "{point}", help: "Points a receiver could not push because its pipelines were full.", field: |c| &c.refused },
+    Series { kind: ComponentKind::Processor, name: "genai_collector_processor_incoming_points", counter: true, unit: "{point}", help: "Points that entered a processor.", field: |c| &c.accepted },
+    Series { kind: ComponentKind::Processor, name: "genai_collector_processor_outgoing_points", counter: true, unit: "{point}", help: "Points that left a processor.", field: |c| &c.sent },
+    Series { kind: ComponentKind::Exporter, name: "genai_collector_exporter_sent_points", counter: true, unit: "{point}", help: "Points an exporter delivered.", field: |c| &c.sent },
+    Series { kind: ComponentKind::Exporter, name: "genai_collector_exporter_send_failed_points", counter: true, unit: "{point}", help: "Points an exporter gave up on: permanent errors, retries exhausted, shutdown deadline.", field: |c| &c.failed },
+    Series { kind: ComponentKind::Exporter, name: "genai_collector_exporter_enqueue_failed_points", counter: true, unit: "{point}", help: "Points dropped because the exporter's queue was full.", field: |c| &c.refused },
+    Series { kind: ComponentKind::Exporter, name: "genai_collector_exporter_send_failures", counter: true, unit: "{request}", help: "Failed export attempts, retried or not.", field: |c| &c.attempt_failures },
+    Series { kind: ComponentKind::Exporter, name: "genai_collector_exporter_queue_points", counter: false, unit: "{point}", help: "Points waiting in an exporter's queue or being sent.", field: |c| &c.queued },
+    Series { kind: ComponentKind::Exporter, name: "genai_collector_exporter_queue_size", counter: false, unit: "{batch}", help: "Batches waiting in an exporter's queue.", field: |c| &c.queue_batches },
+    Series { kind: ComponentKind::Exporter, name: "genai_collector_exporter_queue_capacity", counter: false, unit: "{batch}", help: "Batches an exporter's queue holds at most.", field: |c| &c.queue_capacity },
+];
+
+fn family(out: &mut String, name: &str, ty: &str, help: &str, body: impl FnOnce(&mut String)) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {ty}");
+    body(out);
+}
+
+fn point_attrs(c: &ComponentStats) -> Vec<KeyValue> {
+    let mut attrs = vec![kv("kind", c.kind.as_str()), kv(c.kind.as_str(), c.id.as_str())];
+    if let Some(p) = &c.pipeline {
+        attrs.push(kv("pipeline", p.as_str()));
+    }
+    attrs
+}
+
+fn labels(c: &ComponentStats) -> String {
+    let mut s = format!("{}=\"{}\"", c.kind, escape_label(&c.id));
+    if let Some(p) = &c.pipeline {
+        let _ = write!(s, ",pipeline=\"{}\"", escape_label(p));
+    }
+    s
+}
+
+fn escape_label(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+fn json_str(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_and_health() {
+        let t = Telemetry::new();
+        let r = t.register(ComponentKind::Receiver, "vllm/chat", None);
+        let e = t.register(ComponentKind::Exporter, "otlp", None);
+        ComponentStats::add(&r.accepted, 42);
+        ComponentStats::add(&e.failed, 7);
+        r.set_state(State::Running);
+        e.fail("connection refused \"x\"");
+        let text = t.render_prometheus();
+        assert!(text.contains("genai_collector_receiver_accepted_points_total{receiver=\"vllm/chat\"} 42"), "{text}");
+        assert!(text.contains("genai_collector_exporter_send_failed_points_total{exporter=\"otlp\"} 7"));
+        assert!(text.contains("genai_collector_component_up{kind=\"exporter\",exporter=\"otlp\"} 0"));
+        let batch = t.to_batch();
+        let accepted = batch.metrics().find(|m| m.name == "genai_collector_receiver_accepted_points").unwrap();
+        assert_eq!(accepted.kind_name(), "sum");
+        assert_eq!(accepted.point_count(), 1);
+        t.set_ready(true);
+        assert!(!t.is_ready(), "a failed component makes the collector not ready");
+        let health = t.health_json();
+        assert!(health.starts_with("{\"status\":\"failed\""), "{health}");
+        assert!(health.contains("\"last_error\":\"connection refused \\\"x\\\"\""), "{health}");
+    }
+}

@@ -1,0 +1,1 @@
+//! Processors: one module per kind, each with its config, factory and tests.

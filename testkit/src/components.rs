@@ -1,0 +1,332 @@
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use genai_collector::Builtin;
+use genai_collector_core::config::duration;
+use genai_collector_core::model::{kv, metric, now_unix_nanos, number_point, number_value, Metric, MetricExt};
+use genai_collector_core::{
+    async_trait, Batch, BuildContext, ComponentConfig, ComponentError, Components, ExportError, Exporter,
+    ExporterFactory, NoConfig, Processor, ProcessorFactory, Receiver, ReceiverContext, ReceiverFactory,
+};
+use serde::Deserialize;
+
+/// The built-in kinds plus the test kinds; `capture` exporters deliver into `capture`.
+pub fn components(capture: &Capture) -> Components {
+    Components::builtin()
+        .with_receiver(GeneratorFactory)
+        .with_processor(NoopFactory)
+        .with_exporter(CaptureFactory(capture.clone()))
+        .with_exporter(FailFactory)
+        .with_exporter(FileFactory)
+}
+
+/// Emits `batches` batches (0: until shutdown) of `points` gauge points each; point values
+/// count up from 0 so a test can tell which arrived.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GeneratorConfig {
+    pub batches: u64,
+    pub points: usize,
+    /// Points per metric; a batch has `points / points_per_metric` metrics.
+    pub points_per_metric: usize,
+    /// Pause between batches; none means as fast as the pipeline takes them.
+    #[serde(with = "duration::option")]
+    pub interval: Option<Duration>,
+    /// Where to write how many points were accepted, once the receiver stops.
+    pub report: Option<PathBuf>,
+}
+
+impl Default for GeneratorConfig {
+    fn default() -> Self {
+        Self {
+            batches: 100,
+            points: 1000,
+            points_per_metric: 10,
+            interval: None,
+            report: None,
+        }
+    }
+}
+
+impl ComponentConfig for GeneratorConfig {}
+
+pub struct GeneratorFactory;
+
+impl ReceiverFactory for GeneratorFactory {
+    type Config = GeneratorConfig;
+    fn kind(&self) -> &'static str {
+        "generator"
+    }
+    fn description(&self) -> &'static str {
+        "test: emits numbered gauge points"
+    }
+    fn build(&self, config: GeneratorConfig, _: &BuildContext) -> Result<Box<dyn Receiver>, ComponentError> {
+        Ok(Box::new(Generator(config)))
+    }
+}
+
+struct Generator(GeneratorConfig);
+
+/// One batch of `points` points numbered from `first`.
+pub fn numbered_batch(first: u64, points: usize, points_per_metric: usize) -> Batch {
+    let now = now_unix_nanos();
+    let per = points_per_metric.max(1);
+    let metrics = (0..points.div_ceil(per))
+        .map(|m| {
+            let pts = (m * per..((m + 1) * per).min(points))
+                .map(|i| number_point(now, (first + i as u64) as f64, vec![kv("series", (i % per) as i64)]))
+                .collect();
+            Metric::gauge(&format!("test_metric_{m}"), "1", pts)
+        })
+        .collect();
+    Batch::with_resource(vec![kv("service.name", "generator")], metrics)
+}
+
+#[async_trait]
+impl Receiver for Generator {
+    async fn run(self: Box<Self>, ctx: ReceiverContext) -> Result<(), ComponentError> {
+        let c = &self.0;
+        let mut sent = 0u64;
+        let mut n = 0u64;
+        while c.batches == 0 || n < c.batches {
+            if ctx.shutdown.is_cancelled() {
+                break;
+            }
+            let batch = numbered_batch(sent, c.points, c.points_per_metric);
+            tokio::select! {
+                r = ctx.output.send(batch) => if r.is_err() { break },
+                () = ctx.shutdown.cancelled() => break,
+            }
+            sent += c.points as u64;
+            n += 1;
+            if let Some(i) = c.interval {
+                tokio::select! {
+                    () = tokio::time::sleep(i) => {}
+                    () = ctx.shutdown.cancelled() => break,
+                }
+            }
+        }
+        if let Some(path) = &c.report {
+            std::fs::write(path, sent.to_string())?;
+        }
+        Ok(())
+    }
+}
+
+pub struct NoopFactory;
+
+impl ProcessorFactory for NoopFactory {
+    type Config = NoConfig;
+    fn kind(&self) -> &'static str {
+        "noop"
+    }
+    fn description(&self) -> &'static str {
+        "test: passes batches through untouched"
+    }
+    fn build(&self, _: &NoConfig, _: &BuildContext) -> Result<Box<dyn Processor>, ComponentError> {
+        Ok(Box::new(Noop))
+    }
+}
+
+struct Noop;
+
+impl Processor for Noop {
+    fn process(&mut self, batch: &mut Batch) {
+        std::hint::black_box(batch);
+    }
+}
+
+/// What `capture` exporters received, shared with the test.
+#[derive(Clone, Default)]
+pub struct Capture(Arc<Mutex<Vec<Arc<Batch>>>>);
+
+impl Capture {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn batches(&self) -> Vec<Arc<Batch>> {
+        self.0.lock().map(|b| b.clone()).unwrap_or_default()
+    }
+
+    pub fn point_count(&self) -> usize {
+        self.batches().iter().map(|b| b.point_count()).sum()
+    }
+
+    /// Every gauge value received, in arrival order.
+    pub fn values(&self) -> Vec<f64> {
+        self.batches().iter().flat_map(|b| gauge_values(b)).collect()
+    }
+}
+
+/// The values of every gauge point in `batch`.
+pub fn gauge_values(batch: &Batch) -> Vec<f64> {
+    batch
+        .metrics()
+        .filter_map(|m| match &m.data {
+            Some(metric::Data::Gauge(g)) => Some(g.data_points.iter().filter_map(number_value)),
+            _ => None,
+        })
+        .flatten()
+        .collect()
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CaptureConfig {
+    /// Keep only counts, not batches (for benchmarks).
+    pub count_only: bool,
+}
+
+impl ComponentConfig for CaptureConfig {}
+
+pub struct CaptureFactory(pub Capture);
+
+impl ExporterFactory for CaptureFactory {
+    type Config = CaptureConfig;
+    fn kind(&self) -> &'static str {
+        "capture"
+    }
+    fn description(&self) -> &'static str {
+        "test: keeps every batch for the test to inspect"
+    }
+    fn build(&self, config: CaptureConfig, _: &BuildContext) -> Result<Box<dyn Exporter>, ComponentError> {
+        Ok(Box::new(CaptureExporter {
+            capture: self.0.clone(),
+            count_only: config.count_only,
+            points: 0,
+        }))
+    }
+}
+
+struct CaptureExporter {
+    capture: Capture,
+    count_only: bool,
+    points: usize,
+}
+
+#[async_trait]
+impl Exporter for CaptureExporter {
+    async fn export(&mut self, batch: &Batch) -> Result<(), ExportError> {
+        if self.count_only {
+            self.points += batch.point_count();
+        } else if let Ok(mut b) = self.capture.0.lock() {
+            b.push(Arc::new(batch.clone()));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum FailMode {
+    /// Answers a retryable error (a backend that is down).
+    #[default]
+    Retryable,
+    /// Answers a permanent error (a backend that rejects the data).
+    Permanent,
+    /// Never answers (a backend that hangs).
+    Hang,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FailConfig {
+    pub mode: FailMode,
+}
+
+impl ComponentConfig for FailConfig {}
+
+pub struct FailFactory;
+
+impl ExporterFactory for FailFactory {
+    type Config = FailConfig;
+    fn kind(&self) -> &'static str {
+        "fail"
+    }
+    fn description(&self) -> &'static str {
+        "test: a backend that is down, rejects, or hangs"
+    }
+    fn build(&self, config: FailConfig, _: &BuildContext) -> Result<Box<dyn Exporter>, ComponentError> {
+        Ok(Box::new(FailExporter(config.mode)))
+    }
+}
+
+struct FailExporter(FailMode);
+
+#[async_trait]
+impl Exporter for FailExporter {
+    async fn export(&mut self, _: &Batch) -> Result<(), ExportError> {
+        match self.0 {
+            FailMode::Retryable => Err(ExportError::retryable("connection refused (test)")),
+            FailMode::Permanent => Err(ExportError::Permanent("400 bad request (test)".into())),
+            FailMode::Hang => std::future::pending().await,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub path: PathBuf,
+    /// Pause after each batch, to keep batches in flight.
+    #[serde(default, with = "duration::option")]
+    pub delay: Option<Duration>,
+}
+
+impl ComponentConfig for FileConfig {}
+
+pub struct FileFactory;
+
+impl ExporterFactory for FileFactory {
+    type Config = FileConfig;
+    fn kind(&self) -> &'static str {
+        "file"
+    }
+    fn description(&self) -> &'static str {
+        "test: appends each gauge value as a line to a file"
+    }
+    fn build(&self, config: FileConfig, _: &BuildContext) -> Result<Box<dyn Exporter>, ComponentError> {
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(&config.path)?;
+        Ok(Box::new(FileExporter { file, delay: config.delay }))
+    }
+}
+
+struct FileExporter {
+    file: std::fs::File,
+    delay: Option<Duration>,
+}
+
+#[async_trait]
+impl Exporter for FileExporter {
+    async fn export(&mut self, batch: &Batch) -> Result<(), ExportError> {
+        if let Some(d) = self.delay {
+            tokio::time::sleep(d).await;
+        }
+        let mut text = String::new();
+        for v in gauge_values(batch) {
+            text.push_str(&format!("{v}\n"));
+        }
+        self.file
+            .write_all(text.as_bytes())
+            .map_err(|e| ExportError::Permanent(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbered_batches() {
+        let b = numbered_batch(10, 25, 10);
+        assert_eq!(b.point_count(), 25);
+        assert_eq!(b.metrics().count(), 3);
+        let values = gauge_values(&b);
+        assert_eq!(values.first(), Some(&10.0));
+        assert_eq!(values.last(), Some(&34.0));
+        assert_eq!(b.metrics().next().map(MetricExt::kind_name), Some("gauge"));
+    }
+}
