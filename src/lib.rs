@@ -37,7 +37,11 @@ impl Builtin for Components {
 }
 
 #[derive(Parser, Debug)]
-#[command(name = "genai-collector", version, about = "Collects LLM-serving and GPU telemetry and normalises it to the OpenTelemetry gen_ai conventions")]
+#[command(
+    name = "genai-collector",
+    version,
+    about = "Collects LLM-serving and GPU telemetry and normalises it to the OpenTelemetry gen_ai conventions"
+)]
 struct Cli {
     /// Pipeline config file; repeat to overlay several (later files win). Default: the embedded config.
     #[arg(short, long = "config", global = true, value_name = "FILE")]
@@ -107,7 +111,10 @@ pub fn run_with(components: Components) -> ExitCode {
             for w in &cfg.warnings {
                 tracing::warn!("{w}");
             }
-            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("error: cannot start the async runtime: {e}");
@@ -130,7 +137,10 @@ async fn run(cfg: config::Config, components: Components) -> ExitCode {
     match service.run(shutdown_signal()).await {
         Ok(summary) if summary.drained => ExitCode::SUCCESS,
         Ok(summary) => {
-            eprintln!("error: shutdown timed out; {} queued points were lost", summary.lost_points);
+            eprintln!(
+                "error: shutdown timed out; {} queued points were lost",
+                summary.lost_points
+            );
             ExitCode::FAILURE
         }
         Err(e) => {
@@ -142,14 +152,19 @@ async fn run(cfg: config::Config, components: Components) -> ExitCode {
 
 fn load(paths: &[PathBuf], components: &Components) -> Result<config::Config, ExitCode> {
     let sources: Result<Vec<Source>, _> = if paths.is_empty() {
-        Ok(vec![Source::new("<embedded default config>", DEFAULT_CONFIG)])
+        Ok(vec![Source::new(
+            "<embedded default config>",
+            DEFAULT_CONFIG,
+        )])
     } else {
         paths.iter().map(|p| Source::read(p)).collect()
     };
-    sources.and_then(|s| config::load(&s, components)).map_err(|e| {
-        eprintln!("error: {e}");
-        ExitCode::from(EXIT_CONFIG)
-    })
+    sources
+        .and_then(|s| config::load(&s, components))
+        .map_err(|e| {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_CONFIG)
+        })
 }
 
 /// Resolves on the first SIGINT or SIGTERM; a second one exits at once.
@@ -165,7 +180,10 @@ async fn shutdown_signal() {
 #[cfg(unix)]
 async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
         (Ok(mut int), Ok(mut term)) => {
             tokio::select! {
                 _ = int.recv() => {}
@@ -188,7 +206,12 @@ fn components_table(components: &Components) -> String {
     let width = list.iter().map(|k| k.name.len()).max().unwrap_or(4).max(4);
     let mut out = format!("{:<9}  {:<width$}  DESCRIPTION\n", "KIND", "NAME");
     for k in list {
-        out.push_str(&format!("{:<9}  {:<width$}  {}\n", k.kind.as_str(), k.name, k.description));
+        out.push_str(&format!(
+            "{:<9}  {:<width$}  {}\n",
+            k.kind.as_str(),
+            k.name,
+            k.description
+        ));
     }
     out
 }

@@ -235,7 +235,11 @@ pub trait ReceiverFactory: Send + Sync + 'static {
     fn kind(&self) -> &'static str;
     /// One line for `genai-collector components`.
     fn description(&self) -> &'static str;
-    fn build(&self, config: Self::Config, ctx: &BuildContext) -> Result<Box<dyn Receiver>, ComponentError>;
+    fn build(
+        &self,
+        config: Self::Config,
+        ctx: &BuildContext,
+    ) -> Result<Box<dyn Receiver>, ComponentError>;
 }
 
 /// Builds processors of one kind.
@@ -243,7 +247,11 @@ pub trait ProcessorFactory: Send + Sync + 'static {
     type Config: ComponentConfig;
     fn kind(&self) -> &'static str;
     fn description(&self) -> &'static str;
-    fn build(&self, config: &Self::Config, ctx: &BuildContext) -> Result<Box<dyn Processor>, ComponentError>;
+    fn build(
+        &self,
+        config: &Self::Config,
+        ctx: &BuildContext,
+    ) -> Result<Box<dyn Processor>, ComponentError>;
 }
 
 /// Builds exporters of one kind.
@@ -251,7 +259,11 @@ pub trait ExporterFactory: Send + Sync + 'static {
     type Config: ComponentConfig;
     fn kind(&self) -> &'static str;
     fn description(&self) -> &'static str;
-    fn build(&self, config: Self::Config, ctx: &BuildContext) -> Result<Box<dyn Exporter>, ComponentError>;
+    fn build(
+        &self,
+        config: Self::Config,
+        ctx: &BuildContext,
+    ) -> Result<Box<dyn Exporter>, ComponentError>;
 }
 
 /// A parsed, validated config whose concrete type only its factory knows.
@@ -303,7 +315,11 @@ impl<F: ReceiverFactory> DynFactory<dyn Receiver> for Erased<F> {
     fn parse(&self, node: &Node) -> Result<AnyConfig, DeError> {
         parse_config::<F::Config>(node)
     }
-    fn build(&self, config: &mut AnyConfig, ctx: &BuildContext) -> Result<Box<dyn Receiver>, ComponentError> {
+    fn build(
+        &self,
+        config: &mut AnyConfig,
+        ctx: &BuildContext,
+    ) -> Result<Box<dyn Receiver>, ComponentError> {
         self.0.build(take_config(config)?, ctx)
     }
 }
@@ -318,7 +334,11 @@ impl<F: ProcessorFactory> DynFactory<dyn Processor> for Erased<F> {
     fn parse(&self, node: &Node) -> Result<AnyConfig, DeError> {
         parse_config::<F::Config>(node)
     }
-    fn build(&self, config: &mut AnyConfig, ctx: &BuildContext) -> Result<Box<dyn Processor>, ComponentError> {
+    fn build(
+        &self,
+        config: &mut AnyConfig,
+        ctx: &BuildContext,
+    ) -> Result<Box<dyn Processor>, ComponentError> {
         let config = config
             .downcast_ref::<Option<F::Config>>()
             .and_then(Option::as_ref)
@@ -337,7 +357,11 @@ impl<F: ExporterFactory> DynFactory<dyn Exporter> for Erased<F> {
     fn parse(&self, node: &Node) -> Result<AnyConfig, DeError> {
         parse_config::<F::Config>(node)
     }
-    fn build(&self, config: &mut AnyConfig, ctx: &BuildContext) -> Result<Box<dyn Exporter>, ComponentError> {
+    fn build(
+        &self,
+        config: &mut AnyConfig,
+        ctx: &BuildContext,
+    ) -> Result<Box<dyn Exporter>, ComponentError> {
         self.0.build(take_config(config)?, ctx)
     }
 }
@@ -368,23 +392,29 @@ impl Components {
 
     /// Registers a receiver kind; a later registration of the same kind replaces the earlier.
     pub fn with_receiver(mut self, factory: impl ReceiverFactory) -> Self {
-        self.receivers.insert(factory.kind(), Arc::new(Erased(factory)));
+        self.receivers
+            .insert(factory.kind(), Arc::new(Erased(factory)));
         self
     }
 
     pub fn with_processor(mut self, factory: impl ProcessorFactory) -> Self {
-        self.processors.insert(factory.kind(), Arc::new(Erased(factory)));
+        self.processors
+            .insert(factory.kind(), Arc::new(Erased(factory)));
         self
     }
 
     pub fn with_exporter(mut self, factory: impl ExporterFactory) -> Self {
-        self.exporters.insert(factory.kind(), Arc::new(Erased(factory)));
+        self.exporters
+            .insert(factory.kind(), Arc::new(Erased(factory)));
         self
     }
 
     /// Every registered kind, receivers first, each group sorted by name.
     pub fn list(&self) -> Vec<KindInfo> {
-        fn infos<T: ?Sized>(kind: ComponentKind, r: &Registry<T>) -> impl Iterator<Item = KindInfo> + '_ {
+        fn infos<T: ?Sized>(
+            kind: ComponentKind,
+            r: &Registry<T>,
+        ) -> impl Iterator<Item = KindInfo> + '_ {
             r.values().map(move |f| KindInfo {
                 kind,
                 name: f.kind(),
@@ -405,7 +435,12 @@ impl Components {
         }
     }
 
-    pub(crate) fn parse(&self, kind: ComponentKind, id: &ComponentId, node: &Node) -> Option<Result<AnyConfig, DeError>> {
+    pub(crate) fn parse(
+        &self,
+        kind: ComponentKind,
+        id: &ComponentId,
+        node: &Node,
+    ) -> Option<Result<AnyConfig, DeError>> {
         let name = id.kind();
         Some(match kind {
             ComponentKind::Receiver => self.receivers.get(name)?.parse(node),
@@ -425,9 +460,15 @@ mod tests {
         assert_eq!((id.kind(), id.name()), ("vllm", Some("chat")));
         assert_eq!(id.to_string(), "vllm/chat");
         assert_eq!(ComponentId::parse("nvml").unwrap().name(), None);
-        assert_eq!(ComponentId::parse("pool_aggregate/a/b").unwrap().name(), Some("a/b"));
+        assert_eq!(
+            ComponentId::parse("pool_aggregate/a/b").unwrap().name(),
+            Some("a/b")
+        );
         for bad in ["", "/x", "Vllm", "vllm/", "v llm", "vllm/a b"] {
-            assert!(ComponentId::parse(bad).is_err(), "{bad:?} should be rejected");
+            assert!(
+                ComponentId::parse(bad).is_err(),
+                "{bad:?} should be rejected"
+            );
         }
     }
 }

@@ -12,7 +12,11 @@ use tokio_util::sync::CancellationToken;
 use crate::telemetry::Telemetry;
 
 /// Binds `endpoint` and serves until `stop` is cancelled; returns the bound address.
-pub async fn serve_telemetry(endpoint: &str, telemetry: Telemetry, stop: CancellationToken) -> std::io::Result<SocketAddr> {
+pub async fn serve_telemetry(
+    endpoint: &str,
+    telemetry: Telemetry,
+    stop: CancellationToken,
+) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(endpoint).await?;
     let addr = listener.local_addr()?;
     let app = Router::new()
@@ -31,14 +35,25 @@ pub async fn serve_telemetry(endpoint: &str, telemetry: Telemetry, stop: Cancell
 
 async fn metrics(State(t): State<Telemetry>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         t.render_prometheus(),
     )
 }
 
 fn health(ok: bool, t: &Telemetry) -> impl IntoResponse {
-    let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (status, [(header::CONTENT_TYPE, "application/json")], t.health_json())
+    let status = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        t.health_json(),
+    )
 }
 
 /// 200 while no component has failed.

@@ -11,9 +11,9 @@ pub mod telemetry;
 
 pub use async_trait::async_trait;
 pub use component::{
-    BuildContext, ComponentConfig, ComponentError, ComponentId, ComponentKind, Components, ExportError,
-    Exporter, ExporterFactory, NoConfig, Processor, ProcessorFactory, Receiver, ReceiverContext,
-    ReceiverFactory, ValidationError,
+    BuildContext, ComponentConfig, ComponentError, ComponentId, ComponentKind, Components,
+    ExportError, Exporter, ExporterFactory, NoConfig, Processor, ProcessorFactory, Receiver,
+    ReceiverContext, ReceiverFactory, ValidationError,
 };
 pub use model::Batch;
 pub use runtime::{Output, RunSummary, RunningService, SendError, Service};

@@ -115,7 +115,8 @@ impl Batch {
             }
             rm.scope_metrics.retain(|sm| !sm.metrics.is_empty());
         }
-        self.resource_metrics.retain(|rm| !rm.scope_metrics.is_empty());
+        self.resource_metrics
+            .retain(|rm| !rm.scope_metrics.is_empty());
     }
 
     pub fn from_request(request: ExportMetricsServiceRequest) -> Self {
@@ -234,7 +235,13 @@ pub fn display_value(value: &AnyValue) -> String {
             let items: Vec<String> = l
                 .values
                 .iter()
-                .map(|kv| format!("{}={}", kv.key, kv.value.as_ref().map(display_value).unwrap_or_default()))
+                .map(|kv| {
+                    format!(
+                        "{}={}",
+                        kv.key,
+                        kv.value.as_ref().map(display_value).unwrap_or_default()
+                    )
+                })
                 .collect();
             format!("{{{}}}", items.join(","))
         }
@@ -347,8 +354,12 @@ impl MetricExt for Metric {
 
     fn for_each_point_attrs(&mut self, mut f: impl FnMut(&mut Vec<KeyValue>)) {
         match &mut self.data {
-            Some(metric::Data::Gauge(g)) => g.data_points.iter_mut().for_each(|p| f(&mut p.attributes)),
-            Some(metric::Data::Sum(s)) => s.data_points.iter_mut().for_each(|p| f(&mut p.attributes)),
+            Some(metric::Data::Gauge(g)) => {
+                g.data_points.iter_mut().for_each(|p| f(&mut p.attributes))
+            }
+            Some(metric::Data::Sum(s)) => {
+                s.data_points.iter_mut().for_each(|p| f(&mut p.attributes))
+            }
             Some(metric::Data::Histogram(h)) => {
                 h.data_points.iter_mut().for_each(|p| f(&mut p.attributes))
             }
@@ -408,7 +419,12 @@ mod tests {
                         number_point(1, 0.25, vec![kv("model_name", "qwen")]),
                     ],
                 ),
-                Metric::sum("tokens", "{token}", true, vec![number_point(1, 10.0, vec![])]),
+                Metric::sum(
+                    "tokens",
+                    "{token}",
+                    true,
+                    vec![number_point(1, 10.0, vec![])],
+                ),
             ],
         )
     }
@@ -424,7 +440,10 @@ mod tests {
     #[test]
     fn rename_scale_and_attributes() {
         let mut b = sample();
-        for m in b.metrics_mut().filter(|m| m.name == "vllm:kv_cache_usage_perc") {
+        for m in b
+            .metrics_mut()
+            .filter(|m| m.name == "vllm:kv_cache_usage_perc")
+        {
             m.rename("gen_ai.server.kv_cache.usage");
             m.scale(100.0);
             m.for_each_point_attrs(|a| {
@@ -434,10 +453,18 @@ mod tests {
         }
         let m = b.metrics().next().unwrap();
         assert_eq!(m.name, "gen_ai.server.kv_cache.usage");
-        let Some(metric::Data::Gauge(g)) = &m.data else { panic!("gauge expected") };
+        let Some(metric::Data::Gauge(g)) = &m.data else {
+            panic!("gauge expected")
+        };
         assert_eq!(number_value(&g.data_points[0]), Some(50.0));
-        assert_eq!(g.data_points[1].attributes.get_str("gen_ai.request.model"), Some("qwen"));
-        assert_eq!(g.data_points[1].attributes.get_str("gen_ai.provider.name"), Some("vllm"));
+        assert_eq!(
+            g.data_points[1].attributes.get_str("gen_ai.request.model"),
+            Some("qwen")
+        );
+        assert_eq!(
+            g.data_points[1].attributes.get_str("gen_ai.provider.name"),
+            Some("vllm")
+        );
         assert_eq!(g.data_points[1].attributes.get_str("model_name"), None);
     }
 
@@ -448,7 +475,10 @@ mod tests {
         assert_eq!(attrs.len(), 1);
         assert_eq!(attrs.get_str("b"), Some("1"));
         assert!(!attrs.rename_attr("zzz", "b"));
-        assert_eq!(attrs.remove_attr("b").map(|v| display_value(&v)), Some("1".into()));
+        assert_eq!(
+            attrs.remove_attr("b").map(|v| display_value(&v)),
+            Some("1".into())
+        );
     }
 
     #[test]
@@ -468,7 +498,9 @@ mod tests {
             ..Default::default()
         };
         m.scale(0.001);
-        let Some(metric::Data::Histogram(h)) = &m.data else { panic!() };
+        let Some(metric::Data::Histogram(h)) = &m.data else {
+            panic!()
+        };
         assert_eq!(h.data_points[0].explicit_bounds, vec![0.1, 1.0]);
         assert_eq!(h.data_points[0].sum, Some(1.5));
         assert_eq!(h.data_points[0].bucket_counts, vec![1, 2, 0]);

@@ -77,7 +77,8 @@ impl Output {
             return Ok(());
         }
         let points = batch.point_count();
-        let permits: Result<Vec<_>, _> = self.senders.iter().map(mpsc::Sender::try_reserve).collect();
+        let permits: Result<Vec<_>, _> =
+            self.senders.iter().map(mpsc::Sender::try_reserve).collect();
         let mut permits = match permits {
             Ok(p) => p,
             Err(e) => {
@@ -141,6 +142,7 @@ struct ExporterTask {
 struct ExporterQueue {
     tx: mpsc::Sender<Arc<Batch>>,
     stats: Arc<ComponentStats>,
+    block: bool,
 }
 
 struct PipelineTask {
@@ -189,15 +191,37 @@ impl Service {
                 if queues.iter().any(|(q, _)| q == id) {
                     continue;
                 }
-                let (entry, settings) = config.exporters.get_mut(id).ok_or_else(|| missing(ComponentKind::Exporter, id))?;
-                let factory = components.exporters.get(id.kind()).ok_or_else(|| missing(ComponentKind::Exporter, id))?;
-                let ctx = BuildContext { id: id.clone(), pipeline: None, telemetry: telemetry.clone() };
-                let exporter = factory.build(&mut entry.config, &ctx).map_err(fail(ComponentKind::Exporter, id))?;
+                let (entry, settings) = config
+                    .exporters
+                    .get_mut(id)
+                    .ok_or_else(|| missing(ComponentKind::Exporter, id))?;
+                let factory = components
+                    .exporters
+                    .get(id.kind())
+                    .ok_or_else(|| missing(ComponentKind::Exporter, id))?;
+                let ctx = BuildContext {
+                    id: id.clone(),
+                    pipeline: None,
+                    telemetry: telemetry.clone(),
+                };
+                let exporter = factory
+                    .build(&mut entry.config, &ctx)
+                    .map_err(fail(ComponentKind::Exporter, id))?;
                 let stats = telemetry.register(ComponentKind::Exporter, &id.to_string(), None);
                 let capacity = settings.sending_queue.queue_size.max(1);
-                stats.queue_capacity.store(capacity as u64, Ordering::Relaxed);
+                stats
+                    .queue_capacity
+                    .store(capacity as u64, Ordering::Relaxed);
                 let (tx, rx) = mpsc::channel(capacity);
-                queues.push((id.clone(), ExporterQueue { tx, stats: stats.clone() }));
+                let block = settings.sending_queue.block_on_overflow;
+                queues.push((
+                    id.clone(),
+                    ExporterQueue {
+                        tx,
+                        stats: stats.clone(),
+                        block,
+                    },
+                ));
                 exporters.push(ExporterTask {
                     id: id.clone(),
                     exporter,
@@ -213,11 +237,24 @@ impl Service {
         for (name, p) in &pipelines_cfg {
             let mut processors = Vec::new();
             for id in &p.processors {
-                let entry = config.processors.get_mut(id).ok_or_else(|| missing(ComponentKind::Processor, id))?;
-                let factory = components.processors.get(id.kind()).ok_or_else(|| missing(ComponentKind::Processor, id))?;
-                let ctx = BuildContext { id: id.clone(), pipeline: Some(name.clone()), telemetry: telemetry.clone() };
-                let processor = factory.build(&mut entry.config, &ctx).map_err(fail(ComponentKind::Processor, id))?;
-                let stats = telemetry.register(ComponentKind::Processor, &id.to_string(), Some(name));
+                let entry = config
+                    .processors
+                    .get_mut(id)
+                    .ok_or_else(|| missing(ComponentKind::Processor, id))?;
+                let factory = components
+                    .processors
+                    .get(id.kind())
+                    .ok_or_else(|| missing(ComponentKind::Processor, id))?;
+                let ctx = BuildContext {
+                    id: id.clone(),
+                    pipeline: Some(name.clone()),
+                    telemetry: telemetry.clone(),
+                };
+                let processor = factory
+                    .build(&mut entry.config, &ctx)
+                    .map_err(fail(ComponentKind::Processor, id))?;
+                let stats =
+                    telemetry.register(ComponentKind::Processor, &id.to_string(), Some(name));
                 processors.push((processor, stats));
             }
             let (tx, rx) = mpsc::channel(PIPELINE_QUEUE_BATCHES);
@@ -246,9 +283,18 @@ impl Service {
             if senders.is_empty() {
                 continue;
             }
-            let factory = components.receivers.get(id.kind()).ok_or_else(|| missing(ComponentKind::Receiver, id))?;
-            let ctx = BuildContext { id: id.clone(), pipeline: None, telemetry: telemetry.clone() };
-            let receiver = factory.build(&mut entry.config, &ctx).map_err(fail(ComponentKind::Receiver, id))?;
+            let factory = components
+                .receivers
+                .get(id.kind())
+                .ok_or_else(|| missing(ComponentKind::Receiver, id))?;
+            let ctx = BuildContext {
+                id: id.clone(),
+                pipeline: None,
+                telemetry: telemetry.clone(),
+            };
+            let receiver = factory
+                .build(&mut entry.config, &ctx)
+                .map_err(fail(ComponentKind::Receiver, id))?;
             let stats = telemetry.register(ComponentKind::Receiver, &id.to_string(), None);
             receivers.push(ReceiverTask {
                 id: id.clone(),
@@ -292,7 +338,12 @@ impl Service {
         for task in self.exporters {
             let stats = task.stats.clone();
             let id = task.id.clone();
-            exporter_tasks.spawn(supervise(ComponentKind::Exporter, id, stats, run_exporter(task)));
+            exporter_tasks.spawn(supervise(
+                ComponentKind::Exporter,
+                id,
+                stats,
+                run_exporter(task),
+            ));
         }
         let mut pipeline_tasks = JoinSet::new();
         for task in self.pipelines {
@@ -309,7 +360,12 @@ impl Service {
             task.stats.set_state(State::Running);
             let stats = task.stats.clone();
             let receiver = task.receiver;
-            receiver_tasks.spawn(supervise(ComponentKind::Receiver, task.id, stats, receiver.run(ctx)));
+            receiver_tasks.spawn(supervise(
+                ComponentKind::Receiver,
+                task.id,
+                stats,
+                receiver.run(ctx),
+            ));
         }
         self.telemetry.set_ready(true);
         info!(
@@ -333,7 +389,10 @@ impl Service {
     }
 
     /// Starts, runs until `shutdown` resolves or every receiver has ended, then drains.
-    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> Result<RunSummary, StartError> {
+    pub async fn run(
+        self,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<RunSummary, StartError> {
         Ok(self.start().await?.run_until(shutdown).await)
     }
 }
@@ -363,10 +422,11 @@ impl RunningService {
 
     /// Waits for `shutdown` (or for every receiver to end), then stops receivers, drains the
     /// pipelines and flushes the exporters within the shutdown timeout.
-    pub async fn run_until(mut self, shutdown: impl std::future::Future<Output = ()>) -> RunSummary {
-        let receivers_done = async {
-            while self.receiver_tasks.join_next().await.is_some() {}
-        };
+    pub async fn run_until(
+        mut self,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> RunSummary {
+        let receivers_done = async { while self.receiver_tasks.join_next().await.is_some() {} };
         tokio::select! {
             () = shutdown => info!("shutdown requested: stopping receivers, draining pipelines"),
             () = receivers_done => info!("every receiver has ended: draining pipelines"),
@@ -378,7 +438,9 @@ impl RunningService {
             while self.pipeline_tasks.join_next().await.is_some() {}
             while self.exporter_tasks.join_next().await.is_some() {}
         };
-        let drained = tokio::time::timeout(self.shutdown_timeout, drain).await.is_ok();
+        let drained = tokio::time::timeout(self.shutdown_timeout, drain)
+            .await
+            .is_ok();
         let mut lost_points = 0;
         if !drained {
             self.receiver_tasks.abort_all();
@@ -397,7 +459,10 @@ impl RunningService {
         }
         self.stop_http.cancel();
         info!(drained, "collector stopped");
-        RunSummary { drained, lost_points }
+        RunSummary {
+            drained,
+            lost_points,
+        }
     }
 }
 
@@ -444,12 +509,12 @@ async fn run_pipeline(mut task: PipelineTask) {
                 b = task.rx.recv() => b,
                 () = tokio::time::sleep_until(due.into()) => {
                     let now = Instant::now();
-                    for i in 0..task.processors.len() {
-                        if next_flush[i].is_some_and(|t| t <= now) {
-                            let interval = task.processors[i].0.flush_interval();
-                            next_flush[i] = interval.map(|d| now + d);
-                            task.flush(i);
-                        }
+                    let due: Vec<usize> = (0..next_flush.len())
+                        .filter(|&i| next_flush[i].is_some_and(|t| t <= now))
+                        .collect();
+                    for i in due {
+                        next_flush[i] = task.processors[i].0.flush_interval().map(|d| now + d);
+                        task.flush(i).await;
                     }
                     continue;
                 }
@@ -457,12 +522,12 @@ async fn run_pipeline(mut task: PipelineTask) {
             None => task.rx.recv().await,
         };
         match batch {
-            Some(b) => task.process_from(0, b),
+            Some(b) => task.process_from(0, b).await,
             None => break,
         }
     }
     for i in 0..task.processors.len() {
-        task.flush(i);
+        task.flush(i).await;
     }
     for (_, stats) in &task.processors {
         if stats.state() != State::Failed {
@@ -473,10 +538,10 @@ async fn run_pipeline(mut task: PipelineTask) {
 }
 
 impl PipelineTask {
-    fn flush(&mut self, i: usize) {
+    async fn flush(&mut self, i: usize) {
         let (processor, stats) = &mut self.processors[i];
         match std::panic::catch_unwind(AssertUnwindSafe(|| processor.flush())) {
-            Ok(Some(batch)) => self.process_from(i + 1, batch),
+            Ok(Some(batch)) => self.process_from(i + 1, batch).await,
             Ok(None) => {}
             Err(_) => {
                 error!(pipeline = %self.name, processor = %stats.id, "processor panicked in flush");
@@ -486,10 +551,11 @@ impl PipelineTask {
     }
 
     /// Runs `batch` through the processors from `start` on, then fans it out.
-    fn process_from(&mut self, start: usize, mut batch: Batch) {
+    async fn process_from(&mut self, start: usize, mut batch: Batch) {
         for (processor, stats) in &mut self.processors[start..] {
             ComponentStats::add(&stats.accepted, batch.point_count());
-            if std::panic::catch_unwind(AssertUnwindSafe(|| processor.process(&mut batch))).is_err() {
+            if std::panic::catch_unwind(AssertUnwindSafe(|| processor.process(&mut batch))).is_err()
+            {
                 error!(pipeline = %self.name, processor = %stats.id, "processor panicked; batch dropped");
                 stats.fail("panicked");
                 return;
@@ -499,31 +565,44 @@ impl PipelineTask {
             }
             ComponentStats::add(&stats.sent, batch.point_count());
         }
-        self.fan_out(batch);
+        fan_out(&self.exporters, &self.name, batch).await;
     }
+}
 
-    fn fan_out(&self, batch: Batch) {
-        let points = batch.point_count();
-        if points == 0 {
-            return;
-        }
-        let batch = Arc::new(batch);
-        for q in &self.exporters {
-            // Counted before the send so the worker never sees its own decrement first.
-            q.stats.queued.fetch_add(points as u64, Ordering::Relaxed);
-            match q.tx.try_send(batch.clone()) {
-                Ok(()) => {
-                    ComponentStats::add(&q.stats.accepted, points);
-                    let used = q.tx.max_capacity() - q.tx.capacity();
-                    q.stats.queue_batches.store(used as u64, Ordering::Relaxed);
-                }
-                Err(e) => {
-                    q.stats.queued.fetch_sub(points as u64, Ordering::Relaxed);
-                    let full = matches!(e, mpsc::error::TrySendError::Full(_));
-                    let counter = if full { &q.stats.refused } else { &q.stats.failed };
-                    ComponentStats::add(counter, points);
-                    debug!(pipeline = %self.name, exporter = %q.stats.id, points, full, "exporter queue refused a batch");
-                }
+/// Hands `batch` to every exporter's queue; a full queue drops it for that exporter alone,
+/// unless the exporter asked to block.
+async fn fan_out(exporters: &[ExporterQueue], pipeline: &str, batch: Batch) {
+    let points = batch.point_count();
+    if points == 0 {
+        return;
+    }
+    let batch = Arc::new(batch);
+    for q in exporters {
+        // Counted before the send so the worker never sees its own decrement first.
+        q.stats.queued.fetch_add(points as u64, Ordering::Relaxed);
+        let sent = if q.block {
+            q.tx.send(batch.clone())
+                .await
+                .map_err(|e| mpsc::error::TrySendError::Closed(e.0))
+        } else {
+            q.tx.try_send(batch.clone())
+        };
+        match sent {
+            Ok(()) => {
+                ComponentStats::add(&q.stats.accepted, points);
+                let used = q.tx.max_capacity() - q.tx.capacity();
+                q.stats.queue_batches.store(used as u64, Ordering::Relaxed);
+            }
+            Err(e) => {
+                q.stats.queued.fetch_sub(points as u64, Ordering::Relaxed);
+                let full = matches!(e, mpsc::error::TrySendError::Full(_));
+                let counter = if full {
+                    &q.stats.refused
+                } else {
+                    &q.stats.failed
+                };
+                ComponentStats::add(counter, points);
+                debug!(pipeline, exporter = %q.stats.id, points, full, "exporter queue refused a batch");
             }
         }
     }
@@ -532,10 +611,21 @@ impl PipelineTask {
 async fn run_exporter(mut task: ExporterTask) -> Result<(), ComponentError> {
     task.stats.set_state(State::Running);
     while let Some(batch) = task.rx.recv().await {
-        task.stats.queue_batches.store(task.rx.len() as u64, Ordering::Relaxed);
+        task.stats
+            .queue_batches
+            .store(task.rx.len() as u64, Ordering::Relaxed);
         let points = batch.point_count();
-        deliver(&mut *task.exporter, &batch, points, &task.settings, &task.stats).await;
-        task.stats.queued.fetch_sub(points as u64, Ordering::Relaxed);
+        deliver(
+            &mut *task.exporter,
+            &batch,
+            points,
+            &task.settings,
+            &task.stats,
+        )
+        .await;
+        task.stats
+            .queued
+            .fetch_sub(points as u64, Ordering::Relaxed);
     }
     if let Err(e) = tokio::time::timeout(task.settings.timeout, task.exporter.shutdown()).await {
         warn!(exporter = %task.id, error = %e, "exporter shutdown timed out");
@@ -544,13 +634,22 @@ async fn run_exporter(mut task: ExporterTask) -> Result<(), ComponentError> {
 }
 
 /// Exports one batch, retrying retryable failures with exponential backoff and jitter.
-async fn deliver(exporter: &mut dyn Exporter, batch: &Batch, points: usize, settings: &ExporterSettings, stats: &ComponentStats) {
+async fn deliver(
+    exporter: &mut dyn Exporter,
+    batch: &Batch,
+    points: usize,
+    settings: &ExporterSettings,
+    stats: &ComponentStats,
+) {
     let started = Instant::now();
     let mut backoff = settings.retry_on_failure.initial_interval;
     loop {
         let result = match tokio::time::timeout(settings.timeout, exporter.export(batch)).await {
             Ok(r) => r,
-            Err(_) => Err(ExportError::retryable(format!("export timed out after {:?}", settings.timeout))),
+            Err(_) => Err(ExportError::retryable(format!(
+                "export timed out after {:?}",
+                settings.timeout
+            ))),
         };
         let error = match result {
             Ok(()) => {
@@ -562,9 +661,12 @@ async fn deliver(exporter: &mut dyn Exporter, batch: &Batch, points: usize, sett
         stats.attempt_failures.fetch_add(1, Ordering::Relaxed);
         stats.set_error(error.to_string());
         let wait = match &error {
-            ExportError::Retryable { retry_after, .. } => {
-                retry_wait(&settings.retry_on_failure, started.elapsed(), backoff, *retry_after)
-            }
+            ExportError::Retryable { retry_after, .. } => retry_wait(
+                &settings.retry_on_failure,
+                started.elapsed(),
+                backoff,
+                *retry_after,
+            ),
             ExportError::Permanent(_) => None,
         };
         match wait {
@@ -583,7 +685,12 @@ async fn deliver(exporter: &mut dyn Exporter, batch: &Batch, points: usize, sett
 }
 
 /// How long to wait before the next attempt, or `None` to give up.
-fn retry_wait(retry: &RetrySettings, elapsed: Duration, backoff: Duration, hint: Option<Duration>) -> Option<Duration> {
+fn retry_wait(
+    retry: &RetrySettings,
+    elapsed: Duration,
+    backoff: Duration,
+    hint: Option<Duration>,
+) -> Option<Duration> {
     if !retry.enabled {
         return None;
     }
@@ -606,6 +713,47 @@ fn jitter(d: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::{number_point, Metric, MetricExt};
+
+    fn one_point() -> Batch {
+        Batch::with_resource(
+            vec![],
+            vec![Metric::gauge("g", "1", vec![number_point(1, 1.0, vec![])])],
+        )
+    }
+
+    #[tokio::test]
+    async fn output_applies_backpressure_and_refuses_when_full() {
+        let telemetry = Telemetry::new();
+        let stats = telemetry.register(ComponentKind::Receiver, "r", None);
+        let (tx_a, mut rx_a) = mpsc::channel(1);
+        let (tx_b, rx_b) = mpsc::channel(2);
+        let out = Output::new(vec![tx_a, tx_b], stats.clone());
+
+        out.try_send(one_point()).unwrap();
+        // Pipeline `a` is full: the batch is refused whole, `b` does not get a copy either.
+        assert_eq!(out.try_send(one_point()), Err(SendError::Full));
+        assert_eq!(rx_b.len(), 1);
+        assert_eq!(ComponentStats::get(&stats.refused), 1);
+
+        // `send` waits until `a` has room.
+        let sender = out.clone();
+        let pending = tokio::spawn(async move { sender.send(one_point()).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(
+            !pending.is_finished(),
+            "send waits while a pipeline is full"
+        );
+        rx_a.recv().await.unwrap();
+        pending.await.unwrap().unwrap();
+        assert_eq!((rx_a.len(), rx_b.len()), (1, 2));
+        assert_eq!(ComponentStats::get(&stats.accepted), 2);
+
+        drop((rx_a, rx_b));
+        assert_eq!(out.send(one_point()).await, Err(SendError::Closed));
+        assert_eq!(one_point().point_count(), 1);
+        assert_eq!(Metric::gauge("x", "", vec![]).point_count(), 0);
+    }
 
     #[test]
     fn retry_policy() {
@@ -616,12 +764,46 @@ mod tests {
             max_elapsed_time: Duration::from_secs(2),
         };
         let w = retry_wait(&r, Duration::ZERO, Duration::from_millis(100), None).unwrap();
-        assert!(w >= Duration::from_millis(80) && w <= Duration::from_millis(120), "{w:?}");
-        assert_eq!(retry_wait(&r, Duration::ZERO, r.initial_interval, Some(Duration::from_secs(1))), Some(Duration::from_secs(1)));
-        assert_eq!(retry_wait(&r, Duration::from_millis(1950), r.initial_interval, Some(Duration::from_secs(1))), None);
-        let off = RetrySettings { enabled: false, ..r.clone() };
-        assert_eq!(retry_wait(&off, Duration::ZERO, r.initial_interval, None), None);
-        let forever = RetrySettings { max_elapsed_time: Duration::ZERO, ..r };
-        assert!(retry_wait(&forever, Duration::from_secs(3600), Duration::from_secs(1), None).is_some());
+        assert!(
+            w >= Duration::from_millis(80) && w <= Duration::from_millis(120),
+            "{w:?}"
+        );
+        assert_eq!(
+            retry_wait(
+                &r,
+                Duration::ZERO,
+                r.initial_interval,
+                Some(Duration::from_secs(1))
+            ),
+            Some(Duration::from_secs(1))
+        );
+        assert_eq!(
+            retry_wait(
+                &r,
+                Duration::from_millis(1950),
+                r.initial_interval,
+                Some(Duration::from_secs(1))
+            ),
+            None
+        );
+        let off = RetrySettings {
+            enabled: false,
+            ..r.clone()
+        };
+        assert_eq!(
+            retry_wait(&off, Duration::ZERO, r.initial_interval, None),
+            None
+        );
+        let forever = RetrySettings {
+            max_elapsed_time: Duration::ZERO,
+            ..r
+        };
+        assert!(retry_wait(
+            &forever,
+            Duration::from_secs(3600),
+            Duration::from_secs(1),
+            None
+        )
+        .is_some());
     }
 }

@@ -147,8 +147,17 @@ impl Telemetry {
         }
     }
 
-    pub fn register(&self, kind: ComponentKind, id: &str, pipeline: Option<&str>) -> Arc<ComponentStats> {
-        let stats = Arc::new(ComponentStats::new(kind, id.to_owned(), pipeline.map(str::to_owned)));
+    pub fn register(
+        &self,
+        kind: ComponentKind,
+        id: &str,
+        pipeline: Option<&str>,
+    ) -> Arc<ComponentStats> {
+        let stats = Arc::new(ComponentStats::new(
+            kind,
+            id.to_owned(),
+            pipeline.map(str::to_owned),
+        ));
         if let Ok(mut c) = self.inner.components.lock() {
             c.push(stats.clone());
         }
@@ -156,12 +165,18 @@ impl Telemetry {
     }
 
     pub fn components(&self) -> Vec<Arc<ComponentStats>> {
-        self.inner.components.lock().map(|c| c.clone()).unwrap_or_default()
+        self.inner
+            .components
+            .lock()
+            .map(|c| c.clone())
+            .unwrap_or_default()
     }
 
     /// The stats of the component `id` of `kind` (the first pipeline's, for processors).
     pub fn find(&self, kind: ComponentKind, id: &str) -> Option<Arc<ComponentStats>> {
-        self.components().into_iter().find(|c| c.kind == kind && c.id == id)
+        self.components()
+            .into_iter()
+            .find(|c| c.kind == kind && c.id == id)
     }
 
     pub fn set_ready(&self, ready: bool) {
@@ -212,7 +227,13 @@ impl Telemetry {
         let mut metrics = Vec::with_capacity(SERIES.len() + 1);
         let up = components
             .iter()
-            .map(|c| number_point(now, f64::from(u8::from(c.state() == State::Running)), point_attrs(c)))
+            .map(|c| {
+                number_point(
+                    now,
+                    f64::from(u8::from(c.state() == State::Running)),
+                    point_attrs(c),
+                )
+            })
             .collect();
         metrics.push(Metric::gauge("genai_collector_component_up", "", up));
         for s in SERIES {
@@ -220,7 +241,11 @@ impl Telemetry {
                 .iter()
                 .filter(|c| c.kind == s.kind)
                 .map(|c| {
-                    let mut p = number_point(now, ComponentStats::get((s.field)(c)) as f64, point_attrs(c));
+                    let mut p = number_point(
+                        now,
+                        ComponentStats::get((s.field)(c)) as f64,
+                        point_attrs(c),
+                    );
                     if s.counter {
                         p.start_time_unix_nano = start;
                     }
@@ -230,11 +255,21 @@ impl Telemetry {
             if points.is_empty() {
                 continue;
             }
-            let mut m = if s.counter { Metric::sum(s.name, s.unit, true, points) } else { Metric::gauge(s.name, s.unit, points) };
+            let mut m = if s.counter {
+                Metric::sum(s.name, s.unit, true, points)
+            } else {
+                Metric::gauge(s.name, s.unit, points)
+            };
             s.help.clone_into(&mut m.description);
             metrics.push(m);
         }
-        Batch::with_resource(vec![kv("service.name", "genai-collector"), kv("service.version", env!("CARGO_PKG_VERSION"))], metrics)
+        Batch::with_resource(
+            vec![
+                kv("service.name", "genai-collector"),
+                kv("service.version", env!("CARGO_PKG_VERSION")),
+            ],
+            metrics,
+        )
     }
 
     /// Self-metrics in the Prometheus text format (0.0.4).
@@ -242,25 +277,67 @@ impl Telemetry {
         let components = self.components();
         let mut out = String::with_capacity(4096);
         let of = |kind: ComponentKind| components.iter().filter(move |c| c.kind == kind);
-        family(&mut out, "genai_collector_build_info", "gauge", "Version of this collector.", |o| {
-            let _ = writeln!(o, "genai_collector_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"));
-        });
-        family(&mut out, "genai_collector_uptime_seconds", "gauge", "Seconds since the collector started.", |o| {
-            let _ = writeln!(o, "genai_collector_uptime_seconds {:.3}", self.inner.started.elapsed().as_secs_f64());
-        });
-        family(&mut out, "genai_collector_component_up", "gauge", "1 when the component runs, 0 when it failed or stopped.", |o| {
-            for c in &components {
-                let up = u8::from(c.state() == State::Running);
-                let _ = writeln!(o, "genai_collector_component_up{{kind=\"{}\",{}}} {up}", c.kind, labels(c));
-            }
-        });
+        family(
+            &mut out,
+            "genai_collector_build_info",
+            "gauge",
+            "Version of this collector.",
+            |o| {
+                let _ = writeln!(
+                    o,
+                    "genai_collector_build_info{{version=\"{}\"}} 1",
+                    env!("CARGO_PKG_VERSION")
+                );
+            },
+        );
+        family(
+            &mut out,
+            "genai_collector_uptime_seconds",
+            "gauge",
+            "Seconds since the collector started.",
+            |o| {
+                let _ = writeln!(
+                    o,
+                    "genai_collector_uptime_seconds {:.3}",
+                    self.inner.started.elapsed().as_secs_f64()
+                );
+            },
+        );
+        family(
+            &mut out,
+            "genai_collector_component_up",
+            "gauge",
+            "1 when the component runs, 0 when it failed or stopped.",
+            |o| {
+                for c in &components {
+                    let up = u8::from(c.state() == State::Running);
+                    let _ = writeln!(
+                        o,
+                        "genai_collector_component_up{{kind=\"{}\",{}}} {up}",
+                        c.kind,
+                        labels(c)
+                    );
+                }
+            },
+        );
         for s in SERIES {
             let name = s.prometheus_name();
-            family(&mut out, &name, if s.counter { "counter" } else { "gauge" }, s.help, |o| {
-                for c in of(s.kind) {
-                    let _ = writeln!(o, "{name}{{{}}} {}", labels(c), ComponentStats::get((s.field)(c)));
-                }
-            });
+            family(
+                &mut out,
+                &name,
+                if s.counter { "counter" } else { "gauge" },
+                s.help,
+                |o| {
+                    for c in of(s.kind) {
+                        let _ = writeln!(
+                            o,
+                            "{name}{{{}}} {}",
+                            labels(c),
+                            ComponentStats::get((s.field)(c))
+                        );
+                    }
+                },
+            );
         }
         out
     }
@@ -288,17 +365,95 @@ impl Series {
 }
 
 const SERIES: [Series; 11] = [
-    Series { kind: ComponentKind::Receiver, name: "genai_collector_receiver_accepted_points", counter: true, unit: "{point}", help: "Points a receiver pushed into its pipelines.", field: |c| &c.accepted },
-    Series { kind: ComponentKind::Receiver, name: "genai_collector_receiver_refused_points", counter: true, unit: "{point}", help: "Points a receiver could not push because its pipelines were full.", field: |c| &c.refused },
-    Series { kind: ComponentKind::Processor, name: "genai_collector_processor_incoming_points", counter: true, unit: "{point}", help: "Points that entered a processor.", field: |c| &c.accepted },
-    Series { kind: ComponentKind::Processor, name: "genai_collector_processor_outgoing_points", counter: true, unit: "{point}", help: "Points that left a processor.", field: |c| &c.sent },
-    Series { kind: ComponentKind::Exporter, name: "genai_collector_exporter_sent_points", counter: true, unit: "{point}", help: "Points an exporter delivered.", field: |c| &c.sent },
-    Series { kind: ComponentKind::Exporter, name: "genai_collector_exporter_send_failed_points", counter: true, unit: "{point}", help: "Points an exporter gave up on: permanent errors, retries exhausted, shutdown deadline.", field: |c| &c.failed },
-    Series { kind: ComponentKind::Exporter, name: "genai_collector_exporter_enqueue_failed_points", counter: true, unit: "{point}", help: "Points dropped because the exporter's queue was full.", field: |c| &c.refused },
-    Series { kind: ComponentKind::Exporter, name: "genai_collector_exporter_send_failures", counter: true, unit: "{request}", help: "Failed export attempts, retried or not.", field: |c| &c.attempt_failures },
-    Series { kind: ComponentKind::Exporter, name: "genai_collector_exporter_queue_points", counter: false, unit: "{point}", help: "Points waiting in an exporter's queue or being sent.", field: |c| &c.queued },
-    Series { kind: ComponentKind::Exporter, name: "genai_collector_exporter_queue_size", counter: false, unit: "{batch}", help: "Batches waiting in an exporter's queue.", field: |c| &c.queue_batches },
-    Series { kind: ComponentKind::Exporter, name: "genai_collector_exporter_queue_capacity", counter: false, unit: "{batch}", help: "Batches an exporter's queue holds at most.", field: |c| &c.queue_capacity },
+    Series {
+        kind: ComponentKind::Receiver,
+        name: "genai_collector_receiver_accepted_points",
+        counter: true,
+        unit: "{point}",
+        help: "Points a receiver pushed into its pipelines.",
+        field: |c| &c.accepted,
+    },
+    Series {
+        kind: ComponentKind::Receiver,
+        name: "genai_collector_receiver_refused_points",
+        counter: true,
+        unit: "{point}",
+        help: "Points a receiver could not push because its pipelines were full.",
+        field: |c| &c.refused,
+    },
+    Series {
+        kind: ComponentKind::Processor,
+        name: "genai_collector_processor_incoming_points",
+        counter: true,
+        unit: "{point}",
+        help: "Points that entered a processor.",
+        field: |c| &c.accepted,
+    },
+    Series {
+        kind: ComponentKind::Processor,
+        name: "genai_collector_processor_outgoing_points",
+        counter: true,
+        unit: "{point}",
+        help: "Points that left a processor.",
+        field: |c| &c.sent,
+    },
+    Series {
+        kind: ComponentKind::Exporter,
+        name: "genai_collector_exporter_sent_points",
+        counter: true,
+        unit: "{point}",
+        help: "Points an exporter delivered.",
+        field: |c| &c.sent,
+    },
+    Series {
+        kind: ComponentKind::Exporter,
+        name: "genai_collector_exporter_send_failed_points",
+        counter: true,
+        unit: "{point}",
+        help:
+            "Points an exporter gave up on: permanent errors, retries exhausted, shutdown deadline.",
+        field: |c| &c.failed,
+    },
+    Series {
+        kind: ComponentKind::Exporter,
+        name: "genai_collector_exporter_enqueue_failed_points",
+        counter: true,
+        unit: "{point}",
+        help: "Points dropped because the exporter's queue was full.",
+        field: |c| &c.refused,
+    },
+    Series {
+        kind: ComponentKind::Exporter,
+        name: "genai_collector_exporter_send_failures",
+        counter: true,
+        unit: "{request}",
+        help: "Failed export attempts, retried or not.",
+        field: |c| &c.attempt_failures,
+    },
+    Series {
+        kind: ComponentKind::Exporter,
+        name: "genai_collector_exporter_queue_points",
+        counter: false,
+        unit: "{point}",
+        help: "Points waiting in an exporter's queue or being sent.",
+        field: |c| &c.queued,
+    },
+    Series {
+        kind: ComponentKind::Exporter,
+        name: "genai_collector_exporter_queue_size",
+        counter: false,
+        unit: "{batch}",
+        help: "Batches waiting in an exporter's queue.",
+        field: |c| &c.queue_batches,
+    },
+    Series {
+        kind: ComponentKind::Exporter,
+        name: "genai_collector_exporter_queue_capacity",
+        counter: false,
+        unit: "{batch}",
+        help: "Batches an exporter's queue holds at most.",
+        field: |c| &c.queue_capacity,
+    },
 ];
 
 fn family(out: &mut String, name: &str, ty: &str, help: &str, body: impl FnOnce(&mut String)) {
@@ -307,7 +462,10 @@ fn family(out: &mut String, name: &str, ty: &str, help: &str, body: impl FnOnce(
 }
 
 fn point_attrs(c: &ComponentStats) -> Vec<KeyValue> {
-    let mut attrs = vec![kv("kind", c.kind.as_str()), kv(c.kind.as_str(), c.id.as_str())];
+    let mut attrs = vec![
+        kv("kind", c.kind.as_str()),
+        kv(c.kind.as_str(), c.id.as_str()),
+    ];
     if let Some(p) = &c.pipeline {
         attrs.push(kv("pipeline", p.as_str()));
     }
@@ -323,7 +481,9 @@ fn labels(c: &ComponentStats) -> String {
 }
 
 fn escape_label(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 fn json_str(s: &str) -> String {
@@ -357,17 +517,35 @@ mod tests {
         r.set_state(State::Running);
         e.fail("connection refused \"x\"");
         let text = t.render_prometheus();
-        assert!(text.contains("genai_collector_receiver_accepted_points_total{receiver=\"vllm/chat\"} 42"), "{text}");
-        assert!(text.contains("genai_collector_exporter_send_failed_points_total{exporter=\"otlp\"} 7"));
-        assert!(text.contains("genai_collector_component_up{kind=\"exporter\",exporter=\"otlp\"} 0"));
+        assert!(
+            text.contains(
+                "genai_collector_receiver_accepted_points_total{receiver=\"vllm/chat\"} 42"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("genai_collector_exporter_send_failed_points_total{exporter=\"otlp\"} 7")
+        );
+        assert!(
+            text.contains("genai_collector_component_up{kind=\"exporter\",exporter=\"otlp\"} 0")
+        );
         let batch = t.to_batch();
-        let accepted = batch.metrics().find(|m| m.name == "genai_collector_receiver_accepted_points").unwrap();
+        let accepted = batch
+            .metrics()
+            .find(|m| m.name == "genai_collector_receiver_accepted_points")
+            .unwrap();
         assert_eq!(accepted.kind_name(), "sum");
         assert_eq!(accepted.point_count(), 1);
         t.set_ready(true);
-        assert!(!t.is_ready(), "a failed component makes the collector not ready");
+        assert!(
+            !t.is_ready(),
+            "a failed component makes the collector not ready"
+        );
         let health = t.health_json();
         assert!(health.starts_with("{\"status\":\"failed\""), "{health}");
-        assert!(health.contains("\"last_error\":\"connection refused \\\"x\\\"\""), "{health}");
+        assert!(
+            health.contains("\"last_error\":\"connection refused \\\"x\\\"\""),
+            "{health}"
+        );
     }
 }

@@ -6,7 +6,8 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use genai_collector_core::model::{display_value, metric, number_value, KeyValue, MetricExt};
 use genai_collector_core::{
-    async_trait, Batch, BuildContext, ComponentConfig, ComponentError, ExportError, Exporter, ExporterFactory,
+    async_trait, Batch, BuildContext, ComponentConfig, ComponentError, ExportError, Exporter,
+    ExporterFactory,
 };
 use serde::Deserialize;
 
@@ -52,8 +53,15 @@ impl ExporterFactory for DebugExporterFactory {
         "writes every data point as one human-readable line to stdout or stderr"
     }
 
-    fn build(&self, config: DebugConfig, _ctx: &BuildContext) -> Result<Box<dyn Exporter>, ComponentError> {
-        Ok(Box::new(DebugExporter { config, buf: String::new() }))
+    fn build(
+        &self,
+        config: DebugConfig,
+        _ctx: &BuildContext,
+    ) -> Result<Box<dyn Exporter>, ComponentError> {
+        Ok(Box::new(DebugExporter {
+            config,
+            buf: String::new(),
+        }))
     }
 }
 
@@ -71,7 +79,9 @@ impl Exporter for DebugExporter {
             Stream::Stdout => std::io::stdout().lock().write_all(self.buf.as_bytes()),
             Stream::Stderr => std::io::stderr().lock().write_all(self.buf.as_bytes()),
         };
-        result.map_err(|e| ExportError::Permanent(format!("cannot write to {:?}: {e}", self.config.output)))
+        result.map_err(|e| {
+            ExportError::Permanent(format!("cannot write to {:?}: {e}", self.config.output))
+        })
     }
 }
 
@@ -88,9 +98,17 @@ pub fn render(batch: &Batch, verbosity: Verbosity, out: &mut String) {
         return;
     }
     for rm in &batch.resource_metrics {
-        let resource = rm.resource.as_ref().map(|r| r.attributes.as_slice()).unwrap_or_default();
+        let resource = rm
+            .resource
+            .as_ref()
+            .map(|r| r.attributes.as_slice())
+            .unwrap_or_default();
         for m in rm.scope_metrics.iter().flat_map(|s| &s.metrics) {
-            let unit = if m.unit.is_empty() { String::new() } else { format!(" {}", m.unit) };
+            let unit = if m.unit.is_empty() {
+                String::new()
+            } else {
+                format!(" {}", m.unit)
+            };
             let mut line = |time: u64, attrs: &[KeyValue], value: &str| {
                 if verbosity == Verbosity::Detailed {
                     let t = UNIX_EPOCH + Duration::from_nanos(time);
@@ -108,12 +126,20 @@ pub fn render(batch: &Batch, verbosity: Verbosity, out: &mut String) {
             match &m.data {
                 Some(metric::Data::Gauge(g)) => {
                     for p in &g.data_points {
-                        line(p.time_unix_nano, &p.attributes, &fmt_number(number_value(p)));
+                        line(
+                            p.time_unix_nano,
+                            &p.attributes,
+                            &fmt_number(number_value(p)),
+                        );
                     }
                 }
                 Some(metric::Data::Sum(s)) => {
                     for p in &s.data_points {
-                        line(p.time_unix_nano, &p.attributes, &fmt_number(number_value(p)));
+                        line(
+                            p.time_unix_nano,
+                            &p.attributes,
+                            &fmt_number(number_value(p)),
+                        );
                     }
                 }
                 Some(metric::Data::Histogram(h)) => {
@@ -121,7 +147,10 @@ pub fn render(batch: &Batch, verbosity: Verbosity, out: &mut String) {
                         let mut v = format!("count={} sum={}", p.count, fmt_number(p.sum));
                         v.push_str(" buckets=[");
                         for (i, c) in p.bucket_counts.iter().enumerate() {
-                            let bound = p.explicit_bounds.get(i).map_or("+Inf".into(), |b| b.to_string());
+                            let bound = p
+                                .explicit_bounds
+                                .get(i)
+                                .map_or("+Inf".into(), |b| b.to_string());
                             let _ = write!(v, "{}{bound}:{c}", if i > 0 { "," } else { "" });
                         }
                         v.push(']');
@@ -130,7 +159,12 @@ pub fn render(batch: &Batch, verbosity: Verbosity, out: &mut String) {
                 }
                 Some(metric::Data::ExponentialHistogram(h)) => {
                     for p in &h.data_points {
-                        let v = format!("count={} sum={} scale={}", p.count, fmt_number(p.sum), p.scale);
+                        let v = format!(
+                            "count={} sum={} scale={}",
+                            p.count,
+                            fmt_number(p.sum),
+                            p.scale
+                        );
                         line(p.time_unix_nano, &p.attributes, &v);
                     }
                 }
@@ -192,7 +226,11 @@ mod tests {
                 Metric::gauge(
                     "gen_ai.server.kv_cache.usage",
                     "%",
-                    vec![number_point(1_700_000_000_000_000_000, 42.5, vec![kv("gen_ai.request.model", "llama")])],
+                    vec![number_point(
+                        1_700_000_000_000_000_000,
+                        42.5,
+                        vec![kv("gen_ai.request.model", "llama")],
+                    )],
                 ),
                 hist,
             ],
@@ -215,8 +253,14 @@ mod tests {
         let mut out = String::new();
         render(&batch(), Verbosity::Detailed, &mut out);
         let first = out.lines().next().unwrap();
-        assert!(first.starts_with("2023-11-14T22:13:20.000Z gauge"), "{first}");
-        assert!(first.ends_with("resource{service.name=\"vllm\"}"), "{first}");
+        assert!(
+            first.starts_with("2023-11-14T22:13:20.000Z gauge"),
+            "{first}"
+        );
+        assert!(
+            first.ends_with("resource{service.name=\"vllm\"}"),
+            "{first}"
+        );
     }
 
     #[test]

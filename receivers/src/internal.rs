@@ -5,8 +5,8 @@ use std::time::Duration;
 use genai_collector_core::config::duration;
 use genai_collector_core::telemetry::Telemetry;
 use genai_collector_core::{
-    async_trait, BuildContext, ComponentConfig, ComponentError, Receiver, ReceiverContext, ReceiverFactory,
-    ValidationError,
+    async_trait, BuildContext, ComponentConfig, ComponentError, Receiver, ReceiverContext,
+    ReceiverFactory, ValidationError,
 };
 use serde::Deserialize;
 
@@ -48,7 +48,11 @@ impl ReceiverFactory for InternalReceiverFactory {
         "the collector's own counters (points accepted, sent, dropped; queue fill) as metrics"
     }
 
-    fn build(&self, config: InternalConfig, ctx: &BuildContext) -> Result<Box<dyn Receiver>, ComponentError> {
+    fn build(
+        &self,
+        config: InternalConfig,
+        ctx: &BuildContext,
+    ) -> Result<Box<dyn Receiver>, ComponentError> {
         Ok(Box::new(InternalReceiver {
             interval: config.interval,
             telemetry: ctx.telemetry.clone(),

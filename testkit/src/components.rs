@@ -5,10 +5,13 @@ use std::time::Duration;
 
 use genai_collector::Builtin;
 use genai_collector_core::config::duration;
-use genai_collector_core::model::{kv, metric, now_unix_nanos, number_point, number_value, Metric, MetricExt};
+use genai_collector_core::model::{
+    kv, metric, now_unix_nanos, number_point, number_value, Metric, MetricExt,
+};
 use genai_collector_core::{
-    async_trait, Batch, BuildContext, ComponentConfig, ComponentError, Components, ExportError, Exporter,
-    ExporterFactory, NoConfig, Processor, ProcessorFactory, Receiver, ReceiverContext, ReceiverFactory,
+    async_trait, Batch, BuildContext, ComponentConfig, ComponentError, Components, ExportError,
+    Exporter, ExporterFactory, NoConfig, Processor, ProcessorFactory, Receiver, ReceiverContext,
+    ReceiverFactory,
 };
 use serde::Deserialize;
 
@@ -62,7 +65,11 @@ impl ReceiverFactory for GeneratorFactory {
     fn description(&self) -> &'static str {
         "test: emits numbered gauge points"
     }
-    fn build(&self, config: GeneratorConfig, _: &BuildContext) -> Result<Box<dyn Receiver>, ComponentError> {
+    fn build(
+        &self,
+        config: GeneratorConfig,
+        _: &BuildContext,
+    ) -> Result<Box<dyn Receiver>, ComponentError> {
         Ok(Box::new(Generator(config)))
     }
 }
@@ -76,7 +83,13 @@ pub fn numbered_batch(first: u64, points: usize, points_per_metric: usize) -> Ba
     let metrics = (0..points.div_ceil(per))
         .map(|m| {
             let pts = (m * per..((m + 1) * per).min(points))
-                .map(|i| number_point(now, (first + i as u64) as f64, vec![kv("series", (i % per) as i64)]))
+                .map(|i| {
+                    number_point(
+                        now,
+                        (first + i as u64) as f64,
+                        vec![kv("series", (i % per) as i64)],
+                    )
+                })
                 .collect();
             Metric::gauge(&format!("test_metric_{m}"), "1", pts)
         })
@@ -157,7 +170,10 @@ impl Capture {
 
     /// Every gauge value received, in arrival order.
     pub fn values(&self) -> Vec<f64> {
-        self.batches().iter().flat_map(|b| gauge_values(b)).collect()
+        self.batches()
+            .iter()
+            .flat_map(|b| gauge_values(b))
+            .collect()
     }
 }
 
@@ -192,7 +208,11 @@ impl ExporterFactory for CaptureFactory {
     fn description(&self) -> &'static str {
         "test: keeps every batch for the test to inspect"
     }
-    fn build(&self, config: CaptureConfig, _: &BuildContext) -> Result<Box<dyn Exporter>, ComponentError> {
+    fn build(
+        &self,
+        config: CaptureConfig,
+        _: &BuildContext,
+    ) -> Result<Box<dyn Exporter>, ComponentError> {
         Ok(Box::new(CaptureExporter {
             capture: self.0.clone(),
             count_only: config.count_only,
@@ -249,7 +269,11 @@ impl ExporterFactory for FailFactory {
     fn description(&self) -> &'static str {
         "test: a backend that is down, rejects, or hangs"
     }
-    fn build(&self, config: FailConfig, _: &BuildContext) -> Result<Box<dyn Exporter>, ComponentError> {
+    fn build(
+        &self,
+        config: FailConfig,
+        _: &BuildContext,
+    ) -> Result<Box<dyn Exporter>, ComponentError> {
         Ok(Box::new(FailExporter(config.mode)))
     }
 }
@@ -288,9 +312,19 @@ impl ExporterFactory for FileFactory {
     fn description(&self) -> &'static str {
         "test: appends each gauge value as a line to a file"
     }
-    fn build(&self, config: FileConfig, _: &BuildContext) -> Result<Box<dyn Exporter>, ComponentError> {
-        let file = std::fs::OpenOptions::new().create(true).append(true).open(&config.path)?;
-        Ok(Box::new(FileExporter { file, delay: config.delay }))
+    fn build(
+        &self,
+        config: FileConfig,
+        _: &BuildContext,
+    ) -> Result<Box<dyn Exporter>, ComponentError> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&config.path)?;
+        Ok(Box::new(FileExporter {
+            file,
+            delay: config.delay,
+        }))
     }
 }
 

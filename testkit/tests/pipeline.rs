@@ -9,12 +9,18 @@ use genai_collector_testkit::{components, Capture};
 
 fn service(yaml: &str, capture: &Capture) -> Service {
     let comps = components(capture);
-    let cfg = config::load(&[Source::new("test.yaml", yaml)], &comps).unwrap_or_else(|e| panic!("{e}"));
+    let cfg =
+        config::load(&[Source::new("test.yaml", yaml)], &comps).unwrap_or_else(|e| panic!("{e}"));
     Service::build(cfg, &comps).unwrap_or_else(|e| panic!("{e}"))
 }
 
-fn stat(svc: &genai_collector_core::telemetry::Telemetry, kind: ComponentKind, id: &str) -> std::sync::Arc<ComponentStats> {
-    svc.find(kind, id).unwrap_or_else(|| panic!("no stats for {kind} {id}"))
+fn stat(
+    svc: &genai_collector_core::telemetry::Telemetry,
+    kind: ComponentKind,
+    id: &str,
+) -> std::sync::Arc<ComponentStats> {
+    svc.find(kind, id)
+        .unwrap_or_else(|| panic!("no stats for {kind} {id}"))
 }
 
 fn get(c: &std::sync::atomic::AtomicU64) -> u64 {
@@ -55,23 +61,42 @@ service:
     assert_eq!(capture.point_count(), total);
     let mut values = capture.values();
     values.sort_by(f64::total_cmp);
-    assert!(values.iter().enumerate().all(|(i, v)| *v == i as f64), "every point exactly once");
+    assert!(
+        values.iter().enumerate().all(|(i, v)| *v == i as f64),
+        "every point exactly once"
+    );
 
     let recv = stat(&telemetry, ComponentKind::Receiver, "generator");
     assert_eq!(get(&recv.accepted), total as u64);
     let noop = stat(&telemetry, ComponentKind::Processor, "noop/second");
-    assert_eq!((get(&noop.accepted), get(&noop.sent)), (total as u64, total as u64));
+    assert_eq!(
+        (get(&noop.accepted), get(&noop.sent)),
+        (total as u64, total as u64)
+    );
     let ok = stat(&telemetry, ComponentKind::Exporter, "capture");
-    assert_eq!((get(&ok.sent), get(&ok.failed), get(&ok.refused)), (total as u64, 0, 0));
+    assert_eq!(
+        (get(&ok.sent), get(&ok.failed), get(&ok.refused)),
+        (total as u64, 0, 0)
+    );
     let bad = stat(&telemetry, ComponentKind::Exporter, "fail");
     assert_eq!(get(&bad.sent), 0);
-    assert_eq!(get(&bad.failed) + get(&bad.refused), total as u64, "every lost point is counted");
-    assert!(get(&bad.attempt_failures) >= 2 * get(&bad.accepted) / 500, "retried before giving up");
+    assert_eq!(
+        get(&bad.failed) + get(&bad.refused),
+        total as u64,
+        "every lost point is counted"
+    );
+    assert!(
+        get(&bad.attempt_failures) >= 2 * get(&bad.accepted) / 500,
+        "retried before giving up"
+    );
     assert_eq!(get(&bad.queued), 0);
     assert!(bad.last_error().unwrap().contains("connection refused"));
 
     let text = telemetry.render_prometheus();
-    let line = format!("genai_collector_exporter_send_failed_points_total{{exporter=\"fail\"}} {}", get(&bad.failed));
+    let line = format!(
+        "genai_collector_exporter_send_failed_points_total{{exporter=\"fail\"}} {}",
+        get(&bad.failed)
+    );
     assert!(text.contains(&line), "{text}");
 }
 
@@ -98,14 +123,24 @@ service:
     );
     let telemetry = svc.telemetry().clone();
     let summary = svc.run(std::future::pending()).await.unwrap();
-    assert_eq!(capture.point_count(), 5000, "the healthy exporter got everything");
+    assert_eq!(
+        capture.point_count(),
+        5000,
+        "the healthy exporter got everything"
+    );
 
     let hung = stat(&telemetry, ComponentKind::Exporter, "fail/hang");
     let (accepted, refused) = (get(&hung.accepted), get(&hung.refused));
     assert_eq!(accepted + refused, 5000);
-    assert!(accepted <= 300, "the queue holds 2 batches plus one in flight, took {accepted}");
+    assert!(
+        accepted <= 300,
+        "the queue holds 2 batches plus one in flight, took {accepted}"
+    );
     assert!(!summary.drained);
-    assert_eq!(summary.lost_points, accepted, "points stuck in the hung exporter are reported lost");
+    assert_eq!(
+        summary.lost_points, accepted,
+        "points stuck in the hung exporter are reported lost"
+    );
     assert_eq!(get(&hung.failed), accepted);
 }
 
@@ -138,17 +173,25 @@ service:
         .filter(|c| c.kind == ComponentKind::Processor)
         .map(|c| (c.pipeline.clone().unwrap(), get(&c.accepted)))
         .collect();
-    assert_eq!(per_pipeline, vec![("metrics/a".into(), 1000), ("metrics/b".into(), 1000)]);
+    assert_eq!(
+        per_pipeline,
+        vec![("metrics/a".into(), 1000), ("metrics/b".into(), 1000)]
+    );
 }
 
 async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
     let mut buf = String::new();
     s.read_to_string(&mut buf).await.unwrap();
     let status = buf[9..12].parse().unwrap();
-    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
     (status, body)
 }
 
@@ -175,18 +218,29 @@ service:
 
     let (status, body) = http_get(addr, "/healthz").await;
     assert_eq!(status, 200, "{body}");
-    assert!(body.contains("\"id\":\"generator\",\"state\":\"running\""), "{body}");
+    assert!(
+        body.contains("\"id\":\"generator\",\"state\":\"running\""),
+        "{body}"
+    );
     let (status, body) = http_get(addr, "/readyz").await;
     assert_eq!(status, 200, "{body}");
-    assert!(body.contains("\"last_error\":\"400 bad request (test)\""), "{body}");
+    assert!(
+        body.contains("\"last_error\":\"400 bad request (test)\""),
+        "{body}"
+    );
     let (status, body) = http_get(addr, "/metrics").await;
     assert_eq!(status, 200);
     let failed: u64 = body
         .lines()
-        .find_map(|l| l.strip_prefix("genai_collector_exporter_send_failed_points_total{exporter=\"fail\"} "))
+        .find_map(|l| {
+            l.strip_prefix("genai_collector_exporter_send_failed_points_total{exporter=\"fail\"} ")
+        })
         .and_then(|v| v.parse().ok())
         .unwrap();
-    assert!(failed >= 10, "permanent errors are dropped and counted without retries: {failed}");
+    assert!(
+        failed >= 10,
+        "permanent errors are dropped and counted without retries: {failed}"
+    );
 
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let handle = tokio::spawn(running.run_until(async {
@@ -195,5 +249,8 @@ service:
     tx.send(()).unwrap();
     let summary = handle.await.unwrap();
     assert!(summary.drained);
-    assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "the endpoint closes at shutdown");
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "the endpoint closes at shutdown"
+    );
 }

@@ -35,7 +35,7 @@ service:
         ),
     )
     .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_testkit-collector"))
+    let child = Command::new(env!("CARGO_BIN_EXE_testkit-collector"))
         .args(["run", "-c"])
         .arg(&config)
         .stdout(Stdio::null())
@@ -43,8 +43,14 @@ service:
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(1500));
-    let written_before = std::fs::read_to_string(d.join("out")).unwrap_or_default().lines().count();
-    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let written_before = std::fs::read_to_string(d.join("out"))
+        .unwrap_or_default()
+        .lines()
+        .count();
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(status.success());
     let started = Instant::now();
     let out = child.wait_with_output().unwrap();
@@ -52,15 +58,32 @@ service:
     assert!(out.status.success(), "exit {:?}\n{stderr}", out.status);
     assert!(stderr.contains("shutdown requested"), "{stderr}");
 
-    let sent: usize = std::fs::read_to_string(d.join("sent")).unwrap().parse().unwrap();
+    let sent: usize = std::fs::read_to_string(d.join("sent"))
+        .unwrap()
+        .parse()
+        .unwrap();
     let values: Vec<u64> = std::fs::read_to_string(d.join("out"))
         .unwrap()
         .lines()
         .map(|l| l.parse().unwrap())
         .collect();
-    assert!(sent > written_before + 500, "batches were in flight at SIGTERM: sent {sent}, written {written_before}");
-    assert_eq!(values.len(), sent, "every accepted point reached the exporter");
-    assert!(values.iter().enumerate().all(|(i, v)| *v == i as u64), "in order, none lost or doubled");
-    eprintln!("drained {} points in {:?}", sent - written_before, started.elapsed());
+    assert!(
+        sent > written_before + 500,
+        "batches were in flight at SIGTERM: sent {sent}, written {written_before}"
+    );
+    assert_eq!(
+        values.len(),
+        sent,
+        "every accepted point reached the exporter"
+    );
+    assert!(
+        values.iter().enumerate().all(|(i, v)| *v == i as u64),
+        "in order, none lost or doubled"
+    );
+    eprintln!(
+        "drained {} points in {:?}",
+        sent - written_before,
+        started.elapsed()
+    );
     let _ = std::fs::remove_dir_all(&d);
 }

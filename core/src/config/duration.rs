@@ -9,7 +9,9 @@ use super::node::{DeError, Node};
 /// Parses a human duration, with an error that shows the expected form.
 pub fn parse(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text.trim()).map_err(|e| {
-        format!("invalid duration `{text}` ({e}): expected a number and a unit, like 500ms, 5s or 1m")
+        format!(
+            "invalid duration `{text}` ({e}): expected a number and a unit, like 500ms, 5s or 1m"
+        )
     })
 }
 
@@ -43,7 +45,9 @@ mod tests {
         assert_eq!(parse("5s"), Ok(Duration::from_secs(5)));
         assert_eq!(parse("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse("1m30s"), Ok(Duration::from_secs(90)));
-        assert!(parse("5").unwrap_err().contains("expected a number and a unit"));
+        assert!(parse("5")
+            .unwrap_err()
+            .contains("expected a number and a unit"));
         assert!(parse("soon").is_err());
     }
 }

@@ -7,15 +7,20 @@ pub(crate) struct EnvError {
     pub message: String,
 }
 
-pub(crate) fn substitute(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, EnvError> {
+pub(crate) fn substitute(
+    text: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<String, EnvError> {
     let mut out = String::with_capacity(text.len());
     for (i, line) in text.split_inclusive('\n').enumerate() {
         // Comments are left alone: a `${env:...}` in a comment documents, it does not configure.
         let code_end = comment_start(line).unwrap_or(line.len());
-        substitute_line(&line[..code_end], env, &mut out).map_err(|(offset, message)| EnvError {
-            line: i as u64 + 1,
-            column: line[..offset].chars().count() as u64 + 1,
-            message,
+        substitute_line(&line[..code_end], env, &mut out).map_err(|(offset, message)| {
+            EnvError {
+                line: i as u64 + 1,
+                column: line[..offset].chars().count() as u64 + 1,
+                message,
+            }
         })?;
         out.push_str(&line[code_end..]);
     }
@@ -40,14 +45,18 @@ fn comment_start(line: &str) -> Option<usize> {
 }
 
 /// Substitutes within one line's code; an error carries its byte offset in the line.
-fn substitute_line(line: &str, env: &dyn Fn(&str) -> Option<String>, out: &mut String) -> Result<(), (usize, String)> {
+fn substitute_line(
+    line: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+    out: &mut String,
+) -> Result<(), (usize, String)> {
     let mut rest = line;
     while let Some(i) = rest.find('$') {
         out.push_str(&rest[..i]);
         let tail = &rest[i..];
-        if tail.starts_with("$$") {
+        if let Some(after) = tail.strip_prefix("$$") {
             out.push('$');
-            rest = &tail[2..];
+            rest = after;
             continue;
         }
         if !tail.starts_with("${") {
@@ -70,10 +79,16 @@ fn substitute_line(line: &str, env: &dyn Fn(&str) -> Option<String>, out: &mut S
             Some((n, d)) => (n, Some(d)),
             None => (spec, None),
         };
-        let valid = name.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        let valid = name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
             && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
         if !valid {
-            return Err((offset, format!("`{name}` is not a valid environment variable name")));
+            return Err((
+                offset,
+                format!("`{name}` is not a valid environment variable name"),
+            ));
         }
         match (env(name).filter(|v| !v.is_empty()), default) {
             (Some(v), _) => out.push_str(&v),
@@ -113,11 +128,20 @@ mod tests {
         let (line, col, msg) = s("a: 1\nb: ${env:NOPE}\n").unwrap_err();
         assert_eq!((line, col), (2, 4));
         assert!(msg.contains("`NOPE` is not set"), "{msg}");
-        assert!(s("a: ${NOPE}").unwrap_err().2.contains("unsupported substitution"));
+        assert!(s("a: ${NOPE}")
+            .unwrap_err()
+            .2
+            .contains("unsupported substitution"));
         assert!(s("a: ${env:PORT\nb: }").unwrap_err().2.contains("unclosed"));
         assert!(s("a: ${env:1X}").unwrap_err().2.contains("not a valid"));
-        assert_eq!(s("# see ${env:NOPE}\na: 1 # or ${x}\n").ok().unwrap(), "# see ${env:NOPE}\na: 1 # or ${x}\n");
-        assert_eq!(s("a: \"x # ${env:PORT}\"\n").ok().unwrap(), "a: \"x # 9000\"\n");
+        assert_eq!(
+            s("# see ${env:NOPE}\na: 1 # or ${x}\n").ok().unwrap(),
+            "# see ${env:NOPE}\na: 1 # or ${x}\n"
+        );
+        assert_eq!(
+            s("a: \"x # ${env:PORT}\"\n").ok().unwrap(),
+            "a: \"x # 9000\"\n"
+        );
         assert_eq!(s("a: x#${env:PORT}\n").ok().unwrap(), "a: x#9000\n");
     }
 }

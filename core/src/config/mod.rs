@@ -122,11 +122,17 @@ impl Default for ExporterSettings {
 pub struct QueueSettings {
     /// Batches the exporter's queue holds; when full, new batches are dropped and counted.
     pub queue_size: usize,
+    /// Wait for room instead of dropping: no loss, but a stuck exporter then holds up its
+    /// pipelines (and, through backpressure, their receivers).
+    pub block_on_overflow: bool,
 }
 
 impl Default for QueueSettings {
     fn default() -> Self {
-        Self { queue_size: 1000 }
+        Self {
+            queue_size: 1000,
+            block_on_overflow: false,
+        }
     }
 }
 
@@ -224,7 +230,12 @@ struct Loader<'a> {
 }
 
 impl Loader<'_> {
-    fn error(&self, pos: Pos, component: Option<String>, message: impl Into<String>) -> ConfigError {
+    fn error(
+        &self,
+        pos: Pos,
+        component: Option<String>,
+        message: impl Into<String>,
+    ) -> ConfigError {
         let source = &self.sources[pos.source.min(self.sources.len() - 1)];
         let snippet = (pos.line > 0)
             .then(|| source.text.lines().nth(pos.line as usize - 1))
@@ -300,15 +311,31 @@ impl Loader<'_> {
         let processors = self.section(&root, ComponentKind::Processor, components)?;
         let exporters = self.section(&root, ComponentKind::Exporter, components)?;
         let service_node = root.get("service").ok_or_else(|| {
-            self.error(root.pos, None, "missing `service` section: it names the pipelines to run")
+            self.error(
+                root.pos,
+                None,
+                "missing `service` section: it names the pipelines to run",
+            )
         })?;
         let service = self.service(service_node, &receivers, &processors, &exporters)?;
 
         let mut warnings = Vec::new();
         for (kind, ids) in [
-            (ComponentKind::Receiver, receivers.iter().map(|(id, e)| (id, e.pos)).collect::<Vec<_>>()),
-            (ComponentKind::Processor, processors.iter().map(|(id, e)| (id, e.pos)).collect()),
-            (ComponentKind::Exporter, exporters.iter().map(|(id, e)| (id, e.0.pos)).collect()),
+            (
+                ComponentKind::Receiver,
+                receivers
+                    .iter()
+                    .map(|(id, e)| (id, e.pos))
+                    .collect::<Vec<_>>(),
+            ),
+            (
+                ComponentKind::Processor,
+                processors.iter().map(|(id, e)| (id, e.pos)).collect(),
+            ),
+            (
+                ComponentKind::Exporter,
+                exporters.iter().map(|(id, e)| (id, e.0.pos)).collect(),
+            ),
         ] {
             for (id, pos) in ids {
                 let used = service.pipelines.values().any(|p| match kind {
@@ -350,22 +377,49 @@ impl Loader<'_> {
             .filter(|(head, _)| head.starts_with("line "))
             .map_or(first, |(_, rest)| rest);
         let message = message.split(" at line ").next().unwrap_or(message);
-        let message = message.split(", set DuplicateKeyPolicy").next().unwrap_or(message);
+        let message = message
+            .split(", set DuplicateKeyPolicy")
+            .next()
+            .unwrap_or(message);
         self.error(pos, None, format!("invalid YAML: {message}"))
     }
 
-    fn mapping<'n>(&self, node: &'n Node, component: Option<String>, what: &str) -> Result<&'n [(Node, Node)], ConfigError> {
+    fn mapping<'n>(
+        &self,
+        node: &'n Node,
+        component: Option<String>,
+        what: &str,
+    ) -> Result<&'n [(Node, Node)], ConfigError> {
         node.entries().ok_or_else(|| {
-            self.error(node.pos, component, format!("{what} must be a mapping, found {}", node.type_name()))
+            self.error(
+                node.pos,
+                component,
+                format!("{what} must be a mapping, found {}", node.type_name()),
+            )
         })
     }
 
-    fn key_str<'n>(&self, key: &'n Node, component: Option<String>) -> Result<&'n str, ConfigError> {
-        key.as_str()
-            .ok_or_else(|| self.error(key.pos, component, format!("expected a string key, found {}", key.type_name())))
+    fn key_str<'n>(
+        &self,
+        key: &'n Node,
+        component: Option<String>,
+    ) -> Result<&'n str, ConfigError> {
+        key.as_str().ok_or_else(|| {
+            self.error(
+                key.pos,
+                component,
+                format!("expected a string key, found {}", key.type_name()),
+            )
+        })
     }
 
-    fn check_key(&self, key: &Node, allowed: &[&str], component: Option<String>, what: &str) -> Result<(), ConfigError> {
+    fn check_key(
+        &self,
+        key: &Node,
+        allowed: &[&str],
+        component: Option<String>,
+        what: &str,
+    ) -> Result<(), ConfigError> {
         let name = self.key_str(key, component.clone())?;
         if allowed.contains(&name) {
             return Ok(());
@@ -373,11 +427,20 @@ impl Loader<'_> {
         Err(self.error(
             key.pos,
             component,
-            format!("unknown {what} `{name}`{}, expected one of: {}", suggest(name, allowed), allowed.join(", ")),
+            format!(
+                "unknown {what} `{name}`{}, expected one of: {}",
+                suggest(name, allowed),
+                allowed.join(", ")
+            ),
         ))
     }
 
-    fn section<T>(&self, root: &Node, kind: ComponentKind, components: &Components) -> Result<IndexMap<ComponentId, T>, ConfigError>
+    fn section<T>(
+        &self,
+        root: &Node,
+        kind: ComponentKind,
+        components: &Components,
+    ) -> Result<IndexMap<ComponentId, T>, ConfigError>
     where
         T: FromEntry,
     {
@@ -385,12 +448,17 @@ impl Loader<'_> {
         let Some(section) = root.get(kind.section()) else {
             return Ok(out);
         };
-        for (key, node) in self.mapping(section, Some(kind.section().into()), &format!("`{}`", kind.section()))? {
+        for (key, node) in self.mapping(
+            section,
+            Some(kind.section().into()),
+            &format!("`{}`", kind.section()),
+        )? {
             let raw = self.key_str(key, Some(kind.section().into()))?;
             let label = Some(format!("{}: {raw}", kind.section()));
             let id = ComponentId::parse(raw).map_err(|m| self.error(key.pos, label.clone(), m))?;
             let mut node = node.clone();
-            let settings = T::split_settings(&mut node).map_err(|e| self.de_error(e, node.pos, label.clone()))?;
+            let settings = T::split_settings(&mut node)
+                .map_err(|e| self.de_error(e, node.pos, label.clone()))?;
             let config = match components.parse(kind, &id, &node) {
                 Some(result) => result.map_err(|e| self.de_error(e, node.pos, label.clone()))?,
                 None => {
@@ -402,12 +470,25 @@ impl Loader<'_> {
                             "unknown {kind} kind `{}`{}; known {kind} kinds: {}",
                             id.kind(),
                             suggest(id.kind(), &known),
-                            if known.is_empty() { "none".into() } else { known.join(", ") }
+                            if known.is_empty() {
+                                "none".into()
+                            } else {
+                                known.join(", ")
+                            }
                         ),
                     ));
                 }
             };
-            out.insert(id, T::from_entry(ComponentEntry { config, pos: key.pos }, settings));
+            out.insert(
+                id,
+                T::from_entry(
+                    ComponentEntry {
+                        config,
+                        pos: key.pos,
+                    },
+                    settings,
+                ),
+            );
         }
         Ok(out)
     }
@@ -430,13 +511,19 @@ impl Loader<'_> {
             None => TelemetryConfig::default(),
         };
         let shutdown_timeout = match node.get("shutdown_timeout") {
-            Some(n) => duration::parse_node(n).map_err(|e| self.de_error(e, n.pos, label.clone()))?,
+            Some(n) => {
+                duration::parse_node(n).map_err(|e| self.de_error(e, n.pos, label.clone()))?
+            }
             None => Duration::from_secs(10),
         };
         let pipelines_node = node.get("pipelines").ok_or_else(|| {
             self.error(node.pos, label.clone(), "missing `pipelines`: name at least one, e.g. `metrics: {receivers: [...], exporters: [...]}`")
         })?;
-        let entries = self.mapping(pipelines_node, Some("service.pipelines".into()), "`service.pipelines`")?;
+        let entries = self.mapping(
+            pipelines_node,
+            Some("service.pipelines".into()),
+            "`service.pipelines`",
+        )?;
         if entries.is_empty() {
             return Err(self.error(pipelines_node.pos, Some("service.pipelines".into()), "no pipelines defined: add at least one, e.g. `metrics: {receivers: [...], exporters: [...]}`"));
         }
@@ -470,28 +557,58 @@ impl Loader<'_> {
     }
 
     /// The component ids a pipeline lists under `kind`, each checked against what is defined.
-    fn refs<T>(&self, key: &Node, pipeline: &Node, kind: ComponentKind, defined: &IndexMap<ComponentId, T>, required: bool) -> Result<Vec<ComponentId>, ConfigError> {
+    fn refs<T>(
+        &self,
+        key: &Node,
+        pipeline: &Node,
+        kind: ComponentKind,
+        defined: &IndexMap<ComponentId, T>,
+        required: bool,
+    ) -> Result<Vec<ComponentId>, ConfigError> {
         let name = key.as_str().unwrap_or_default();
         let label = Some(format!("service.pipelines.{name}"));
         let section = kind.section();
         let Some(list) = pipeline.get(section) else {
             if required {
-                return Err(self.error(key.pos, label, format!("pipeline `{name}` has no `{section}`: list at least one {kind}")));
+                return Err(self.error(
+                    key.pos,
+                    label,
+                    format!("pipeline `{name}` has no `{section}`: list at least one {kind}"),
+                ));
             }
             return Ok(Vec::new());
         };
         let items = match &list.value {
             Value::Seq(items) => items.as_slice(),
             Value::Null => &[],
-            _ => return Err(self.error(list.pos, label, format!("`{section}` must be a list of {kind} ids, found {}", list.type_name()))),
+            _ => {
+                return Err(self.error(
+                    list.pos,
+                    label,
+                    format!(
+                        "`{section}` must be a list of {kind} ids, found {}",
+                        list.type_name()
+                    ),
+                ))
+            }
         };
         if required && items.is_empty() {
-            return Err(self.error(list.pos, label, format!("pipeline `{name}` has an empty `{section}` list: list at least one {kind}")));
+            return Err(self.error(
+                list.pos,
+                label,
+                format!(
+                    "pipeline `{name}` has an empty `{section}` list: list at least one {kind}"
+                ),
+            ));
         }
         let mut ids: Vec<ComponentId> = Vec::with_capacity(items.len());
         for item in items {
             let raw = item.as_str().ok_or_else(|| {
-                self.error(item.pos, label.clone(), format!("expected a {kind} id, found {}", item.type_name()))
+                self.error(
+                    item.pos,
+                    label.clone(),
+                    format!("expected a {kind} id, found {}", item.type_name()),
+                )
             })?;
             let id = ComponentId::parse(raw).map_err(|m| self.error(item.pos, label.clone(), m))?;
             if !defined.contains_key(&id) {
@@ -503,12 +620,20 @@ impl Loader<'_> {
                     format!(
                         "{kind} `{id}` is not defined in `{section}`{}; defined: {}",
                         suggest(raw, &refs),
-                        if names.is_empty() { "none".into() } else { names.join(", ") }
+                        if names.is_empty() {
+                            "none".into()
+                        } else {
+                            names.join(", ")
+                        }
                     ),
                 ));
             }
             if ids.contains(&id) {
-                return Err(self.error(item.pos, label, format!("{kind} `{id}` is listed twice in pipeline `{name}`")));
+                return Err(self.error(
+                    item.pos,
+                    label,
+                    format!("{kind} `{id}` is listed twice in pipeline `{name}`"),
+                ));
             }
             ids.push(id);
         }
@@ -540,7 +665,9 @@ impl FromEntry for (ComponentEntry, ExporterSettings) {
         if let Value::Map(entries) = &mut settings.value {
             for key in EXPORTER_SETTINGS {
                 if let Some(key_node) = node.key_node(key).cloned() {
-                    let value = node.take(key).unwrap_or_else(|| Node::new(Value::Null, key_node.pos));
+                    let value = node
+                        .take(key)
+                        .unwrap_or_else(|| Node::new(Value::Null, key_node.pos));
                     entries.push((key_node, value));
                 }
             }

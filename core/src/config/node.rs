@@ -318,7 +318,9 @@ impl<'de> de::Deserializer<'de> for NodeDeserializer<'_> {
             Value::Float(f) => f.to_string(),
             _ => return self.deserialize_any(visitor),
         };
-        visitor.visit_string(text).map_err(|e: DeError| e.or_at(self.0.pos))
+        visitor
+            .visit_string(text)
+            .map_err(|e: DeError| e.or_at(self.0.pos))
     }
 
     fn deserialize_string<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, DeError> {
@@ -342,9 +344,14 @@ impl<'de> de::Deserializer<'de> for NodeDeserializer<'_> {
         let node = self.0;
         let result = match &node.value {
             Value::Str(s) => visitor.visit_enum(s.as_str().into_deserializer()),
-            Value::Map(entries) if entries.len() == 1 => visitor.visit_enum(EnumAccess(&entries[0])),
+            Value::Map(entries) if entries.len() == 1 => {
+                visitor.visit_enum(EnumAccess(&entries[0]))
+            }
             _ => Err(DeError::at(
-                format!("expected a variant name or a one-key mapping, found {}", node.type_name()),
+                format!(
+                    "expected a variant name or a one-key mapping, found {}",
+                    node.type_name()
+                ),
                 node.pos,
             )),
         };
@@ -388,7 +395,10 @@ struct MapAccess<'a> {
 impl<'de> de::MapAccess<'de> for MapAccess<'_> {
     type Error = DeError;
 
-    fn next_key_seed<K: DeserializeSeed<'de>>(&mut self, seed: K) -> Result<Option<K::Value>, DeError> {
+    fn next_key_seed<K: DeserializeSeed<'de>>(
+        &mut self,
+        seed: K,
+    ) -> Result<Option<K::Value>, DeError> {
         let Some((key, value)) = self.entries.next() else {
             return Ok(None);
         };
@@ -414,7 +424,10 @@ impl<'de, 'a> de::EnumAccess<'de> for EnumAccess<'a> {
     type Error = DeError;
     type Variant = NodeDeserializer<'a>;
 
-    fn variant_seed<V: DeserializeSeed<'de>>(self, seed: V) -> Result<(V::Value, Self::Variant), DeError> {
+    fn variant_seed<V: DeserializeSeed<'de>>(
+        self,
+        seed: V,
+    ) -> Result<(V::Value, Self::Variant), DeError> {
         let (key, value) = self.0;
         let v = seed
             .deserialize(NodeDeserializer(key))
@@ -481,7 +494,9 @@ mod tests {
         let n = parse("a:\n  b: [1, x]\n");
         let b = n.get("a").unwrap().get("b").unwrap();
         assert_eq!((b.pos.line, b.pos.column), (2, 6));
-        let Value::Seq(items) = &b.value else { panic!() };
+        let Value::Seq(items) = &b.value else {
+            panic!()
+        };
         assert_eq!(items[1].value, Value::Str("x".into()));
         assert_eq!((items[1].pos.line, items[1].pos.column), (2, 10));
     }
@@ -491,7 +506,13 @@ mod tests {
         let n = parse("name: 7\ninner:\n  port: 80\n  tags: [a]\nmode: slow\n");
         let o: Outer = n.deserialize().unwrap();
         assert_eq!(o.name, "7");
-        assert_eq!(o.inner, Inner { port: 80, tags: vec!["a".into()] });
+        assert_eq!(
+            o.inner,
+            Inner {
+                port: 80,
+                tags: vec!["a".into()]
+            }
+        );
         assert_eq!(o.mode, Some(Mode::Slow));
     }
 
@@ -511,7 +532,11 @@ mod tests {
         assert_eq!(e.pos.map(|p| (p.line, p.column)), Some((3, 9)));
         let n = parse("name: x\ninner:\n  port: 1\nmode: warp\n");
         let e = n.deserialize::<Outer>().unwrap_err();
-        assert!(e.message.contains("unknown variant `warp`"), "{}", e.message);
+        assert!(
+            e.message.contains("unknown variant `warp`"),
+            "{}",
+            e.message
+        );
         assert_eq!(e.pos.map(|p| p.line), Some(4));
     }
 
