@@ -1,5 +1,6 @@
 //! Receivers: one module per kind, each with its config, factory and tests.
 
 pub mod internal;
+pub mod scrape;
 
 pub use internal::InternalReceiverFactory;
