@@ -180,7 +180,10 @@ impl std::error::Error for ParseError {}
 pub fn parse(text: &str, format: Format) -> Result<Page<'_>, ParseError> {
     let mut p = Parser {
         format,
-        page: Page::default(),
+        page: Page {
+            families: Vec::new(),
+            labels: Vec::with_capacity(text.len() / 48),
+        },
         by_name: HashMap::new(),
         current: None,
         typed: Vec::new(),
@@ -231,7 +234,33 @@ fn parse_float(s: &str) -> Option<f64> {
     if s.is_empty() || s.len() > 400 {
         return None;
     }
-    s.parse::<f64>().ok()
+    fast_decimal(s.as_bytes()).or_else(|| s.parse::<f64>().ok())
+}
+
+/// `123` or `123.456` with at most 15 digits: the mantissa and the power of ten are exact
+/// doubles, so one division gives the correctly rounded value (Clinger's fast path).
+fn fast_decimal(b: &[u8]) -> Option<f64> {
+    const POW10: [f64; 16] = [1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15];
+    if b.len() > 16 {
+        return None;
+    }
+    let mut mantissa: u64 = 0;
+    let mut digits = 0;
+    let mut frac: Option<usize> = None;
+    for (i, &c) in b.iter().enumerate() {
+        match c {
+            b'0'..=b'9' => {
+                mantissa = mantissa * 10 + u64::from(c - b'0');
+                digits += 1;
+            }
+            b'.' if frac.is_none() && i > 0 => frac = Some(b.len() - i - 1),
+            _ => return None,
+        }
+    }
+    if digits == 0 || digits > 15 {
+        return None;
+    }
+    Some(mantissa as f64 / POW10[frac.unwrap_or(0)])
 }
 
 /// Undoes `\\`, `\n` and (in label values) `\"`; other escapes stay as written, as the
@@ -259,6 +288,26 @@ fn unescape(s: &str, quotes: bool) -> Cow<'_, str> {
         }
     }
     Cow::Owned(out)
+}
+
+/// The first `"` or `\\` in `b`, eight bytes at a time: label values are mostly 10-60 bytes,
+/// too short for a SIMD search's setup to pay and too long for a byte loop.
+fn find_quote_or_backslash(b: &[u8]) -> Option<usize> {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let zero_byte = |v: u64| v.wrapping_sub(ONES) & !v & HIGH;
+    let mut i = 0;
+    while i + 8 <= b.len() {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&b[i..i + 8]);
+        let w = u64::from_le_bytes(w);
+        let hit = zero_byte(w ^ (ONES * u64::from(b'"'))) | zero_byte(w ^ (ONES * u64::from(b'\\')));
+        if hit != 0 {
+            return Some(i + (hit.trailing_zeros() / 8) as usize);
+        }
+        i += 8;
+    }
+    b[i..].iter().position(|&c| c == b'"' || c == b'\\').map(|p| i + p)
 }
 
 /// Reads `{name="value",...}` starting at `b[*pos] == b'{'`; pushes the labels into `out`.
@@ -313,18 +362,20 @@ fn parse_labels<'a>(
         let vstart = *pos;
         let mut escaped = false;
         loop {
-            match b.get(*pos) {
+            match find_quote_or_backslash(&b[*pos..]) {
                 None => return err(ln, format!("label `{name}`: unterminated value")),
-                Some(b'\\') => {
+                Some(i) if b[*pos + i] == b'\\' => {
                     escaped = true;
-                    *pos += 2;
+                    *pos += i + 2;
+                    if *pos > b.len() {
+                        return err(ln, format!("label `{name}`: unterminated value"));
+                    }
                 }
-                Some(b'"') => break,
-                Some(_) => *pos += 1,
+                Some(i) => {
+                    *pos += i;
+                    break;
+                }
             }
-        }
-        if *pos > b.len() {
-            return err(ln, format!("label `{name}`: unterminated value"));
         }
         let raw = &line[vstart..*pos];
         *pos += 1;
@@ -369,7 +420,7 @@ impl<'a> Parser<'a> {
         let mut saw_eof = false;
         while !rest.is_empty() {
             self.line += 1;
-            let (line, next) = match rest.find('\n') {
+            let (line, next) = match memchr::memchr(b'\n', rest.as_bytes()) {
                 Some(i) => (&rest[..i], &rest[i + 1..]),
                 None => (rest, ""),
             };
@@ -626,44 +677,50 @@ impl<'a> Parser<'a> {
 
         // Value, then an optional timestamp and (OpenMetrics) an exemplar.
         let rest = &line[pos..];
-        let (body, exemplar_text) = if strict {
-            match rest.find(" # ") {
-                Some(i) => (&rest[..i], Some(&rest[i + 3..])),
-                None => (rest, None),
-            }
-        } else {
-            (rest.split_once('#').map_or(rest, |(v, _)| v), None)
-        };
         let mut fields = [""; 2];
         let mut n = 0;
+        let mut exemplar_text = None;
         if strict {
+            let body = match rest.find(" # ") {
+                Some(i) => {
+                    exemplar_text = Some(&rest[i + 3..]);
+                    &rest[..i]
+                }
+                None => rest,
+            };
             let Some(after) = body.strip_prefix(' ') else {
                 return err(ln, format!("`{name}`: expected one space before the value"));
             };
             for f in after.split(' ') {
                 if n == 2 || f.is_empty() {
-                    return err(
-                        ln,
-                        format!(
-                            "`{name}`: expected `value [timestamp]` separated by single spaces"
-                        ),
-                    );
+                    return err(ln, format!("`{name}`: expected `value [timestamp]` separated by single spaces"));
                 }
                 fields[n] = f;
                 n += 1;
             }
         } else {
-            if !body.starts_with([' ', '\t']) {
-                return err(
-                    ln,
-                    format!("`{name}`: expected whitespace before the value"),
-                );
+            // Blank-separated fields up to an optional `#` comment.
+            let rb = rest.as_bytes();
+            let end = memchr::memchr(b'#', rb).unwrap_or(rb.len());
+            if !matches!(rb.first(), Some(b' ' | b'\t')) {
+                return err(ln, format!("`{name}`: expected whitespace before the value"));
             }
-            for f in body.split([' ', '\t']).filter(|f| !f.is_empty()) {
+            let mut i = 0;
+            while i < end {
+                while i < end && (rb[i] == b' ' || rb[i] == b'\t') {
+                    i += 1;
+                }
+                if i == end {
+                    break;
+                }
+                let start = i;
+                while i < end && rb[i] != b' ' && rb[i] != b'\t' {
+                    i += 1;
+                }
                 if n == 2 {
                     return err(ln, format!("`{name}`: unexpected text after the timestamp"));
                 }
-                fields[n] = f;
+                fields[n] = &rest[start..i];
                 n += 1;
             }
         }

@@ -1,0 +1,384 @@
+//! From a parsed page to an OTLP batch.
+//!
+//! Counters become monotonic cumulative sums with a start time (from `_created`, else when the
+//! series was first seen, reset when the value goes down); gauges and untyped samples become
+//! gauges; histograms become explicit-bucket histograms (cumulative buckets de-accumulated,
+//! `+Inf` last, `_sum` and `_count`); summaries become summaries; `info` and `stateset` become
+//! gauges. Metric names stay as the engine serves them: the mapping tables of `genai_normalize`
+//! match on them.
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+
+use genai_collector_core::model::{
+    kv, metric, summary_data_point, AggregationTemporality, Batch, Histogram, HistogramDataPoint, KeyValue, Metric,
+    MetricExt, NumberDataPoint, Summary, SummaryDataPoint,
+};
+
+use super::text::{Family, Kind, Label, Page};
+
+/// What a conversion found besides the batch.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ConvertStats {
+    pub samples: usize,
+    /// Samples of a series already seen on the page (the first one is kept).
+    pub duplicates: usize,
+    /// Histogram series whose buckets did not add up (kept, with counts clamped).
+    pub malformed: usize,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct SeriesState {
+    start: u64,
+    last: f64,
+}
+
+/// Per-target state that makes cumulative series correct across scrapes. Holds only the series
+/// of the last page, so its size follows the target's.
+#[derive(Debug, Default)]
+pub struct Converter {
+    series: HashMap<u64, SeriesState>,
+}
+
+fn ns(seconds: f64) -> u64 {
+    if seconds.is_finite() && seconds > 0.0 {
+        (seconds * 1e9) as u64
+    } else {
+        0
+    }
+}
+
+fn series_hash(name: &str, labels: &[Label<'_>], skip: &str) -> u64 {
+    let mut h = DefaultHasher::new();
+    name.hash(&mut h);
+    for l in labels.iter().filter(|l| l.name != skip) {
+        l.name.hash(&mut h);
+        l.value.hash(&mut h);
+    }
+    h.finish()
+}
+
+fn attrs(labels: &[Label<'_>], skip: &str) -> Vec<KeyValue> {
+    labels
+        .iter()
+        .filter(|l| l.name != skip)
+        .map(|l| kv(l.name, l.value.as_ref()))
+        .collect()
+}
+
+impl Converter {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Converts `page`, scraped at `now` (Unix ns), into a batch with `resource` attributes.
+    pub fn convert(&mut self, page: &Page<'_>, now: u64, resource: Vec<KeyValue>) -> (Batch, ConvertStats) {
+        let mut stats = ConvertStats::default();
+        let mut next = HashMap::with_capacity(self.series.len());
+        let mut metrics = Vec::with_capacity(page.families.len());
+        for f in &page.families {
+            stats.samples += f.samples.len();
+            let metric = match f.kind {
+                Kind::Counter => self.counter(page, f, now, &mut next, &mut stats),
+                Kind::Histogram | Kind::GaugeHistogram => self.histogram(page, f, now, &mut next, &mut stats),
+                Kind::Summary => self.summary(page, f, now, &mut next, &mut stats),
+                Kind::Info => gauge(page, f, &format!("{}_info", f.name.trim_end_matches("_info")), now, &mut stats),
+                Kind::Gauge | Kind::StateSet | Kind::Unknown => gauge(page, f, f.name, now, &mut stats),
+            };
+            if let Some(mut m) = metric {
+                if let Some(help) = &f.help {
+                    m.description = help.to_string();
+                }
+                if let Some(unit) = f.unit {
+                    m.unit = unit.to_owned();
+                }
+                metrics.push(m);
+            }
+        }
+        self.series = next;
+        (Batch::with_resource(resource, metrics), stats)
+    }
+
+    /// The start time of a cumulative series: kept from earlier scrapes unless the value went
+    /// down (a restart), in which case the series starts again now.
+    fn start(&self, key: u64, value: f64, created: Option<u64>, now: u64, next: &mut HashMap<u64, SeriesState>) -> u64 {
+        let start = match (created, self.series.get(&key)) {
+            (Some(c), _) => c,
+            (None, Some(prev)) if value >= prev.last => prev.start,
+            _ => now,
+        };
+        next.insert(key, SeriesState { start, last: value });
+        start
+    }
+
+    fn counter(&self, page: &Page<'_>, f: &Family<'_>, now: u64, next: &mut HashMap<u64, SeriesState>, stats: &mut ConvertStats) -> Option<Metric> {
+        let created: HashMap<u64, u64> = f
+            .samples
+            .iter()
+            .filter(|s| f.suffix(s) == "_created")
+            .map(|s| (series_hash("", page.labels_of(s), ""), ns(s.value)))
+            .collect();
+        let mut name = None;
+        let mut seen = std::collections::HashSet::new();
+        let mut points = Vec::with_capacity(f.samples.len());
+        for s in f.samples.iter().filter(|s| f.suffix(s) != "_created") {
+            let labels = page.labels_of(s);
+            if !seen.insert(series_hash("", labels, "")) {
+                stats.duplicates += 1;
+                continue;
+            }
+            name.get_or_insert(s.name);
+            let key = series_hash(s.name, labels, "");
+            let time = s.timestamp.map_or(now, ns);
+            let start = self.start(key, s.value, created.get(&series_hash("", labels, "")).copied(), time, next);
+            points.push(NumberDataPoint {
+                start_time_unix_nano: start,
+                ..genai_collector_core::model::number_point(time, s.value, attrs(labels, ""))
+            });
+        }
+        let name = name?;
+        Some(Metric::sum(name, "", true, points))
+    }
+
+    fn histogram(&self, page: &Page<'_>, f: &Family<'_>, now: u64, next: &mut HashMap<u64, SeriesState>, stats: &mut ConvertStats) -> Option<Metric> {
+        let gauge = f.kind == Kind::GaugeHistogram;
+        let (count_suffix, sum_suffix) = if gauge { ("_gcount", "_gsum") } else { ("_count", "_sum") };
+        // Series in first-seen order; samples of a series need not be adjacent in 0.0.4.
+        let mut order: Vec<u64> = Vec::new();
+        let mut groups: HashMap<u64, HistGroup<'_, '_>> = HashMap::new();
+        for s in &f.samples {
+            let labels = page.labels_of(s);
+            let key = series_hash("", labels, "le");
+            let g = groups.entry(key).or_insert_with(|| {
+                order.push(key);
+                HistGroup { labels, ..Default::default() }
+            });
+            let suffix = f.suffix(s);
+            if suffix == "_bucket" {
+                let le = labels.iter().find(|l| l.name == "le").and_then(|l| l.value.parse::<f64>().ok());
+                match le {
+                    Some(le) if !le.is_nan() => {
+                        if g.buckets.iter().any(|(b, _)| *b == le) {
+                            stats.duplicates += 1;
+                        } else {
+                            g.buckets.push((le, s.value));
+                        }
+                    }
+                    _ => stats.malformed += 1,
+                }
+            } else if suffix == count_suffix {
+                g.count = Some(s.value);
+            } else if suffix == sum_suffix {
+                g.sum = Some(s.value);
+            } else if suffix == "_created" {
+                g.created = Some(ns(s.value));
+            }
+            g.time = g.time.max(s.timestamp.map_or(now, ns));
+        }
+        let mut points = Vec::with_capacity(order.len());
+        for key in order {
+            let g = &groups[&key];
+            let mut buckets = g.buckets.clone();
+            buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+            let inf = buckets.last().filter(|(le, _)| le.is_infinite()).map(|(_, c)| *c);
+            let count = g.count.or(inf).unwrap_or_else(|| buckets.last().map_or(0.0, |b| b.1));
+            let mut bounds = Vec::with_capacity(buckets.len());
+            let mut counts = Vec::with_capacity(buckets.len() + 1);
+            let mut prev = 0.0;
+            for (le, cumulative) in &buckets {
+                if le.is_infinite() && *le > 0.0 {
+                    break;
+                }
+                if *cumulative < prev {
+                    stats.malformed += 1;
+                }
+                bounds.push(*le);
+                counts.push((cumulative - prev).max(0.0) as u64);
+                prev = cumulative.max(prev);
+            }
+            counts.push((count - prev).max(0.0) as u64);
+            let series = series_hash(f.name, g.labels, "le");
+            let start = if gauge { 0 } else { self.start(series, count, g.created, g.time, next) };
+            points.push(HistogramDataPoint {
+                attributes: attrs(g.labels, "le"),
+                start_time_unix_nano: start,
+                time_unix_nano: g.time,
+                count: count.max(0.0) as u64,
+                sum: g.sum.filter(|s| s.is_finite()),
+                bucket_counts: counts,
+                explicit_bounds: bounds,
+                ..Default::default()
+            });
+        }
+        Some(Metric {
+            name: f.name.to_owned(),
+            data: Some(metric::Data::Histogram(Histogram {
+                data_points: points,
+                aggregation_temporality: AggregationTemporality::Cumulative as i32,
+            })),
+            ..Default::default()
+        })
+    }
+
+    fn summary(&self, page: &Page<'_>, f: &Family<'_>, now: u64, next: &mut HashMap<u64, SeriesState>, _stats: &mut ConvertStats) -> Option<Metric> {
+        let mut order: Vec<u64> = Vec::new();
+        let mut groups: HashMap<u64, SummaryGroup<'_, '_>> = HashMap::new();
+        for s in &f.samples {
+            let labels = page.labels_of(s);
+            let key = series_hash("", labels, "quantile");
+            let g = groups.entry(key).or_insert_with(|| {
+                order.push(key);
+                SummaryGroup { labels, ..Default::default() }
+            });
+            match f.suffix(s) {
+                "_count" => g.count = Some(s.value),
+                "_sum" => g.sum = Some(s.value),
+                "_created" => g.created = Some(ns(s.value)),
+                _ => {
+                    if let Some(q) = labels.iter().find(|l| l.name == "quantile").and_then(|l| l.value.parse::<f64>().ok()) {
+                        g.quantiles.push(summary_data_point::ValueAtQuantile { quantile: q, value: s.value });
+                    }
+                }
+            }
+            g.time = g.time.max(s.timestamp.map_or(now, ns));
+        }
+        let points = order
+            .into_iter()
+            .map(|key| {
+                let g = &groups[&key];
+                let count = g.count.unwrap_or(0.0);
+                let start = self.start(series_hash(f.name, g.labels, "quantile"), count, g.created, g.time, next);
+                SummaryDataPoint {
+                    attributes: attrs(g.labels, "quantile"),
+                    start_time_unix_nano: start,
+                    time_unix_nano: g.time,
+                    count: count.max(0.0) as u64,
+                    sum: g.sum.unwrap_or(0.0),
+                    quantile_values: g.quantiles.clone(),
+                    ..Default::default()
+                }
+            })
+            .collect();
+        Some(Metric {
+            name: f.name.to_owned(),
+            data: Some(metric::Data::Summary(Summary { data_points: points })),
+            ..Default::default()
+        })
+    }
+}
+
+#[derive(Default)]
+struct HistGroup<'p, 'a> {
+    labels: &'p [Label<'a>],
+    buckets: Vec<(f64, f64)>,
+    count: Option<f64>,
+    sum: Option<f64>,
+    created: Option<u64>,
+    time: u64,
+}
+
+#[derive(Default)]
+struct SummaryGroup<'p, 'a> {
+    labels: &'p [Label<'a>],
+    quantiles: Vec<summary_data_point::ValueAtQuantile>,
+    count: Option<f64>,
+    sum: Option<f64>,
+    created: Option<u64>,
+    time: u64,
+}
+
+fn gauge(page: &Page<'_>, f: &Family<'_>, name: &str, now: u64, stats: &mut ConvertStats) -> Option<Metric> {
+    let mut seen = std::collections::HashSet::new();
+    let mut points = Vec::with_capacity(f.samples.len());
+    for s in &f.samples {
+        let labels = page.labels_of(s);
+        if !seen.insert(series_hash(s.name, labels, "")) {
+            stats.duplicates += 1;
+            continue;
+        }
+        points.push(genai_collector_core::model::number_point(s.timestamp.map_or(now, ns), s.value, attrs(labels, "")));
+    }
+    if points.is_empty() {
+        return None;
+    }
+    Some(Metric::gauge(name, "", points))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scrape::text::{parse, Format};
+    use genai_collector_core::model::{number_value, AttributesExt};
+
+    fn one(batch: &Batch, name: &str) -> Metric {
+        batch.metrics().find(|m| m.name == name).cloned().unwrap_or_else(|| panic!("no {name}"))
+    }
+
+    #[test]
+    fn vllm_page_converts() {
+        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/vllm/v1-composed.prom")).unwrap();
+        let page = parse(&text, Format::Prometheus).unwrap();
+        let (batch, stats) = Converter::new().convert(&page, 1_000, vec![kv("service.name", "vllm")]);
+        assert_eq!(stats.duplicates, 0);
+        assert_eq!(stats.samples, page.sample_count());
+
+        let kv_cache = one(&batch, "vllm:kv_cache_usage_perc");
+        let Some(metric::Data::Gauge(g)) = &kv_cache.data else { panic!("gauge") };
+        assert_eq!(number_value(&g.data_points[0]), Some(0.4375));
+        assert_eq!(g.data_points[0].attributes.get_str("model_name"), Some("meta-llama/Llama-3.1-8B-Instruct"));
+
+        let tokens = one(&batch, "vllm:prompt_tokens_total");
+        let Some(metric::Data::Sum(s)) = &tokens.data else { panic!("sum") };
+        assert!(s.is_monotonic);
+        assert_eq!(s.data_points[0].start_time_unix_nano, 1_000);
+
+        let ttft = one(&batch, "vllm:time_to_first_token_seconds");
+        let Some(metric::Data::Histogram(h)) = &ttft.data else { panic!("histogram") };
+        let p = &h.data_points[0];
+        assert_eq!(p.bucket_counts.len(), p.explicit_bounds.len() + 1);
+        assert_eq!(p.bucket_counts.iter().sum::<u64>(), p.count, "de-accumulated buckets add up to the count");
+        assert!(p.sum.is_some());
+        assert!(p.attributes.get_str("le").is_none());
+    }
+
+    #[test]
+    fn counter_start_time_survives_scrapes_and_resets() {
+        let mut c = Converter::new();
+        let scrape = |c: &mut Converter, v: &str, now: u64| {
+            let text = format!("# TYPE x_total counter\nx_total{{a=\"1\"}} {v}\n");
+            let page = parse(&text, Format::Prometheus).unwrap();
+            let (b, _) = c.convert(&page, now, vec![]);
+            let Some(metric::Data::Sum(s)) = &b.metrics().next().unwrap().data else { panic!() };
+            s.data_points[0].start_time_unix_nano
+        };
+        assert_eq!(scrape(&mut c, "5", 100), 100);
+        assert_eq!(scrape(&mut c, "7", 200), 100, "same series keeps its start");
+        assert_eq!(scrape(&mut c, "2", 300), 300, "a lower value is a reset");
+        assert_eq!(scrape(&mut c, "3", 400), 300);
+    }
+
+    #[test]
+    fn openmetrics_created_and_summary() {
+        let text = "# TYPE a counter\na_total 3\na_created 1700000000.5\n# TYPE s summary\ns{quantile=\"0.5\"} 0.2\ns_sum 4\ns_count 10\n# EOF\n";
+        let page = parse(text, Format::OpenMetrics).unwrap();
+        let (b, _) = Converter::new().convert(&page, 9, vec![]);
+        let Some(metric::Data::Sum(sum)) = &one(&b, "a_total").data else { panic!() };
+        assert_eq!(sum.data_points[0].start_time_unix_nano, 1_700_000_000_500_000_000);
+        let Some(metric::Data::Summary(s)) = &one(&b, "s").data else { panic!() };
+        assert_eq!((s.data_points[0].count, s.data_points[0].sum), (10, 4.0));
+        assert_eq!(s.data_points[0].quantile_values[0].value, 0.2);
+    }
+
+    #[test]
+    fn duplicates_and_broken_histograms_are_counted() {
+        let text = "g 1\ng 2\n# TYPE h histogram\nh_bucket{le=\"1\"} 5\nh_bucket{le=\"2\"} 3\nh_bucket{le=\"+Inf\"} 6\nh_count 6\n";
+        let page = parse(text, Format::Prometheus).unwrap();
+        let (b, stats) = Converter::new().convert(&page, 1, vec![]);
+        assert_eq!(stats.duplicates, 1);
+        assert_eq!(stats.malformed, 1);
+        let Some(metric::Data::Histogram(h)) = &one(&b, "h").data else { panic!() };
+        assert_eq!(h.data_points[0].bucket_counts, vec![5, 0, 1]);
+        assert_eq!(one(&b, "g").point_count(), 1);
+    }
+}
