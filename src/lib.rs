@@ -30,8 +30,12 @@ pub trait Builtin {
 
 impl Builtin for Components {
     fn builtin() -> Self {
+        use genai_collector_receivers as r;
         Components::new()
-            .with_receiver(genai_collector_receivers::InternalReceiverFactory)
+            .with_receiver(r::InternalReceiverFactory)
+            .with_receiver(r::PrometheusReceiverFactory)
+            .with_receiver(r::VllmReceiverFactory)
+            .with_receiver(r::TgiReceiverFactory)
             .with_exporter(genai_collector_exporters::DebugExporterFactory)
     }
 }

@@ -70,6 +70,12 @@ impl Output {
         Ok(())
     }
 
+    /// Records a problem the receiver hit but survived (a target down): `/healthz` shows the
+    /// latest as the receiver's `last_error`, without marking it failed.
+    pub fn report_error(&self, error: impl Into<String>) {
+        self.stats.set_error(error);
+    }
+
     /// Sends `batch` to every pipeline if all have room now, else refuses it whole; for push
     /// receivers that answer their client with "try later".
     pub fn try_send(&self, batch: Batch) -> Result<(), SendError> {

@@ -14,7 +14,10 @@ fn big_page() -> String {
     let mut series = 0;
     let mut family = 0;
     while series < 50_000 {
-        let _ = writeln!(s, "# HELP engine_metric_{family} Synthetic engine metric number {family}.");
+        let _ = writeln!(
+            s,
+            "# HELP engine_metric_{family} Synthetic engine metric number {family}."
+        );
         let _ = writeln!(s, "# TYPE engine_metric_{family} gauge");
         for i in 0..100 {
             let _ = writeln!(
@@ -32,7 +35,11 @@ fn big_page() -> String {
 }
 
 fn bench(c: &mut Criterion) {
-    let vllm = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/vllm/v1-composed.prom")).unwrap();
+    let vllm = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tests/fixtures/vllm/v1-composed.prom"
+    ))
+    .unwrap();
     let big = big_page();
     let mut group = c.benchmark_group("parse");
     for (name, page) in [("vllm-v1-composed", &vllm), ("50k-series-5MB", &big)] {
@@ -43,7 +50,10 @@ fn bench(c: &mut Criterion) {
         group.bench_with_input(BenchmarkId::new("prometheus-parse", name), page, |b, p| {
             b.iter(|| {
                 let lines = p.lines().map(|l| Ok(l.to_owned()));
-                prometheus_parse::Scrape::parse(lines).unwrap().samples.len()
+                prometheus_parse::Scrape::parse(lines)
+                    .unwrap()
+                    .samples
+                    .len()
             })
         });
     }

@@ -1,6 +1,13 @@
-//! Receivers: one module per kind, each with its config, factory and tests.
+//! Receivers: one module per kind, each with its config, factory and tests. `scrape` holds
+//! what the pull receivers share.
 
 pub mod internal;
+pub mod prometheus;
 pub mod scrape;
+pub mod tgi;
+pub mod vllm;
 
 pub use internal::InternalReceiverFactory;
+pub use prometheus::PrometheusReceiverFactory;
+pub use tgi::TgiReceiverFactory;
+pub use vllm::VllmReceiverFactory;

@@ -12,8 +12,8 @@ use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 
 use genai_collector_core::model::{
-    kv, metric, summary_data_point, AggregationTemporality, Batch, Histogram, HistogramDataPoint, KeyValue, Metric,
-    MetricExt, NumberDataPoint, Summary, SummaryDataPoint,
+    kv, metric, summary_data_point, AggregationTemporality, Batch, Histogram, HistogramDataPoint,
+    KeyValue, Metric, MetricExt, NumberDataPoint, Summary, SummaryDataPoint,
 };
 
 use super::text::{Family, Kind, Label, Page};
@@ -73,7 +73,12 @@ impl Converter {
     }
 
     /// Converts `page`, scraped at `now` (Unix ns), into a batch with `resource` attributes.
-    pub fn convert(&mut self, page: &Page<'_>, now: u64, resource: Vec<KeyValue>) -> (Batch, ConvertStats) {
+    pub fn convert(
+        &mut self,
+        page: &Page<'_>,
+        now: u64,
+        resource: Vec<KeyValue>,
+    ) -> (Batch, ConvertStats) {
         let mut stats = ConvertStats::default();
         let mut next = HashMap::with_capacity(self.series.len());
         let mut metrics = Vec::with_capacity(page.families.len());
@@ -81,10 +86,20 @@ impl Converter {
             stats.samples += f.samples.len();
             let metric = match f.kind {
                 Kind::Counter => self.counter(page, f, now, &mut next, &mut stats),
-                Kind::Histogram | Kind::GaugeHistogram => self.histogram(page, f, now, &mut next, &mut stats),
+                Kind::Histogram | Kind::GaugeHistogram => {
+                    self.histogram(page, f, now, &mut next, &mut stats)
+                }
                 Kind::Summary => self.summary(page, f, now, &mut next, &mut stats),
-                Kind::Info => gauge(page, f, &format!("{}_info", f.name.trim_end_matches("_info")), now, &mut stats),
-                Kind::Gauge | Kind::StateSet | Kind::Unknown => gauge(page, f, f.name, now, &mut stats),
+                Kind::Info => gauge(
+                    page,
+                    f,
+                    &format!("{}_info", f.name.trim_end_matches("_info")),
+                    now,
+                    &mut stats,
+                ),
+                Kind::Gauge | Kind::StateSet | Kind::Unknown => {
+                    gauge(page, f, f.name, now, &mut stats)
+                }
             };
             if let Some(mut m) = metric {
                 if let Some(help) = &f.help {
@@ -102,7 +117,14 @@ impl Converter {
 
     /// The start time of a cumulative series: kept from earlier scrapes unless the value went
     /// down (a restart), in which case the series starts again now.
-    fn start(&self, key: u64, value: f64, created: Option<u64>, now: u64, next: &mut HashMap<u64, SeriesState>) -> u64 {
+    fn start(
+        &self,
+        key: u64,
+        value: f64,
+        created: Option<u64>,
+        now: u64,
+        next: &mut HashMap<u64, SeriesState>,
+    ) -> u64 {
         let start = match (created, self.series.get(&key)) {
             (Some(c), _) => c,
             (None, Some(prev)) if value >= prev.last => prev.start,
@@ -112,7 +134,14 @@ impl Converter {
         start
     }
 
-    fn counter(&self, page: &Page<'_>, f: &Family<'_>, now: u64, next: &mut HashMap<u64, SeriesState>, stats: &mut ConvertStats) -> Option<Metric> {
+    fn counter(
+        &self,
+        page: &Page<'_>,
+        f: &Family<'_>,
+        now: u64,
+        next: &mut HashMap<u64, SeriesState>,
+        stats: &mut ConvertStats,
+    ) -> Option<Metric> {
         let created: HashMap<u64, u64> = f
             .samples
             .iter()
@@ -131,7 +160,13 @@ impl Converter {
             name.get_or_insert(s.name);
             let key = series_hash(s.name, labels, "");
             let time = s.timestamp.map_or(now, ns);
-            let start = self.start(key, s.value, created.get(&series_hash("", labels, "")).copied(), time, next);
+            let start = self.start(
+                key,
+                s.value,
+                created.get(&series_hash("", labels, "")).copied(),
+                time,
+                next,
+            );
             points.push(NumberDataPoint {
                 start_time_unix_nano: start,
                 ..genai_collector_core::model::number_point(time, s.value, attrs(labels, ""))
@@ -141,9 +176,20 @@ impl Converter {
         Some(Metric::sum(name, "", true, points))
     }
 
-    fn histogram(&self, page: &Page<'_>, f: &Family<'_>, now: u64, next: &mut HashMap<u64, SeriesState>, stats: &mut ConvertStats) -> Option<Metric> {
+    fn histogram(
+        &self,
+        page: &Page<'_>,
+        f: &Family<'_>,
+        now: u64,
+        next: &mut HashMap<u64, SeriesState>,
+        stats: &mut ConvertStats,
+    ) -> Option<Metric> {
         let gauge = f.kind == Kind::GaugeHistogram;
-        let (count_suffix, sum_suffix) = if gauge { ("_gcount", "_gsum") } else { ("_count", "_sum") };
+        let (count_suffix, sum_suffix) = if gauge {
+            ("_gcount", "_gsum")
+        } else {
+            ("_count", "_sum")
+        };
         // Series in first-seen order; samples of a series need not be adjacent in 0.0.4.
         let mut order: Vec<u64> = Vec::new();
         let mut groups: HashMap<u64, HistGroup<'_, '_>> = HashMap::new();
@@ -152,11 +198,17 @@ impl Converter {
             let key = series_hash("", labels, "le");
             let g = groups.entry(key).or_insert_with(|| {
                 order.push(key);
-                HistGroup { labels, ..Default::default() }
+                HistGroup {
+                    labels,
+                    ..Default::default()
+                }
             });
             let suffix = f.suffix(s);
             if suffix == "_bucket" {
-                let le = labels.iter().find(|l| l.name == "le").and_then(|l| l.value.parse::<f64>().ok());
+                let le = labels
+                    .iter()
+                    .find(|l| l.name == "le")
+                    .and_then(|l| l.value.parse::<f64>().ok());
                 match le {
                     Some(le) if !le.is_nan() => {
                         if g.buckets.iter().any(|(b, _)| *b == le) {
@@ -181,8 +233,14 @@ impl Converter {
             let g = &groups[&key];
             let mut buckets = g.buckets.clone();
             buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
-            let inf = buckets.last().filter(|(le, _)| le.is_infinite()).map(|(_, c)| *c);
-            let count = g.count.or(inf).unwrap_or_else(|| buckets.last().map_or(0.0, |b| b.1));
+            let inf = buckets
+                .last()
+                .filter(|(le, _)| le.is_infinite())
+                .map(|(_, c)| *c);
+            let count = g
+                .count
+                .or(inf)
+                .unwrap_or_else(|| buckets.last().map_or(0.0, |b| b.1));
             let mut bounds = Vec::with_capacity(buckets.len());
             let mut counts = Vec::with_capacity(buckets.len() + 1);
             let mut prev = 0.0;
@@ -199,7 +257,11 @@ impl Converter {
             }
             counts.push((count - prev).max(0.0) as u64);
             let series = series_hash(f.name, g.labels, "le");
-            let start = if gauge { 0 } else { self.start(series, count, g.created, g.time, next) };
+            let start = if gauge {
+                0
+            } else {
+                self.start(series, count, g.created, g.time, next)
+            };
             points.push(HistogramDataPoint {
                 attributes: attrs(g.labels, "le"),
                 start_time_unix_nano: start,
@@ -221,7 +283,14 @@ impl Converter {
         })
     }
 
-    fn summary(&self, page: &Page<'_>, f: &Family<'_>, now: u64, next: &mut HashMap<u64, SeriesState>, _stats: &mut ConvertStats) -> Option<Metric> {
+    fn summary(
+        &self,
+        page: &Page<'_>,
+        f: &Family<'_>,
+        now: u64,
+        next: &mut HashMap<u64, SeriesState>,
+        _stats: &mut ConvertStats,
+    ) -> Option<Metric> {
         let mut order: Vec<u64> = Vec::new();
         let mut groups: HashMap<u64, SummaryGroup<'_, '_>> = HashMap::new();
         for s in &f.samples {
@@ -229,15 +298,25 @@ impl Converter {
             let key = series_hash("", labels, "quantile");
             let g = groups.entry(key).or_insert_with(|| {
                 order.push(key);
-                SummaryGroup { labels, ..Default::default() }
+                SummaryGroup {
+                    labels,
+                    ..Default::default()
+                }
             });
             match f.suffix(s) {
                 "_count" => g.count = Some(s.value),
                 "_sum" => g.sum = Some(s.value),
                 "_created" => g.created = Some(ns(s.value)),
                 _ => {
-                    if let Some(q) = labels.iter().find(|l| l.name == "quantile").and_then(|l| l.value.parse::<f64>().ok()) {
-                        g.quantiles.push(summary_data_point::ValueAtQuantile { quantile: q, value: s.value });
+                    if let Some(q) = labels
+                        .iter()
+                        .find(|l| l.name == "quantile")
+                        .and_then(|l| l.value.parse::<f64>().ok())
+                    {
+                        g.quantiles.push(summary_data_point::ValueAtQuantile {
+                            quantile: q,
+                            value: s.value,
+                        });
                     }
                 }
             }
@@ -248,7 +327,13 @@ impl Converter {
             .map(|key| {
                 let g = &groups[&key];
                 let count = g.count.unwrap_or(0.0);
-                let start = self.start(series_hash(f.name, g.labels, "quantile"), count, g.created, g.time, next);
+                let start = self.start(
+                    series_hash(f.name, g.labels, "quantile"),
+                    count,
+                    g.created,
+                    g.time,
+                    next,
+                );
                 SummaryDataPoint {
                     attributes: attrs(g.labels, "quantile"),
                     start_time_unix_nano: start,
@@ -262,7 +347,9 @@ impl Converter {
             .collect();
         Some(Metric {
             name: f.name.to_owned(),
-            data: Some(metric::Data::Summary(Summary { data_points: points })),
+            data: Some(metric::Data::Summary(Summary {
+                data_points: points,
+            })),
             ..Default::default()
         })
     }
@@ -288,7 +375,13 @@ struct SummaryGroup<'p, 'a> {
     time: u64,
 }
 
-fn gauge(page: &Page<'_>, f: &Family<'_>, name: &str, now: u64, stats: &mut ConvertStats) -> Option<Metric> {
+fn gauge(
+    page: &Page<'_>,
+    f: &Family<'_>,
+    name: &str,
+    now: u64,
+    stats: &mut ConvertStats,
+) -> Option<Metric> {
     let mut seen = std::collections::HashSet::new();
     let mut points = Vec::with_capacity(f.samples.len());
     for s in &f.samples {
@@ -297,7 +390,11 @@ fn gauge(page: &Page<'_>, f: &Family<'_>, name: &str, now: u64, stats: &mut Conv
             stats.duplicates += 1;
             continue;
         }
-        points.push(genai_collector_core::model::number_point(s.timestamp.map_or(now, ns), s.value, attrs(labels, "")));
+        points.push(genai_collector_core::model::number_point(
+            s.timestamp.map_or(now, ns),
+            s.value,
+            attrs(labels, ""),
+        ));
     }
     if points.is_empty() {
         return None;
@@ -312,32 +409,54 @@ mod tests {
     use genai_collector_core::model::{number_value, AttributesExt};
 
     fn one(batch: &Batch, name: &str) -> Metric {
-        batch.metrics().find(|m| m.name == name).cloned().unwrap_or_else(|| panic!("no {name}"))
+        batch
+            .metrics()
+            .find(|m| m.name == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {name}"))
     }
 
     #[test]
     fn vllm_page_converts() {
-        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/vllm/v1-composed.prom")).unwrap();
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/fixtures/vllm/v1-composed.prom"
+        ))
+        .unwrap();
         let page = parse(&text, Format::Prometheus).unwrap();
-        let (batch, stats) = Converter::new().convert(&page, 1_000, vec![kv("service.name", "vllm")]);
+        let (batch, stats) =
+            Converter::new().convert(&page, 1_000, vec![kv("service.name", "vllm")]);
         assert_eq!(stats.duplicates, 0);
         assert_eq!(stats.samples, page.sample_count());
 
         let kv_cache = one(&batch, "vllm:kv_cache_usage_perc");
-        let Some(metric::Data::Gauge(g)) = &kv_cache.data else { panic!("gauge") };
+        let Some(metric::Data::Gauge(g)) = &kv_cache.data else {
+            panic!("gauge")
+        };
         assert_eq!(number_value(&g.data_points[0]), Some(0.4375));
-        assert_eq!(g.data_points[0].attributes.get_str("model_name"), Some("meta-llama/Llama-3.1-8B-Instruct"));
+        assert_eq!(
+            g.data_points[0].attributes.get_str("model_name"),
+            Some("meta-llama/Llama-3.1-8B-Instruct")
+        );
 
         let tokens = one(&batch, "vllm:prompt_tokens_total");
-        let Some(metric::Data::Sum(s)) = &tokens.data else { panic!("sum") };
+        let Some(metric::Data::Sum(s)) = &tokens.data else {
+            panic!("sum")
+        };
         assert!(s.is_monotonic);
         assert_eq!(s.data_points[0].start_time_unix_nano, 1_000);
 
         let ttft = one(&batch, "vllm:time_to_first_token_seconds");
-        let Some(metric::Data::Histogram(h)) = &ttft.data else { panic!("histogram") };
+        let Some(metric::Data::Histogram(h)) = &ttft.data else {
+            panic!("histogram")
+        };
         let p = &h.data_points[0];
         assert_eq!(p.bucket_counts.len(), p.explicit_bounds.len() + 1);
-        assert_eq!(p.bucket_counts.iter().sum::<u64>(), p.count, "de-accumulated buckets add up to the count");
+        assert_eq!(
+            p.bucket_counts.iter().sum::<u64>(),
+            p.count,
+            "de-accumulated buckets add up to the count"
+        );
         assert!(p.sum.is_some());
         assert!(p.attributes.get_str("le").is_none());
     }
@@ -349,7 +468,9 @@ mod tests {
             let text = format!("# TYPE x_total counter\nx_total{{a=\"1\"}} {v}\n");
             let page = parse(&text, Format::Prometheus).unwrap();
             let (b, _) = c.convert(&page, now, vec![]);
-            let Some(metric::Data::Sum(s)) = &b.metrics().next().unwrap().data else { panic!() };
+            let Some(metric::Data::Sum(s)) = &b.metrics().next().unwrap().data else {
+                panic!()
+            };
             s.data_points[0].start_time_unix_nano
         };
         assert_eq!(scrape(&mut c, "5", 100), 100);
@@ -363,9 +484,16 @@ mod tests {
         let text = "# TYPE a counter\na_total 3\na_created 1700000000.5\n# TYPE s summary\ns{quantile=\"0.5\"} 0.2\ns_sum 4\ns_count 10\n# EOF\n";
         let page = parse(text, Format::OpenMetrics).unwrap();
         let (b, _) = Converter::new().convert(&page, 9, vec![]);
-        let Some(metric::Data::Sum(sum)) = &one(&b, "a_total").data else { panic!() };
-        assert_eq!(sum.data_points[0].start_time_unix_nano, 1_700_000_000_500_000_000);
-        let Some(metric::Data::Summary(s)) = &one(&b, "s").data else { panic!() };
+        let Some(metric::Data::Sum(sum)) = &one(&b, "a_total").data else {
+            panic!()
+        };
+        assert_eq!(
+            sum.data_points[0].start_time_unix_nano,
+            1_700_000_000_500_000_000
+        );
+        let Some(metric::Data::Summary(s)) = &one(&b, "s").data else {
+            panic!()
+        };
         assert_eq!((s.data_points[0].count, s.data_points[0].sum), (10, 4.0));
         assert_eq!(s.data_points[0].quantile_values[0].value, 0.2);
     }
@@ -377,7 +505,9 @@ mod tests {
         let (b, stats) = Converter::new().convert(&page, 1, vec![]);
         assert_eq!(stats.duplicates, 1);
         assert_eq!(stats.malformed, 1);
-        let Some(metric::Data::Histogram(h)) = &one(&b, "h").data else { panic!() };
+        let Some(metric::Data::Histogram(h)) = &one(&b, "h").data else {
+            panic!()
+        };
         assert_eq!(h.data_points[0].bucket_counts, vec![5, 0, 1]);
         assert_eq!(one(&b, "g").point_count(), 1);
     }

@@ -240,7 +240,9 @@ fn parse_float(s: &str) -> Option<f64> {
 /// `123` or `123.456` with at most 15 digits: the mantissa and the power of ten are exact
 /// doubles, so one division gives the correctly rounded value (Clinger's fast path).
 fn fast_decimal(b: &[u8]) -> Option<f64> {
-    const POW10: [f64; 16] = [1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15];
+    const POW10: [f64; 16] = [
+        1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15,
+    ];
     if b.len() > 16 {
         return None;
     }
@@ -301,13 +303,17 @@ fn find_quote_or_backslash(b: &[u8]) -> Option<usize> {
         let mut w = [0u8; 8];
         w.copy_from_slice(&b[i..i + 8]);
         let w = u64::from_le_bytes(w);
-        let hit = zero_byte(w ^ (ONES * u64::from(b'"'))) | zero_byte(w ^ (ONES * u64::from(b'\\')));
+        let hit =
+            zero_byte(w ^ (ONES * u64::from(b'"'))) | zero_byte(w ^ (ONES * u64::from(b'\\')));
         if hit != 0 {
             return Some(i + (hit.trailing_zeros() / 8) as usize);
         }
         i += 8;
     }
-    b[i..].iter().position(|&c| c == b'"' || c == b'\\').map(|p| i + p)
+    b[i..]
+        .iter()
+        .position(|&c| c == b'"' || c == b'\\')
+        .map(|p| i + p)
 }
 
 /// Reads `{name="value",...}` starting at `b[*pos] == b'{'`; pushes the labels into `out`.
@@ -693,7 +699,12 @@ impl<'a> Parser<'a> {
             };
             for f in after.split(' ') {
                 if n == 2 || f.is_empty() {
-                    return err(ln, format!("`{name}`: expected `value [timestamp]` separated by single spaces"));
+                    return err(
+                        ln,
+                        format!(
+                            "`{name}`: expected `value [timestamp]` separated by single spaces"
+                        ),
+                    );
                 }
                 fields[n] = f;
                 n += 1;
@@ -703,7 +714,10 @@ impl<'a> Parser<'a> {
             let rb = rest.as_bytes();
             let end = memchr::memchr(b'#', rb).unwrap_or(rb.len());
             if !matches!(rb.first(), Some(b' ' | b'\t')) {
-                return err(ln, format!("`{name}`: expected whitespace before the value"));
+                return err(
+                    ln,
+                    format!("`{name}`: expected whitespace before the value"),
+                );
             }
             let mut i = 0;
             while i < end {

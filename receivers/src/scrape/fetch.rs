@@ -1,0 +1,139 @@
+//! One HTTP GET of a metrics page, with a time limit, a size limit that also holds for
+//! decompressed bodies (a gzip bomb stops at the limit), and errors that say what went wrong.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM file with the CA certificates that sign the targets' certificates.
+    pub ca_file: Option<PathBuf>,
+    /// PEM files with a client certificate and its key, for targets that ask for one.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// Accept any certificate: for tests only.
+    pub insecure_skip_verify: bool,
+}
+
+/// Why a scrape failed; the words go into logs and health checks.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ScrapeError {
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("cannot connect: {0}")]
+    Connect(String),
+    #[error("answered HTTP {0}")]
+    Status(u16),
+    #[error("the page is larger than the {0}-byte limit")]
+    TooLarge(u64),
+    #[error("answered `{0}`, not a metrics page")]
+    NotMetrics(String),
+    #[error("cannot read the answer: {0}")]
+    Body(String),
+    #[error("the page is not valid UTF-8")]
+    NotUtf8,
+    #[error("malformed page: {0}")]
+    Parse(String),
+}
+
+/// A page as received: the body (decompressed) and its `Content-Type`.
+pub(crate) struct Fetched {
+    pub body: String,
+    pub content_type: String,
+}
+
+pub(crate) fn build_client(tls: &TlsConfig) -> Result<reqwest::Client, String> {
+    // The ring provider; installing twice is harmless (the second call reports the first).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut builder = reqwest::Client::builder()
+        .pool_max_idle_per_host(1)
+        .pool_idle_timeout(Duration::from_secs(90))
+        .user_agent(concat!("genai-collector/", env!("CARGO_PKG_VERSION")));
+    if let Some(ca) = &tls.ca_file {
+        let pem = std::fs::read(ca).map_err(|e| format!("tls.ca_file {}: {e}", ca.display()))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem)
+            .map_err(|e| format!("tls.ca_file {}: {e}", ca.display()))?;
+        for cert in certs {
+            builder = builder.add_root_certificate(cert);
+        }
+    }
+    match (&tls.cert_file, &tls.key_file) {
+        (Some(cert), Some(key)) => {
+            let mut pem = std::fs::read(cert)
+                .map_err(|e| format!("tls.cert_file {}: {e}", cert.display()))?;
+            pem.extend(
+                std::fs::read(key).map_err(|e| format!("tls.key_file {}: {e}", key.display()))?,
+            );
+            let id = reqwest::Identity::from_pem(&pem)
+                .map_err(|e| format!("tls client certificate: {e}"))?;
+            builder = builder.identity(id);
+        }
+        (None, None) => {}
+        _ => return Err("tls.cert_file and tls.key_file come together".into()),
+    }
+    if tls.insecure_skip_verify {
+        builder = builder.danger_accept_invalid_certs(true);
+    }
+    builder
+        .build()
+        .map_err(|e| format!("cannot build the HTTP client: {e}"))
+}
+
+/// GETs `request` and reads at most `limit` bytes of (decompressed) body.
+pub(crate) async fn fetch(
+    request: reqwest::RequestBuilder,
+    limit: u64,
+) -> Result<Fetched, ScrapeError> {
+    let response = request.send().await.map_err(|e| {
+        if e.is_timeout() {
+            ScrapeError::Timeout(Duration::ZERO)
+        } else {
+            ScrapeError::Connect(error_chain(&e))
+        }
+    })?;
+    let status = response.status();
+    if !status.is_success() {
+        return Err(ScrapeError::Status(status.as_u16()));
+    }
+    let content_type = response
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("text/plain")
+        .to_owned();
+    if content_type.starts_with("text/html") || content_type.starts_with("application/json") {
+        return Err(ScrapeError::NotMetrics(content_type));
+    }
+    // Content-Length is of the encoded body; a gzip answer is checked as it decompresses.
+    if response.content_length().is_some_and(|n| n > limit) {
+        return Err(ScrapeError::TooLarge(limit));
+    }
+    let mut body =
+        Vec::with_capacity(response.content_length().unwrap_or(64 * 1024).min(limit) as usize);
+    let mut stream = response.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| ScrapeError::Body(error_chain(&e)))?;
+        if body.len() as u64 + chunk.len() as u64 > limit {
+            return Err(ScrapeError::TooLarge(limit));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    let body = String::from_utf8(body).map_err(|_| ScrapeError::NotUtf8)?;
+    Ok(Fetched { body, content_type })
+}
+
+/// The error and its causes, which reqwest keeps apart.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
+}

@@ -1,0 +1,714 @@
+//! The scrape scheduler every pull receiver runs: one task per target, started at an offset
+//! within the interval (hash of its URL, so many targets spread out and restarts keep their
+//! phase), a timeout shorter than the interval, a bound on scrapes in flight, and health series
+//! per target. A target that fails or hangs never delays the others.
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{Hash, Hasher};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use genai_collector_core::config::duration;
+use genai_collector_core::model::{
+    kv, now_unix_nanos, number_point, Batch, KeyValue, Metric, MetricExt,
+};
+use genai_collector_core::{
+    async_trait, CancellationToken, ComponentConfig, ComponentError, Output, ReceiverContext,
+    ValidationError,
+};
+use serde::Deserialize;
+use tokio::sync::Semaphore;
+use tracing::{debug, info, warn};
+
+use super::convert::Converter;
+use super::fetch::{build_client, fetch, ScrapeError, TlsConfig};
+use super::text::{self, Format, Page};
+
+/// Which text format to ask targets for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TextFormat {
+    /// Ask for OpenMetrics, accept 0.0.4; parse by the answer's `Content-Type`.
+    #[default]
+    Auto,
+    /// Ask for the 0.0.4 text format only.
+    Prometheus,
+    /// Ask for OpenMetrics only.
+    Openmetrics,
+}
+
+impl TextFormat {
+    fn accept(self) -> &'static str {
+        match self {
+            Self::Auto => "application/openmetrics-text;version=1.0.0;q=0.9,text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+            Self::Prometheus => "text/plain;version=0.0.4",
+            Self::Openmetrics => "application/openmetrics-text;version=1.0.0",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BasicAuth {
+    pub username: String,
+    #[serde(default)]
+    pub password: Option<String>,
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+}
+
+/// The settings every scraping receiver (`prometheus`, `vllm`, `tgi`) takes.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ScrapeConfig {
+    /// URLs (`http://10.0.0.5:8000/metrics`), or `host:port` for the engine's default path.
+    pub targets: Vec<String>,
+    /// Files listing more targets (YAML or JSON: a list of URLs, or Prometheus file_sd groups
+    /// `[{targets: [...], labels: {...}}]`), re-read when they change.
+    pub file_targets: Vec<PathBuf>,
+    /// Between scrapes of one target; the receiver kind sets the default.
+    #[serde(with = "duration::option")]
+    pub interval: Option<Duration>,
+    /// Limit on one scrape; default 80 % of the interval, at most 10 s.
+    #[serde(with = "duration::option")]
+    pub timeout: Option<Duration>,
+    /// Scrapes in flight at once, across this receiver's targets.
+    pub max_concurrent_scrapes: usize,
+    /// Largest page read, after decompression.
+    pub max_response_bytes: u64,
+    pub format: TextFormat,
+    /// Extra request headers.
+    pub headers: BTreeMap<String, String>,
+    pub bearer_token: Option<String>,
+    pub bearer_token_file: Option<PathBuf>,
+    pub basic_auth: Option<BasicAuth>,
+    pub tls: TlsConfig,
+    /// The inference pool these targets serve (`gen_ai.pool.name`).
+    pub pool: Option<String>,
+    /// The model, where the engine's page does not say (`gen_ai.request.model`).
+    pub model: Option<String>,
+    /// `service.name` of the targets; default: the receiver's id.
+    pub job: Option<String>,
+}
+
+impl Default for ScrapeConfig {
+    fn default() -> Self {
+        Self {
+            targets: Vec::new(),
+            file_targets: Vec::new(),
+            interval: None,
+            timeout: None,
+            max_concurrent_scrapes: 32,
+            max_response_bytes: 16 * 1024 * 1024,
+            format: TextFormat::Auto,
+            headers: BTreeMap::new(),
+            bearer_token: None,
+            bearer_token_file: None,
+            basic_auth: None,
+            tls: TlsConfig::default(),
+            pool: None,
+            model: None,
+            job: None,
+        }
+    }
+}
+
+impl ComponentConfig for ScrapeConfig {
+    fn validate(&self) -> Result<(), ValidationError> {
+        if self.targets.is_empty() && self.file_targets.is_empty() {
+            return Err(ValidationError::new("needs `targets` or `file_targets`"));
+        }
+        for t in &self.targets {
+            Target::parse(t, "/metrics", &[]).map_err(|e| ValidationError::field("targets", e))?;
+        }
+        if let (Some(i), Some(t)) = (self.interval, self.timeout) {
+            if t >= i {
+                return Err(ValidationError::field(
+                    "timeout",
+                    format!("must be shorter than the interval ({i:?})"),
+                ));
+            }
+        }
+        if self
+            .interval
+            .is_some_and(|i| i < Duration::from_millis(100))
+        {
+            return Err(ValidationError::field("interval", "must be at least 100ms"));
+        }
+        if self.max_concurrent_scrapes == 0 {
+            return Err(ValidationError::field(
+                "max_concurrent_scrapes",
+                "must be at least 1",
+            ));
+        }
+        let auths = [
+            self.bearer_token.is_some(),
+            self.bearer_token_file.is_some(),
+            self.basic_auth.is_some(),
+        ];
+        if auths.iter().filter(|a| **a).count() > 1 {
+            return Err(ValidationError::new(
+                "choose one of `bearer_token`, `bearer_token_file` and `basic_auth`",
+            ));
+        }
+        for name in self.headers.keys() {
+            if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                return Err(ValidationError::field(
+                    "headers",
+                    format!("`{name}` is not a valid header name"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One scrape target.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Target {
+    pub url: String,
+    pub host: String,
+    pub port: u16,
+    /// Labels from a file_sd group, added as resource attributes.
+    pub labels: Vec<(String, String)>,
+}
+
+impl Target {
+    /// A URL, or `host:port` completed with `default_path`.
+    pub fn parse(
+        raw: &str,
+        default_path: &str,
+        labels: &[(String, String)],
+    ) -> Result<Self, String> {
+        let full = if raw.contains("://") {
+            raw.to_owned()
+        } else {
+            format!("http://{raw}{default_path}")
+        };
+        let url = reqwest::Url::parse(&full)
+            .map_err(|e| format!("`{raw}` is not a valid target URL: {e}"))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(format!(
+                "`{raw}`: only http and https targets can be scraped"
+            ));
+        }
+        let host = url
+            .host_str()
+            .ok_or_else(|| format!("`{raw}` has no host"))?
+            .to_owned();
+        let port = url.port_or_known_default().unwrap_or(80);
+        Ok(Self {
+            url: url.to_string(),
+            host,
+            port,
+            labels: labels.to_vec(),
+        })
+    }
+}
+
+/// What an engine adds to plain scraping.
+#[async_trait]
+pub trait Engine: Send + Sync + 'static {
+    /// `gen_ai.provider.name`, for engine receivers.
+    fn provider(&self) -> Option<&'static str>;
+    fn default_interval(&self) -> Duration;
+    /// Resource attributes learnt from the target itself (TGI's `/info`); `None` until it
+    /// answers, and then asked again on the next scrape.
+    async fn discover(
+        &self,
+        _client: &reqwest::Client,
+        _target: &Target,
+        _timeout: Duration,
+    ) -> Option<Vec<KeyValue>> {
+        Some(Vec::new())
+    }
+    /// Engine facts derived from the page (vLLM's cache config, LoRA adapters).
+    fn enrich(&self, _page: &Page<'_>, _metrics: &mut Vec<Metric>, _now: u64) {}
+}
+
+/// Pages above this size are parsed on a blocking thread.
+const BIG_PAGE: usize = 1 << 20;
+
+struct Settings {
+    id: String,
+    interval: Duration,
+    timeout: Duration,
+    limit: u64,
+    accept: &'static str,
+    headers: reqwest::header::HeaderMap,
+    resource: Vec<KeyValue>,
+}
+
+/// One GET of `url` within the timeout and size limit.
+async fn get(
+    client: &reqwest::Client,
+    url: &str,
+    s: &Settings,
+) -> Result<super::fetch::Fetched, ScrapeError> {
+    let request = client
+        .get(url)
+        .headers(s.headers.clone())
+        .header(reqwest::header::ACCEPT, s.accept)
+        .timeout(s.timeout);
+    match tokio::time::timeout(s.timeout, fetch(request, s.limit)).await {
+        Ok(Ok(f)) => Ok(f),
+        Ok(Err(ScrapeError::Timeout(_))) | Err(_) => Err(ScrapeError::Timeout(s.timeout)),
+        Ok(Err(e)) => Err(e),
+    }
+}
+
+/// Scrapes `target` once with `config`'s settings and returns how many samples the page
+/// held: for troubleshooting a target, and for tests.
+pub async fn scrape_once(target: &str, config: &ScrapeConfig) -> Result<usize, ScrapeError> {
+    struct Plain;
+    impl Engine for Plain {
+        fn provider(&self) -> Option<&'static str> {
+            None
+        }
+        fn default_interval(&self) -> Duration {
+            Duration::from_secs(15)
+        }
+    }
+    let (client, settings) =
+        prepare(config, &Plain, "scrape_once").map_err(|e| ScrapeError::Connect(e.to_string()))?;
+    let t = Target::parse(target, "/metrics", &[]).map_err(ScrapeError::Connect)?;
+    let fetched = get(&client, &t.url, &settings).await?;
+    let page = text::parse(
+        &fetched.body,
+        Format::from_content_type(&fetched.content_type),
+    )
+    .map_err(|e| ScrapeError::Parse(e.to_string()))?;
+    Ok(page.sample_count())
+}
+
+/// The HTTP client and resolved settings of a receiver.
+fn prepare(
+    config: &ScrapeConfig,
+    engine: &dyn Engine,
+    id: &str,
+) -> Result<(reqwest::Client, Settings), ComponentError> {
+    let client = build_client(&config.tls).map_err(ComponentError::Config)?;
+    let interval = config.interval.unwrap_or_else(|| engine.default_interval());
+    let timeout = config
+        .timeout
+        .unwrap_or_else(|| interval.mul_f64(0.8).min(Duration::from_secs(10)));
+    let mut headers = reqwest::header::HeaderMap::new();
+    for (k, v) in &config.headers {
+        let name = reqwest::header::HeaderName::from_bytes(k.as_bytes())
+            .map_err(|e| ComponentError::Config(e.to_string()))?;
+        let value = reqwest::header::HeaderValue::from_str(v)
+            .map_err(|e| ComponentError::Config(format!("header `{k}`: {e}")))?;
+        headers.insert(name, value);
+    }
+    let token = match (&config.bearer_token, &config.bearer_token_file) {
+        (Some(t), _) => Some(t.clone()),
+        (None, Some(f)) => Some(read_secret(f)?),
+        _ => None,
+    };
+    if let Some(t) = token {
+        let value = reqwest::header::HeaderValue::from_str(&format!("Bearer {t}"))
+            .map_err(|e| ComponentError::Config(format!("bearer token: {e}")))?;
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+    }
+    if let Some(b) = &config.basic_auth {
+        let password = match (&b.password, &b.password_file) {
+            (Some(p), _) => p.clone(),
+            (None, Some(f)) => read_secret(f)?,
+            _ => String::new(),
+        };
+        let value = reqwest::header::HeaderValue::from_str(&format!(
+            "Basic {}",
+            base64(&format!("{}:{password}", b.username))
+        ))
+        .map_err(|e| ComponentError::Config(format!("basic auth: {e}")))?;
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+    }
+    let mut resource = vec![kv(
+        "service.name",
+        config.job.clone().unwrap_or_else(|| id.to_owned()),
+    )];
+    if let Some(p) = engine.provider() {
+        resource.push(kv("gen_ai.provider.name", p));
+    }
+    if let Some(pool) = &config.pool {
+        resource.push(kv("gen_ai.pool.name", pool.as_str()));
+    }
+    if let Some(model) = &config.model {
+        resource.push(kv("gen_ai.request.model", model.as_str()));
+    }
+    let settings = Settings {
+        id: id.to_owned(),
+        interval,
+        timeout,
+        limit: config.max_response_bytes,
+        accept: config.format.accept(),
+        headers,
+        resource,
+    };
+    Ok((client, settings))
+}
+
+/// Runs the scrape loops of `config`'s targets until shutdown.
+pub async fn run(
+    engine: Arc<dyn Engine>,
+    config: ScrapeConfig,
+    ctx: ReceiverContext,
+) -> Result<(), ComponentError> {
+    let (client, settings) = prepare(&config, engine.as_ref(), &ctx.id.to_string())?;
+    let settings = Arc::new(settings);
+    let scrapes = Arc::new(Semaphore::new(config.max_concurrent_scrapes));
+    let default_path = "/metrics";
+    let mut running: HashMap<Target, CancellationToken> = HashMap::new();
+    let start_target = |t: Target, running: &mut HashMap<Target, CancellationToken>| {
+        let stop = ctx.shutdown.child_token();
+        running.insert(t.clone(), stop.clone());
+        let job = TargetLoop {
+            target: t,
+            settings: settings.clone(),
+            client: client.clone(),
+            engine: engine.clone(),
+            scrapes: scrapes.clone(),
+            output: ctx.output.clone(),
+            stop,
+        };
+        tokio::spawn(job.run());
+    };
+    for raw in &config.targets {
+        let t = Target::parse(raw, default_path, &[]).map_err(ComponentError::Config)?;
+        start_target(t, &mut running);
+    }
+    let static_targets: Vec<Target> = running.keys().cloned().collect();
+
+    // File targets: re-read when a file changes; targets come and go without a restart.
+    let mut seen: HashMap<PathBuf, Option<SystemTime>> = HashMap::new();
+    let mut from_files: HashMap<PathBuf, Vec<Target>> = HashMap::new();
+    let mut check = tokio::time::interval(settings.interval.min(Duration::from_secs(5)));
+    loop {
+        tokio::select! {
+            () = ctx.shutdown.cancelled() => break,
+            _ = check.tick(), if !config.file_targets.is_empty() => {}
+        }
+        let mut changed = false;
+        for path in &config.file_targets {
+            let mtime = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+            if seen.get(path) == Some(&mtime) {
+                continue;
+            }
+            seen.insert(path.clone(), mtime);
+            changed = true;
+            match read_target_file(path, default_path) {
+                Ok(targets) => {
+                    info!(receiver = %settings.id, file = %path.display(), targets = targets.len(), "read target file");
+                    from_files.insert(path.clone(), targets);
+                }
+                // A broken or missing file keeps the targets it listed last.
+                Err(e) => {
+                    warn!(receiver = %settings.id, file = %path.display(), error = %e, "cannot read target file; keeping its previous targets")
+                }
+            }
+        }
+        if !changed {
+            continue;
+        }
+        let wanted: Vec<Target> = static_targets
+            .iter()
+            .cloned()
+            .chain(from_files.values().flatten().cloned())
+            .collect();
+        running.retain(|t, stop| {
+            let keep = wanted.contains(t);
+            if !keep {
+                info!(receiver = %settings.id, target = %t.url, "target removed");
+                stop.cancel();
+            }
+            keep
+        });
+        for t in wanted {
+            if !running.contains_key(&t) {
+                start_target(t, &mut running);
+            }
+        }
+    }
+    for stop in running.values() {
+        stop.cancel();
+    }
+    Ok(())
+}
+
+fn read_secret(path: &PathBuf) -> Result<String, ComponentError> {
+    std::fs::read_to_string(path)
+        .map(|s| s.trim().to_owned())
+        .map_err(|e| ComponentError::Config(format!("cannot read {}: {e}", path.display())))
+}
+
+fn base64(input: &str) -> String {
+    const TABLE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let bytes = input.as_bytes();
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |acc, (i, b)| acc | (u32::from(*b) << (16 - 8 * i)));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(TABLE[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum FileEntry {
+    Url(String),
+    Group {
+        targets: Vec<String>,
+        #[serde(default)]
+        labels: BTreeMap<String, String>,
+    },
+}
+
+fn read_target_file(path: &PathBuf, default_path: &str) -> Result<Vec<Target>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+    let entries: Vec<FileEntry> = serde_saphyr::from_str(&text).map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    for entry in entries {
+        match entry {
+            FileEntry::Url(u) => out.push(Target::parse(&u, default_path, &[])?),
+            FileEntry::Group { targets, labels } => {
+                let labels: Vec<(String, String)> = labels.into_iter().collect();
+                for t in targets {
+                    out.push(Target::parse(&t, default_path, &labels)?);
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+struct TargetLoop {
+    target: Target,
+    settings: Arc<Settings>,
+    client: reqwest::Client,
+    engine: Arc<dyn Engine>,
+    scrapes: Arc<Semaphore>,
+    output: Output,
+    stop: CancellationToken,
+}
+
+impl TargetLoop {
+    async fn run(self) {
+        let s = &self.settings;
+        let mut h = DefaultHasher::new();
+        self.target.url.hash(&mut h);
+        let offset = Duration::from_nanos(h.finish() % s.interval.as_nanos().max(1) as u64);
+        tokio::select! {
+            () = self.stop.cancelled() => return,
+            () = tokio::time::sleep(offset) => {}
+        }
+        let mut ticker = tokio::time::interval(s.interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut converter = Converter::new();
+        let mut discovered: Option<Vec<KeyValue>> = None;
+        let mut was_up: Option<bool> = None;
+        let mut resource = s.resource.clone();
+        resource.push(kv("server.address", self.target.host.as_str()));
+        resource.push(kv("server.port", self.target.port));
+        resource.push(kv(
+            "service.instance.id",
+            format!("{}:{}", self.target.host, self.target.port),
+        ));
+        resource.push(kv("url.full", self.target.url.as_str()));
+        for (k, v) in &self.target.labels {
+            resource.push(kv(k.as_str(), v.as_str()));
+        }
+        loop {
+            tokio::select! {
+                () = self.stop.cancelled() => return,
+                _ = ticker.tick() => {}
+            }
+            let Ok(_permit) = self.scrapes.acquire().await else {
+                return;
+            };
+            if discovered.is_none() {
+                discovered = self
+                    .engine
+                    .discover(&self.client, &self.target, s.timeout)
+                    .await;
+            }
+            let started = Instant::now();
+            let now = now_unix_nanos();
+            let fetched = get(&self.client, &self.target.url, s).await;
+            let scraped = match fetched {
+                Ok(f) => self.convert(f, &mut converter, now).await,
+                Err(e) => Err(e),
+            };
+            let elapsed = started.elapsed().as_secs_f64();
+            let (mut metrics, samples, bytes, error) = match scraped {
+                Ok((metrics, samples, bytes)) => (metrics, samples, bytes, None),
+                Err(e) => (Vec::new(), 0, 0, Some(e)),
+            };
+            let up = error.is_none();
+            if let Some(e) = &error {
+                self.output
+                    .report_error(format!("{}: {e}", self.target.url));
+            }
+            match (&error, was_up) {
+                (Some(e), Some(true) | None) => {
+                    warn!(receiver = %s.id, target = %self.target.url, error = %e, "scrape failed")
+                }
+                (Some(e), Some(false)) => {
+                    debug!(receiver = %s.id, target = %self.target.url, error = %e, "scrape failed again")
+                }
+                (None, Some(false)) => {
+                    info!(receiver = %s.id, target = %self.target.url, "target is back")
+                }
+                _ => {}
+            }
+            was_up = Some(up);
+            for (name, unit, value) in [
+                ("up", "", if up { 1.0 } else { 0.0 }),
+                ("scrape_duration_seconds", "s", elapsed),
+                ("scrape_samples_scraped", "", samples as f64),
+                ("scrape_body_size_bytes", "By", bytes as f64),
+            ] {
+                metrics.push(Metric::gauge(
+                    name,
+                    unit,
+                    vec![number_point(now, value, Vec::new())],
+                ));
+            }
+            let mut attrs = resource.clone();
+            attrs.extend(discovered.iter().flatten().cloned());
+            if self
+                .output
+                .send(Batch::with_resource(attrs, metrics))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    }
+
+    /// Parses and converts a page; a big page goes to a blocking thread so the runtime's
+    /// workers stay free.
+    async fn convert(
+        &self,
+        fetched: super::fetch::Fetched,
+        converter: &mut Converter,
+        now: u64,
+    ) -> Result<(Vec<Metric>, usize, usize), ScrapeError> {
+        let format = Format::from_content_type(&fetched.content_type);
+        let big = fetched.body.len() > BIG_PAGE;
+        let engine = self.engine.clone();
+        let work = move |mut converter: Converter| {
+            let bytes = fetched.body.len();
+            let result = match text::parse(&fetched.body, format) {
+                Ok(page) => {
+                    let (batch, stats) = converter.convert(&page, now, Vec::new());
+                    let mut metrics: Vec<Metric> = batch
+                        .resource_metrics
+                        .into_iter()
+                        .flat_map(|rm| rm.scope_metrics)
+                        .flat_map(|sm| sm.metrics)
+                        .collect();
+                    engine.enrich(&page, &mut metrics, now);
+                    Ok((metrics, stats.samples, bytes))
+                }
+                Err(e) => Err(ScrapeError::Parse(e.to_string())),
+            };
+            (converter, result)
+        };
+        let taken = std::mem::take(converter);
+        let (back, result) = if big {
+            tokio::task::spawn_blocking(move || work(taken))
+                .await
+                .unwrap_or_else(|_| {
+                    (
+                        Converter::new(),
+                        Err(ScrapeError::Parse("the parser panicked".into())),
+                    )
+                })
+        } else {
+            work(taken)
+        };
+        *converter = back;
+        result.map(|(m, samples, bytes)| {
+            let points: usize = m.iter().map(MetricExt::point_count).sum();
+            debug!(target = %self.target.url, samples, points, "scraped");
+            (m, samples, bytes)
+        })
+    }
+}
+
+/// A receiver that scrapes with `engine`'s additions: what `prometheus`, `vllm` and `tgi` build.
+pub struct ScrapeReceiver {
+    pub engine: Arc<dyn Engine>,
+    pub config: ScrapeConfig,
+}
+
+#[async_trait]
+impl genai_collector_core::Receiver for ScrapeReceiver {
+    async fn run(self: Box<Self>, ctx: ReceiverContext) -> Result<(), ComponentError> {
+        run(self.engine, self.config, ctx).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_and_auth() {
+        let t = Target::parse("10.0.0.5:8000", "/metrics", &[]).unwrap();
+        assert_eq!(
+            (t.url.as_str(), t.host.as_str(), t.port),
+            ("http://10.0.0.5:8000/metrics", "10.0.0.5", 8000)
+        );
+        let t = Target::parse("https://vllm.example/metrics", "/metrics", &[]).unwrap();
+        assert_eq!(t.port, 443);
+        assert!(Target::parse("ftp://x/metrics", "/metrics", &[]).is_err());
+        assert!(Target::parse("http://", "/metrics", &[]).is_err());
+        assert_eq!(
+            base64("Aladdin:open sesame"),
+            "QWxhZGRpbjpvcGVuIHNlc2FtZQ=="
+        );
+        assert_eq!(base64("ab"), "YWI=");
+    }
+
+    #[test]
+    fn config_checks() {
+        let ok = ScrapeConfig {
+            targets: vec!["localhost:8000".into()],
+            ..Default::default()
+        };
+        assert!(ok.validate().is_ok());
+        assert!(ScrapeConfig::default().validate().is_err(), "no targets");
+        let slow = ScrapeConfig {
+            interval: Some(Duration::from_secs(1)),
+            timeout: Some(Duration::from_secs(2)),
+            ..ok.clone()
+        };
+        assert_eq!(
+            slow.validate().unwrap_err().field.as_deref(),
+            Some("timeout")
+        );
+        let both = ScrapeConfig {
+            bearer_token: Some("t".into()),
+            basic_auth: Some(BasicAuth {
+                username: "u".into(),
+                password: None,
+                password_file: None,
+            }),
+            ..ok
+        };
+        assert!(both.validate().is_err());
+    }
+}

@@ -1,0 +1,147 @@
+//! `vllm`: scrapes vLLM's `/metrics` (V0 and V1 engines) and reads its engine facts.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use genai_collector_core::model::{kv, number_point, Metric, MetricExt};
+use genai_collector_core::{BuildContext, ComponentError, Receiver, ReceiverFactory};
+
+use crate::scrape::text::Page;
+use crate::scrape::{Engine, ScrapeConfig, ScrapeReceiver};
+
+pub struct VllmReceiverFactory;
+
+struct Vllm;
+
+impl Engine for Vllm {
+    fn provider(&self) -> Option<&'static str> {
+        Some("vllm")
+    }
+
+    fn default_interval(&self) -> Duration {
+        Duration::from_secs(5)
+    }
+
+    /// `vllm:cache_config_info` carries the KV cache's size as labels, and
+    /// `vllm:lora_requests_info` the adapters in use as a comma-separated label: both become
+    /// plain gauges (`vllm:num_gpu_blocks`, `vllm:block_size`, `vllm:lora_adapters_running`).
+    fn enrich(&self, page: &Page<'_>, metrics: &mut Vec<Metric>, now: u64) {
+        for f in &page.families {
+            match f.name {
+                "vllm:cache_config_info" => {
+                    for s in &f.samples {
+                        let labels = page.labels_of(s);
+                        let model = labels
+                            .iter()
+                            .find(|l| l.name == "model_name")
+                            .map(|l| l.value.as_ref());
+                        for (label, name, unit) in [
+                            ("num_gpu_blocks", "vllm:num_gpu_blocks", "{block}"),
+                            ("block_size", "vllm:block_size", "{token}"),
+                        ] {
+                            let value = labels
+                                .iter()
+                                .find(|l| l.name == label)
+                                .and_then(|l| l.value.parse::<f64>().ok());
+                            if let Some(v) = value {
+                                let attrs =
+                                    model.map(|m| vec![kv("model_name", m)]).unwrap_or_default();
+                                metrics.push(Metric::gauge(
+                                    name,
+                                    unit,
+                                    vec![number_point(now, v, attrs)],
+                                ));
+                            }
+                        }
+                    }
+                }
+                "vllm:lora_requests_info" => {
+                    if let Some(s) = f.samples.iter().max_by(|a, b| a.value.total_cmp(&b.value)) {
+                        let labels = page.labels_of(s);
+                        let running = labels
+                            .iter()
+                            .find(|l| l.name == "running_lora_adapters")
+                            .map_or(0, |l| {
+                                l.value.split(',').filter(|a| !a.trim().is_empty()).count()
+                            });
+                        let max = labels
+                            .iter()
+                            .find(|l| l.name == "max_lora")
+                            .and_then(|l| l.value.parse::<f64>().ok());
+                        metrics.push(Metric::gauge(
+                            "vllm:lora_adapters_running",
+                            "{adapter}",
+                            vec![number_point(now, running as f64, vec![])],
+                        ));
+                        if let Some(max) = max {
+                            metrics.push(Metric::gauge(
+                                "vllm:lora_adapters_max",
+                                "{adapter}",
+                                vec![number_point(now, max, vec![])],
+                            ));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+impl ReceiverFactory for VllmReceiverFactory {
+    type Config = ScrapeConfig;
+
+    fn kind(&self) -> &'static str {
+        "vllm"
+    }
+
+    fn description(&self) -> &'static str {
+        "scrapes vLLM's /metrics (V0 and V1 engines): model from `model_name`, KV-cache size, LoRA adapters"
+    }
+
+    fn build(
+        &self,
+        config: ScrapeConfig,
+        _: &BuildContext,
+    ) -> Result<Box<dyn Receiver>, ComponentError> {
+        Ok(Box::new(ScrapeReceiver {
+            engine: Arc::new(Vllm),
+            config,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scrape::text::{parse, Format};
+    use genai_collector_core::model::{metric, number_value};
+
+    fn gauge(metrics: &[Metric], name: &str) -> f64 {
+        let m = metrics
+            .iter()
+            .find(|m| m.name == name)
+            .unwrap_or_else(|| panic!("no {name}"));
+        let Some(metric::Data::Gauge(g)) = &m.data else {
+            panic!()
+        };
+        number_value(&g.data_points[0]).unwrap()
+    }
+
+    #[test]
+    fn engine_facts_from_the_v1_page() {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/fixtures/vllm/v1-composed.prom"
+        ))
+        .unwrap();
+        let page = parse(&text, Format::Prometheus).unwrap();
+        let mut metrics = Vec::new();
+        Vllm.enrich(&page, &mut metrics, 1);
+        assert!(gauge(&metrics, "vllm:num_gpu_blocks") > 0.0);
+        assert!(gauge(&metrics, "vllm:block_size") > 0.0);
+        assert!(metrics
+            .iter()
+            .any(|m| m.name == "vllm:lora_adapters_running"));
+    }
+}

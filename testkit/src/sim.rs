@@ -1,0 +1,392 @@
+//! Engine simulators: HTTP servers that serve the engine pages kept in `tests/fixtures` with
+//! values that move like a loaded server (requests arrive, queue, run and finish; the KV cache
+//! fills and drains; counters only grow), and faults on demand.
+//!
+//! The page's structure (names, labels, HELP and TYPE lines, buckets) is the fixture's; only
+//! sample values change.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use tokio_util::sync::CancellationToken;
+
+/// Which engine a simulator plays.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum EngineKind {
+    /// vLLM V1 engine (`tests/fixtures/vllm/v1-composed.prom`).
+    VllmV1,
+    /// vLLM V0 engine (`tests/fixtures/vllm/v0-composed.prom`).
+    VllmV0,
+    /// TGI router (`tests/fixtures/tgi/composed.prom`), with `/info`.
+    Tgi,
+    /// Ollama (`/api/ps` from `tests/fixtures/ollama/ps-two-models.json`, `/api/version`).
+    Ollama,
+}
+
+impl EngineKind {
+    fn fixture(self) -> &'static str {
+        match self {
+            Self::VllmV1 => "vllm/v1-composed.prom",
+            Self::VllmV0 => "vllm/v0-composed.prom",
+            Self::Tgi => "tgi/composed.prom",
+            Self::Ollama => "ollama/ps-two-models.json",
+        }
+    }
+}
+
+/// What a simulator does wrong, switchable while it runs.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub enum Fault {
+    #[default]
+    None,
+    /// Answers after this delay.
+    Slow(Duration),
+    /// Never answers.
+    Hang,
+    /// Answers 500.
+    Status500,
+    /// Answers text that is not a metrics page.
+    Garbage,
+    /// Answers an HTML error page with `Content-Type: text/html`.
+    Html,
+    /// Answers the first half of the page, cut mid-line.
+    Truncated,
+    /// Streams a page of this many bytes.
+    Huge(u64),
+    /// A small gzip body that inflates to this many bytes.
+    GzipBomb(u64),
+    /// Every series twice.
+    Duplicates,
+    /// A valid page of this many series.
+    ManySeries(usize),
+}
+
+/// The directory with the fixture pages: `tests/fixtures` of this repository.
+pub fn fixtures_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
+}
+
+struct Sim {
+    kind: EngineKind,
+    template: String,
+    started: Instant,
+    fault: Mutex<Fault>,
+    /// The gzip bomb's body, made once when the fault is set.
+    bomb: Mutex<bytes::Bytes>,
+    requests: std::sync::atomic::AtomicU64,
+}
+
+/// A running simulator.
+pub struct SimHandle {
+    pub addr: SocketAddr,
+    sim: Arc<Sim>,
+    stop: CancellationToken,
+}
+
+impl SimHandle {
+    pub fn metrics_url(&self) -> String {
+        format!("http://{}/metrics", self.addr)
+    }
+
+    /// Switches the fault; a gzip bomb is compressed here, before it is served.
+    pub fn set_fault(&self, fault: Fault) {
+        if let (Fault::GzipBomb(size), Ok(mut bomb)) = (&fault, self.sim.bomb.lock()) {
+            *bomb = gzip_zeros(*size).into();
+        }
+        if let Ok(mut f) = self.sim.fault.lock() {
+            *f = fault;
+        }
+    }
+
+    /// Pages served so far.
+    pub fn requests(&self) -> u64 {
+        self.sim.requests.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+}
+
+impl Drop for SimHandle {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Starts a simulator on `addr` (use port 0 for any free port).
+pub async fn start(kind: EngineKind, addr: &str) -> std::io::Result<SimHandle> {
+    let template = std::fs::read_to_string(fixtures_dir().join(kind.fixture()))?;
+    let sim = Arc::new(Sim {
+        kind,
+        template,
+        started: Instant::now(),
+        fault: Mutex::new(Fault::None),
+        bomb: Mutex::default(),
+        requests: Default::default(),
+    });
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/info", get(info))
+        .route("/api/ps", get(ollama_ps))
+        .route(
+            "/api/version",
+            get(|| async {
+                (
+                    [(header::CONTENT_TYPE, "application/json")],
+                    "{\"version\":\"0.6.2\"}",
+                )
+            }),
+        )
+        .with_state(sim.clone());
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let addr = listener.local_addr()?;
+    let stop = CancellationToken::new();
+    let token = stop.clone();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(token.cancelled_owned())
+            .await;
+    });
+    Ok(SimHandle { addr, sim, stop })
+}
+
+/// The simulated load at `t` seconds: a slow wave with a faster ripple, 0 to about 1.
+fn load(t: f64) -> f64 {
+    (0.55 + 0.35 * (t / 20.0).sin() + 0.1 * (t / 3.0).sin()).clamp(0.0, 1.0)
+}
+
+impl Sim {
+    /// The fixture with its values moved to time `t`.
+    fn render(&self, t: f64) -> String {
+        let l = load(t);
+        // Counters and histogram counts grow with the work done so far.
+        let growth = 1.0 + t / 60.0;
+        let max_seqs = 64.0;
+        let running = (l * max_seqs).round();
+        let waiting = ((l - 0.8).max(0.0) * 100.0).round();
+        let kv = (l * 0.95).min(1.0);
+        let mut out = String::with_capacity(self.template.len() + 256);
+        let mut kind = "";
+        for line in self.template.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                kind = rest.rsplit(' ').next().unwrap_or("");
+            }
+            if line.starts_with('#') || line.trim().is_empty() {
+                out.push_str(line);
+                out.push('\n');
+                continue;
+            }
+            let (series, value) = split_value(line);
+            let name = series.split('{').next().unwrap_or(series);
+            let new = match name {
+                "vllm:num_requests_running" | "tgi_batch_current_size" => Some(running),
+                "vllm:num_requests_waiting" | "tgi_queue_size" => Some(waiting),
+                "vllm:kv_cache_usage_perc" | "vllm:gpu_cache_usage_perc" => {
+                    Some((kv * 1e4).round() / 1e4)
+                }
+                _ => match (kind, value.parse::<f64>()) {
+                    ("counter" | "histogram" | "summary", Ok(v))
+                        if !name.ends_with("_created") && !series.contains("quantile=") =>
+                    {
+                        Some(if name.ends_with("_sum") {
+                            v * growth
+                        } else {
+                            (v * growth).round()
+                        })
+                    }
+                    _ => None,
+                },
+            };
+            match new {
+                Some(v) => {
+                    out.push_str(series);
+                    out.push(' ');
+                    out.push_str(&format!("{v:?}"));
+                }
+                None => out.push_str(line),
+            }
+            out.push('\n');
+        }
+        out
+    }
+}
+
+/// `series value [timestamp]` → (`series`, `value`).
+fn split_value(line: &str) -> (&str, &str) {
+    let end = line.rfind('}').map_or(0, |i| i + 1);
+    let rest = &line[end..];
+    let offset = end + rest.find(' ').unwrap_or(rest.len());
+    let series = &line[..offset];
+    let value = line[offset..].split_whitespace().next().unwrap_or("");
+    (series, value)
+}
+
+async fn metrics(State(sim): State<Arc<Sim>>) -> Response {
+    sim.requests
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let fault = sim.fault.lock().map(|f| f.clone()).unwrap_or_default();
+    let t = sim.started.elapsed().as_secs_f64();
+    let text_plain = [(
+        header::CONTENT_TYPE,
+        "text/plain; version=0.0.4; charset=utf-8",
+    )];
+    match fault {
+        Fault::None => (text_plain, sim.render(t)).into_response(),
+        Fault::Slow(d) => {
+            tokio::time::sleep(d).await;
+            (text_plain, sim.render(t)).into_response()
+        }
+        Fault::Hang => {
+            std::future::pending::<()>().await;
+            StatusCode::OK.into_response()
+        }
+        Fault::Status500 => (StatusCode::INTERNAL_SERVER_ERROR, "engine exploded").into_response(),
+        Fault::Garbage => (text_plain, "\u{1}\u{2}}}{{ this is not a page\n%%%\n").into_response(),
+        Fault::Html => (
+            [(header::CONTENT_TYPE, "text/html")],
+            "<html><body><h1>502 Bad Gateway</h1></body></html>",
+        )
+            .into_response(),
+        Fault::Truncated => {
+            // Cut just inside a label set, so the last line cannot read as a whole sample.
+            let page = sim.render(t);
+            let cut = page[page.len() / 2..]
+                .find('{')
+                .map_or(page.len() / 2, |i| page.len() / 2 + i + 3);
+            (text_plain, page[..cut].to_owned()).into_response()
+        }
+        Fault::Huge(bytes) => {
+            let line = "vllm:num_requests_running{model_name=\"padding\"} 1.0\n".repeat(1000);
+            let chunks = bytes / line.len() as u64 + 1;
+            let stream = futures_util::stream::iter(
+                (0..chunks).map(move |_| Ok::<_, std::io::Error>(bytes::Bytes::from(line.clone()))),
+            );
+            (text_plain, Body::from_stream(stream)).into_response()
+        }
+        Fault::GzipBomb(_) => {
+            let body = sim.bomb.lock().map(|b| b.clone()).unwrap_or_default();
+            (
+                [
+                    (header::CONTENT_TYPE, "text/plain; version=0.0.4"),
+                    (header::CONTENT_ENCODING, "gzip"),
+                ],
+                body,
+            )
+                .into_response()
+        }
+        Fault::Duplicates => {
+            let page = sim.render(t);
+            let doubled: String = page
+                .lines()
+                .flat_map(|l| {
+                    if l.starts_with('#') || l.is_empty() {
+                        vec![l]
+                    } else {
+                        vec![l, l]
+                    }
+                })
+                .map(|l| format!("{l}\n"))
+                .collect();
+            (text_plain, doubled).into_response()
+        }
+        Fault::ManySeries(n) => {
+            let mut page = String::with_capacity(n * 100);
+            page.push_str("# TYPE vllm:num_requests_running gauge\n");
+            for i in 0..n {
+                page.push_str(&format!(
+                    "vllm:num_requests_running{{engine=\"{}\",model_name=\"model-{i}\"}} {}\n",
+                    i % 8,
+                    i % 64
+                ));
+            }
+            (text_plain, page).into_response()
+        }
+    }
+}
+
+/// `size` zero bytes, gzip-compressed (about a thousandth of the size).
+fn gzip_zeros(size: u64) -> Vec<u8> {
+    use std::io::Write as _;
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    let chunk = vec![0u8; 1 << 20];
+    let mut left = size;
+    while left > 0 {
+        let n = left.min(chunk.len() as u64) as usize;
+        let _ = enc.write_all(&chunk[..n]);
+        left -= n as u64;
+    }
+    enc.finish().unwrap_or_default()
+}
+
+async fn info(State(sim): State<Arc<Sim>>) -> Response {
+    if sim.kind != EngineKind::Tgi {
+        return StatusCode::NOT_FOUND.into_response();
+    }
+    let body = r#"{"model_id":"meta-llama/Llama-3.1-8B-Instruct","model_dtype":"torch.float16","max_concurrent_requests":128,"max_batch_total_tokens":16384,"version":"3.0.1"}"#;
+    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+async fn ollama_ps(State(sim): State<Arc<Sim>>) -> Response {
+    if sim.kind != EngineKind::Ollama {
+        return StatusCode::NOT_FOUND.into_response();
+    }
+    sim.requests
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        sim.template.clone(),
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_value_finds_the_value() {
+        assert_eq!(split_value("a{b=\"c d\"} 1.5"), ("a{b=\"c d\"}", "1.5"));
+        assert_eq!(split_value("a 2 123"), ("a", "2"));
+    }
+
+    #[test]
+    fn values_move_and_counters_grow() {
+        let sim = Sim {
+            kind: EngineKind::VllmV1,
+            template: std::fs::read_to_string(fixtures_dir().join(EngineKind::VllmV1.fixture()))
+                .unwrap(),
+            started: Instant::now(),
+            fault: Mutex::new(Fault::None),
+            bomb: Mutex::default(),
+            requests: Default::default(),
+        };
+        let value = |page: &str, name: &str| -> f64 {
+            page.lines()
+                .find(|l| l.starts_with(name))
+                .map(|l| split_value(l).1.parse().unwrap())
+                .unwrap()
+        };
+        let (a, b) = (sim.render(0.0), sim.render(30.0));
+        assert!(value(&b, "vllm:prompt_tokens_total") > value(&a, "vllm:prompt_tokens_total"));
+        assert_ne!(
+            value(&a, "vllm:num_requests_running"),
+            value(&b, "vllm:num_requests_running")
+        );
+        let kv = value(&b, "vllm:kv_cache_usage_perc");
+        assert!((0.0..=1.0).contains(&kv));
+        assert_eq!(
+            a.lines().count(),
+            sim.template.lines().count(),
+            "the fixture's structure is kept"
+        );
+    }
+}

@@ -1,0 +1,183 @@
+//! The scraping receivers against engine simulators serving the fixture pages.
+
+mod common;
+
+use common::{run_for, scrapes};
+use genai_collector_core::model::{metric, MetricExt};
+use genai_collector_testkit::sim::{self, EngineKind};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vllm_and_tgi_pages_flow_with_engine_identity() {
+    let v1 = sim::start(EngineKind::VllmV1, "127.0.0.1:0").await.unwrap();
+    let v0 = sim::start(EngineKind::VllmV0, "127.0.0.1:0").await.unwrap();
+    let tgi = sim::start(EngineKind::Tgi, "127.0.0.1:0").await.unwrap();
+    let yaml = format!(
+        r#"
+receivers:
+  vllm/chat:
+    targets: [{v1}, "{v0}"]
+    interval: 200ms
+    pool: chat
+  tgi:
+    targets: ["{tgi}"]
+    interval: 200ms
+exporters:
+  capture: {{}}
+service:
+  telemetry: {{ endpoint: null }}
+  pipelines:
+    metrics: {{ receivers: [vllm/chat, tgi], exporters: [capture] }}
+"#,
+        v1 = v1.addr,
+        v0 = v0.metrics_url(),
+        tgi = tgi.metrics_url()
+    );
+    let capture = run_for(&yaml, 1.3).await;
+    let by_target = scrapes(&capture);
+    assert_eq!(
+        by_target.len(),
+        3,
+        "{:?}",
+        by_target.keys().collect::<Vec<_>>()
+    );
+
+    let v1_scrapes = &by_target[&v1.metrics_url()];
+    assert!(
+        v1_scrapes.len() >= 4,
+        "scraped every 200ms: {}",
+        v1_scrapes.len()
+    );
+    let first = &v1_scrapes[0];
+    assert_eq!(first.gauge("up"), Some(1.0));
+    assert_eq!(first.attrs["gen_ai.provider.name"], "vllm");
+    assert_eq!(first.attrs["gen_ai.pool.name"], "chat");
+    assert_eq!(first.attrs["service.name"], "vllm/chat");
+    assert_eq!(first.attrs["server.port"], v1.addr.port().to_string());
+    let kv = first.gauge("vllm:kv_cache_usage_perc").unwrap();
+    assert!((0.0..=1.0).contains(&kv));
+    assert!(
+        first.gauge("vllm:num_gpu_blocks").unwrap() > 0.0,
+        "engine facts from cache_config_info"
+    );
+    assert!(first.gauge("scrape_samples_scraped").unwrap() > 50.0);
+
+    // Counters grow and keep their start time across scrapes.
+    let sums: Vec<(u64, f64)> = v1_scrapes
+        .iter()
+        .map(|s| {
+            let Some(metric::Data::Sum(sum)) = &s.metrics["vllm:prompt_tokens_total"].data else {
+                panic!("sum")
+            };
+            let p = &sum.data_points[0];
+            (
+                p.start_time_unix_nano,
+                genai_collector_core::model::number_value(p).unwrap(),
+            )
+        })
+        .collect();
+    assert!(
+        sums.windows(2)
+            .all(|w| w[0].0 == w[1].0 && w[1].1 >= w[0].1),
+        "{sums:?}"
+    );
+    let last = &v1_scrapes[v1_scrapes.len() - 1];
+    let Some(metric::Data::Histogram(h)) = &last.metrics["vllm:e2e_request_latency_seconds"].data
+    else {
+        panic!("histogram")
+    };
+    assert_eq!(
+        h.data_points[0].bucket_counts.iter().sum::<u64>(),
+        h.data_points[0].count
+    );
+
+    let v0_first = &by_target[&v0.metrics_url()][0];
+    assert!(
+        v0_first.gauge("vllm:gpu_cache_usage_perc").is_some(),
+        "V0 names are read too"
+    );
+
+    let tgi_first = &by_target[&tgi.metrics_url()][0];
+    assert_eq!(tgi_first.attrs["gen_ai.provider.name"], "tgi");
+    assert_eq!(
+        tgi_first.attrs["gen_ai.request.model"], "meta-llama/Llama-3.1-8B-Instruct",
+        "model from TGI's /info"
+    );
+    assert!(tgi_first.gauge("tgi_queue_size").is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_targets_follow_the_file() {
+    let a = sim::start(EngineKind::VllmV1, "127.0.0.1:0").await.unwrap();
+    let b = sim::start(EngineKind::VllmV1, "127.0.0.1:0").await.unwrap();
+    let dir = std::env::temp_dir().join(format!("file-sd-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("targets.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "- targets: [\"{}\"]\n  labels: {{ k8s.pod.name: vllm-a }}\n",
+            a.addr
+        ),
+    )
+    .unwrap();
+    let yaml = format!(
+        "receivers:\n  prometheus:\n    file_targets: [\"{}\"]\n    interval: 150ms\nexporters:\n  capture: {{}}\nservice:\n  telemetry: {{ endpoint: null }}\n  pipelines:\n    metrics: {{ receivers: [prometheus], exporters: [capture] }}\n",
+        file.display()
+    );
+    let run = tokio::spawn(async move { run_for(&yaml, 2.0).await });
+    tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+    assert!(a.requests() > 0, "the listed target is scraped");
+    std::fs::write(&file, format!("- \"{}\"\n", b.metrics_url())).unwrap();
+    // Give the change (checked every interval) time to land, then watch `a` stop.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let a_after = a.requests();
+    let capture = run.await.unwrap();
+    assert_eq!(
+        a.requests(),
+        a_after,
+        "a removed target is no longer scraped"
+    );
+    assert!(
+        b.requests() > 0,
+        "an added target is scraped without a restart"
+    );
+    let by_target = scrapes(&capture);
+    assert_eq!(
+        by_target[&a.metrics_url()][0].attrs["k8s.pod.name"],
+        "vllm-a",
+        "file_sd labels become resource attributes"
+    );
+    assert!(by_target[&b.metrics_url()]
+        .iter()
+        .all(|s| s.gauge("up") == Some(1.0)));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicates_and_a_hundred_thousand_series() {
+    let dup = sim::start(EngineKind::VllmV1, "127.0.0.1:0").await.unwrap();
+    dup.set_fault(sim::Fault::Duplicates);
+    let many = sim::start(EngineKind::VllmV1, "127.0.0.1:0").await.unwrap();
+    many.set_fault(sim::Fault::ManySeries(100_000));
+    let yaml = format!(
+        "receivers:\n  vllm:\n    targets: [\"{}\", \"{}\"]\n    interval: 500ms\nexporters:\n  capture: {{}}\nservice:\n  telemetry: {{ endpoint: null }}\n  pipelines:\n    metrics: {{ receivers: [vllm], exporters: [capture] }}\n",
+        dup.metrics_url(),
+        many.metrics_url()
+    );
+    let capture = run_for(&yaml, 1.2).await;
+    let by_target = scrapes(&capture);
+    let d = &by_target[&dup.metrics_url()][0];
+    assert_eq!(
+        d.gauge("up"),
+        Some(1.0),
+        "duplicate series are kept once, not an error"
+    );
+    assert_eq!(d.metrics["vllm:num_requests_running"].point_count(), 1);
+    let m = &by_target[&many.metrics_url()][0];
+    assert_eq!(m.gauge("up"), Some(1.0));
+    assert_eq!(m.gauge("scrape_samples_scraped"), Some(100_000.0));
+    assert_eq!(
+        m.metrics["vllm:num_requests_running"].point_count(),
+        100_000
+    );
+}

@@ -1,0 +1,131 @@
+//! Every kind of broken target at once, beside a healthy one: each broken target reports
+//! `up` = 0 with a clear error, memory stays bounded (a 1 GB page and a gzip bomb stop at the
+//! size limit), and the healthy target is scraped on time throughout. Its own process, so the
+//! peak RSS measured is this test's.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{run_for, scrapes};
+use genai_collector_testkit::sim::{self, EngineKind, Fault};
+
+fn peak_rss_mb() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_targets_are_isolated_and_memory_stays_bounded() {
+    const GB: u64 = 1 << 30;
+    let healthy = sim::start(EngineKind::VllmV1, "127.0.0.1:0").await.unwrap();
+    let faults = [
+        ("hang", Fault::Hang),
+        ("slow", Fault::Slow(Duration::from_secs(2))),
+        ("500", Fault::Status500),
+        ("garbage", Fault::Garbage),
+        ("html", Fault::Html),
+        ("truncated", Fault::Truncated),
+        ("huge", Fault::Huge(GB)),
+        ("gzip-bomb", Fault::GzipBomb(GB)),
+    ];
+    let mut broken = Vec::new();
+    for (name, fault) in faults {
+        let s = sim::start(EngineKind::VllmV1, "127.0.0.1:0").await.unwrap();
+        s.set_fault(fault);
+        broken.push((name, s));
+    }
+    let mut targets = vec![format!("\"{}\"", healthy.metrics_url())];
+    targets.extend(
+        broken
+            .iter()
+            .map(|(_, s)| format!("\"{}\"", s.metrics_url())),
+    );
+    let yaml = format!(
+        "receivers:\n  vllm:\n    targets: [{}]\n    interval: 400ms\n    timeout: 300ms\n    max_response_bytes: 8388608\nexporters:\n  capture: {{}}\nservice:\n  telemetry: {{ endpoint: null }}\n  pipelines:\n    metrics: {{ receivers: [vllm], exporters: [capture] }}\n",
+        targets.join(", ")
+    );
+    let before = peak_rss_mb();
+    let capture = run_for(&yaml, 2.5).await;
+    let by_target = scrapes(&capture);
+
+    let ok = &by_target[&healthy.metrics_url()];
+    assert!(
+        ok.len() >= 5,
+        "the healthy target kept its 400ms schedule: {} scrapes",
+        ok.len()
+    );
+    assert!(ok.iter().all(|s| s.gauge("up") == Some(1.0)));
+    assert!(ok
+        .iter()
+        .all(|s| s.gauge("scrape_duration_seconds").unwrap() < 0.3));
+    for (name, s) in &broken {
+        let got = by_target
+            .get(&s.metrics_url())
+            .unwrap_or_else(|| panic!("{name}: no health series"));
+        assert!(!got.is_empty(), "{name}");
+        assert!(
+            got.iter().all(|s| s.gauge("up") == Some(0.0)),
+            "{name}: up must be 0"
+        );
+        assert!(
+            got.iter()
+                .all(|s| !s.metrics.contains_key("vllm:num_requests_running")),
+            "{name}: no partial data"
+        );
+    }
+    let peak = peak_rss_mb();
+    eprintln!("peak RSS {before:.0} MB before, {peak:.0} MB after");
+    assert!(
+        peak < 400.0,
+        "a 1 GB page and a 1 GB gzip bomb must not be buffered: peak RSS {peak:.0} MB"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_fault_gets_a_clear_error() {
+    use genai_collector_receivers::scrape::{scrape_once, ScrapeConfig};
+    let config = ScrapeConfig {
+        timeout: Some(Duration::from_millis(300)),
+        max_response_bytes: 8 << 20,
+        ..Default::default()
+    };
+    let cases = [
+        (Fault::Hang, "timed out after 300ms"),
+        (Fault::Status500, "answered HTTP 500"),
+        (
+            Fault::Garbage,
+            "malformed page: line 1: expected a metric name",
+        ),
+        (Fault::Html, "answered `text/html`, not a metrics page"),
+        (Fault::Truncated, "malformed page: line"),
+        (Fault::Huge(1 << 30), "larger than the 8388608-byte limit"),
+        (
+            Fault::GzipBomb(256 << 20),
+            "larger than the 8388608-byte limit",
+        ),
+    ];
+    for (fault, expected) in cases {
+        let s = sim::start(EngineKind::VllmV1, "127.0.0.1:0").await.unwrap();
+        s.set_fault(fault.clone());
+        let err = scrape_once(&s.metrics_url(), &config)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(expected),
+            "{fault:?}: `{err}` should say `{expected}`"
+        );
+    }
+    let down = scrape_once("127.0.0.1:1", &config)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(down.starts_with("cannot connect"), "{down}");
+    let s = sim::start(EngineKind::VllmV1, "127.0.0.1:0").await.unwrap();
+    assert!(scrape_once(&s.metrics_url(), &config).await.unwrap() > 50);
+}
