@@ -79,6 +79,8 @@ struct Sim {
     template: String,
     started: Instant,
     fault: Mutex<Fault>,
+    /// The `Authorization` header `/metrics` insists on, if any.
+    auth: Mutex<Option<String>>,
     /// The gzip bomb's body, made once when the fault is set.
     bomb: Mutex<bytes::Bytes>,
     requests: std::sync::atomic::AtomicU64,
@@ -103,6 +105,13 @@ impl SimHandle {
         }
         if let Ok(mut f) = self.sim.fault.lock() {
             *f = fault;
+        }
+    }
+
+    /// Makes `/metrics` answer 401 unless the request's `Authorization` header is `value`.
+    pub fn require_authorization(&self, value: &str) {
+        if let Ok(mut a) = self.sim.auth.lock() {
+            *a = Some(value.to_owned());
         }
     }
 
@@ -131,6 +140,7 @@ pub async fn start(kind: EngineKind, addr: &str) -> std::io::Result<SimHandle> {
         started: Instant::now(),
         fault: Mutex::new(Fault::None),
         bomb: Mutex::default(),
+        auth: Mutex::default(),
         requests: Default::default(),
     });
     let app = Router::new()
@@ -230,9 +240,18 @@ fn split_value(line: &str) -> (&str, &str) {
     (series, value)
 }
 
-async fn metrics(State(sim): State<Arc<Sim>>) -> Response {
+async fn metrics(State(sim): State<Arc<Sim>>, headers: axum::http::HeaderMap) -> Response {
     sim.requests
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let required = sim.auth.lock().ok().and_then(|a| a.clone());
+    if let Some(required) = required {
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        if given != Some(required.as_str()) {
+            return (StatusCode::UNAUTHORIZED, "missing or wrong credentials").into_response();
+        }
+    }
     let fault = sim.fault.lock().map(|f| f.clone()).unwrap_or_default();
     let t = sim.started.elapsed().as_secs_f64();
     let text_plain = [(
@@ -367,6 +386,7 @@ mod tests {
             started: Instant::now(),
             fault: Mutex::new(Fault::None),
             bomb: Mutex::default(),
+            auth: Mutex::default(),
             requests: Default::default(),
         };
         let value = |page: &str, name: &str| -> f64 {
