@@ -2,12 +2,16 @@
 //! what the pull receivers share.
 
 pub mod internal;
+pub mod nvml;
+pub mod ollama;
 pub mod prometheus;
 pub mod scrape;
 pub mod tgi;
 pub mod vllm;
 
 pub use internal::InternalReceiverFactory;
+pub use nvml::NvmlReceiverFactory;
+pub use ollama::OllamaReceiverFactory;
 pub use prometheus::PrometheusReceiverFactory;
 pub use tgi::TgiReceiverFactory;
 pub use vllm::VllmReceiverFactory;

@@ -360,11 +360,21 @@ async fn ollama_ps(State(sim): State<Arc<Sim>>) -> Response {
     }
     sim.requests
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    (
-        [(header::CONTENT_TYPE, "application/json")],
-        sim.template.clone(),
-    )
-        .into_response()
+    let fault = sim.fault.lock().map(|f| f.clone()).unwrap_or_default();
+    let json = [(header::CONTENT_TYPE, "application/json")];
+    match fault {
+        Fault::Hang => return std::future::pending::<Response>().await,
+        Fault::Slow(d) => tokio::time::sleep(d).await,
+        Fault::Status500 => {
+            return (StatusCode::INTERNAL_SERVER_ERROR, "ollama exploded").into_response()
+        }
+        Fault::Garbage => return (json, "{\"models\": [{\"name\": 7").into_response(),
+        Fault::Html => {
+            return ([(header::CONTENT_TYPE, "text/html")], "<html>502</html>").into_response()
+        }
+        _ => {}
+    }
+    (json, sim.template.clone()).into_response()
 }
 
 #[cfg(test)]

@@ -51,10 +51,15 @@ impl Scrape {
 
 /// Every scrape captured, grouped by the target's URL, in order.
 pub fn scrapes(capture: &Capture) -> BTreeMap<String, Vec<Scrape>> {
+    scrapes_by_resource(capture, "url.full")
+}
+
+/// Every batch captured, grouped by the resource attribute `key`, in order.
+pub fn scrapes_by_resource(capture: &Capture, key: &str) -> BTreeMap<String, Vec<Scrape>> {
     let mut out: BTreeMap<String, Vec<Scrape>> = BTreeMap::new();
     for b in capture.batches() {
         let attrs = resource_attrs(&b);
-        let Some(url) = attrs.get_str("url.full").map(str::to_owned) else {
+        let Some(url) = attrs.get_str(key).map(str::to_owned) else {
             continue;
         };
         let attrs = attrs

@@ -1,0 +1,665 @@
+//! `nvml`: NVIDIA GPU readings through NVML, named by the OpenTelemetry hardware conventions.
+//!
+//! `libnvidia-ml.so.1` is loaded when the receiver starts, not when the binary does: on a
+//! machine without the driver the receiver logs one line and idles (or, with `required: true`,
+//! fails the start). A reading a GPU does not support is skipped for that GPU. Memory is NVML's
+//! v1 accounting, as `nvidia-smi` shows it: `used` leaves out the few hundred MiB the driver
+//! reserves, and percentages are of `total`.
+
+use std::time::Duration;
+
+use genai_collector_core::config::duration;
+use genai_collector_core::model::{
+    kv, now_unix_nanos, number_point, Batch, KeyValue, Metric, MetricExt, NumberDataPoint,
+};
+use genai_collector_core::{
+    async_trait, BuildContext, ComponentConfig, ComponentError, Receiver, ReceiverContext,
+    ReceiverFactory, ValidationError,
+};
+use serde::Deserialize;
+use tracing::{info, warn};
+
+/// One GPU's (or MIG instance's) readings; `None` where the device does not support one.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GpuReading {
+    pub index: u32,
+    pub uuid: String,
+    pub name: String,
+    /// The physical GPU's UUID, for a MIG instance.
+    pub parent_uuid: Option<String>,
+    /// Bytes: total, used, free.
+    pub memory: Option<(u64, u64, u64)>,
+    /// Percent: GPU busy, memory controller busy.
+    pub utilization: Option<(u32, u32)>,
+    pub temperature_c: Option<u32>,
+    pub power_mw: Option<u32>,
+    pub power_limit_mw: Option<u32>,
+    pub energy_mj: Option<u64>,
+    pub clock_sm_mhz: Option<u32>,
+    pub clock_mem_mhz: Option<u32>,
+    /// Aggregate ECC errors: corrected, uncorrected.
+    pub ecc: Option<(u64, u64)>,
+    /// KB/s: transmit, receive.
+    pub pcie_kbs: Option<(u32, u32)>,
+    /// Active throttle reasons, e.g. `sw_power_cap`.
+    pub throttle: Option<Vec<String>>,
+    /// (pid, used bytes) of compute processes.
+    pub processes: Vec<(u32, u64)>,
+}
+
+/// Where readings come from: NVML on a real machine, fixtures in tests.
+pub trait GpuBackend: Send {
+    fn driver_version(&self) -> Option<String>;
+    fn read_all(&self) -> Result<Vec<GpuReading>, String>;
+}
+
+/// NVML through `nvml-wrapper`, which opens the driver library at run time.
+pub struct NvmlBackend {
+    nvml: nvml_wrapper::Nvml,
+}
+
+impl NvmlBackend {
+    /// Loads the driver library; an error when there is none.
+    pub fn init() -> Result<Self, String> {
+        nvml_wrapper::Nvml::init()
+            .map(|nvml| Self { nvml })
+            .map_err(|e| e.to_string())
+    }
+
+    fn read(dev: &nvml_wrapper::Device<'_>, index: u32, parent: Option<&str>) -> GpuReading {
+        use nvml_wrapper::enum_wrappers::device::{
+            Clock, EccCounter, MemoryError, PcieUtilCounter, TemperatureSensor,
+        };
+        use nvml_wrapper::enums::device::UsedGpuMemory;
+        let ecc = |kind| dev.total_ecc_errors(kind, EccCounter::Aggregate).ok();
+        GpuReading {
+            index,
+            uuid: dev.uuid().unwrap_or_else(|_| format!("gpu-{index}")),
+            name: dev.name().unwrap_or_default(),
+            parent_uuid: parent.map(str::to_owned),
+            memory: dev.memory_info().ok().map(|m| (m.total, m.used, m.free)),
+            utilization: dev.utilization_rates().ok().map(|u| (u.gpu, u.memory)),
+            temperature_c: dev.temperature(TemperatureSensor::Gpu).ok(),
+            power_mw: dev.power_usage().ok(),
+            power_limit_mw: dev.enforced_power_limit().ok(),
+            energy_mj: dev.total_energy_consumption().ok(),
+            clock_sm_mhz: dev.clock_info(Clock::SM).ok(),
+            clock_mem_mhz: dev.clock_info(Clock::Memory).ok(),
+            ecc: ecc(MemoryError::Corrected).zip(ecc(MemoryError::Uncorrected)),
+            pcie_kbs: dev
+                .pcie_throughput(PcieUtilCounter::Send)
+                .ok()
+                .zip(dev.pcie_throughput(PcieUtilCounter::Receive).ok()),
+            throttle: dev.current_throttle_reasons().ok().map(|r| {
+                r.iter_names()
+                    .map(|(name, _)| name.to_ascii_lowercase())
+                    .collect()
+            }),
+            processes: dev
+                .running_compute_processes()
+                .map(|ps| {
+                    ps.into_iter()
+                        .filter_map(|p| match p.used_gpu_memory {
+                            UsedGpuMemory::Used(b) => Some((p.pid, b)),
+                            UsedGpuMemory::Unavailable => None,
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+        }
+    }
+}
+
+impl GpuBackend for NvmlBackend {
+    fn driver_version(&self) -> Option<String> {
+        self.nvml.sys_driver_version().ok()
+    }
+
+    fn read_all(&self) -> Result<Vec<GpuReading>, String> {
+        let count = self.nvml.device_count().map_err(|e| e.to_string())?;
+        let mut out = Vec::with_capacity(count as usize);
+        for i in 0..count {
+            let dev = match self.nvml.device_by_index(i) {
+                Ok(d) => d,
+                Err(e) => {
+                    warn!(gpu = i, error = %e, "cannot open GPU");
+                    continue;
+                }
+            };
+            let reading = Self::read(&dev, i, None);
+            // With MIG enabled, each instance is a device of its own.
+            if dev.mig_mode().is_ok_and(|m| m.current == 1) {
+                for m in 0..7 {
+                    match dev.mig_device_by_index(m) {
+                        Ok(mig) => out.push(Self::read(&mig, m, Some(&reading.uuid))),
+                        Err(_) => break,
+                    }
+                }
+            }
+            out.push(reading);
+        }
+        Ok(out)
+    }
+}
+
+/// The sum of every GPU's memory on this host, if NVML can say (for Ollama's percentages).
+pub fn total_gpu_memory() -> Option<u64> {
+    let backend = NvmlBackend::init().ok()?;
+    let total: u64 = backend
+        .read_all()
+        .ok()?
+        .iter()
+        .filter(|g| g.parent_uuid.is_none())
+        .filter_map(|g| g.memory)
+        .map(|m| m.0)
+        .sum();
+    (total > 0).then_some(total)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NvmlConfig {
+    #[serde(with = "duration")]
+    pub interval: Duration,
+    /// Fail the start when no NVIDIA driver is found, instead of idling.
+    pub required: bool,
+    /// Per-process GPU memory, with the container or pod read from the process's cgroup.
+    pub processes: bool,
+}
+
+impl Default for NvmlConfig {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(10),
+            required: false,
+            processes: true,
+        }
+    }
+}
+
+impl ComponentConfig for NvmlConfig {
+    fn validate(&self) -> Result<(), ValidationError> {
+        if self.interval < Duration::from_millis(100) {
+            return Err(ValidationError::field("interval", "must be at least 100ms"));
+        }
+        Ok(())
+    }
+}
+
+pub struct NvmlReceiverFactory;
+
+impl ReceiverFactory for NvmlReceiverFactory {
+    type Config = NvmlConfig;
+
+    fn kind(&self) -> &'static str {
+        "nvml"
+    }
+
+    fn description(&self) -> &'static str {
+        "NVIDIA GPU memory, utilization, temperature, power, energy, clocks, ECC, PCIe, throttling, per-process memory"
+    }
+
+    fn build(
+        &self,
+        config: NvmlConfig,
+        _: &BuildContext,
+    ) -> Result<Box<dyn Receiver>, ComponentError> {
+        let backend = match NvmlBackend::init() {
+            Ok(b) => Some(b),
+            Err(e) if config.required => {
+                return Err(ComponentError::Config(format!(
+                    "no NVIDIA driver: cannot load libnvidia-ml.so.1 ({e}), and `required: true`"
+                )))
+            }
+            Err(e) => {
+                info!(error = %e, "no NVIDIA driver (libnvidia-ml.so.1): the nvml receiver idles");
+                None
+            }
+        };
+        Ok(Box::new(NvmlReceiver {
+            config,
+            backend: backend.map(|b| Box::new(b) as Box<dyn GpuBackend>),
+        }))
+    }
+}
+
+pub struct NvmlReceiver {
+    config: NvmlConfig,
+    backend: Option<Box<dyn GpuBackend>>,
+}
+
+impl NvmlReceiver {
+    /// A receiver reading from `backend`; for tests and other GPU sources.
+    pub fn with_backend(config: NvmlConfig, backend: Box<dyn GpuBackend>) -> Self {
+        Self {
+            config,
+            backend: Some(backend),
+        }
+    }
+}
+
+#[async_trait]
+impl Receiver for NvmlReceiver {
+    async fn run(self: Box<Self>, ctx: ReceiverContext) -> Result<(), ComponentError> {
+        let Some(backend) = self.backend else {
+            ctx.shutdown.cancelled().await;
+            return Ok(());
+        };
+        let driver = backend.driver_version();
+        let mut tick = tokio::time::interval(self.config.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = ctx.shutdown.cancelled() => return Ok(()),
+                _ = tick.tick() => {}
+            }
+            match backend.read_all() {
+                Ok(gpus) => {
+                    let batch = to_batch(
+                        &gpus,
+                        driver.as_deref(),
+                        self.config.processes,
+                        now_unix_nanos(),
+                    );
+                    if ctx.output.send(batch).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %e, "cannot read the GPUs");
+                    ctx.output.report_error(e);
+                }
+            }
+        }
+    }
+}
+
+/// The batch for one poll: one resource per GPU, carrying its identity.
+pub fn to_batch(gpus: &[GpuReading], driver: Option<&str>, processes: bool, now: u64) -> Batch {
+    let mut batch = Batch::new();
+    for g in gpus {
+        let mut resource = vec![
+            kv("hw.id", g.uuid.as_str()),
+            kv("hw.name", g.name.as_str()),
+            kv("hw.model", g.name.as_str()),
+            kv("hw.vendor", "NVIDIA"),
+            kv("hw.type", "gpu"),
+            kv("gpu.index", i64::from(g.index)),
+        ];
+        if let Some(d) = driver {
+            resource.push(kv("hw.driver_version", d));
+        }
+        if let Some(p) = &g.parent_uuid {
+            resource.push(kv("hw.parent", p.as_str()));
+        }
+        let point = |v: f64| vec![number_point(now, v, Vec::new())];
+        let mut m = Vec::new();
+        if let Some((total, used, free)) = g.memory {
+            m.push(Metric::gauge(
+                "hw.gpu.memory.limit",
+                "By",
+                point(total as f64),
+            ));
+            m.push(Metric::gauge(
+                "hw.gpu.memory.usage",
+                "By",
+                point(used as f64),
+            ));
+            m.push(Metric::gauge(
+                "hw.gpu.memory.free",
+                "By",
+                point(free as f64),
+            ));
+            if total > 0 {
+                m.push(Metric::gauge(
+                    "hw.gpu.memory.utilization",
+                    "1",
+                    point(used as f64 / total as f64),
+                ));
+            }
+        }
+        if let Some((gpu, mem)) = g.utilization {
+            m.push(Metric::gauge(
+                "hw.gpu.utilization",
+                "1",
+                point(f64::from(gpu) / 100.0),
+            ));
+            m.push(Metric::gauge(
+                "hw.gpu.memory_controller.utilization",
+                "1",
+                point(f64::from(mem) / 100.0),
+            ));
+        }
+        let mut opt = |name: &str, unit: &str, v: Option<f64>| {
+            if let Some(v) = v {
+                m.push(Metric::gauge(name, unit, point(v)));
+            }
+        };
+        opt("hw.gpu.temperature", "Cel", g.temperature_c.map(f64::from));
+        opt(
+            "hw.gpu.power.draw",
+            "W",
+            g.power_mw.map(|mw| f64::from(mw) / 1000.0),
+        );
+        opt(
+            "hw.gpu.power.limit",
+            "W",
+            g.power_limit_mw.map(|mw| f64::from(mw) / 1000.0),
+        );
+        opt(
+            "hw.gpu.clock.graphics",
+            "MHz",
+            g.clock_sm_mhz.map(f64::from),
+        );
+        opt("hw.gpu.clock.memory", "MHz", g.clock_mem_mhz.map(f64::from));
+        if let Some(mj) = g.energy_mj {
+            m.push(Metric::sum(
+                "hw.gpu.energy.consumed",
+                "J",
+                true,
+                point(mj as f64 / 1000.0),
+            ));
+        }
+        if let Some((corrected, uncorrected)) = g.ecc {
+            let p = |v: u64, t: &str| {
+                number_point(
+                    now,
+                    v as f64,
+                    vec![kv("hw.type", "gpu"), kv("error.type", t)],
+                )
+            };
+            m.push(Metric::sum(
+                "hw.errors",
+                "{error}",
+                true,
+                vec![
+                    p(corrected, "corrected_ecc"),
+                    p(uncorrected, "uncorrected_ecc"),
+                ],
+            ));
+        }
+        if let Some((tx, rx)) = g.pcie_kbs {
+            let p = |kbs: u32, d: &str| {
+                number_point(
+                    now,
+                    f64::from(kbs) * 1000.0,
+                    vec![kv("network.io.direction", d)],
+                )
+            };
+            m.push(Metric::gauge(
+                "hw.gpu.pcie.throughput",
+                "By/s",
+                vec![p(tx, "transmit"), p(rx, "receive")],
+            ));
+        }
+        if let Some(reasons) = &g.throttle {
+            let points: Vec<NumberDataPoint> = reasons
+                .iter()
+                .map(|r| number_point(now, 1.0, vec![kv("hw.gpu.throttle.reason", r.as_str())]))
+                .collect();
+            m.push(Metric::gauge(
+                "hw.gpu.throttled",
+                "",
+                if points.is_empty() {
+                    vec![number_point(
+                        now,
+                        0.0,
+                        vec![kv("hw.gpu.throttle.reason", "none")],
+                    )]
+                } else {
+                    points
+                },
+            ));
+        }
+        if processes && !g.processes.is_empty() {
+            let points = g
+                .processes
+                .iter()
+                .map(|(pid, bytes)| number_point(now, *bytes as f64, process_attrs(*pid)))
+                .collect();
+            m.push(Metric::gauge("hw.gpu.process.memory.usage", "By", points));
+        }
+        batch.push_resource(resource, m);
+    }
+    batch
+}
+
+/// `process.pid`, and the container and pod read from the process's cgroup when visible.
+fn process_attrs(pid: u32) -> Vec<KeyValue> {
+    let mut attrs = vec![kv("process.pid", i64::from(pid))];
+    if let Ok(cgroup) = std::fs::read_to_string(format!("/proc/{pid}/cgroup")) {
+        let (container, pod) = parse_cgroup(&cgroup);
+        if let Some(c) = container {
+            attrs.push(kv("container.id", c));
+        }
+        if let Some(p) = pod {
+            attrs.push(kv("k8s.pod.uid", p));
+        }
+    }
+    attrs
+}
+
+/// The container id (64 hex digits) and Kubernetes pod UID in a `/proc/PID/cgroup` file.
+pub fn parse_cgroup(text: &str) -> (Option<String>, Option<String>) {
+    let mut container = None;
+    let mut pod = None;
+    for segment in text
+        .lines()
+        .flat_map(|l| l.rsplit(':').next().unwrap_or("").split('/'))
+    {
+        let seg = segment.trim_end_matches(".scope");
+        let id = seg.rsplit(['-', ':']).next().unwrap_or(seg);
+        if id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            container = Some(id.to_owned());
+        }
+        if let Some(p) = seg
+            .strip_prefix("kubepods")
+            .and_then(|s| s.rsplit_once("pod"))
+            .map(|(_, p)| p.trim_end_matches(".slice"))
+        {
+            if p.len() >= 32 {
+                pod = Some(p.replace('_', "-"));
+            }
+        }
+    }
+    (container, pod)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use genai_collector_core::model::{metric, number_value, AttributesExt};
+
+    /// A fake H100 under load, from `tests/fixtures/nvml` (nvidia-smi's CSVs and the
+    /// nvml-wrapper probe of the same machine).
+    pub(crate) struct FixtureGpu;
+
+    fn fixture(name: &str) -> String {
+        std::fs::read_to_string(format!(
+            "{}/../tests/fixtures/nvml/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap()
+    }
+
+    /// The value inside `Ok(...)` after `key` on the probe's lines.
+    fn probe(text: &str, key: &str) -> String {
+        let at = text.find(key).unwrap_or_else(|| panic!("{key}")) + key.len();
+        let rest = &text[at..];
+        let start = rest.find("Ok(").unwrap() + 3;
+        let end = start + rest[start..].find(')').unwrap();
+        rest[start..end].trim_matches(['(', '"']).to_owned()
+    }
+
+    impl GpuBackend for FixtureGpu {
+        fn driver_version(&self) -> Option<String> {
+            Some(probe(&fixture("nvml-wrapper-loaded.txt"), "driver "))
+        }
+
+        fn read_all(&self) -> Result<Vec<GpuReading>, String> {
+            let csv = fixture("nvidia-smi-query-loaded.csv");
+            let row: Vec<String> = csv
+                .lines()
+                .nth(1)
+                .unwrap()
+                .split(", ")
+                .map(str::to_owned)
+                .collect();
+            let num = |i: usize| row[i].split(' ').next().unwrap().parse::<f64>().unwrap();
+            let mib = |i: usize| (num(i) * 1024.0 * 1024.0) as u64;
+            let p = fixture("nvml-wrapper-loaded.txt");
+            let apps = fixture("nvidia-smi-apps-loaded.csv");
+            let processes = apps
+                .lines()
+                .skip(1)
+                .map(|l| {
+                    let f: Vec<&str> = l.split(", ").collect();
+                    (
+                        f[0].parse().unwrap(),
+                        f[2].split(' ').next().unwrap().parse::<u64>().unwrap() * 1024 * 1024,
+                    )
+                })
+                .collect();
+            let pair = |key: &str| -> (u64, u64) {
+                let v = probe(&p, key);
+                let mut it = v.split(", ").map(|x| x.parse::<u64>().unwrap());
+                (it.next().unwrap(), it.next().unwrap())
+            };
+            let util = pair("util ");
+            Ok(vec![GpuReading {
+                index: 0,
+                uuid: "GPU-00000000-1111-2222-3333-555555555555".into(),
+                name: row[1].clone(),
+                parent_uuid: None,
+                memory: Some((mib(2), mib(3), mib(4))),
+                utilization: Some((util.0 as u32, util.1 as u32)),
+                temperature_c: Some(num(7) as u32),
+                power_mw: Some((num(8) * 1000.0) as u32),
+                power_limit_mw: Some((num(9) * 1000.0) as u32),
+                energy_mj: Some(probe(&p, "energy_mj ").parse().unwrap()),
+                clock_sm_mhz: Some(num(10) as u32),
+                clock_mem_mhz: Some(num(11) as u32),
+                ecc: Some((probe(&p, "ecc ").parse().unwrap(), 0)),
+                pcie_kbs: Some((probe(&p, "KB/s ").parse().unwrap(), 19928)),
+                throttle: Some(vec![probe(&p, "throttle ")
+                    .trim_start_matches("ThrottleReasons(")
+                    .to_ascii_lowercase()]),
+                processes,
+            }])
+        }
+    }
+
+    fn gauge(batch: &Batch, name: &str) -> f64 {
+        let m = batch
+            .metrics()
+            .find(|m| m.name == name)
+            .unwrap_or_else(|| panic!("no {name}"));
+        match &m.data {
+            Some(metric::Data::Gauge(g)) => number_value(&g.data_points[0]).unwrap(),
+            Some(metric::Data::Sum(s)) => number_value(&s.data_points[0]).unwrap(),
+            _ => panic!("{name}"),
+        }
+    }
+
+    #[test]
+    fn readings_match_nvidia_smi_on_the_loaded_h100() {
+        let gpus = FixtureGpu.read_all().unwrap();
+        let b = to_batch(&gpus, FixtureGpu.driver_version().as_deref(), true, 1);
+        let res = &b.resource_metrics[0].resource.as_ref().unwrap().attributes;
+        assert_eq!(
+            res.get_str("hw.id"),
+            Some("GPU-00000000-1111-2222-3333-555555555555")
+        );
+        assert_eq!(res.get_str("hw.model"), Some("NVIDIA H100 80GB HBM3"));
+        assert_eq!(res.get_str("hw.driver_version"), Some("580.159.04"));
+        // nvidia-smi: 81559 MiB total, 1011 MiB used, 100 % / 30 %, 61 C, 696.09 W of 700 W.
+        assert_eq!(gauge(&b, "hw.gpu.memory.limit"), 81559.0 * 1048576.0);
+        assert_eq!(gauge(&b, "hw.gpu.memory.usage"), 1011.0 * 1048576.0);
+        assert!((gauge(&b, "hw.gpu.memory.utilization") - 1011.0 / 81559.0).abs() < 1e-9);
+        assert_eq!(gauge(&b, "hw.gpu.utilization"), 1.0);
+        assert_eq!(gauge(&b, "hw.gpu.temperature"), 61.0);
+        assert!((gauge(&b, "hw.gpu.power.draw") - 696.09).abs() < 1e-9);
+        assert_eq!(gauge(&b, "hw.gpu.power.limit"), 700.0);
+        assert_eq!(gauge(&b, "hw.gpu.clock.graphics"), 1305.0);
+        assert_eq!(gauge(&b, "hw.gpu.energy.consumed"), 7495.83);
+        let throttled = b.metrics().find(|m| m.name == "hw.gpu.throttled").unwrap();
+        let Some(metric::Data::Gauge(g)) = &throttled.data else {
+            panic!()
+        };
+        assert_eq!(
+            g.data_points[0]
+                .attributes
+                .get_str("hw.gpu.throttle.reason"),
+            Some("sw_power_cap")
+        );
+        let procs = b
+            .metrics()
+            .find(|m| m.name == "hw.gpu.process.memory.usage")
+            .unwrap();
+        assert_eq!(procs.point_count(), 1);
+        assert_eq!(gauge(&b, "hw.gpu.process.memory.usage"), 1002.0 * 1048576.0);
+    }
+
+    #[test]
+    fn unsupported_readings_are_skipped() {
+        // The idle capture's fan reading failed (data-centre card): a GPU with little support
+        // still yields what it has.
+        let g = GpuReading {
+            uuid: "GPU-x".into(),
+            memory: Some((100, 10, 90)),
+            ..Default::default()
+        };
+        let b = to_batch(&[g], None, true, 1);
+        let names: Vec<&str> = b.metrics().map(|m| m.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "hw.gpu.memory.limit",
+                "hw.gpu.memory.usage",
+                "hw.gpu.memory.free",
+                "hw.gpu.memory.utilization"
+            ]
+        );
+    }
+
+    #[test]
+    fn container_and_pod_from_cgroups() {
+        let docker = "0::/system.slice/docker-3f1c2a9b8e7d6c5b4a39281706f5e4d3c2b1a09f8e7d6c5b4a3928170615243a.scope\n";
+        assert_eq!(
+            parse_cgroup(docker).0.as_deref(),
+            Some("3f1c2a9b8e7d6c5b4a39281706f5e4d3c2b1a09f8e7d6c5b4a3928170615243a")
+        );
+        let k8s = "0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod7d9f8c6b_5a4e_4c3d_9b2a_1f0e9d8c7b6a.slice/cri-containerd-aa11bb22cc33dd44ee55ff66aa11bb22cc33dd44ee55ff66aa11bb22cc33dd44.scope\n";
+        let (c, p) = parse_cgroup(k8s);
+        assert_eq!(p.as_deref(), Some("7d9f8c6b-5a4e-4c3d-9b2a-1f0e9d8c7b6a"));
+        assert_eq!(
+            c.as_deref(),
+            Some("aa11bb22cc33dd44ee55ff66aa11bb22cc33dd44ee55ff66aa11bb22cc33dd44")
+        );
+        assert_eq!(parse_cgroup("0::/user.slice\n"), (None, None));
+    }
+
+    #[test]
+    fn no_driver_here_means_idle_not_error() {
+        // This machine has no NVIDIA driver; a GPU machine skips the check.
+        if NvmlBackend::init().is_ok() {
+            return;
+        }
+        let ctx = BuildContext {
+            id: genai_collector_core::ComponentId::parse("nvml").unwrap(),
+            pipeline: None,
+            telemetry: Default::default(),
+        };
+        assert!(NvmlReceiverFactory
+            .build(NvmlConfig::default(), &ctx)
+            .is_ok());
+        let required = NvmlConfig {
+            required: true,
+            ..Default::default()
+        };
+        let Err(e) = NvmlReceiverFactory.build(required, &ctx) else {
+            panic!("required without a driver")
+        };
+        assert!(e.to_string().contains("no NVIDIA driver"), "{e}");
+    }
+}

@@ -1,0 +1,502 @@
+//! `ollama`: polls Ollama's `GET /api/ps` for the models it has loaded.
+//!
+//! Per model: its size, the part in VRAM and that share (below 100 % means partly offloaded to
+//! the CPU), context length, seconds until Ollama unloads it, and
+//! `gen_ai.server.kv_cache.usage`: the model's VRAM as a percentage of the GPUs' total VRAM.
+//! That total comes from, in order: `max_vram_gb` in config or `GENAI_OLLAMA_MAX_VRAM_GB` (GiB,
+//! as GPUs are sold: 24 for a 24 GB card), NVML, `nvidia-smi`; with none of them the usage falls
+//! back to the model's VRAM share of its own size, and a log line says so.
+
+use std::time::Duration;
+
+use genai_collector_core::config::duration;
+use genai_collector_core::model::{
+    kv, now_unix_nanos, number_point, Batch, KeyValue, Metric, MetricExt,
+};
+use genai_collector_core::{
+    async_trait, BuildContext, ComponentConfig, ComponentError, Receiver, ReceiverContext,
+    ReceiverFactory, ValidationError,
+};
+use serde::Deserialize;
+use tracing::{debug, info, warn};
+
+const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OllamaConfig {
+    pub endpoint: String,
+    #[serde(with = "duration")]
+    pub interval: Duration,
+    #[serde(with = "duration")]
+    pub timeout: Duration,
+    /// Total GPU memory in GiB (24 for a 24 GB card); else `GENAI_OLLAMA_MAX_VRAM_GB`, NVML,
+    /// `nvidia-smi`.
+    pub max_vram_gb: Option<f64>,
+    /// `gen_ai.pool.name` on every series.
+    pub pool: Option<String>,
+}
+
+impl Default for OllamaConfig {
+    fn default() -> Self {
+        Self {
+            endpoint: "http://localhost:11434".into(),
+            interval: Duration::from_secs(5),
+            timeout: Duration::from_secs(2),
+            max_vram_gb: None,
+            pool: None,
+        }
+    }
+}
+
+impl ComponentConfig for OllamaConfig {
+    fn validate(&self) -> Result<(), ValidationError> {
+        reqwest::Url::parse(&self.endpoint).map_err(|e| {
+            ValidationError::field("endpoint", format!("`{}` is not a URL: {e}", self.endpoint))
+        })?;
+        if self.timeout >= self.interval {
+            return Err(ValidationError::field(
+                "timeout",
+                "must be shorter than the interval",
+            ));
+        }
+        if self.max_vram_gb.is_some_and(|g| g.is_nan() || g <= 0.0) {
+            return Err(ValidationError::field("max_vram_gb", "must be more than 0"));
+        }
+        Ok(())
+    }
+}
+
+/// Where the total VRAM came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VramSource {
+    Config,
+    Environment,
+    Nvml,
+    NvidiaSmi,
+    /// None found: usage is the model's VRAM share of its own size.
+    ModelSize,
+}
+
+/// The total VRAM in bytes and where it came from, trying each source in order.
+pub fn total_vram(
+    configured_gb: Option<f64>,
+    env: Option<String>,
+    nvml: impl FnOnce() -> Option<u64>,
+    smi: impl FnOnce() -> Option<u64>,
+) -> (Option<u64>, VramSource) {
+    if let Some(gb) = configured_gb {
+        return (Some((gb * GIB) as u64), VramSource::Config);
+    }
+    if let Some(gb) = env
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|g| *g > 0.0)
+    {
+        return (Some((gb * GIB) as u64), VramSource::Environment);
+    }
+    if let Some(b) = nvml() {
+        return (Some(b), VramSource::Nvml);
+    }
+    if let Some(b) = smi() {
+        return (Some(b), VramSource::NvidiaSmi);
+    }
+    (None, VramSource::ModelSize)
+}
+
+/// The sum of `nvidia-smi --query-gpu=memory.total` in bytes.
+fn nvidia_smi_total() -> Option<u64> {
+    let out = std::process::Command::new("nvidia-smi")
+        .args(["--query-gpu=memory.total", "--format=csv,noheader,nounits"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())?;
+    let mib: f64 = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.trim().parse::<f64>().ok())
+        .sum();
+    (mib > 0.0).then_some((mib * 1024.0 * 1024.0) as u64)
+}
+
+pub struct OllamaReceiverFactory;
+
+impl ReceiverFactory for OllamaReceiverFactory {
+    type Config = OllamaConfig;
+
+    fn kind(&self) -> &'static str {
+        "ollama"
+    }
+
+    fn description(&self) -> &'static str {
+        "polls Ollama's /api/ps: loaded models, VRAM use and share, context length, time to unload, KV-cache usage"
+    }
+
+    fn build(
+        &self,
+        config: OllamaConfig,
+        _: &BuildContext,
+    ) -> Result<Box<dyn Receiver>, ComponentError> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let client = reqwest::Client::builder()
+            .timeout(config.timeout)
+            .build()
+            .map_err(|e| ComponentError::Config(format!("cannot build the HTTP client: {e}")))?;
+        Ok(Box::new(OllamaReceiver { config, client }))
+    }
+}
+
+struct OllamaReceiver {
+    config: OllamaConfig,
+    client: reqwest::Client,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Ps {
+    #[serde(default)]
+    pub models: Vec<LoadedModel>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct LoadedModel {
+    pub name: String,
+    #[serde(default)]
+    pub model: Option<String>,
+    #[serde(default)]
+    pub size: u64,
+    #[serde(default)]
+    pub size_vram: u64,
+    #[serde(default)]
+    pub context_length: Option<u64>,
+    #[serde(default)]
+    pub expires_at: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Version {
+    version: String,
+}
+
+#[async_trait]
+impl Receiver for OllamaReceiver {
+    async fn run(self: Box<Self>, ctx: ReceiverContext) -> Result<(), ComponentError> {
+        let c = &self.config;
+        let (total, source) = tokio::task::spawn_blocking({
+            let configured = c.max_vram_gb;
+            move || {
+                total_vram(
+                    configured,
+                    std::env::var("GENAI_OLLAMA_MAX_VRAM_GB").ok(),
+                    crate::nvml::total_gpu_memory,
+                    nvidia_smi_total,
+                )
+            }
+        })
+        .await
+        .unwrap_or((None, VramSource::ModelSize));
+        match total {
+            Some(b) => {
+                info!(receiver = %ctx.id, source = ?source, total_vram_gib = b as f64 / GIB, "KV-cache usage is VRAM over the GPUs' total")
+            }
+            None => {
+                info!(receiver = %ctx.id, "no VRAM total (max_vram_gb, GENAI_OLLAMA_MAX_VRAM_GB, NVML, nvidia-smi): KV-cache usage falls back to each model's VRAM share of its own size")
+            }
+        }
+        let base = c.endpoint.trim_end_matches('/').to_owned();
+        let url = reqwest::Url::parse(&base).map_err(|e| ComponentError::Config(e.to_string()))?;
+        let mut resource = vec![
+            kv("service.name", ctx.id.to_string()),
+            kv("gen_ai.provider.name", "ollama"),
+            kv("server.address", url.host_str().unwrap_or("")),
+            kv("server.port", url.port_or_known_default().unwrap_or(11434)),
+        ];
+        if let Some(p) = &c.pool {
+            resource.push(kv("gen_ai.pool.name", p.as_str()));
+        }
+        let mut version: Option<String> = None;
+        let mut was_up: Option<bool> = None;
+        let mut tick = tokio::time::interval(c.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = ctx.shutdown.cancelled() => return Ok(()),
+                _ = tick.tick() => {}
+            }
+            let now = now_unix_nanos();
+            let polled = self.get::<Ps>(&format!("{base}/api/ps")).await;
+            let up = polled.is_ok();
+            match (&polled, was_up) {
+                (Err(e), Some(true) | None) => {
+                    warn!(receiver = %ctx.id, endpoint = %base, error = %e, "Ollama did not answer")
+                }
+                (Err(e), Some(false)) => {
+                    debug!(receiver = %ctx.id, error = %e, "Ollama still down")
+                }
+                (Ok(_), Some(false)) => {
+                    info!(receiver = %ctx.id, endpoint = %base, "Ollama is back")
+                }
+                _ => {}
+            }
+            if let Err(e) = &polled {
+                ctx.output.report_error(format!("{base}: {e}"));
+            }
+            // The version once per connection: after a start and after every outage.
+            if up && was_up != Some(true) {
+                version = self
+                    .get::<Version>(&format!("{base}/api/version"))
+                    .await
+                    .ok()
+                    .map(|v| v.version);
+            }
+            was_up = Some(up);
+            let mut attrs = resource.clone();
+            if let (true, Some(v)) = (up, &version) {
+                attrs.push(kv("service.version", v.as_str()));
+            }
+            let models = polled.map(|p| p.models).unwrap_or_default();
+            let mut metrics = model_metrics(&models, total, now, up);
+            metrics.push(Metric::gauge(
+                "up",
+                "",
+                vec![number_point(now, if up { 1.0 } else { 0.0 }, Vec::new())],
+            ));
+            if ctx
+                .output
+                .send(Batch::with_resource(attrs, metrics))
+                .await
+                .is_err()
+            {
+                return Ok(());
+            }
+        }
+    }
+}
+
+impl OllamaReceiver {
+    async fn get<T: serde::de::DeserializeOwned>(&self, url: &str) -> Result<T, String> {
+        let response = self.client.get(url).send().await.map_err(|e| {
+            if e.is_timeout() {
+                format!("timed out after {:?}", self.config.timeout)
+            } else {
+                format!("cannot connect: {e}")
+            }
+        })?;
+        if !response.status().is_success() {
+            return Err(format!("answered HTTP {}", response.status().as_u16()));
+        }
+        let body = response
+            .bytes()
+            .await
+            .map_err(|e| format!("cannot read the answer: {e}"))?;
+        if body.len() > 4 << 20 {
+            return Err("the answer is larger than 4 MiB".into());
+        }
+        serde_json::from_slice(&body).map_err(|e| format!("not the JSON Ollama sends: {e}"))
+    }
+}
+
+/// Seconds from `now` (Unix ns) until an RFC 3339 `expires_at`.
+fn seconds_until(expires_at: &str, now: u64) -> Option<f64> {
+    let t = humantime::parse_rfc3339_weak(expires_at.get(..19)?).ok()?;
+    let mut secs = t.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs_f64();
+    // The offset Ollama writes after the seconds (`+02:00`, `Z`), and any fraction.
+    let rest = &expires_at[19..];
+    let frac_end = rest
+        .find(|c: char| c != '.' && !c.is_ascii_digit())
+        .unwrap_or(rest.len());
+    if let Some(f) = rest[..frac_end].strip_prefix('.').filter(|f| !f.is_empty()) {
+        secs += format!("0.{f}").parse::<f64>().unwrap_or(0.0);
+    }
+    let offset = &rest[frac_end..];
+    if let (Some(sign), Some(hm)) = (
+        offset.chars().next().filter(|c| *c == '+' || *c == '-'),
+        offset.get(1..),
+    ) {
+        let (h, m) = hm.split_once(':').unwrap_or((hm, "0"));
+        let off = h.parse::<f64>().unwrap_or(0.0) * 3600.0 + m.parse::<f64>().unwrap_or(0.0) * 60.0;
+        secs += if sign == '+' { -off } else { off };
+    }
+    Some(secs - now as f64 / 1e9)
+}
+
+/// The per-model series and the count of loaded models. A poll that failed reports no models
+/// rather than the last ones seen, so nothing stale survives an outage.
+pub fn model_metrics(
+    models: &[LoadedModel],
+    total_vram: Option<u64>,
+    now: u64,
+    up: bool,
+) -> Vec<Metric> {
+    let mut size = Vec::new();
+    let mut vram = Vec::new();
+    let mut share = Vec::new();
+    let mut kv_cache = Vec::new();
+    let mut context = Vec::new();
+    let mut expires = Vec::new();
+    for m in models {
+        let attrs = || -> Vec<KeyValue> {
+            vec![kv(
+                "gen_ai.request.model",
+                m.model.as_deref().unwrap_or(&m.name),
+            )]
+        };
+        size.push(number_point(now, m.size as f64, attrs()));
+        vram.push(number_point(now, m.size_vram as f64, attrs()));
+        let own_share = if m.size > 0 {
+            m.size_vram as f64 / m.size as f64 * 100.0
+        } else {
+            0.0
+        };
+        share.push(number_point(now, own_share, attrs()));
+        let usage = match total_vram {
+            Some(t) if t > 0 => m.size_vram as f64 / t as f64 * 100.0,
+            _ => own_share,
+        };
+        kv_cache.push(number_point(now, usage, attrs()));
+        if let Some(c) = m.context_length {
+            context.push(number_point(now, c as f64, attrs()));
+        }
+        if let Some(s) = m.expires_at.as_deref().and_then(|e| seconds_until(e, now)) {
+            expires.push(number_point(now, s.max(0.0), attrs()));
+        }
+    }
+    let mut out = Vec::new();
+    if up {
+        out.push(Metric::gauge(
+            "ollama.models.loaded",
+            "{model}",
+            vec![number_point(now, models.len() as f64, Vec::new())],
+        ));
+    }
+    for (name, unit, points) in [
+        ("ollama.model.size", "By", size),
+        ("ollama.model.vram.usage", "By", vram),
+        ("ollama.model.vram.share", "%", share),
+        ("gen_ai.server.kv_cache.usage", "%", kv_cache),
+        ("ollama.model.context_length", "{token}", context),
+        ("ollama.model.expires_in", "s", expires),
+    ] {
+        if !points.is_empty() {
+            out.push(Metric::gauge(name, unit, points));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use genai_collector_core::model::{metric, number_value, AttributesExt};
+
+    fn fixture(name: &str) -> Ps {
+        let text = std::fs::read_to_string(format!(
+            "{}/../tests/fixtures/ollama/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap();
+        serde_json::from_str(&text).unwrap()
+    }
+
+    fn values(metrics: &[Metric], name: &str) -> Vec<(String, f64)> {
+        let m = metrics
+            .iter()
+            .find(|m| m.name == name)
+            .unwrap_or_else(|| panic!("no {name}"));
+        let Some(metric::Data::Gauge(g)) = &m.data else {
+            panic!()
+        };
+        g.data_points
+            .iter()
+            .map(|p| {
+                (
+                    p.attributes
+                        .get_str("gen_ai.request.model")
+                        .unwrap_or("")
+                        .to_owned(),
+                    number_value(p).unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn two_models_one_partly_offloaded() {
+        let ps = fixture("ps-two-models.json");
+        let total = 24.0 * GIB;
+        let m = model_metrics(
+            &ps.models,
+            Some(total as u64),
+            1_795_359_780_000_000_000,
+            true,
+        );
+        assert_eq!(
+            values(&m, "ollama.models.loaded"),
+            vec![(String::new(), 2.0)]
+        );
+        let share = values(&m, "ollama.model.vram.share");
+        assert_eq!(share[0], ("llama3.1:8b".into(), 100.0));
+        assert!(
+            (share[1].1 - 14010000000.0 / 23345103872.0 * 100.0).abs() < 1e-9,
+            "partly offloaded: {share:?}"
+        );
+        let usage = values(&m, "gen_ai.server.kv_cache.usage");
+        assert!((usage[0].1 - 6654289920.0 / total * 100.0).abs() < 1e-9);
+        assert_eq!(
+            values(&m, "ollama.model.context_length")[1],
+            ("qwen2.5:32b".into(), 4096.0)
+        );
+        // 2026-11-22T15:04:05.123456789Z is 65.123456789 s after 15:03:00Z.
+        let expires = values(&m, "ollama.model.expires_in");
+        assert!((expires[0].1 - 65.123_456_789).abs() < 1e-3, "{expires:?}");
+    }
+
+    #[test]
+    fn older_ollama_and_empty_answers() {
+        let ps = fixture("ps-real-nirmato-issue13.json");
+        let m = model_metrics(&ps.models, None, 0, true);
+        assert_eq!(
+            values(&m, "gen_ai.server.kv_cache.usage"),
+            vec![("gemma3:latest".into(), 100.0)],
+            "fallback: share of its own size"
+        );
+        assert!(
+            !m.iter().any(|x| x.name == "ollama.model.context_length"),
+            "no context_length in older Ollama"
+        );
+        let empty = fixture("ps-empty.json");
+        let m = model_metrics(&empty.models, None, 0, true);
+        assert_eq!(m.len(), 1, "only the count, no stale per-model series");
+        assert!(model_metrics(&[], None, 0, false).is_empty());
+    }
+
+    #[test]
+    fn vram_sources_in_order() {
+        let none = || None;
+        assert_eq!(
+            total_vram(Some(24.0), Some("80".into()), || Some(1), none),
+            (Some(24 * (1 << 30)), VramSource::Config)
+        );
+        assert_eq!(
+            total_vram(None, Some("80".into()), || Some(1), none),
+            (Some(80 * (1 << 30)), VramSource::Environment)
+        );
+        assert_eq!(
+            total_vram(None, Some("junk".into()), || Some(7), none),
+            (Some(7), VramSource::Nvml)
+        );
+        assert_eq!(
+            total_vram(None, None, none, || Some(9)),
+            (Some(9), VramSource::NvidiaSmi)
+        );
+        assert_eq!(
+            total_vram(None, None, none, none),
+            (None, VramSource::ModelSize)
+        );
+    }
+
+    #[test]
+    fn expiry_with_offsets() {
+        let now = 1_754_604_446_000_000_000; // 2025-08-07T22:07:26Z
+        let s = seconds_until("2025-08-08T00:07:26.817827822+02:00", now).unwrap();
+        assert!((s - 0.817827822).abs() < 1e-3, "{s}");
+        assert_eq!(seconds_until("soon", now), None);
+    }
+}
