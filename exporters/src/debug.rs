@@ -109,6 +109,13 @@ pub fn render(batch: &Batch, verbosity: Verbosity, out: &mut String) {
             } else {
                 format!(" {}", m.unit)
             };
+            // Where the point came from, so that `up 0` says which target is down.
+            let origin: Vec<String> = ["service.name", "service.instance.id"]
+                .iter()
+                .filter_map(|k| resource.iter().find(|kv| kv.key == *k))
+                .filter_map(|kv| kv.value.as_ref().map(display_value))
+                .collect();
+            let origin = origin.join(" ");
             let mut line = |time: u64, attrs: &[KeyValue], value: &str| {
                 if verbosity == Verbosity::Detailed {
                     let t = UNIX_EPOCH + Duration::from_nanos(time);
@@ -120,6 +127,8 @@ pub fn render(batch: &Batch, verbosity: Verbosity, out: &mut String) {
                 if verbosity == Verbosity::Detailed && !resource.is_empty() {
                     out.push_str(" resource");
                     write_attrs(out, resource);
+                } else if !origin.is_empty() {
+                    let _ = write!(out, " ({origin})");
                 }
                 out.push('\n');
             };
@@ -243,8 +252,8 @@ mod tests {
         render(&batch(), Verbosity::Normal, &mut out);
         assert_eq!(
             out,
-            "gauge gen_ai.server.kv_cache.usage{gen_ai.request.model=\"llama\"} 42.5 %\n\
-             histogram gen_ai.server.request.duration count=3 sum=1.5 buckets=[0.5:1,+Inf:2] s\n"
+            "gauge gen_ai.server.kv_cache.usage{gen_ai.request.model=\"llama\"} 42.5 % (vllm)\n\
+             histogram gen_ai.server.request.duration count=3 sum=1.5 buckets=[0.5:1,+Inf:2] s (vllm)\n"
         );
     }
 

@@ -181,3 +181,48 @@ async fn duplicates_and_a_hundred_thousand_series() {
         100_000
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scraped_pages_come_out_normalised() {
+    let v1 = sim::start(EngineKind::VllmV1, "127.0.0.1:0").await.unwrap();
+    let tgi = sim::start(EngineKind::Tgi, "127.0.0.1:0").await.unwrap();
+    let yaml = format!(
+        "receivers:\n  vllm: {{ targets: [\"{}\"], interval: 200ms }}\n  tgi: {{ targets: [\"{}\"], interval: 200ms }}\nprocessors:\n  genai_normalize: {{}}\nexporters:\n  capture: {{}}\nservice:\n  telemetry: {{ endpoint: null }}\n  pipelines:\n    metrics: {{ receivers: [vllm, tgi], processors: [genai_normalize], exporters: [capture] }}\n",
+        v1.metrics_url(),
+        tgi.metrics_url()
+    );
+    let capture = run_for(&yaml, 0.7).await;
+    let by_target = scrapes(&capture);
+    let v = &by_target[&v1.metrics_url()][0];
+    let usage = v.gauge("gen_ai.server.kv_cache.usage").unwrap();
+    assert!(
+        (0.0..=100.0).contains(&usage) && usage > 1.0,
+        "percent, not ratio: {usage}"
+    );
+    assert_eq!(v.metrics["gen_ai.server.kv_cache.usage"].unit, "%");
+    let Some(metric::Data::Sum(tokens)) = &v.metrics["gen_ai.server.token.usage"].data else {
+        panic!("sum")
+    };
+    assert_eq!(tokens.data_points.len(), 2, "input and output");
+    for name in [
+        "gen_ai.server.requests.running",
+        "gen_ai.server.requests.waiting",
+        "gen_ai.server.request.duration",
+        "gen_ai.server.time_to_first_token",
+        "gen_ai.server.time_per_output_token",
+    ] {
+        assert!(v.metrics.contains_key(name), "vLLM V1 gives {name}");
+    }
+    let t = &by_target[&tgi.metrics_url()][0];
+    let Some(metric::Data::Gauge(queue)) = &t.metrics["gen_ai.server.requests.waiting"].data else {
+        panic!("gauge")
+    };
+    use genai_collector_core::model::AttributesExt;
+    assert_eq!(
+        queue.data_points[0]
+            .attributes
+            .get_str("gen_ai.request.model"),
+        Some("meta-llama/Llama-3.1-8B-Instruct"),
+        "TGI's model from /info on every point"
+    );
+}

@@ -1,0 +1,551 @@
+//! `genai_normalize`: maps each engine's native metrics onto the `gen_ai` vocabulary.
+//!
+//! The mappings are data: one YAML table per engine in `processors/tables/` (compiled in), plus
+//! tables users name in config for their own servers. A table renames metrics, converts units
+//! (`scale`), adds attributes (`gen_ai.token.type`) and renames attributes (`model_name` →
+//! `gen_ai.request.model`). It applies to resources whose `gen_ai.provider.name` is its engine,
+//! to resources with no provider (pushed or generically scraped data, which then gets the
+//! engine as provider), or to those its `match` names.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+
+use genai_collector_core::model::{
+    metric, AttributesExt, Batch, KeyValue, Metric, MetricExt, ScopeMetrics,
+};
+use genai_collector_core::{
+    BuildContext, ComponentConfig, ComponentError, Processor, ProcessorFactory,
+};
+use serde::Deserialize;
+
+/// The built-in tables, by file name.
+pub const BUILTIN_TABLES: &[(&str, &str)] = &[
+    ("vllm.yaml", include_str!("../tables/vllm.yaml")),
+    ("tgi.yaml", include_str!("../tables/tgi.yaml")),
+    ("llamacpp.yaml", include_str!("../tables/llamacpp.yaml")),
+    ("sglang.yaml", include_str!("../tables/sglang.yaml")),
+    ("ollama.yaml", include_str!("../tables/ollama.yaml")),
+];
+
+/// One mapping table, as written in YAML.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Table {
+    /// The engine: compared with `gen_ai.provider.name`, and set as it where absent.
+    pub engine: String,
+    /// Apply only to resources with these attributes (`service.name: my-reranker`).
+    #[serde(default, rename = "match")]
+    pub match_attrs: BTreeMap<String, String>,
+    /// Point attribute renames (`model_name: gen_ai.request.model`).
+    #[serde(default)]
+    pub attributes: BTreeMap<String, String>,
+    pub metrics: Vec<Rule>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    pub from: String,
+    pub to: String,
+    pub unit: Option<String>,
+    /// Multiplies every value (ratio → %: 100; ms → s: 0.001).
+    #[serde(default = "one")]
+    pub scale: f64,
+    /// Attributes set on every point.
+    #[serde(default)]
+    pub attributes: BTreeMap<String, String>,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Unmapped {
+    /// Metrics no table maps pass through unchanged.
+    #[default]
+    Keep,
+    /// Metrics no table maps are dropped; `gen_ai.*`, `hw.*`, `up` and `scrape_*` stay.
+    Drop,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NormalizeConfig {
+    /// Your own tables (YAML files in the built-in tables' format); they win over built-ins.
+    pub tables: Vec<PathBuf>,
+    /// Use the built-in engine tables.
+    pub builtin_tables: bool,
+    pub unmapped: Unmapped,
+}
+
+impl Default for NormalizeConfig {
+    fn default() -> Self {
+        Self {
+            tables: Vec::new(),
+            builtin_tables: true,
+            unmapped: Unmapped::Keep,
+        }
+    }
+}
+
+impl ComponentConfig for NormalizeConfig {}
+
+pub struct GenaiNormalizeFactory;
+
+impl ProcessorFactory for GenaiNormalizeFactory {
+    type Config = NormalizeConfig;
+
+    fn kind(&self) -> &'static str {
+        "genai_normalize"
+    }
+
+    fn description(&self) -> &'static str {
+        "maps engine metrics (vLLM, TGI, llama.cpp, SGLang, your own tables) to the gen_ai vocabulary"
+    }
+
+    fn build(
+        &self,
+        config: &NormalizeConfig,
+        _: &BuildContext,
+    ) -> Result<Box<dyn Processor>, ComponentError> {
+        let mut tables = Vec::new();
+        for path in &config.tables {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| ComponentError::Config(format!("table {}: {e}", path.display())))?;
+            tables.push(
+                parse_table(&text).map_err(|e| {
+                    ComponentError::Config(format!("table {}: {e}", path.display()))
+                })?,
+            );
+        }
+        if config.builtin_tables {
+            for (name, text) in BUILTIN_TABLES {
+                tables.push(
+                    parse_table(text).map_err(|e| {
+                        ComponentError::Config(format!("built-in table {name}: {e}"))
+                    })?,
+                );
+            }
+        }
+        Ok(Box::new(GenaiNormalize::new(tables, config.unmapped)))
+    }
+}
+
+/// Reads a table, with the YAML crate's located error on a mistake.
+pub fn parse_table(text: &str) -> Result<Table, String> {
+    let table: Table = serde_saphyr::from_str(text).map_err(|e| e.to_string())?;
+    for r in &table.metrics {
+        if !r.scale.is_finite() || r.scale == 0.0 {
+            return Err(format!(
+                "metric `{}`: scale must be a non-zero number",
+                r.from
+            ));
+        }
+    }
+    Ok(table)
+}
+
+struct Compiled {
+    table: Table,
+    rules: HashMap<String, usize>,
+}
+
+pub struct GenaiNormalize {
+    tables: Vec<Compiled>,
+    unmapped: Unmapped,
+}
+
+const MODEL: &str = "gen_ai.request.model";
+const PROVIDER: &str = "gen_ai.provider.name";
+
+fn kept_when_unmapped(name: &str) -> bool {
+    name.starts_with("gen_ai.")
+        || name.starts_with("hw.")
+        || name == "up"
+        || name.starts_with("scrape_")
+}
+
+impl GenaiNormalize {
+    pub fn new(tables: Vec<Table>, unmapped: Unmapped) -> Self {
+        let tables = tables
+            .into_iter()
+            .map(|table| {
+                let rules = table
+                    .metrics
+                    .iter()
+                    .enumerate()
+                    .map(|(i, r)| (r.from.clone(), i))
+                    .collect();
+                Compiled { table, rules }
+            })
+            .collect();
+        Self { tables, unmapped }
+    }
+
+    /// The tables that may apply to a resource with these attributes.
+    fn applicable(&self, attrs: &[KeyValue]) -> Vec<usize> {
+        let provider = attrs
+            .iter()
+            .find(|kv| kv.key == PROVIDER)
+            .and_then(|kv| kv.value.as_ref())
+            .map(genai_collector_core::model::display_value);
+        (0..self.tables.len())
+            .filter(|&i| {
+                let t = &self.tables[i].table;
+                if !t.match_attrs.is_empty() {
+                    return t.match_attrs.iter().all(|(k, v)| {
+                        attrs.iter().any(|kv| {
+                            &kv.key == k
+                                && kv
+                                    .value
+                                    .as_ref()
+                                    .map(genai_collector_core::model::display_value)
+                                    .as_deref()
+                                    == Some(v)
+                        })
+                    });
+                }
+                provider.as_deref().is_none_or(|p| p == t.engine)
+            })
+            .collect()
+    }
+}
+
+impl Processor for GenaiNormalize {
+    fn process(&mut self, batch: &mut Batch) {
+        for rm in &mut batch.resource_metrics {
+            let resource_attrs: Vec<KeyValue> = rm
+                .resource
+                .as_ref()
+                .map(|r| r.attributes.clone())
+                .unwrap_or_default();
+            let tables = self.applicable(&resource_attrs);
+            let model = resource_attrs.get_str(MODEL).map(str::to_owned);
+            let mut engine: Option<String> = None;
+            for sm in &mut rm.scope_metrics {
+                let mut renamed = false;
+                let unmapped = self.unmapped;
+                sm.metrics.retain_mut(|m| {
+                    let hit = tables
+                        .iter()
+                        .find_map(|&t| self.tables[t].rules.get(&m.name).map(|&r| (t, r)));
+                    let Some((t, r)) = hit else {
+                        return unmapped == Unmapped::Keep || kept_when_unmapped(&m.name);
+                    };
+                    let table = &self.tables[t].table;
+                    apply(m, &table.metrics[r], &table.attributes, model.as_deref());
+                    engine.get_or_insert_with(|| table.engine.clone());
+                    renamed = true;
+                    true
+                });
+                if renamed {
+                    merge_same_names(sm);
+                }
+            }
+            if let (Some(e), Some(res)) = (engine, rm.resource.as_mut()) {
+                if res.attributes.get_str(PROVIDER).is_none() {
+                    res.attributes.set_attr(PROVIDER, e);
+                }
+            }
+        }
+    }
+}
+
+fn apply(m: &mut Metric, rule: &Rule, renames: &BTreeMap<String, String>, model: Option<&str>) {
+    m.rename(&rule.to);
+    if rule.scale != 1.0 {
+        m.scale(rule.scale);
+    }
+    if let Some(u) = &rule.unit {
+        u.clone_into(&mut m.unit);
+    }
+    m.for_each_point_attrs(|attrs| {
+        for (from, to) in renames {
+            attrs.rename_attr(from, to);
+        }
+        for (k, v) in &rule.attributes {
+            attrs.set_attr(k, v.as_str());
+        }
+        if let (Some(model), None) = (model, attrs.get_attr(MODEL)) {
+            attrs.set_attr(MODEL, model);
+        }
+    });
+}
+
+/// Metrics renamed to one name (input and output tokens) become one metric with all points,
+/// when their kinds agree.
+fn merge_same_names(sm: &mut ScopeMetrics) {
+    let mut first: HashMap<String, usize> = HashMap::new();
+    let mut i = 0;
+    while i < sm.metrics.len() {
+        match first.get(&sm.metrics[i].name) {
+            Some(&j) if same_kind(&sm.metrics[j], &sm.metrics[i]) => {
+                let extra = sm.metrics.remove(i);
+                append_points(&mut sm.metrics[j], extra);
+            }
+            _ => {
+                first.entry(sm.metrics[i].name.clone()).or_insert(i);
+                i += 1;
+            }
+        }
+    }
+}
+
+fn same_kind(a: &Metric, b: &Metric) -> bool {
+    match (&a.data, &b.data) {
+        (Some(metric::Data::Sum(x)), Some(metric::Data::Sum(y))) => {
+            x.is_monotonic == y.is_monotonic
+                && x.aggregation_temporality == y.aggregation_temporality
+        }
+        (Some(metric::Data::Histogram(x)), Some(metric::Data::Histogram(y))) => {
+            x.aggregation_temporality == y.aggregation_temporality
+        }
+        (x, y) => a.kind_name() == b.kind_name() && x.is_some() && y.is_some(),
+    }
+}
+
+fn append_points(into: &mut Metric, from: Metric) {
+    match (&mut into.data, from.data) {
+        (Some(metric::Data::Gauge(a)), Some(metric::Data::Gauge(b))) => {
+            a.data_points.extend(b.data_points)
+        }
+        (Some(metric::Data::Sum(a)), Some(metric::Data::Sum(b))) => {
+            a.data_points.extend(b.data_points)
+        }
+        (Some(metric::Data::Histogram(a)), Some(metric::Data::Histogram(b))) => {
+            a.data_points.extend(b.data_points)
+        }
+        (Some(metric::Data::Summary(a)), Some(metric::Data::Summary(b))) => {
+            a.data_points.extend(b.data_points)
+        }
+        (
+            Some(metric::Data::ExponentialHistogram(a)),
+            Some(metric::Data::ExponentialHistogram(b)),
+        ) => a.data_points.extend(b.data_points),
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use genai_collector_core::model::{kv, number_point, number_value};
+
+    fn normalize(config: NormalizeConfig) -> Box<dyn Processor> {
+        let ctx = BuildContext {
+            id: genai_collector_core::ComponentId::parse("genai_normalize").unwrap(),
+            pipeline: Some("metrics".into()),
+            telemetry: Default::default(),
+        };
+        GenaiNormalizeFactory.build(&config, &ctx).unwrap()
+    }
+
+    fn gauge(name: &str, value: f64, attrs: Vec<KeyValue>) -> Metric {
+        Metric::gauge(name, "", vec![number_point(1, value, attrs)])
+    }
+
+    fn find<'a>(b: &'a Batch, name: &str) -> &'a Metric {
+        b.metrics()
+            .find(|m| m.name == name)
+            .unwrap_or_else(|| panic!("no {name}"))
+    }
+
+    #[test]
+    fn builtin_tables_parse() {
+        for (name, text) in BUILTIN_TABLES {
+            let t = parse_table(text).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(
+                t.metrics.iter().all(|r| r.to.starts_with("gen_ai.")),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn vllm_names_units_and_attributes() {
+        let mut b = Batch::with_resource(
+            vec![kv(PROVIDER, "vllm")],
+            vec![
+                gauge(
+                    "vllm:kv_cache_usage_perc",
+                    0.4375,
+                    vec![kv("model_name", "llama"), kv("engine", "0")],
+                ),
+                Metric::sum(
+                    "vllm:prompt_tokens_total",
+                    "",
+                    true,
+                    vec![number_point(1, 100.0, vec![kv("model_name", "llama")])],
+                ),
+                Metric::sum(
+                    "vllm:generation_tokens_total",
+                    "",
+                    true,
+                    vec![number_point(1, 40.0, vec![kv("model_name", "llama")])],
+                ),
+                gauge("vllm:num_preemptions_total", 1.0, vec![]),
+            ],
+        );
+        normalize(NormalizeConfig::default()).process(&mut b);
+        let kv_cache = find(&b, "gen_ai.server.kv_cache.usage");
+        assert_eq!(kv_cache.unit, "%");
+        let Some(metric::Data::Gauge(g)) = &kv_cache.data else {
+            panic!()
+        };
+        assert_eq!(number_value(&g.data_points[0]), Some(43.75));
+        assert_eq!(g.data_points[0].attributes.get_str(MODEL), Some("llama"));
+        assert_eq!(g.data_points[0].attributes.get_str("model_name"), None);
+        let tokens = find(&b, "gen_ai.server.token.usage");
+        let Some(metric::Data::Sum(s)) = &tokens.data else {
+            panic!()
+        };
+        let types: Vec<_> = s
+            .data_points
+            .iter()
+            .map(|p| p.attributes.get_str("gen_ai.token.type").unwrap())
+            .collect();
+        assert_eq!(
+            types,
+            ["input", "output"],
+            "input and output tokens are one metric"
+        );
+        assert_eq!(
+            b.metrics()
+                .filter(|m| m.name == "gen_ai.server.token.usage")
+                .count(),
+            1
+        );
+        assert!(
+            b.metrics().any(|m| m.name == "vllm:num_preemptions_total"),
+            "unmapped metrics are kept"
+        );
+    }
+
+    #[test]
+    fn model_from_the_resource_and_provider_from_the_table() {
+        let mut b = Batch::with_resource(
+            vec![kv(PROVIDER, "tgi"), kv(MODEL, "mistral")],
+            vec![gauge("tgi_queue_size", 3.0, vec![])],
+        );
+        b.push_resource(
+            vec![kv("service.name", "llama-box")],
+            vec![gauge("llamacpp:requests_processing", 2.0, vec![])],
+        );
+        normalize(NormalizeConfig::default()).process(&mut b);
+        let waiting = find(&b, "gen_ai.server.requests.waiting");
+        let Some(metric::Data::Gauge(g)) = &waiting.data else {
+            panic!()
+        };
+        assert_eq!(g.data_points[0].attributes.get_str(MODEL), Some("mistral"));
+        let llama = &b.resource_metrics[1];
+        assert_eq!(
+            llama
+                .resource
+                .as_ref()
+                .unwrap()
+                .attributes
+                .get_str(PROVIDER),
+            Some("llama.cpp"),
+            "a provider-less resource gets the table's engine"
+        );
+        assert_eq!(
+            llama.scope_metrics[0].metrics[0].name,
+            "gen_ai.server.requests.running"
+        );
+    }
+
+    #[test]
+    fn a_table_only_applies_to_its_engine() {
+        // An SGLang resource with a metric that happens to carry a vLLM name is not renamed.
+        let mut b = Batch::with_resource(
+            vec![kv(PROVIDER, "sglang")],
+            vec![gauge("vllm:num_requests_running", 1.0, vec![])],
+        );
+        normalize(NormalizeConfig::default()).process(&mut b);
+        assert_eq!(
+            b.metrics().next().unwrap().name,
+            "vllm:num_requests_running"
+        );
+    }
+
+    #[test]
+    fn a_custom_server_by_user_table_and_drop_mode() {
+        let dir = std::env::temp_dir().join(format!("tables-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("reranker.yaml");
+        std::fs::write(
+            &path,
+            "engine: reranker\nmatch: { service.name: cross-encoder }\nmetrics:\n  - { from: request_latency_seconds, to: gen_ai.server.request.duration, unit: s }\n  - { from: model_queue_size, to: gen_ai.server.requests.waiting, unit: \"{request}\" }\n  - { from: padding_ratio, to: gen_ai.server.padding.usage, unit: \"%\", scale: 100 }\n",
+        )
+        .unwrap();
+        let mut b = Batch::with_resource(
+            vec![kv("service.name", "cross-encoder")],
+            vec![
+                gauge("model_queue_size", 4.0, vec![]),
+                gauge("padding_ratio", 0.25, vec![]),
+                gauge("python_gc_objects_collected_total", 9.0, vec![]),
+                gauge("up", 1.0, vec![]),
+            ],
+        );
+        let config = NormalizeConfig {
+            tables: vec![path],
+            unmapped: Unmapped::Drop,
+            ..Default::default()
+        };
+        normalize(config).process(&mut b);
+        let names: Vec<&str> = b.metrics().map(|m| m.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "gen_ai.server.requests.waiting",
+                "gen_ai.server.padding.usage",
+                "up"
+            ]
+        );
+        let Some(metric::Data::Gauge(g)) = &find(&b, "gen_ai.server.padding.usage").data else {
+            panic!()
+        };
+        assert_eq!(number_value(&g.data_points[0]), Some(25.0));
+        assert_eq!(
+            b.resource_metrics[0]
+                .resource
+                .as_ref()
+                .unwrap()
+                .attributes
+                .get_str(PROVIDER),
+            Some("reranker")
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn pushed_gen_ai_data_passes_and_bad_tables_are_errors() {
+        let mut b = Batch::with_resource(
+            vec![],
+            vec![gauge(
+                "gen_ai.server.requests.running",
+                5.0,
+                vec![kv(MODEL, "m")],
+            )],
+        );
+        let before = b.clone();
+        normalize(NormalizeConfig {
+            unmapped: Unmapped::Drop,
+            ..Default::default()
+        })
+        .process(&mut b);
+        assert_eq!(b, before);
+        assert!(
+            parse_table("engine: x\nmetrics:\n  - { from: a, to: b, scale: 0 }\n")
+                .unwrap_err()
+                .contains("scale")
+        );
+        assert!(
+            parse_table("engine: x\nmetrics:\n  - { from: a, too: b }\n")
+                .unwrap_err()
+                .contains("too")
+        );
+    }
+}
