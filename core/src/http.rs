@@ -16,7 +16,7 @@ pub async fn serve_telemetry(
     endpoint: &str,
     telemetry: Telemetry,
     stop: CancellationToken,
-) -> std::io::Result<SocketAddr> {
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind(endpoint).await?;
     let addr = listener.local_addr()?;
     let app = Router::new()
@@ -24,13 +24,13 @@ pub async fn serve_telemetry(
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(telemetry);
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         let server = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned());
         if let Err(e) = server.await {
             tracing::warn!(error = %e, "self-telemetry endpoint stopped");
         }
     });
-    Ok(addr)
+    Ok((addr, task))
 }
 
 async fn metrics(State(t): State<Telemetry>) -> impl IntoResponse {

@@ -327,16 +327,21 @@ impl Service {
     /// Starts every task and the self-telemetry endpoint.
     pub async fn start(self) -> Result<RunningService, StartError> {
         let stop_http = CancellationToken::new();
-        let telemetry_addr = match &self.telemetry_endpoint {
-            Some(endpoint) => Some(
-                crate::http::serve_telemetry(endpoint, self.telemetry.clone(), stop_http.clone())
-                    .await
-                    .map_err(|source| StartError::Telemetry {
-                        endpoint: endpoint.clone(),
-                        source,
-                    })?,
-            ),
-            None => None,
+        let (telemetry_addr, http_task) = match &self.telemetry_endpoint {
+            Some(endpoint) => {
+                let (addr, task) = crate::http::serve_telemetry(
+                    endpoint,
+                    self.telemetry.clone(),
+                    stop_http.clone(),
+                )
+                .await
+                .map_err(|source| StartError::Telemetry {
+                    endpoint: endpoint.clone(),
+                    source,
+                })?;
+                (Some(addr), Some(task))
+            }
+            None => (None, None),
         };
 
         let mut exporter_tasks = JoinSet::new();
@@ -384,6 +389,7 @@ impl Service {
         Ok(RunningService {
             telemetry: self.telemetry,
             telemetry_addr,
+            http_task,
             stop_http,
             receivers_stop,
             receiver_tasks,
@@ -407,6 +413,7 @@ impl Service {
 pub struct RunningService {
     telemetry: Telemetry,
     telemetry_addr: Option<SocketAddr>,
+    http_task: Option<tokio::task::JoinHandle<()>>,
     stop_http: CancellationToken,
     receivers_stop: CancellationToken,
     receiver_tasks: JoinSet<()>,
@@ -464,6 +471,10 @@ impl RunningService {
             );
         }
         self.stop_http.cancel();
+        // The port is free once `run_until` returns.
+        if let Some(task) = self.http_task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+        }
         info!(drained, "collector stopped");
         RunSummary {
             drained,
