@@ -11,7 +11,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::telemetry::Telemetry;
 
-/// Binds `endpoint` and serves until `stop` is cancelled; returns the bound address.
+/// Binds `endpoint` and serves until `stop` is cancelled; returns the bound address and the
+/// server task, which ends once the listener is closed.
 pub async fn serve_telemetry(
     endpoint: &str,
     telemetry: Telemetry,
