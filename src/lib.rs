@@ -39,6 +39,11 @@ impl Builtin for Components {
             .with_receiver(r::OllamaReceiverFactory)
             .with_receiver(r::NvmlReceiverFactory)
             .with_processor(genai_collector_processors::GenaiNormalizeFactory)
+            .with_processor(genai_collector_processors::PercentagesFactory)
+            .with_processor(genai_collector_processors::PoolAggregateFactory)
+            .with_processor(genai_collector_processors::BatchFactory)
+            .with_processor(genai_collector_processors::FilterFactory)
+            .with_processor(genai_collector_processors::AttributesFactory)
             .with_exporter(genai_collector_exporters::DebugExporterFactory)
     }
 }

@@ -226,3 +226,47 @@ async fn scraped_pages_come_out_normalised() {
         "TGI's model from /info on every point"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pools_from_scraped_servers() {
+    let a = sim::start(EngineKind::VllmV1, "127.0.0.1:0").await.unwrap();
+    let b = sim::start(EngineKind::VllmV1, "127.0.0.1:0").await.unwrap();
+    let yaml = format!(
+        "receivers:\n  vllm/chat: {{ targets: [\"{}\", \"{}\", \"127.0.0.1:1\"], interval: 200ms, pool: chat }}\nprocessors:\n  genai_normalize: {{}}\n  percentages: {{ max_requests: 64 }}\n  pool_aggregate: {{ interval: 300ms, compat: gateway_api_inference_extension }}\nexporters:\n  capture: {{}}\nservice:\n  telemetry: {{ endpoint: null }}\n  pipelines:\n    metrics: {{ receivers: [vllm/chat], processors: [genai_normalize, percentages, pool_aggregate], exporters: [capture] }}\n",
+        a.addr, b.addr
+    );
+    let capture = run_for(&yaml, 1.4).await;
+    let pools = common::scrapes_by_resource(&capture, "service.name")
+        .remove("genai-collector/pool_aggregate")
+        .expect("pool series");
+    let last = pools.last().unwrap();
+    assert_eq!(last.attrs["gen_ai.pool.name"], "chat");
+    assert_eq!(
+        last.gauge("gen_ai.pool.servers.ready"),
+        Some(2.0),
+        "the target that never answers is not ready"
+    );
+    assert_eq!(last.gauge("inference_pool_ready_pods"), Some(2.0));
+    let kv = last.gauge("gen_ai.pool.kv_cache.usage.average").unwrap();
+    assert!((0.0..=100.0).contains(&kv));
+    assert!(
+        (last
+            .gauge("inference_pool_average_kv_cache_utilization")
+            .unwrap()
+            - kv / 100.0)
+            .abs()
+            < 1e-9
+    );
+    let running = last.gauge("gen_ai.pool.requests.running").unwrap();
+    let capacity = last.gauge("gen_ai.pool.capacity.usage").unwrap();
+    assert!(
+        (capacity - running / 128.0 * 100.0).abs() < 1e-9,
+        "capacity over two servers of 64: {capacity} for {running}"
+    );
+    let per_server = scrapes(&capture);
+    let server = &per_server[&a.metrics_url()].last().unwrap();
+    assert!(
+        server.gauge("gen_ai.server.capacity.usage").is_some(),
+        "percentages per server"
+    );
+}

@@ -1,0 +1,556 @@
+//! `pool_aggregate`: per inference pool, the view a gateway or an autoscaler needs.
+//!
+//! A server is one resource with `gen_ai.pool.name` (set by a receiver's `pool`), identified by
+//! `service.instance.id` (else `server.address:server.port`). Every `interval` the processor
+//! emits, per pool: average KV-cache usage, average queue size, each server's queue size, ready
+//! servers, total running and waiting requests, and capacity utilisation. A server counts once,
+//! however many engines it runs (vLLM data parallel: their values add up, KV usage averages).
+//!
+//! A server whose scrape fails (`up` = 0) twice in a row leaves the averages and the ready
+//! count; one failure is a blip. A server not heard from for `stale_after` is forgotten, and a
+//! pool with no servers left stops emitting: its series go stale rather than freeze.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use genai_collector_core::config::duration;
+use genai_collector_core::model::{
+    kv, metric, now_unix_nanos, number_point, number_value, AttributesExt, Batch, KeyValue, Metric,
+    MetricExt,
+};
+use genai_collector_core::{
+    BuildContext, ComponentConfig, ComponentError, Processor, ProcessorFactory, ValidationError,
+};
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Compat {
+    /// Also emit the Gateway API Inference Extension's pool metrics.
+    GatewayApiInferenceExtension,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PoolConfig {
+    #[serde(with = "duration")]
+    pub interval: Duration,
+    #[serde(with = "duration")]
+    pub stale_after: Duration,
+    pub compat: Option<Compat>,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(10),
+            stale_after: Duration::from_secs(60),
+            compat: None,
+        }
+    }
+}
+
+impl ComponentConfig for PoolConfig {
+    fn validate(&self) -> Result<(), ValidationError> {
+        if self.interval < Duration::from_millis(100) {
+            return Err(ValidationError::field("interval", "must be at least 100ms"));
+        }
+        if self.stale_after < self.interval {
+            return Err(ValidationError::field(
+                "stale_after",
+                "must be at least the interval",
+            ));
+        }
+        Ok(())
+    }
+}
+
+pub struct PoolAggregateFactory;
+
+impl ProcessorFactory for PoolAggregateFactory {
+    type Config = PoolConfig;
+
+    fn kind(&self) -> &'static str {
+        "pool_aggregate"
+    }
+
+    fn description(&self) -> &'static str {
+        "per-pool KV-cache and queue averages, ready servers, running requests, capacity; Gateway API Inference Extension names"
+    }
+
+    fn build(
+        &self,
+        config: &PoolConfig,
+        _: &BuildContext,
+    ) -> Result<Box<dyn Processor>, ComponentError> {
+        Ok(Box::new(PoolAggregate::new(config.clone())))
+    }
+}
+
+/// What the last scrapes of one server said.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Server {
+    pub kv_cache: Option<f64>,
+    pub running: f64,
+    pub waiting: f64,
+    pub max: Option<f64>,
+    /// A scrape has succeeded since the server was first seen.
+    pub answered: bool,
+    /// Failed scrapes in a row.
+    pub misses: u32,
+    last_seen: Option<Instant>,
+}
+
+impl Server {
+    /// In the averages and the ready count.
+    pub fn live(&self) -> bool {
+        self.answered && self.misses < 2
+    }
+}
+
+/// One pool's aggregates.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PoolView {
+    pub kv_cache_average: Option<f64>,
+    pub queue_average: Option<f64>,
+    pub queue_by_server: Vec<(String, f64)>,
+    pub ready: usize,
+    pub running: f64,
+    pub waiting: f64,
+    pub capacity: Option<f64>,
+}
+
+/// The aggregates of `servers`, by their definitions.
+pub fn aggregate<'a>(servers: impl Iterator<Item = (&'a String, &'a Server)>) -> PoolView {
+    let live: Vec<(&String, &Server)> = servers.filter(|(_, s)| s.live()).collect();
+    let kv: Vec<f64> = live.iter().filter_map(|(_, s)| s.kv_cache).collect();
+    let mean = |v: &[f64]| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
+    let queues: Vec<f64> = live.iter().map(|(_, s)| s.waiting).collect();
+    let running: f64 = live.iter().map(|(_, s)| s.running).sum();
+    let maxes: Vec<f64> = live.iter().filter_map(|(_, s)| s.max).collect();
+    let max: f64 = maxes.iter().sum();
+    PoolView {
+        kv_cache_average: mean(&kv),
+        queue_average: mean(&queues),
+        queue_by_server: live
+            .iter()
+            .map(|(k, s)| ((*k).clone(), s.waiting))
+            .collect(),
+        ready: live.len(),
+        running,
+        waiting: queues.iter().sum(),
+        capacity: (!maxes.is_empty() && max > 0.0).then(|| running / max * 100.0),
+    }
+}
+
+pub struct PoolAggregate {
+    config: PoolConfig,
+    pools: BTreeMap<String, BTreeMap<String, Server>>,
+}
+
+fn values(rm_metrics: &[&Metric], name: &str) -> Vec<f64> {
+    rm_metrics
+        .iter()
+        .filter(|m| m.name == name)
+        .flat_map(|m| match &m.data {
+            Some(metric::Data::Gauge(g)) => g
+                .data_points
+                .iter()
+                .filter_map(number_value)
+                .collect::<Vec<_>>(),
+            Some(metric::Data::Sum(s)) => s.data_points.iter().filter_map(number_value).collect(),
+            _ => Vec::new(),
+        })
+        .collect()
+}
+
+fn server_key(attrs: &[KeyValue]) -> String {
+    let get = |key: &str| {
+        attrs
+            .iter()
+            .find(|kv| kv.key == key)
+            .and_then(|kv| kv.value.as_ref())
+            .map(genai_collector_core::model::display_value)
+    };
+    if let Some(id) = get("service.instance.id") {
+        return id;
+    }
+    let address = get("server.address").unwrap_or_else(|| "unknown".into());
+    match get("server.port") {
+        Some(port) => format!("{address}:{port}"),
+        None => address.to_owned(),
+    }
+}
+
+impl PoolAggregate {
+    pub fn new(config: PoolConfig) -> Self {
+        Self {
+            config,
+            pools: BTreeMap::new(),
+        }
+    }
+
+    /// Folds one server's batch into its state, at `now`.
+    pub fn observe(&mut self, pool: &str, server: &str, metrics: &[&Metric], now: Instant) {
+        let s = self
+            .pools
+            .entry(pool.to_owned())
+            .or_default()
+            .entry(server.to_owned())
+            .or_default();
+        s.last_seen = Some(now);
+        let up = values(metrics, "up").first().copied();
+        if up == Some(0.0) {
+            s.misses += 1;
+            return;
+        }
+        let kv = values(metrics, "gen_ai.server.kv_cache.usage");
+        let running = values(metrics, "gen_ai.server.requests.running");
+        let waiting = values(metrics, "gen_ai.server.requests.waiting");
+        let max = values(metrics, "gen_ai.server.requests.max");
+        if up.is_none() && kv.is_empty() && running.is_empty() && waiting.is_empty() {
+            return;
+        }
+        s.misses = 0;
+        s.answered = true;
+        s.kv_cache = (!kv.is_empty()).then(|| kv.iter().sum::<f64>() / kv.len() as f64);
+        s.running = running.iter().sum();
+        s.waiting = waiting.iter().sum();
+        s.max = (!max.is_empty()).then(|| max.iter().sum());
+    }
+
+    /// Forgets servers not heard from for `stale_after`, and pools left empty.
+    fn expire(&mut self, now: Instant) {
+        let stale = self.config.stale_after;
+        for servers in self.pools.values_mut() {
+            servers.retain(|_, s| s.last_seen.is_some_and(|t| now.duration_since(t) < stale));
+        }
+        self.pools.retain(|_, servers| !servers.is_empty());
+    }
+
+    /// The aggregates of every pool with servers.
+    pub fn views(&self) -> BTreeMap<String, PoolView> {
+        self.pools
+            .iter()
+            .map(|(p, servers)| (p.clone(), aggregate(servers.iter())))
+            .collect()
+    }
+
+    fn emit(&self, now_ns: u64) -> Batch {
+        let mut batch = Batch::new();
+        let gateway = self.config.compat == Some(Compat::GatewayApiInferenceExtension);
+        for (pool, v) in self.views() {
+            let p = |value: f64, attrs: Vec<KeyValue>| vec![number_point(now_ns, value, attrs)];
+            let mut m = vec![
+                Metric::gauge(
+                    "gen_ai.pool.servers.ready",
+                    "{server}",
+                    p(v.ready as f64, vec![]),
+                ),
+                Metric::gauge(
+                    "gen_ai.pool.requests.running",
+                    "{request}",
+                    p(v.running, vec![]),
+                ),
+                Metric::gauge(
+                    "gen_ai.pool.requests.waiting",
+                    "{request}",
+                    p(v.waiting, vec![]),
+                ),
+            ];
+            if let Some(kv) = v.kv_cache_average {
+                m.push(Metric::gauge(
+                    "gen_ai.pool.kv_cache.usage.average",
+                    "%",
+                    p(kv, vec![]),
+                ));
+            }
+            if let Some(q) = v.queue_average {
+                m.push(Metric::gauge(
+                    "gen_ai.pool.queue.size.average",
+                    "{request}",
+                    p(q, vec![]),
+                ));
+            }
+            if !v.queue_by_server.is_empty() {
+                let points = v
+                    .queue_by_server
+                    .iter()
+                    .map(|(s, q)| {
+                        number_point(now_ns, *q, vec![kv("service.instance.id", s.as_str())])
+                    })
+                    .collect();
+                m.push(Metric::gauge("gen_ai.pool.queue.size", "{request}", points));
+            }
+            if let Some(c) = v.capacity {
+                m.push(Metric::gauge(
+                    "gen_ai.pool.capacity.usage",
+                    "%",
+                    p(c, vec![]),
+                ));
+            }
+            if gateway {
+                let name = || vec![kv("name", pool.as_str())];
+                if let Some(kv_avg) = v.kv_cache_average {
+                    m.push(Metric::gauge(
+                        "inference_pool_average_kv_cache_utilization",
+                        "",
+                        p(kv_avg / 100.0, name()),
+                    ));
+                }
+                if let Some(q) = v.queue_average {
+                    m.push(Metric::gauge(
+                        "inference_pool_average_queue_size",
+                        "",
+                        p(q, name()),
+                    ));
+                }
+                let per_pod = v
+                    .queue_by_server
+                    .iter()
+                    .map(|(s, q)| {
+                        number_point(
+                            now_ns,
+                            *q,
+                            vec![
+                                kv("name", pool.as_str()),
+                                kv("model_server_pod", s.as_str()),
+                            ],
+                        )
+                    })
+                    .collect::<Vec<_>>();
+                if !per_pod.is_empty() {
+                    m.push(Metric::gauge(
+                        "inference_pool_per_pod_queue_size",
+                        "",
+                        per_pod,
+                    ));
+                }
+                m.push(Metric::gauge(
+                    "inference_pool_ready_pods",
+                    "",
+                    p(v.ready as f64, name()),
+                ));
+            }
+            batch.push_resource(
+                vec![
+                    kv("gen_ai.pool.name", pool.as_str()),
+                    kv("service.name", "genai-collector/pool_aggregate"),
+                ],
+                m,
+            );
+        }
+        batch
+    }
+}
+
+impl Processor for PoolAggregate {
+    fn process(&mut self, batch: &mut Batch) {
+        let now = Instant::now();
+        for rm in &batch.resource_metrics {
+            let Some(attrs) = rm.resource.as_ref().map(|r| &r.attributes) else {
+                continue;
+            };
+            let Some(pool) = attrs.get_str("gen_ai.pool.name") else {
+                continue;
+            };
+            let metrics: Vec<&Metric> = rm.scope_metrics.iter().flat_map(|s| &s.metrics).collect();
+            let key = server_key(attrs);
+            self.observe(pool, &key, &metrics, now);
+        }
+    }
+
+    fn flush_interval(&self) -> Option<Duration> {
+        Some(self.config.interval)
+    }
+
+    fn flush(&mut self) -> Option<Batch> {
+        self.expire(Instant::now());
+        let batch = self.emit(now_unix_nanos());
+        (!batch.is_empty()).then_some(batch)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn g(name: &str, v: f64) -> Metric {
+        Metric::gauge(name, "", vec![number_point(1, v, vec![])])
+    }
+
+    fn server_batch(
+        pool: &str,
+        id: &str,
+        up: f64,
+        kv_cache: f64,
+        running: f64,
+        waiting: f64,
+    ) -> Batch {
+        Batch::with_resource(
+            vec![kv("gen_ai.pool.name", pool), kv("service.instance.id", id)],
+            vec![
+                g("up", up),
+                g("gen_ai.server.kv_cache.usage", kv_cache),
+                g("gen_ai.server.requests.running", running),
+                g("gen_ai.server.requests.waiting", waiting),
+                g("gen_ai.server.requests.max", 64.0),
+            ],
+        )
+    }
+
+    fn value(b: &Batch, pool: &str, name: &str) -> Option<f64> {
+        b.resource_metrics
+            .iter()
+            .filter(|rm| {
+                rm.resource
+                    .as_ref()
+                    .unwrap()
+                    .attributes
+                    .get_str("gen_ai.pool.name")
+                    == Some(pool)
+            })
+            .flat_map(|rm| rm.scope_metrics.iter().flat_map(|s| &s.metrics))
+            .find(|m| m.name == name)
+            .and_then(|m| match &m.data {
+                Some(metric::Data::Gauge(g)) => number_value(&g.data_points[0]),
+                _ => None,
+            })
+    }
+
+    #[test]
+    fn averages_ready_capacity_and_gateway_names() {
+        let mut p = PoolAggregate::new(PoolConfig {
+            compat: Some(Compat::GatewayApiInferenceExtension),
+            ..Default::default()
+        });
+        p.process(&mut server_batch("chat", "a:8000", 1.0, 40.0, 10.0, 2.0));
+        p.process(&mut server_batch("chat", "b:8000", 1.0, 60.0, 22.0, 4.0));
+        p.process(&mut server_batch("code", "c:8000", 1.0, 10.0, 1.0, 0.0));
+        let out = p.flush().unwrap();
+        assert_eq!(
+            value(&out, "chat", "gen_ai.pool.kv_cache.usage.average"),
+            Some(50.0)
+        );
+        assert_eq!(
+            value(&out, "chat", "gen_ai.pool.queue.size.average"),
+            Some(3.0)
+        );
+        assert_eq!(value(&out, "chat", "gen_ai.pool.servers.ready"), Some(2.0));
+        assert_eq!(
+            value(&out, "chat", "gen_ai.pool.requests.running"),
+            Some(32.0)
+        );
+        assert_eq!(
+            value(&out, "chat", "gen_ai.pool.capacity.usage"),
+            Some(25.0)
+        );
+        assert_eq!(
+            value(&out, "chat", "inference_pool_average_kv_cache_utilization"),
+            Some(0.5)
+        );
+        assert_eq!(value(&out, "chat", "inference_pool_ready_pods"), Some(2.0));
+        assert_eq!(value(&out, "code", "gen_ai.pool.servers.ready"), Some(1.0));
+        let per_pod = out
+            .metrics()
+            .find(|m| m.name == "inference_pool_per_pod_queue_size")
+            .unwrap();
+        assert_eq!(per_pod.point_count(), 2);
+    }
+
+    #[test]
+    fn two_misses_leave_the_pool_and_stale_pools_stop() {
+        let mut p = PoolAggregate::new(PoolConfig::default());
+        p.process(&mut server_batch("chat", "a", 1.0, 40.0, 10.0, 2.0));
+        p.process(&mut server_batch("chat", "b", 1.0, 60.0, 20.0, 4.0));
+        p.process(&mut server_batch("chat", "b", 0.0, 0.0, 0.0, 0.0));
+        let out = p.flush().unwrap();
+        assert_eq!(
+            value(&out, "chat", "gen_ai.pool.servers.ready"),
+            Some(2.0),
+            "one miss is a blip"
+        );
+        p.process(&mut server_batch("chat", "b", 0.0, 0.0, 0.0, 0.0));
+        let out = p.flush().unwrap();
+        assert_eq!(value(&out, "chat", "gen_ai.pool.servers.ready"), Some(1.0));
+        assert_eq!(
+            value(&out, "chat", "gen_ai.pool.kv_cache.usage.average"),
+            Some(40.0)
+        );
+        // Nothing heard for longer than stale_after: the pool disappears.
+        p.expire(Instant::now() + Duration::from_secs(3600));
+        assert!(p.emit(1).is_empty());
+    }
+
+    /// Every aggregate against a brute-force recomputation, over random pools, servers,
+    /// values and failures.
+    #[test]
+    fn property_aggregates_match_brute_force() {
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut rand = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for case in 0..300 {
+            let mut p = PoolAggregate::new(PoolConfig::default());
+            // Brute force: every observation per (pool, server), in order.
+            let mut log: BTreeMap<(String, String), Vec<(bool, f64, f64, f64)>> = BTreeMap::new();
+            let pools = 1 + rand(3);
+            for _ in 0..(1 + rand(40)) {
+                let pool = format!("pool{}", rand(pools));
+                let server = format!("s{}", rand(6));
+                let up = rand(4) != 0;
+                let (kv_cache, running, waiting) =
+                    (rand(101) as f64, rand(64) as f64, rand(20) as f64);
+                p.process(&mut server_batch(
+                    &pool,
+                    &server,
+                    if up { 1.0 } else { 0.0 },
+                    kv_cache,
+                    running,
+                    waiting,
+                ));
+                log.entry((pool, server))
+                    .or_default()
+                    .push((up, kv_cache, running, waiting));
+            }
+            let views = p.views();
+            let mut expected: BTreeMap<String, (Vec<f64>, Vec<f64>, f64, f64)> = BTreeMap::new();
+            for ((pool, _), obs) in &log {
+                let e = expected.entry(pool.clone()).or_default();
+                let trailing_misses = obs.iter().rev().take_while(|o| !o.0).count();
+                let Some(last_good) = obs.iter().rev().find(|o| o.0) else {
+                    continue;
+                };
+                if trailing_misses >= 2 {
+                    continue;
+                }
+                e.0.push(last_good.1);
+                e.1.push(last_good.3);
+                e.2 += last_good.2;
+                e.3 += 64.0;
+            }
+            for (pool, (kvs, queues, running, max)) in expected {
+                let v = &views[&pool];
+                let mean =
+                    |x: &[f64]| (!x.is_empty()).then(|| x.iter().sum::<f64>() / x.len() as f64);
+                assert_eq!(v.ready, kvs.len(), "case {case} {pool}: ready");
+                assert_eq!(v.kv_cache_average, mean(&kvs), "case {case} {pool}: kv");
+                assert_eq!(v.queue_average, mean(&queues), "case {case} {pool}: queue");
+                assert_eq!(v.running, running, "case {case} {pool}: running");
+                assert_eq!(
+                    v.waiting,
+                    queues.iter().sum::<f64>(),
+                    "case {case} {pool}: waiting"
+                );
+                assert_eq!(
+                    v.capacity,
+                    (max > 0.0).then(|| running / max * 100.0),
+                    "case {case} {pool}: capacity"
+                );
+            }
+        }
+    }
+}
