@@ -482,6 +482,9 @@ mod tests {
         assert!(p.emit(1).is_empty());
     }
 
+    /// One scrape as the brute force sees it: up, KV usage, running, waiting.
+    type Observation = (bool, f64, f64, f64);
+
     /// Every aggregate against a brute-force recomputation, over random pools, servers,
     /// values and failures.
     #[test]
@@ -496,7 +499,7 @@ mod tests {
         for case in 0..300 {
             let mut p = PoolAggregate::new(PoolConfig::default());
             // Brute force: every observation per (pool, server), in order.
-            let mut log: BTreeMap<(String, String), Vec<(bool, f64, f64, f64)>> = BTreeMap::new();
+            let mut log: BTreeMap<(String, String), Vec<Observation>> = BTreeMap::new();
             let pools = 1 + rand(3);
             for _ in 0..(1 + rand(40)) {
                 let pool = format!("pool{}", rand(pools));
