@@ -8,10 +8,11 @@
 //! engine as provider), or to those its `match` names.
 
 use std::collections::{BTreeMap, HashMap};
+
 use std::path::PathBuf;
 
 use genai_collector_core::model::{
-    metric, AttributesExt, Batch, KeyValue, Metric, MetricExt, ScopeMetrics,
+    any_value, metric, AttributesExt, Batch, KeyValue, Metric, MetricExt, ScopeMetrics,
 };
 use genai_collector_core::{
     BuildContext, ComponentConfig, ComponentError, Processor, ProcessorFactory,
@@ -186,28 +187,25 @@ impl GenaiNormalize {
 
     /// The tables that may apply to a resource with these attributes.
     fn applicable(&self, attrs: &[KeyValue]) -> Vec<usize> {
-        let provider = attrs
-            .iter()
-            .find(|kv| kv.key == PROVIDER)
-            .and_then(|kv| kv.value.as_ref())
-            .map(genai_collector_core::model::display_value);
+        let text = |key: &str| {
+            attrs.iter().find(|kv| kv.key == key).and_then(|kv| {
+                match kv.value.as_ref()?.value.as_ref()? {
+                    any_value::Value::StringValue(s) => Some(s.as_str()),
+                    _ => None,
+                }
+            })
+        };
+        let provider = text(PROVIDER);
         (0..self.tables.len())
             .filter(|&i| {
                 let t = &self.tables[i].table;
                 if !t.match_attrs.is_empty() {
-                    return t.match_attrs.iter().all(|(k, v)| {
-                        attrs.iter().any(|kv| {
-                            &kv.key == k
-                                && kv
-                                    .value
-                                    .as_ref()
-                                    .map(genai_collector_core::model::display_value)
-                                    .as_deref()
-                                    == Some(v)
-                        })
-                    });
+                    return t
+                        .match_attrs
+                        .iter()
+                        .all(|(k, v)| text(k) == Some(v.as_str()));
                 }
-                provider.as_deref().is_none_or(|p| p == t.engine)
+                provider.is_none_or(|p| p == t.engine)
             })
             .collect()
     }
@@ -277,18 +275,18 @@ fn apply(m: &mut Metric, rule: &Rule, renames: &BTreeMap<String, String>, model:
 /// Metrics renamed to one name (input and output tokens) become one metric with all points,
 /// when their kinds agree.
 fn merge_same_names(sm: &mut ScopeMetrics) {
-    let mut first: HashMap<String, usize> = HashMap::new();
-    let mut i = 0;
+    // A page has a few dozen metrics: a quadratic scan beats hashing (and allocating) names.
+    let mut i = 1;
     while i < sm.metrics.len() {
-        match first.get(&sm.metrics[i].name) {
-            Some(&j) if same_kind(&sm.metrics[j], &sm.metrics[i]) => {
+        let twin = (0..i).find(|&j| {
+            sm.metrics[j].name == sm.metrics[i].name && same_kind(&sm.metrics[j], &sm.metrics[i])
+        });
+        match twin {
+            Some(j) => {
                 let extra = sm.metrics.remove(i);
                 append_points(&mut sm.metrics[j], extra);
             }
-            _ => {
-                first.entry(sm.metrics[i].name.clone()).or_insert(i);
-                i += 1;
-            }
+            None => i += 1,
         }
     }
 }

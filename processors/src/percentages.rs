@@ -154,8 +154,12 @@ fn same_attrs(a: &[KeyValue], b: &[KeyValue]) -> bool {
 }
 
 impl Percentages {
-    fn derive(&self, metrics: &[&Metric], r: &Ratio) -> Option<Metric> {
-        if metrics.iter().any(|m| m.name == r.name) {
+    fn derive(&self, metrics: &[&Metric], derived: &[Metric], r: &Ratio) -> Option<Metric> {
+        // Cheap checks first: most ratios do not apply to most resources.
+        if !metrics.iter().any(|m| m.name == r.numerator)
+            || metrics.iter().any(|m| m.name == r.name)
+            || derived.iter().any(|m| m.name == r.name)
+        {
             return None;
         }
         let num = points(metrics, &r.numerator);
@@ -207,9 +211,14 @@ impl Processor for Percentages {
                 }
                 for r in &self.ratios {
                     // Earlier derivations count as present, so a ratio never doubles up.
-                    let seen: Vec<&Metric> =
-                        metrics.iter().copied().chain(derived.iter()).collect();
-                    if let Some(m) = self.derive(&seen, r) {
+                    let with_derived: Vec<&Metric>;
+                    let seen = if derived.iter().any(|d| d.name == r.denominator) {
+                        with_derived = metrics.iter().copied().chain(derived.iter()).collect();
+                        &with_derived
+                    } else {
+                        &metrics
+                    };
+                    if let Some(m) = self.derive(seen, &derived, r) {
                         derived.push(m);
                     }
                 }
