@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use genai_collector_core::model::kv;
-use genai_collector_core::{Batch, BuildContext, ComponentId, Processor, ProcessorFactory};
+use genai_collector_core::{Batch, BuildContext, ComponentId, ProcessorFactory};
 use genai_collector_processors::{GenaiNormalizeFactory, PercentagesFactory, PoolAggregateFactory};
 use genai_collector_receivers::scrape::convert::Converter;
 use genai_collector_receivers::scrape::text::{parse, Format};
