@@ -192,12 +192,15 @@ impl PoolAggregate {
 
     /// Folds one server's batch into its state, at `now`.
     pub fn observe(&mut self, pool: &str, server: &str, metrics: &[&Metric], now: Instant) {
-        let s = self
-            .pools
-            .entry(pool.to_owned())
-            .or_default()
-            .entry(server.to_owned())
-            .or_default();
+        // Look up before inserting: a known server costs no key allocation.
+        if !self.pools.contains_key(pool) {
+            self.pools.insert(pool.to_owned(), BTreeMap::new());
+        }
+        let servers = self.pools.get_mut(pool).expect("inserted above");
+        if !servers.contains_key(server) {
+            servers.insert(server.to_owned(), Server::default());
+        }
+        let s = servers.get_mut(server).expect("inserted above");
         s.last_seen = Some(now);
         let up = values(metrics, "up").first().copied();
         if up == Some(0.0) {
