@@ -7,8 +7,22 @@
 
 use std::time::Instant;
 
-use genai_collector_core::model::{display_value, metric, number_value};
+use genai_collector_core::model::{display_value, metric, number_value, KeyValue};
 use genai_collector_receivers::nvml::{to_batch, GpuBackend, NvmlBackend};
+
+fn attrs(list: &[KeyValue], sep: &str) -> String {
+    let pairs: Vec<String> = list
+        .iter()
+        .map(|kv| {
+            format!(
+                "{}={}",
+                kv.key,
+                kv.value.as_ref().map(display_value).unwrap_or_default()
+            )
+        })
+        .collect();
+    pairs.join(sep)
+}
 
 fn main() {
     let backend = match NvmlBackend::init() {
@@ -26,22 +40,12 @@ fn main() {
     let poll = started.elapsed();
     let batch = to_batch(&gpus, backend.driver_version().as_deref(), true, 0);
     for rm in &batch.resource_metrics {
-        let id = rm
+        let resource = rm
             .resource
             .as_ref()
-            .map(|r| &r.attributes)
-            .into_iter()
-            .flatten();
-        let id: Vec<String> = id
-            .map(|kv| {
-                format!(
-                    "{}={}",
-                    kv.key,
-                    kv.value.as_ref().map(display_value).unwrap_or_default()
-                )
-            })
-            .collect();
-        println!("# {}", id.join(" "));
+            .map(|r| r.attributes.as_slice())
+            .unwrap_or_default();
+        println!("# {}", attrs(resource, " "));
         for m in rm.scope_metrics.iter().flat_map(|s| &s.metrics) {
             let points = match &m.data {
                 Some(metric::Data::Gauge(g)) => &g.data_points,
@@ -49,22 +53,11 @@ fn main() {
                 _ => continue,
             };
             for p in points {
-                let attrs: Vec<String> = p
-                    .attributes
-                    .iter()
-                    .map(|kv| {
-                        format!(
-                            "{}={}",
-                            kv.key,
-                            kv.value.as_ref().map(display_value).unwrap_or_default()
-                        )
-                    })
-                    .collect();
+                let value = number_value(p).unwrap_or(f64::NAN);
                 println!(
-                    "{} {{{}}} {} {}",
+                    "{} {{{}}} {value} {}",
                     m.name,
-                    attrs.join(","),
-                    number_value(p).unwrap_or(f64::NAN),
+                    attrs(&p.attributes, ","),
                     m.unit
                 );
             }

@@ -16,7 +16,7 @@ use genai_collector_core::model::{
     KeyValue, Metric, MetricExt, NumberDataPoint, Summary, SummaryDataPoint,
 };
 
-use super::text::{Family, Kind, Label, Page};
+use super::text::{Family, Kind, Label, Page, Sample};
 
 /// What a conversion found besides the batch.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -190,19 +190,8 @@ impl Converter {
         } else {
             ("_count", "_sum")
         };
-        // Series in first-seen order; samples of a series need not be adjacent in 0.0.4.
-        let mut order: Vec<u64> = Vec::new();
-        let mut groups: HashMap<u64, HistGroup<'_, '_>> = HashMap::new();
-        for s in &f.samples {
-            let labels = page.labels_of(s);
-            let key = series_hash("", labels, "le");
-            let g = groups.entry(key).or_insert_with(|| {
-                order.push(key);
-                HistGroup {
-                    labels,
-                    ..Default::default()
-                }
-            });
+        let groups = group_by_series(page, f, "le", |g: &mut HistGroup<'_, '_>, s, labels| {
+            g.labels = labels;
             let suffix = f.suffix(s);
             if suffix == "_bucket" {
                 let le = labels
@@ -227,11 +216,10 @@ impl Converter {
                 g.created = Some(ns(s.value));
             }
             g.time = g.time.max(s.timestamp.map_or(now, ns));
-        }
-        let mut points = Vec::with_capacity(order.len());
-        for key in order {
-            let g = &groups[&key];
-            let mut buckets = g.buckets.clone();
+        });
+        let mut points = Vec::with_capacity(groups.len());
+        for g in groups {
+            let mut buckets = g.buckets;
             buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
             let inf = buckets
                 .last()
@@ -291,41 +279,35 @@ impl Converter {
         next: &mut HashMap<u64, SeriesState>,
         _stats: &mut ConvertStats,
     ) -> Option<Metric> {
-        let mut order: Vec<u64> = Vec::new();
-        let mut groups: HashMap<u64, SummaryGroup<'_, '_>> = HashMap::new();
-        for s in &f.samples {
-            let labels = page.labels_of(s);
-            let key = series_hash("", labels, "quantile");
-            let g = groups.entry(key).or_insert_with(|| {
-                order.push(key);
-                SummaryGroup {
-                    labels,
-                    ..Default::default()
-                }
-            });
-            match f.suffix(s) {
-                "_count" => g.count = Some(s.value),
-                "_sum" => g.sum = Some(s.value),
-                "_created" => g.created = Some(ns(s.value)),
-                _ => {
-                    if let Some(q) = labels
-                        .iter()
-                        .find(|l| l.name == "quantile")
-                        .and_then(|l| l.value.parse::<f64>().ok())
-                    {
-                        g.quantiles.push(summary_data_point::ValueAtQuantile {
-                            quantile: q,
-                            value: s.value,
-                        });
+        let groups = group_by_series(
+            page,
+            f,
+            "quantile",
+            |g: &mut SummaryGroup<'_, '_>, s, labels| {
+                g.labels = labels;
+                match f.suffix(s) {
+                    "_count" => g.count = Some(s.value),
+                    "_sum" => g.sum = Some(s.value),
+                    "_created" => g.created = Some(ns(s.value)),
+                    _ => {
+                        if let Some(q) = labels
+                            .iter()
+                            .find(|l| l.name == "quantile")
+                            .and_then(|l| l.value.parse::<f64>().ok())
+                        {
+                            g.quantiles.push(summary_data_point::ValueAtQuantile {
+                                quantile: q,
+                                value: s.value,
+                            });
+                        }
                     }
                 }
-            }
-            g.time = g.time.max(s.timestamp.map_or(now, ns));
-        }
-        let points = order
+                g.time = g.time.max(s.timestamp.map_or(now, ns));
+            },
+        );
+        let points = groups
             .into_iter()
-            .map(|key| {
-                let g = &groups[&key];
+            .map(|g| {
                 let count = g.count.unwrap_or(0.0);
                 let start = self.start(
                     series_hash(f.name, g.labels, "quantile"),
@@ -340,7 +322,7 @@ impl Converter {
                     time_unix_nano: g.time,
                     count: count.max(0.0) as u64,
                     sum: g.sum.unwrap_or(0.0),
-                    quantile_values: g.quantiles.clone(),
+                    quantile_values: g.quantiles,
                     ..Default::default()
                 }
             })
@@ -353,6 +335,29 @@ impl Converter {
             ..Default::default()
         })
     }
+}
+
+/// A family's samples folded per series (labels without `skip`), in first-seen order: in
+/// 0.0.4 the samples of one series need not be adjacent.
+fn group_by_series<'p, 'a, G: Default>(
+    page: &'p Page<'a>,
+    f: &'p Family<'a>,
+    skip: &str,
+    mut fold: impl FnMut(&mut G, &'p Sample<'a>, &'p [Label<'a>]),
+) -> Vec<G> {
+    let mut index: HashMap<u64, usize> = HashMap::new();
+    let mut groups: Vec<G> = Vec::new();
+    for s in &f.samples {
+        let labels = page.labels_of(s);
+        let i = *index
+            .entry(series_hash("", labels, skip))
+            .or_insert_with(|| {
+                groups.push(G::default());
+                groups.len() - 1
+            });
+        fold(&mut groups[i], s, labels);
+    }
+    groups
 }
 
 #[derive(Default)]
