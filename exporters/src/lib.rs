@@ -1,5 +1,7 @@
 //! Exporters: one module per kind, each with its config, factory and tests.
 
 pub mod debug;
+pub mod prometheus;
 
 pub use debug::DebugExporterFactory;
+pub use prometheus::PrometheusExporterFactory;

@@ -184,7 +184,11 @@ impl Percentages {
                 }
             }
         }
-        (!out.is_empty()).then(|| Metric::gauge(&r.name, &r.unit, out))
+        (!out.is_empty()).then(|| {
+            let mut m = Metric::gauge(&r.name, &r.unit, out);
+            m.description = format!("{} / {} x {}", r.numerator, r.denominator, r.scale);
+            m
+        })
     }
 }
 
@@ -205,7 +209,10 @@ impl Processor for Percentages {
                                 .iter()
                                 .map(|p| number_point(p.time_unix_nano, max, p.attributes.clone()))
                                 .collect();
-                            derived.push(Metric::gauge(MAX, "{request}", pts));
+                            let mut m = Metric::gauge(MAX, "{request}", pts);
+                            "Concurrent requests a server runs at most (from config)."
+                                .clone_into(&mut m.description);
+                            derived.push(m);
                         }
                     }
                 }

@@ -572,17 +572,35 @@ impl TargetLoop {
                 _ => {}
             }
             was_up = Some(up);
-            for (name, unit, value) in [
-                ("up", "", if up { 1.0 } else { 0.0 }),
-                ("scrape_duration_seconds", "s", elapsed),
-                ("scrape_samples_scraped", "", samples as f64),
-                ("scrape_body_size_bytes", "By", bytes as f64),
+            for (name, unit, value, help) in [
+                (
+                    "up",
+                    "",
+                    if up { 1.0 } else { 0.0 },
+                    "1 if the target answered its last scrape, else 0.",
+                ),
+                (
+                    "scrape_duration_seconds",
+                    "s",
+                    elapsed,
+                    "Duration of the last scrape.",
+                ),
+                (
+                    "scrape_samples_scraped",
+                    "",
+                    samples as f64,
+                    "Samples on the last page scraped.",
+                ),
+                (
+                    "scrape_body_size_bytes",
+                    "By",
+                    bytes as f64,
+                    "Size of the last page scraped, uncompressed.",
+                ),
             ] {
-                metrics.push(Metric::gauge(
-                    name,
-                    unit,
-                    vec![number_point(now, value, Vec::new())],
-                ));
+                let mut m = Metric::gauge(name, unit, vec![number_point(now, value, Vec::new())]);
+                help.clone_into(&mut m.description);
+                metrics.push(m);
             }
             let mut attrs = resource.clone();
             attrs.extend(discovered.iter().flatten().cloned());

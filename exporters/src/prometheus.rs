@@ -1,0 +1,764 @@
+//! `prometheus`: a pull endpoint serving the latest value of every series.
+//!
+//! Names follow the OpenTelemetry specification's Prometheus compatibility rules: characters
+//! outside `[a-zA-Z0-9_:]` become `_`, the unit becomes a suffix (`%` → `_percent`, `s` →
+//! `_seconds`, `By` → `_bytes`; `{annotations}` are dropped), monotonic sums end in `_total`.
+//! `service.name` and `service.instance.id` become `job` and `instance`, the attributes in
+//! `promote` become labels, and every resource is described by a `target_info` series. Series
+//! that stop arriving are dropped after `expire_after`. The text format is 0.0.4, or
+//! OpenMetrics when the scraper asks for it; gzip when it accepts it.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use genai_collector_core::config::duration;
+use genai_collector_core::model::{display_value, metric, number_value, KeyValue};
+use genai_collector_core::telemetry::Telemetry;
+use genai_collector_core::{
+    async_trait, Batch, BuildContext, CancellationToken, ComponentConfig, ComponentError,
+    ExportError, Exporter, ExporterFactory, ValidationError,
+};
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PrometheusConfig {
+    pub endpoint: String,
+    /// Resource attributes that become labels on every series of that resource.
+    pub promote: Vec<String>,
+    /// Drop a series not updated for this long.
+    #[serde(with = "duration")]
+    pub expire_after: Duration,
+    /// Require `Authorization: Bearer <token>` on scrapes.
+    pub bearer_token: Option<String>,
+    /// Also serve the collector's own `genai_collector_*` metrics.
+    pub self_metrics: bool,
+}
+
+impl Default for PrometheusConfig {
+    fn default() -> Self {
+        Self {
+            endpoint: "localhost:9464".into(),
+            promote: vec!["gen_ai.pool.name".into(), "gen_ai.provider.name".into()],
+            expire_after: Duration::from_secs(300),
+            bearer_token: None,
+            self_metrics: true,
+        }
+    }
+}
+
+impl ComponentConfig for PrometheusConfig {
+    fn validate(&self) -> Result<(), ValidationError> {
+        if self.endpoint.is_empty() {
+            return Err(ValidationError::field("endpoint", "must be host:port"));
+        }
+        if self.expire_after < Duration::from_secs(1) {
+            return Err(ValidationError::field(
+                "expire_after",
+                "must be at least 1s",
+            ));
+        }
+        Ok(())
+    }
+}
+
+pub struct PrometheusExporterFactory;
+
+impl ExporterFactory for PrometheusExporterFactory {
+    type Config = PrometheusConfig;
+
+    fn kind(&self) -> &'static str {
+        "prometheus"
+    }
+
+    fn description(&self) -> &'static str {
+        "serves the latest value of every series on a Prometheus /metrics endpoint (0.0.4 or OpenMetrics, gzip)"
+    }
+
+    fn build(
+        &self,
+        config: PrometheusConfig,
+        ctx: &BuildContext,
+    ) -> Result<Box<dyn Exporter>, ComponentError> {
+        // Bind now, so a taken port fails the start rather than the first scrape.
+        let listener = std::net::TcpListener::bind(&config.endpoint).map_err(|e| {
+            ComponentError::Config(format!("cannot listen on `{}`: {e}", config.endpoint))
+        })?;
+        listener.set_nonblocking(true)?;
+        let store = Arc::new(Mutex::new(Store::default()));
+        let shared = Shared {
+            store: store.clone(),
+            token: config.bearer_token.clone().filter(|t| !t.is_empty()),
+            expire_after: config.expire_after,
+            telemetry: config.self_metrics.then(|| ctx.telemetry.clone()),
+        };
+        let stop = CancellationToken::new();
+        let addr = listener.local_addr()?;
+        let server = stop.clone();
+        tokio::spawn(async move {
+            let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
+                return;
+            };
+            let app = Router::new()
+                .route("/metrics", get(serve))
+                .with_state(shared);
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(server.cancelled_owned())
+                .await;
+        });
+        tracing::info!(%addr, "prometheus exporter listening");
+        Ok(Box::new(PrometheusExporter {
+            config,
+            store,
+            stop,
+            addr,
+        }))
+    }
+}
+
+pub struct PrometheusExporter {
+    config: PrometheusConfig,
+    store: Arc<Mutex<Store>>,
+    stop: CancellationToken,
+    pub addr: SocketAddr,
+}
+
+#[async_trait]
+impl Exporter for PrometheusExporter {
+    async fn export(&mut self, batch: &Batch) -> Result<(), ExportError> {
+        let now = Instant::now();
+        let mut store = self
+            .store
+            .lock()
+            .map_err(|_| ExportError::Permanent("store poisoned".into()))?;
+        store.update(batch, &self.config.promote, now);
+        Ok(())
+    }
+
+    async fn shutdown(&mut self) -> Result<(), ExportError> {
+        self.stop.cancel();
+        Ok(())
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Gauge,
+    Counter,
+    Histogram,
+    Summary,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+enum Value {
+    Number(f64),
+    Histogram {
+        bounds: Vec<f64>,
+        counts: Vec<u64>,
+        sum: Option<f64>,
+        count: u64,
+    },
+    Summary {
+        quantiles: Vec<(f64, f64)>,
+        sum: f64,
+        count: u64,
+    },
+}
+
+struct Series {
+    labels: Vec<(String, String)>,
+    value: Value,
+    updated: Instant,
+}
+
+struct Family {
+    kind: Kind,
+    help: String,
+    /// The OpenTelemetry name, the help text of last resort.
+    source: String,
+    series: BTreeMap<String, Series>,
+}
+
+/// What a family is, for `Store::set`.
+struct Meta<'a> {
+    kind: Kind,
+    help: &'a str,
+    /// The OpenTelemetry name.
+    source: &'a str,
+}
+
+#[derive(Default)]
+struct Store {
+    families: BTreeMap<String, Family>,
+}
+
+/// `[a-zA-Z0-9_:]`, not starting with a digit.
+pub fn sanitize(name: &str, colons: bool) -> String {
+    let mut out: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || (colons && c == ':') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if out.starts_with(|c: char| c.is_ascii_digit()) {
+        out.insert_str(0, if colons { "_" } else { "key_" });
+    }
+    out
+}
+
+/// The Prometheus name of a metric with `unit`; counters end in `_total`.
+pub fn metric_name(name: &str, unit: &str, counter: bool) -> String {
+    let mut n = sanitize(name, true);
+    let suffix = match unit {
+        "%" => "percent",
+        "s" => "seconds",
+        "ms" => "milliseconds",
+        "By" => "bytes",
+        "By/s" => "bytes_per_second",
+        "W" => "watts",
+        "J" => "joules",
+        "Cel" => "celsius",
+        "MHz" => "megahertz",
+        "1" => "ratio",
+        _ => "",
+    };
+    if !suffix.is_empty() && !n.ends_with(suffix) && !n.contains(&format!("_{suffix}_")) {
+        n = format!("{n}_{suffix}");
+    }
+    if counter && !n.ends_with("_total") {
+        n.push_str("_total");
+    }
+    n
+}
+
+fn label_value(v: &Option<genai_collector_core::model::AnyValue>) -> String {
+    v.as_ref().map(display_value).unwrap_or_default()
+}
+
+impl Store {
+    fn update(&mut self, batch: &Batch, promote: &[String], now: Instant) {
+        for rm in &batch.resource_metrics {
+            let resource = rm
+                .resource
+                .as_ref()
+                .map(|r| r.attributes.as_slice())
+                .unwrap_or_default();
+            let mut base: Vec<(String, String)> = Vec::new();
+            for kv in resource {
+                match kv.key.as_str() {
+                    "service.name" => base.push(("job".into(), label_value(&kv.value))),
+                    "service.instance.id" => base.push(("instance".into(), label_value(&kv.value))),
+                    k if promote.iter().any(|p| p == k) => {
+                        base.push((sanitize(k, false), label_value(&kv.value)))
+                    }
+                    _ => {}
+                }
+            }
+            if !resource.is_empty() {
+                let mut info_labels = base.clone();
+                for kv in resource {
+                    if !matches!(kv.key.as_str(), "service.name" | "service.instance.id")
+                        && !promote.contains(&kv.key)
+                    {
+                        info_labels.push((sanitize(&kv.key, false), label_value(&kv.value)));
+                    }
+                }
+                self.set(
+                    "target_info",
+                    Meta {
+                        kind: Kind::Gauge,
+                        help: "Target metadata",
+                        source: "target_info",
+                    },
+                    info_labels,
+                    Value::Number(1.0),
+                    now,
+                );
+            }
+            for m in rm.scope_metrics.iter().flat_map(|s| &s.metrics) {
+                let labels = |attrs: &[KeyValue]| {
+                    let mut l = base.clone();
+                    for kv in attrs {
+                        let key = sanitize(&kv.key, false);
+                        l.retain(|(k, _)| k != &key);
+                        l.push((key, label_value(&kv.value)));
+                    }
+                    l
+                };
+                match &m.data {
+                    Some(metric::Data::Gauge(g)) => {
+                        let name = metric_name(&m.name, &m.unit, false);
+                        for p in &g.data_points {
+                            if let Some(v) = number_value(p) {
+                                self.set(
+                                    &name,
+                                    Meta {
+                                        kind: Kind::Gauge,
+                                        help: &m.description,
+                                        source: &m.name,
+                                    },
+                                    labels(&p.attributes),
+                                    Value::Number(v),
+                                    now,
+                                );
+                            }
+                        }
+                    }
+                    Some(metric::Data::Sum(s)) => {
+                        let kind = if s.is_monotonic {
+                            Kind::Counter
+                        } else {
+                            Kind::Gauge
+                        };
+                        let name = metric_name(&m.name, &m.unit, s.is_monotonic);
+                        for p in &s.data_points {
+                            if let Some(v) = number_value(p) {
+                                self.set(
+                                    &name,
+                                    Meta {
+                                        kind,
+                                        help: &m.description,
+                                        source: &m.name,
+                                    },
+                                    labels(&p.attributes),
+                                    Value::Number(v),
+                                    now,
+                                );
+                            }
+                        }
+                    }
+                    Some(metric::Data::Histogram(h)) => {
+                        let name = metric_name(&m.name, &m.unit, false);
+                        for p in &h.data_points {
+                            let value = Value::Histogram {
+                                bounds: p.explicit_bounds.clone(),
+                                counts: p.bucket_counts.clone(),
+                                sum: p.sum,
+                                count: p.count,
+                            };
+                            self.set(
+                                &name,
+                                Meta {
+                                    kind: Kind::Histogram,
+                                    help: &m.description,
+                                    source: &m.name,
+                                },
+                                labels(&p.attributes),
+                                value,
+                                now,
+                            );
+                        }
+                    }
+                    Some(metric::Data::Summary(s)) => {
+                        let name = metric_name(&m.name, &m.unit, false);
+                        for p in &s.data_points {
+                            let quantiles = p
+                                .quantile_values
+                                .iter()
+                                .map(|q| (q.quantile, q.value))
+                                .collect();
+                            let value = Value::Summary {
+                                quantiles,
+                                sum: p.sum,
+                                count: p.count,
+                            };
+                            self.set(
+                                &name,
+                                Meta {
+                                    kind: Kind::Summary,
+                                    help: &m.description,
+                                    source: &m.name,
+                                },
+                                labels(&p.attributes),
+                                value,
+                                now,
+                            );
+                        }
+                    }
+                    // Exponential histograms have no classic Prometheus form.
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    fn set(
+        &mut self,
+        name: &str,
+        meta: Meta<'_>,
+        mut labels: Vec<(String, String)>,
+        value: Value,
+        now: Instant,
+    ) {
+        let Meta { kind, help, source } = meta;
+        labels.sort();
+        let key: String = labels
+            .iter()
+            .map(|(k, v)| format!("{k}\u{1}{v}\u{2}"))
+            .collect();
+        let family = self
+            .families
+            .entry(name.to_owned())
+            .or_insert_with(|| Family {
+                kind,
+                help: help.to_owned(),
+                source: source.to_owned(),
+                series: BTreeMap::new(),
+            });
+        // A name reused with another kind keeps the first kind; the other series are skipped.
+        if family.kind != kind {
+            return;
+        }
+        if family.help.is_empty() && !help.is_empty() {
+            help.clone_into(&mut family.help);
+        }
+        family.series.insert(
+            key,
+            Series {
+                labels,
+                value,
+                updated: now,
+            },
+        );
+    }
+
+    fn expire(&mut self, now: Instant, after: Duration) {
+        for f in self.families.values_mut() {
+            f.series
+                .retain(|_, s| now.duration_since(s.updated) < after);
+        }
+        self.families.retain(|_, f| !f.series.is_empty());
+    }
+
+    fn render(&self, openmetrics: bool) -> String {
+        let mut out = String::with_capacity(64 * 1024);
+        for (name, f) in &self.families {
+            let (family_name, kind) = match f.kind {
+                Kind::Counter if openmetrics => {
+                    (name.strip_suffix("_total").unwrap_or(name), "counter")
+                }
+                Kind::Counter => (name.as_str(), "counter"),
+                Kind::Gauge if openmetrics && name == "target_info" => ("target", "info"),
+                Kind::Gauge => (name.as_str(), "gauge"),
+                Kind::Histogram => (name.as_str(), "histogram"),
+                Kind::Summary => (name.as_str(), "summary"),
+            };
+            // Every family has a help line, as promtool's linter wants; the source name serves
+            // where the source gave none.
+            let help = if f.help.is_empty() {
+                &f.source
+            } else {
+                &f.help
+            };
+            let _ = writeln!(out, "# HELP {family_name} {}", escape_help(help));
+            let _ = writeln!(out, "# TYPE {family_name} {kind}");
+            for s in f.series.values() {
+                match &s.value {
+                    Value::Number(v) => sample(&mut out, name, &s.labels, None, *v),
+                    Value::Histogram {
+                        bounds,
+                        counts,
+                        sum,
+                        count,
+                    } => {
+                        let mut cumulative = 0u64;
+                        for (i, c) in counts.iter().enumerate() {
+                            cumulative += c;
+                            let le = bounds
+                                .get(i)
+                                .map_or_else(|| "+Inf".to_owned(), |b| fmt_float(*b));
+                            sample(
+                                &mut out,
+                                &format!("{name}_bucket"),
+                                &s.labels,
+                                Some(("le", &le)),
+                                cumulative as f64,
+                            );
+                        }
+                        if counts.len() <= bounds.len() {
+                            sample(
+                                &mut out,
+                                &format!("{name}_bucket"),
+                                &s.labels,
+                                Some(("le", "+Inf")),
+                                *count as f64,
+                            );
+                        }
+                        if let Some(sum) = sum {
+                            sample(&mut out, &format!("{name}_sum"), &s.labels, None, *sum);
+                        }
+                        sample(
+                            &mut out,
+                            &format!("{name}_count"),
+                            &s.labels,
+                            None,
+                            *count as f64,
+                        );
+                    }
+                    Value::Summary {
+                        quantiles,
+                        sum,
+                        count,
+                    } => {
+                        for (q, v) in quantiles {
+                            sample(
+                                &mut out,
+                                name,
+                                &s.labels,
+                                Some(("quantile", &fmt_float(*q))),
+                                *v,
+                            );
+                        }
+                        sample(&mut out, &format!("{name}_sum"), &s.labels, None, *sum);
+                        sample(
+                            &mut out,
+                            &format!("{name}_count"),
+                            &s.labels,
+                            None,
+                            *count as f64,
+                        );
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+fn fmt_float(v: f64) -> String {
+    if v.is_nan() {
+        "NaN".into()
+    } else if v.is_infinite() {
+        if v > 0.0 {
+            "+Inf".into()
+        } else {
+            "-Inf".into()
+        }
+    } else {
+        format!("{v:?}")
+    }
+}
+
+fn escape_help(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('\n', "\\n")
+}
+
+fn escape_label(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn sample(
+    out: &mut String,
+    name: &str,
+    labels: &[(String, String)],
+    extra: Option<(&str, &str)>,
+    value: f64,
+) {
+    out.push_str(name);
+    if !labels.is_empty() || extra.is_some() {
+        out.push('{');
+        let mut first = true;
+        for (k, v) in labels
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .chain(extra)
+        {
+            if !first {
+                out.push(',');
+            }
+            first = false;
+            let _ = write!(out, "{k}=\"{}\"", escape_label(v));
+        }
+        out.push('}');
+    }
+    let _ = writeln!(out, " {}", fmt_float(value));
+}
+
+#[derive(Clone)]
+struct Shared {
+    store: Arc<Mutex<Store>>,
+    token: Option<String>,
+    expire_after: Duration,
+    telemetry: Option<Telemetry>,
+}
+
+async fn serve(State(s): State<Shared>, headers: HeaderMap) -> Response {
+    if let Some(token) = &s.token {
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        if given != Some(format!("Bearer {token}").as_str()) {
+            return (StatusCode::UNAUTHORIZED, "bearer token required").into_response();
+        }
+    }
+    let accept = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let openmetrics = accept.contains("application/openmetrics-text");
+    let mut body = match s.store.lock() {
+        Ok(mut store) => {
+            store.expire(Instant::now(), s.expire_after);
+            store.render(openmetrics)
+        }
+        Err(_) => return (StatusCode::INTERNAL_SERVER_ERROR, "store poisoned").into_response(),
+    };
+    if let (Some(t), false) = (&s.telemetry, openmetrics) {
+        body.push_str(&t.render_prometheus());
+    }
+    if openmetrics {
+        body.push_str("# EOF\n");
+    }
+    let content_type = if openmetrics {
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    } else {
+        "text/plain; version=0.0.4; charset=utf-8"
+    };
+    let gzip = headers
+        .get(header::ACCEPT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("gzip"));
+    if gzip {
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        if enc.write_all(body.as_bytes()).is_ok() {
+            if let Ok(compressed) = enc.finish() {
+                return (
+                    [
+                        (header::CONTENT_TYPE, content_type),
+                        (header::CONTENT_ENCODING, "gzip"),
+                    ],
+                    compressed,
+                )
+                    .into_response();
+            }
+        }
+    }
+    ([(header::CONTENT_TYPE, content_type)], body).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use genai_collector_core::model::{
+        kv, number_point, Histogram, HistogramDataPoint, Metric, MetricExt as _,
+    };
+
+    fn batch() -> Batch {
+        let hist = Metric {
+            name: "gen_ai.server.request.duration".into(),
+            unit: "s".into(),
+            description: "End-to-end duration".into(),
+            data: Some(metric::Data::Histogram(Histogram {
+                data_points: vec![HistogramDataPoint {
+                    attributes: vec![kv("gen_ai.request.model", "llama")],
+                    count: 6,
+                    sum: Some(4.5),
+                    bucket_counts: vec![1, 2, 3],
+                    explicit_bounds: vec![0.5, 1.0],
+                    ..Default::default()
+                }],
+                aggregation_temporality: 2,
+            })),
+            ..Default::default()
+        };
+        Batch::with_resource(
+            vec![
+                kv("service.name", "vllm/chat"),
+                kv("service.instance.id", "10.0.0.5:8000"),
+                kv("gen_ai.pool.name", "chat"),
+                kv("url.full", "http://10.0.0.5:8000/metrics"),
+            ],
+            vec![
+                Metric::gauge(
+                    "gen_ai.server.kv_cache.usage",
+                    "%",
+                    vec![number_point(
+                        1,
+                        43.75,
+                        vec![kv("gen_ai.request.model", "llama")],
+                    )],
+                ),
+                Metric::sum(
+                    "gen_ai.server.token.usage",
+                    "{token}",
+                    true,
+                    vec![number_point(
+                        1,
+                        100.0,
+                        vec![kv("gen_ai.token.type", "input")],
+                    )],
+                ),
+                hist,
+            ],
+        )
+    }
+
+    #[test]
+    fn names_follow_the_specification() {
+        assert_eq!(
+            metric_name("gen_ai.server.kv_cache.usage", "%", false),
+            "gen_ai_server_kv_cache_usage_percent"
+        );
+        assert_eq!(
+            metric_name("gen_ai.server.token.usage", "{token}", true),
+            "gen_ai_server_token_usage_total"
+        );
+        assert_eq!(
+            metric_name("vllm:prompt_tokens_total", "", true),
+            "vllm:prompt_tokens_total"
+        );
+        assert_eq!(
+            metric_name("hw.gpu.memory.usage.percent", "%", false),
+            "hw_gpu_memory_usage_percent"
+        );
+        assert_eq!(
+            metric_name("hw.gpu.utilization", "1", false),
+            "hw_gpu_utilization_ratio"
+        );
+        assert_eq!(sanitize("9lives", false), "key_9lives");
+    }
+
+    #[test]
+    fn renders_both_formats() {
+        let mut store = Store::default();
+        store.update(&batch(), &["gen_ai.pool.name".to_string()], Instant::now());
+        let text = store.render(false);
+        assert!(text.contains("gen_ai_server_kv_cache_usage_percent{gen_ai_pool_name=\"chat\",gen_ai_request_model=\"llama\",instance=\"10.0.0.5:8000\",job=\"vllm/chat\"} 43.75"), "{text}");
+        assert!(text.contains("# TYPE gen_ai_server_token_usage_total counter"));
+        assert!(text.contains("gen_ai_server_request_duration_seconds_bucket{gen_ai_pool_name=\"chat\",gen_ai_request_model=\"llama\",instance=\"10.0.0.5:8000\",job=\"vllm/chat\",le=\"1.0\"} 3"));
+        assert!(text.contains("le=\"+Inf\"} 6"));
+        assert!(text.contains("target_info{gen_ai_pool_name=\"chat\",instance=\"10.0.0.5:8000\",job=\"vllm/chat\",url_full=\"http://10.0.0.5:8000/metrics\"} 1"));
+        let om = format!("{}# EOF\n", store.render(true));
+        assert!(om.contains("# TYPE gen_ai_server_token_usage counter\n"));
+        assert!(om.contains("# TYPE target info\n"));
+    }
+
+    #[test]
+    fn series_expire() {
+        let mut store = Store::default();
+        let t0 = Instant::now();
+        store.update(&batch(), &[], t0);
+        store.expire(t0 + Duration::from_secs(10), Duration::from_secs(60));
+        assert!(!store.families.is_empty());
+        store.expire(t0 + Duration::from_secs(61), Duration::from_secs(60));
+        assert!(
+            store.families.is_empty(),
+            "series that stop arriving go away"
+        );
+    }
+}

@@ -1,0 +1,185 @@
+//! The `prometheus` exporter against real peers: `promtool check metrics` on what it serves,
+//! our strict OpenMetrics parser on its OpenMetrics answer, and a real Prometheus scraping it
+//! and answering queries with the values. Prometheus comes from Debian's `prometheus` package
+//! (CI installs it); without it the test says so and checks the rest.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use genai_collector_receivers::scrape::text::{parse, Format};
+use genai_collector_testkit::sim::{self, EngineKind};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn get(url: &str, accept: &str) -> String {
+    let client = reqwest::Client::new();
+    client
+        .get(url)
+        .header("Accept", accept)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn promtool_our_parser_and_a_real_prometheus() {
+    let vllm = sim::start(EngineKind::VllmV1, "127.0.0.1:0").await.unwrap();
+    let port = free_port();
+    let yaml = format!(
+        "receivers:\n  vllm: {{ targets: [\"{}\"], interval: 500ms, pool: chat }}\nprocessors:\n  genai_normalize: {{}}\n  percentages: {{ max_requests: 64 }}\nexporters:\n  prometheus: {{ endpoint: \"127.0.0.1:{port}\" }}\nservice:\n  telemetry: {{ endpoint: null }}\n  pipelines:\n    metrics: {{ receivers: [vllm], processors: [genai_normalize, percentages], exporters: [prometheus] }}\n",
+        vllm.metrics_url()
+    );
+    let run = tokio::spawn(async move { common::run_for(&yaml, 9.0).await });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let url = format!("http://127.0.0.1:{port}/metrics");
+
+    let text = get(&url, "text/plain").await;
+    let page = parse(&text, Format::Prometheus).unwrap();
+    assert!(
+        page.families
+            .iter()
+            .any(|f| f.name == "gen_ai_server_kv_cache_usage_percent"),
+        "{text}"
+    );
+    let om = get(&url, "application/openmetrics-text;version=1.0.0").await;
+    parse(&om, Format::OpenMetrics).unwrap_or_else(|e| panic!("strict OpenMetrics: {e}\n{om}"));
+
+    match Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+    {
+        Ok(mut child) => {
+            use std::io::Write as _;
+            // vLLM's own names keep their `:`, which promtool's linter flags by design.
+            let ours: String = text
+                .lines()
+                .filter(|l| !l.contains("vllm:"))
+                .map(|l| format!("{l}\n"))
+                .collect();
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(ours.as_bytes())
+                .unwrap();
+            let out = child.wait_with_output().unwrap();
+            let report = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(out.status.success(), "promtool check metrics:\n{report}");
+        }
+        Err(_) => eprintln!("promtool not installed: `apt-get install prometheus` (CI does)"),
+    }
+
+    if Command::new("prometheus")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("prometheus not installed: skipping the scrape by a real Prometheus");
+        run.await.unwrap();
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("prom-e2e-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let prom_port = free_port();
+    std::fs::write(
+        dir.join("prometheus.yml"),
+        format!("global: {{ scrape_interval: 1s, scrape_timeout: 900ms }}\nscrape_configs:\n  - job_name: collector\n    honor_labels: true\n    static_configs: [{{ targets: [\"127.0.0.1:{port}\"] }}]\n"),
+    )
+    .unwrap();
+    let mut prom = Command::new("prometheus")
+        .arg(format!(
+            "--config.file={}",
+            dir.join("prometheus.yml").display()
+        ))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("data").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let query = |q: &str| {
+        format!(
+            "http://127.0.0.1:{prom_port}/api/v1/query?query={}",
+            q.replace('{', "%7B")
+                .replace('}', "%7D")
+                .replace('"', "%22")
+                .replace(' ', "%20")
+        )
+    };
+    let mut answer = String::new();
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        answer = match reqwest::get(query("vllm:num_gpu_blocks")).await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        if answer.contains("27910") {
+            break;
+        }
+    }
+    let max = reqwest::get(query(
+        "gen_ai_server_requests_max{gen_ai_pool_name=\"chat\"}",
+    ))
+    .await
+    .unwrap()
+    .text()
+    .await
+    .unwrap();
+    let buckets = reqwest::get(query(
+        "count(gen_ai_server_time_to_first_token_seconds_bucket)",
+    ))
+    .await
+    .unwrap()
+    .text()
+    .await
+    .unwrap();
+    let tokens = reqwest::get(query(
+        "gen_ai_server_token_usage_total{gen_ai_token_type=\"input\"} > 0",
+    ))
+    .await
+    .unwrap()
+    .text()
+    .await
+    .unwrap();
+    let _ = prom.kill();
+    let _ = prom.wait();
+    run.await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        answer.contains("\"27910\""),
+        "Prometheus scraped the engine fact: {answer}"
+    );
+    assert!(
+        max.contains("\"64\"") && max.contains("\"job\":\"vllm\""),
+        "labels and values arrive: {max}"
+    );
+    assert!(
+        buckets.contains("\"23\""),
+        "every TTFT bucket, +Inf included: {buckets}"
+    );
+    assert!(
+        tokens.contains("gen_ai_server_token_usage_total"),
+        "counters: {tokens}"
+    );
+}
