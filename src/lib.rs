@@ -38,6 +38,7 @@ impl Builtin for Components {
             .with_receiver(r::TgiReceiverFactory)
             .with_receiver(r::OllamaReceiverFactory)
             .with_receiver(r::NvmlReceiverFactory)
+            .with_receiver(r::OtlpReceiverFactory)
             .with_processor(genai_collector_processors::GenaiNormalizeFactory)
             .with_processor(genai_collector_processors::PercentagesFactory)
             .with_processor(genai_collector_processors::PoolAggregateFactory)

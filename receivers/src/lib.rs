@@ -4,6 +4,7 @@
 pub mod internal;
 pub mod nvml;
 pub mod ollama;
+pub mod otlp;
 pub mod prometheus;
 pub mod scrape;
 pub mod tgi;
@@ -12,6 +13,7 @@ pub mod vllm;
 pub use internal::InternalReceiverFactory;
 pub use nvml::NvmlReceiverFactory;
 pub use ollama::OllamaReceiverFactory;
+pub use otlp::OtlpReceiverFactory;
 pub use prometheus::PrometheusReceiverFactory;
 pub use tgi::TgiReceiverFactory;
 pub use vllm::VllmReceiverFactory;

@@ -20,6 +20,7 @@ fn free_port() -> u16 {
 }
 
 async fn get(url: &str, accept: &str) -> String {
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let client = reqwest::Client::new();
     client
         .get(url)

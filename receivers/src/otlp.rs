@@ -1,0 +1,389 @@
+//! `otlp`: accepts OTLP metrics pushed over gRPC (`MetricsService/Export`) and HTTP
+//! (`POST /v1/metrics`, protobuf or JSON, gzip or not).
+//!
+//! When the pipelines are full the receiver refuses instead of buffering: gRPC answers
+//! `RESOURCE_EXHAUSTED`, HTTP answers 429 with `Retry-After`, and the points are counted as
+//! refused. Metrics that carry no data (an OTLP/JSON enum sent by name decodes that way) are
+//! rejected and reported as a partial success. Traces and logs are not served here: gRPC
+//! answers `UNIMPLEMENTED`, HTTP 404.
+
+use std::io::Read as _;
+use std::net::SocketAddr;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::Router;
+use genai_collector_core::model::Batch;
+use genai_collector_core::{
+    async_trait, BuildContext, ComponentConfig, ComponentError, Output, Receiver, ReceiverContext,
+    ReceiverFactory, SendError, ValidationError,
+};
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
+    MetricsService, MetricsServiceServer,
+};
+use opentelemetry_proto::tonic::collector::metrics::v1::{
+    ExportMetricsPartialSuccess, ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+};
+use prost::Message;
+use serde::Deserialize;
+use tracing::info;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GrpcConfig {
+    pub endpoint: String,
+    /// Largest request, in MiB.
+    pub max_recv_msg_size_mib: usize,
+}
+
+impl Default for GrpcConfig {
+    fn default() -> Self {
+        Self {
+            endpoint: "localhost:4317".into(),
+            max_recv_msg_size_mib: 4,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    pub endpoint: String,
+    /// Largest request body, in MiB, after decompression.
+    pub max_request_body_size_mib: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            endpoint: "localhost:4318".into(),
+            max_request_body_size_mib: 4,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Protocols {
+    pub grpc: Option<GrpcConfig>,
+    pub http: Option<HttpConfig>,
+}
+
+impl Default for Protocols {
+    fn default() -> Self {
+        Self {
+            grpc: Some(GrpcConfig::default()),
+            http: Some(HttpConfig::default()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OtlpConfig {
+    pub protocols: Protocols,
+}
+
+impl ComponentConfig for OtlpConfig {
+    fn validate(&self) -> Result<(), ValidationError> {
+        if self.protocols.grpc.is_none() && self.protocols.http.is_none() {
+            return Err(ValidationError::field(
+                "protocols",
+                "enable `grpc`, `http` or both",
+            ));
+        }
+        Ok(())
+    }
+}
+
+pub struct OtlpReceiverFactory;
+
+impl ReceiverFactory for OtlpReceiverFactory {
+    type Config = OtlpConfig;
+
+    fn kind(&self) -> &'static str {
+        "otlp"
+    }
+
+    fn description(&self) -> &'static str {
+        "accepts OTLP metrics over gRPC and HTTP (protobuf, JSON, gzip), refusing with a retry hint when full"
+    }
+
+    fn build(
+        &self,
+        config: OtlpConfig,
+        _: &BuildContext,
+    ) -> Result<Box<dyn Receiver>, ComponentError> {
+        // Bind now: a taken port fails the start, not the first push.
+        let bind = |endpoint: &str| {
+            let l = std::net::TcpListener::bind(endpoint).map_err(|e| {
+                ComponentError::Config(format!("cannot listen on `{endpoint}`: {e}"))
+            })?;
+            l.set_nonblocking(true)?;
+            Ok::<_, ComponentError>(l)
+        };
+        let grpc = config
+            .protocols
+            .grpc
+            .as_ref()
+            .map(|g| bind(&g.endpoint))
+            .transpose()?;
+        let http = config
+            .protocols
+            .http
+            .as_ref()
+            .map(|h| bind(&h.endpoint))
+            .transpose()?;
+        Ok(Box::new(OtlpReceiver { config, grpc, http }))
+    }
+}
+
+pub struct OtlpReceiver {
+    config: OtlpConfig,
+    grpc: Option<std::net::TcpListener>,
+    http: Option<std::net::TcpListener>,
+}
+
+impl OtlpReceiver {
+    /// The addresses bound, gRPC then HTTP (port 0 in config picks a free one).
+    pub fn addresses(&self) -> (Option<SocketAddr>, Option<SocketAddr>) {
+        (
+            self.grpc.as_ref().and_then(|l| l.local_addr().ok()),
+            self.http.as_ref().and_then(|l| l.local_addr().ok()),
+        )
+    }
+}
+
+/// Splits off metrics that carry no data; returns how many points were rejected.
+fn accept(request: ExportMetricsServiceRequest) -> (Batch, i64, usize) {
+    let mut batch = Batch::from_request(request);
+    let mut rejected_metrics = 0;
+    batch.retain_metrics(|m| {
+        let ok = m.data.is_some() && !m.name.is_empty();
+        rejected_metrics += usize::from(!ok);
+        ok
+    });
+    let points = batch.point_count();
+    (batch, rejected_metrics as i64, points)
+}
+
+fn partial(rejected: i64) -> Option<ExportMetricsPartialSuccess> {
+    (rejected > 0).then(|| ExportMetricsPartialSuccess {
+        rejected_data_points: rejected,
+        error_message: format!("{rejected} metrics had no data (an unknown kind, or a JSON enum sent by name) and were dropped"),
+    })
+}
+
+struct Grpc(Output);
+
+#[tonic::async_trait]
+impl MetricsService for Grpc {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportMetricsServiceRequest>,
+    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+        let (batch, rejected, _) = accept(request.into_inner());
+        match self.0.try_send(batch) {
+            Ok(()) => Ok(tonic::Response::new(ExportMetricsServiceResponse {
+                partial_success: partial(rejected),
+            })),
+            Err(SendError::Full) => Err(tonic::Status::resource_exhausted(
+                "the collector's pipelines are full; retry later",
+            )),
+            Err(SendError::Closed) => {
+                Err(tonic::Status::unavailable("the collector is shutting down"))
+            }
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Http {
+    output: Output,
+    limit: usize,
+}
+
+fn too_large(limit: usize) -> Response {
+    (
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!("request body over {limit} bytes"),
+    )
+        .into_response()
+}
+
+async fn http_export(State(h): State<Http>, headers: HeaderMap, body: Bytes) -> Response {
+    let text = |k: header::HeaderName| {
+        headers
+            .get(k)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned()
+    };
+    let json = text(header::CONTENT_TYPE).starts_with("application/json");
+    let body: Vec<u8> = match text(header::CONTENT_ENCODING).as_str() {
+        "gzip" => {
+            let mut out = Vec::new();
+            let decoder = flate2::read::GzDecoder::new(&body[..]);
+            // One byte past the limit tells a body over it from one at it.
+            match decoder.take(h.limit as u64 + 1).read_to_end(&mut out) {
+                Ok(n) if n > h.limit => return too_large(h.limit),
+                Ok(_) => out,
+                Err(e) => {
+                    return (StatusCode::BAD_REQUEST, format!("bad gzip body: {e}")).into_response()
+                }
+            }
+        }
+        "" | "identity" => body.to_vec(),
+        other => {
+            return (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                format!("unsupported Content-Encoding `{other}`"),
+            )
+                .into_response()
+        }
+    };
+    if body.len() > h.limit {
+        return too_large(h.limit);
+    }
+    let request = if json {
+        serde_json::from_slice::<ExportMetricsServiceRequest>(&body).map_err(|e| e.to_string())
+    } else {
+        ExportMetricsServiceRequest::decode(&body[..]).map_err(|e| e.to_string())
+    };
+    let request = match request {
+        Ok(r) => r,
+        Err(e) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                format!("not an OTLP metrics request: {e}"),
+            )
+                .into_response()
+        }
+    };
+    let (batch, rejected, _) = accept(request);
+    match h.output.try_send(batch) {
+        Ok(()) => {
+            let response = ExportMetricsServiceResponse {
+                partial_success: partial(rejected),
+            };
+            if json {
+                let body = serde_json::to_vec(&response).unwrap_or_else(|_| b"{}".to_vec());
+                ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+            } else {
+                (
+                    [(header::CONTENT_TYPE, "application/x-protobuf")],
+                    response.encode_to_vec(),
+                )
+                    .into_response()
+            }
+        }
+        Err(SendError::Full) => (
+            StatusCode::TOO_MANY_REQUESTS,
+            [(header::RETRY_AFTER, "1")],
+            "the collector's pipelines are full; retry later",
+        )
+            .into_response(),
+        Err(SendError::Closed) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, "5")],
+            "the collector is shutting down",
+        )
+            .into_response(),
+    }
+}
+
+#[async_trait]
+impl Receiver for OtlpReceiver {
+    async fn run(self: Box<Self>, ctx: ReceiverContext) -> Result<(), ComponentError> {
+        let mut tasks = tokio::task::JoinSet::new();
+        if let (Some(listener), Some(cfg)) = (self.grpc, &self.config.protocols.grpc) {
+            let listener = tokio::net::TcpListener::from_std(listener)?;
+            info!(receiver = %ctx.id, addr = ?listener.local_addr().ok(), "OTLP/gRPC listening");
+            let service = MetricsServiceServer::new(Grpc(ctx.output.clone()))
+                .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
+                .max_decoding_message_size(cfg.max_recv_msg_size_mib << 20);
+            let stop = ctx.shutdown.clone();
+            let incoming = tokio_stream_listener(listener);
+            tasks.spawn(async move {
+                let r = tonic::transport::Server::builder()
+                    .add_service(service)
+                    .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+                    .await;
+                r.map_err(|e| e.to_string())
+            });
+        }
+        if let (Some(listener), Some(cfg)) = (self.http, &self.config.protocols.http) {
+            let listener = tokio::net::TcpListener::from_std(listener)?;
+            info!(receiver = %ctx.id, addr = ?listener.local_addr().ok(), "OTLP/HTTP listening");
+            let limit = cfg.max_request_body_size_mib << 20;
+            let app = Router::new()
+                .route("/v1/metrics", post(http_export))
+                // The body extractor's own limit covers the compressed body.
+                .layer(axum::extract::DefaultBodyLimit::max(limit))
+                .with_state(Http {
+                    output: ctx.output.clone(),
+                    limit,
+                });
+            let stop = ctx.shutdown.clone();
+            tasks.spawn(async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(stop.cancelled_owned())
+                    .await
+                    .map_err(|e| e.to_string())
+            });
+        }
+        while let Some(done) = tasks.join_next().await {
+            if let Ok(Err(e)) = done {
+                return Err(ComponentError::Config(format!("OTLP server stopped: {e}")));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The listener's connections as the stream tonic serves.
+fn tokio_stream_listener(
+    listener: tokio::net::TcpListener,
+) -> impl futures_util::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    futures_util::stream::unfold(listener, |l| async move {
+        let next = l.accept().await.map(|(s, _)| s);
+        Some((next, l))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use genai_collector_core::model::{kv, number_point, Metric, MetricExt};
+
+    #[test]
+    fn metrics_without_data_are_rejected_as_partial_success() {
+        let mut batch = Batch::with_resource(
+            vec![kv("service.name", "app")],
+            vec![Metric::gauge("ok", "", vec![number_point(1, 1.0, vec![])])],
+        );
+        batch.resource_metrics[0].scope_metrics[0]
+            .metrics
+            .push(Metric {
+                name: "empty".into(),
+                ..Default::default()
+            });
+        let request = ExportMetricsServiceRequest {
+            resource_metrics: batch.resource_metrics.clone(),
+        };
+        let (accepted, rejected, points) = accept(request);
+        assert_eq!((rejected, points), (1, 1));
+        assert_eq!(
+            accepted
+                .metrics()
+                .map(|m| m.name.as_str())
+                .collect::<Vec<_>>(),
+            ["ok"]
+        );
+        assert!(partial(rejected).unwrap().error_message.contains("no data"));
+        assert_eq!(partial(0), None);
+    }
+}

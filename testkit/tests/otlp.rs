@@ -1,0 +1,220 @@
+//! The `otlp` receiver against the official OpenTelemetry Python SDK (tests/peers/otlp_push.py)
+//! pushing over gRPC and over HTTP: every point, attribute, temporality and bucket arrives.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use genai_collector_core::model::{metric, number_value, AggregationTemporality, AttributesExt};
+use genai_collector_testkit::Capture;
+
+fn python() -> PathBuf {
+    if let Ok(p) = std::env::var("GENAI_PEERS_PYTHON") {
+        return p.into();
+    }
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
+    assert!(venv.exists(), "the OpenTelemetry SDK peer needs Python with tests/peers/requirements.txt: run `scripts/test`");
+    venv
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn push_and_capture(protocol: &str) -> (Capture, serde_json::Value) {
+    let (grpc, http) = (free_port(), free_port());
+    let yaml = format!(
+        "receivers:\n  otlp:\n    protocols:\n      grpc: {{ endpoint: \"127.0.0.1:{grpc}\" }}\n      http: {{ endpoint: \"127.0.0.1:{http}\" }}\nexporters:\n  capture: {{}}\nservice:\n  telemetry: {{ endpoint: null }}\n  pipelines:\n    metrics: {{ receivers: [otlp], exporters: [capture] }}\n"
+    );
+    let run = tokio::spawn(async move { common::run_for(&yaml, 6.0).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let endpoint = if protocol == "grpc" {
+        format!("127.0.0.1:{grpc}")
+    } else {
+        format!("http://127.0.0.1:{http}/v1/metrics")
+    };
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/peers/otlp_push.py");
+    let protocol = protocol_owned(protocol);
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(python())
+            .arg(script)
+            .args([
+                "--endpoint",
+                &endpoint,
+                "--protocol",
+                protocol,
+                "--series",
+                "5",
+                "--rounds",
+                "2",
+            ])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(out.stdout.trim_ascii()).unwrap();
+    (run.await.unwrap(), summary)
+}
+
+fn protocol_owned(p: &str) -> &'static str {
+    if p == "grpc" {
+        "grpc"
+    } else {
+        "http"
+    }
+}
+
+async fn check(protocol: &str) {
+    let (capture, summary) = push_and_capture(protocol).await;
+    let (series, rounds) = (
+        summary["series"].as_u64().unwrap() as usize,
+        summary["rounds"].as_u64().unwrap() as usize,
+    );
+    // Cumulative temporality: every flush re-sends every series; shutdown flushes once more.
+    assert_eq!(
+        capture.point_count(),
+        3 * series * (rounds + 1),
+        "{protocol}"
+    );
+    let batches = capture.batches();
+    let last = batches.last().unwrap();
+    assert_eq!(
+        last.resource_metrics[0]
+            .resource
+            .as_ref()
+            .unwrap()
+            .attributes
+            .get_str("service.name"),
+        Some("otlp-push")
+    );
+    let find = |name: &str| {
+        last.metrics()
+            .find(|m| m.name == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("{protocol}: no {name}"))
+    };
+    let Some(metric::Data::Sum(tokens)) = find("gen_ai.server.token.usage").data else {
+        panic!("sum")
+    };
+    assert!(tokens.is_monotonic);
+    assert_eq!(
+        tokens.aggregation_temporality,
+        AggregationTemporality::Cumulative as i32
+    );
+    let total: f64 = tokens.data_points.iter().filter_map(number_value).sum();
+    assert_eq!(
+        total,
+        summary["tokens_total"].as_f64().unwrap(),
+        "{protocol}: every token counted"
+    );
+    assert!(tokens
+        .data_points
+        .iter()
+        .all(|p| p.attributes.get_str("gen_ai.token.type") == Some("output")));
+    let Some(metric::Data::Histogram(h)) = find("gen_ai.server.request.duration").data else {
+        panic!("histogram")
+    };
+    assert_eq!(h.data_points.len(), series);
+    for p in &h.data_points {
+        assert_eq!(p.explicit_bounds.len(), 14, "the advised bucket bounds");
+        assert_eq!(p.bucket_counts.len(), 15);
+        assert_eq!(p.bucket_counts.iter().sum::<u64>(), p.count);
+        assert_eq!(p.count, rounds as u64);
+    }
+    assert_eq!(find("gen_ai.server.request.duration").unit, "s");
+    let Some(metric::Data::Gauge(g)) = find("gen_ai.server.requests.running").data else {
+        panic!("gauge")
+    };
+    let model4 = g
+        .data_points
+        .iter()
+        .find(|p| p.attributes.get_str("gen_ai.request.model") == Some("model-4"))
+        .unwrap();
+    assert_eq!(number_value(model4), Some((4 + rounds - 1) as f64));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_sdk_pushes_over_grpc() {
+    check("grpc").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_sdk_pushes_over_http() {
+    check("http").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_pipeline_answers_429_and_counts_the_refusal() {
+    use genai_collector_core::config::{self, Source};
+    use genai_collector_core::telemetry::ComponentStats;
+    use genai_collector_core::{ComponentKind, Service};
+    use prost::Message as _;
+
+    let http = free_port();
+    // An exporter that never answers and a queue that blocks: the pipeline fills up.
+    let yaml = format!(
+        "receivers:\n  otlp:\n    protocols:\n      http: {{ endpoint: \"127.0.0.1:{http}\" }}\nexporters:\n  fail: {{ mode: hang, timeout: 1h, sending_queue: {{ queue_size: 1, block_on_overflow: true }} }}\nservice:\n  telemetry: {{ endpoint: null }}\n  shutdown_timeout: 300ms\n  pipelines:\n    metrics: {{ receivers: [otlp], exporters: [fail] }}\n"
+    );
+    let comps = genai_collector_testkit::components(&Capture::new());
+    let service = Service::build(
+        config::load(&[Source::new("t.yaml", yaml)], &comps).unwrap(),
+        &comps,
+    )
+    .unwrap();
+    let telemetry = service.telemetry().clone();
+    let running = service.start().await.unwrap();
+    let body = genai_collector_testkit::components::numbered_batch(0, 10, 10)
+        .into_request()
+        .encode_to_vec();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = reqwest::Client::new();
+    let mut statuses = Vec::new();
+    for _ in 0..100 {
+        let r = client
+            .post(format!("http://127.0.0.1:{http}/v1/metrics"))
+            .header("Content-Type", "application/x-protobuf")
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        let retry_after = r
+            .headers()
+            .get("retry-after")
+            .map(|v| v.to_str().unwrap().to_owned());
+        statuses.push((r.status().as_u16(), retry_after));
+    }
+    let refused = statuses.iter().filter(|(s, _)| *s == 429).count();
+    assert!(statuses[0].0 == 200, "{statuses:?}");
+    assert!(refused > 0, "a full pipeline refuses: {statuses:?}");
+    assert!(
+        statuses
+            .iter()
+            .filter(|(s, _)| *s == 429)
+            .all(|(_, r)| r.as_deref() == Some("1")),
+        "with a retry hint"
+    );
+    let stats = telemetry.find(ComponentKind::Receiver, "otlp").unwrap();
+    assert_eq!(
+        ComponentStats::get(&stats.refused),
+        refused as u64 * 10,
+        "refused points are counted"
+    );
+    assert_eq!(
+        ComponentStats::get(&stats.accepted),
+        (100 - refused) as u64 * 10
+    );
+    let summary = running.run_until(async {}).await;
+    assert!(!summary.drained, "the hung exporter cannot drain");
+}
