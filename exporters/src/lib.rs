@@ -1,7 +1,9 @@
 //! Exporters: one module per kind, each with its config, factory and tests.
 
 pub mod debug;
+pub mod otlp;
 pub mod prometheus;
 
 pub use debug::DebugExporterFactory;
+pub use otlp::OtlpExporterFactory;
 pub use prometheus::PrometheusExporterFactory;

@@ -218,3 +218,88 @@ async fn a_full_pipeline_answers_429_and_counts_the_refusal() {
     let summary = running.run_until(async {}).await;
     assert!(!summary.drained, "the hung exporter cannot drain");
 }
+
+/// Runs the independent Python sink, the collector sending it numbered points, and returns
+/// the values the sink wrote and the exporter's stats.
+async fn send_to_sink(protocol: &str, fail_first: u32) -> (Vec<f64>, u64, u64) {
+    use genai_collector_core::telemetry::ComponentStats;
+    use genai_collector_core::ComponentKind;
+    let (grpc, http) = (free_port(), free_port());
+    let dir = std::env::temp_dir().join(format!("sink-{protocol}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("points.jsonl");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/peers/otlp_sink.py");
+    let mut sink = Command::new(python())
+        .arg(script)
+        .args([
+            "--grpc-port",
+            &grpc.to_string(),
+            "--http-port",
+            &http.to_string(),
+            "--fail-first",
+            &fail_first.to_string(),
+            "--out",
+        ])
+        .arg(&out)
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let endpoint = if protocol == "grpc" {
+        format!("http://127.0.0.1:{grpc}")
+    } else {
+        format!("http://127.0.0.1:{http}")
+    };
+    let yaml = format!(
+        "receivers:\n  generator: {{ batches: 20, points: 50, points_per_metric: 10 }}\nexporters:\n  otlp:\n    endpoint: \"{endpoint}\"\n    protocol: {protocol}\n    headers: {{ x-tenant: team-a }}\n    retry_on_failure: {{ initial_interval: 50ms, max_interval: 100ms }}\nservice:\n  telemetry: {{ endpoint: null }}\n  pipelines:\n    metrics: {{ receivers: [generator], exporters: [otlp] }}\n"
+    );
+    let capture = Capture::new();
+    let comps = genai_collector_testkit::components(&capture);
+    let cfg = genai_collector_core::config::load(
+        &[genai_collector_core::config::Source::new("t.yaml", yaml)],
+        &comps,
+    )
+    .unwrap();
+    let service = genai_collector_core::Service::build(cfg, &comps).unwrap();
+    let telemetry = service.telemetry().clone();
+    let summary = service.run(std::future::pending()).await.unwrap();
+    assert!(summary.drained);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _ = Command::new("kill")
+        .args(["-TERM", &sink.id().to_string()])
+        .status();
+    let _ = sink.wait();
+    let values: Vec<f64> = std::fs::read_to_string(&out)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["value"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect();
+    let stats = telemetry.find(ComponentKind::Exporter, "otlp").unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    (
+        values,
+        ComponentStats::get(&stats.sent),
+        ComponentStats::get(&stats.attempt_failures),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_otlp_exporter_delivers_to_an_independent_sink_through_failures() {
+    for protocol in ["grpc", "http"] {
+        let (mut values, sent, failures) = send_to_sink(protocol, 3).await;
+        values.sort_by(f64::total_cmp);
+        assert_eq!(values.len(), 1000, "{protocol}: every point arrived once");
+        assert!(
+            values.iter().enumerate().all(|(i, v)| *v == i as f64),
+            "{protocol}: the values sent"
+        );
+        assert_eq!(sent, 1000);
+        assert_eq!(
+            failures, 3,
+            "{protocol}: the sink's three refusals were retried"
+        );
+    }
+}
