@@ -298,48 +298,35 @@ impl Store {
                     }
                     l
                 };
+                let meta = |kind| Meta {
+                    kind,
+                    help: &m.description,
+                    source: &m.name,
+                };
+                let numbers = match &m.data {
+                    Some(metric::Data::Gauge(g)) => Some((Kind::Gauge, &g.data_points)),
+                    Some(metric::Data::Sum(s)) if s.is_monotonic => {
+                        Some((Kind::Counter, &s.data_points))
+                    }
+                    Some(metric::Data::Sum(s)) => Some((Kind::Gauge, &s.data_points)),
+                    _ => None,
+                };
+                if let Some((kind, points)) = numbers {
+                    let name = metric_name(&m.name, &m.unit, kind == Kind::Counter);
+                    for p in points {
+                        if let Some(v) = number_value(p) {
+                            self.set(
+                                &name,
+                                meta(kind),
+                                labels(&p.attributes),
+                                Value::Number(v),
+                                now,
+                            );
+                        }
+                    }
+                    continue;
+                }
                 match &m.data {
-                    Some(metric::Data::Gauge(g)) => {
-                        let name = metric_name(&m.name, &m.unit, false);
-                        for p in &g.data_points {
-                            if let Some(v) = number_value(p) {
-                                self.set(
-                                    &name,
-                                    Meta {
-                                        kind: Kind::Gauge,
-                                        help: &m.description,
-                                        source: &m.name,
-                                    },
-                                    labels(&p.attributes),
-                                    Value::Number(v),
-                                    now,
-                                );
-                            }
-                        }
-                    }
-                    Some(metric::Data::Sum(s)) => {
-                        let kind = if s.is_monotonic {
-                            Kind::Counter
-                        } else {
-                            Kind::Gauge
-                        };
-                        let name = metric_name(&m.name, &m.unit, s.is_monotonic);
-                        for p in &s.data_points {
-                            if let Some(v) = number_value(p) {
-                                self.set(
-                                    &name,
-                                    Meta {
-                                        kind,
-                                        help: &m.description,
-                                        source: &m.name,
-                                    },
-                                    labels(&p.attributes),
-                                    Value::Number(v),
-                                    now,
-                                );
-                            }
-                        }
-                    }
                     Some(metric::Data::Histogram(h)) => {
                         let name = metric_name(&m.name, &m.unit, false);
                         for p in &h.data_points {
@@ -351,11 +338,7 @@ impl Store {
                             };
                             self.set(
                                 &name,
-                                Meta {
-                                    kind: Kind::Histogram,
-                                    help: &m.description,
-                                    source: &m.name,
-                                },
+                                meta(Kind::Histogram),
                                 labels(&p.attributes),
                                 value,
                                 now,
@@ -377,11 +360,7 @@ impl Store {
                             };
                             self.set(
                                 &name,
-                                Meta {
-                                    kind: Kind::Summary,
-                                    help: &m.description,
-                                    source: &m.name,
-                                },
+                                meta(Kind::Summary),
                                 labels(&p.attributes),
                                 value,
                                 now,
