@@ -4,7 +4,8 @@
 //! When the pipelines are full the receiver refuses instead of buffering: gRPC answers
 //! `RESOURCE_EXHAUSTED`, HTTP answers 429 with `Retry-After`, and the points are counted as
 //! refused. Metrics that carry no data (an OTLP/JSON enum sent by name decodes that way) are
-//! rejected and reported as a partial success. Traces and logs are not served here: gRPC
+//! rejected and reported as a partial success. With `bearer_token`, exports without it are
+//! refused (`UNAUTHENTICATED` / 401). Traces and logs are not served here: gRPC
 //! answers `UNIMPLEMENTED`, HTTP 404.
 
 use std::io::Read as _;
@@ -85,6 +86,8 @@ impl Default for Protocols {
 #[serde(default, deny_unknown_fields)]
 pub struct OtlpConfig {
     pub protocols: Protocols,
+    /// Require `authorization: Bearer <token>` on every export (empty: none).
+    pub bearer_token: Option<String>,
 }
 
 impl ComponentConfig for OtlpConfig {
@@ -177,7 +180,15 @@ fn partial(rejected: i64) -> Option<ExportMetricsPartialSuccess> {
     })
 }
 
-struct Grpc(Output);
+struct Grpc {
+    output: Output,
+    expected: Option<String>,
+}
+
+/// Whether the `authorization` value a client sent is the one expected.
+fn authorized(expected: Option<&str>, given: Option<&str>) -> bool {
+    expected.is_none_or(|e| given == Some(e))
+}
 
 #[tonic::async_trait]
 impl MetricsService for Grpc {
@@ -185,8 +196,17 @@ impl MetricsService for Grpc {
         &self,
         request: tonic::Request<ExportMetricsServiceRequest>,
     ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+        let given = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        if !authorized(self.expected.as_deref(), given) {
+            return Err(tonic::Status::unauthenticated(
+                "a valid bearer token is required",
+            ));
+        }
         let (batch, rejected, _) = accept(request.into_inner());
-        match self.0.try_send(batch) {
+        match self.output.try_send(batch) {
             Ok(()) => Ok(tonic::Response::new(ExportMetricsServiceResponse {
                 partial_success: partial(rejected),
             })),
@@ -204,6 +224,7 @@ impl MetricsService for Grpc {
 struct Http {
     output: Output,
     limit: usize,
+    expected: Option<String>,
 }
 
 fn too_large(limit: usize) -> Response {
@@ -215,6 +236,12 @@ fn too_large(limit: usize) -> Response {
 }
 
 async fn http_export(State(h): State<Http>, headers: HeaderMap, body: Bytes) -> Response {
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if !authorized(h.expected.as_deref(), given) {
+        return (StatusCode::UNAUTHORIZED, "a valid bearer token is required").into_response();
+    }
     let text = |k: header::HeaderName| {
         headers
             .get(k)
@@ -299,12 +326,21 @@ async fn http_export(State(h): State<Http>, headers: HeaderMap, body: Bytes) -> 
 impl Receiver for OtlpReceiver {
     async fn run(self: Box<Self>, ctx: ReceiverContext) -> Result<(), ComponentError> {
         let mut tasks = tokio::task::JoinSet::new();
+        let expected = self
+            .config
+            .bearer_token
+            .as_ref()
+            .filter(|t| !t.is_empty())
+            .map(|t| format!("Bearer {t}"));
         if let (Some(listener), Some(cfg)) = (self.grpc, &self.config.protocols.grpc) {
             let listener = tokio::net::TcpListener::from_std(listener)?;
             info!(receiver = %ctx.id, addr = ?listener.local_addr().ok(), "OTLP/gRPC listening");
-            let service = MetricsServiceServer::new(Grpc(ctx.output.clone()))
-                .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
-                .max_decoding_message_size(cfg.max_recv_msg_size_mib << 20);
+            let service = MetricsServiceServer::new(Grpc {
+                output: ctx.output.clone(),
+                expected: expected.clone(),
+            })
+            .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
+            .max_decoding_message_size(cfg.max_recv_msg_size_mib << 20);
             let stop = ctx.shutdown.clone();
             let incoming = tokio_stream_listener(listener);
             tasks.spawn(async move {
@@ -326,6 +362,7 @@ impl Receiver for OtlpReceiver {
                 .with_state(Http {
                     output: ctx.output.clone(),
                     limit,
+                    expected: expected.clone(),
                 });
             let stop = ctx.shutdown.clone();
             tasks.spawn(async move {
@@ -385,5 +422,9 @@ mod tests {
         );
         assert!(partial(rejected).unwrap().error_message.contains("no data"));
         assert_eq!(partial(0), None);
+        assert!(authorized(None, None));
+        assert!(authorized(Some("Bearer t"), Some("Bearer t")));
+        assert!(!authorized(Some("Bearer t"), Some("Bearer x")));
+        assert!(!authorized(Some("Bearer t"), None));
     }
 }

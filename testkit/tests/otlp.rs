@@ -303,3 +303,70 @@ async fn the_otlp_exporter_delivers_to_an_independent_sink_through_failures() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bearer_token_guards_both_protocols() {
+    let (grpc, http) = (free_port(), free_port());
+    let yaml = format!(
+        "receivers:\n  otlp:\n    bearer_token: s3cret\n    protocols:\n      grpc: {{ endpoint: \"127.0.0.1:{grpc}\" }}\n      http: {{ endpoint: \"127.0.0.1:{http}\" }}\nexporters:\n  capture: {{}}\nservice:\n  telemetry: {{ endpoint: null }}\n  pipelines:\n    metrics: {{ receivers: [otlp], exporters: [capture] }}\n"
+    );
+    let run = tokio::spawn(async move { common::run_for(&yaml, 5.0).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/peers/otlp_push.py");
+    let push = move |token: Option<&'static str>| {
+        let script = script.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut cmd = Command::new(python());
+            cmd.arg(script).args([
+                "--endpoint",
+                &format!("127.0.0.1:{grpc}"),
+                "--protocol",
+                "grpc",
+                "--series",
+                "2",
+            ]);
+            if let Some(t) = token {
+                // The SDK's standard variable for export headers.
+                cmd.env(
+                    "OTEL_EXPORTER_OTLP_METRICS_HEADERS",
+                    format!("authorization=Bearer%20{t}"),
+                );
+            }
+            cmd.output().unwrap().status.success()
+        })
+    };
+    assert!(
+        push(Some("s3cret")).await.unwrap(),
+        "the right token is accepted over gRPC"
+    );
+    // The SDK logs the refusal and carries on; what arrived shows it was refused (below).
+    push(None).await.unwrap();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{http}/v1/metrics");
+    let post = |auth: Option<&str>| {
+        let mut r = client
+            .post(&url)
+            .header("Content-Type", "application/x-protobuf")
+            .body(Vec::new());
+        if let Some(a) = auth {
+            r = r.header("Authorization", a);
+        }
+        r.send()
+    };
+    assert_eq!(post(None).await.unwrap().status().as_u16(), 401);
+    assert_eq!(
+        post(Some("Bearer wrong")).await.unwrap().status().as_u16(),
+        401
+    );
+    assert_eq!(
+        post(Some("Bearer s3cret")).await.unwrap().status().as_u16(),
+        200
+    );
+    let capture = run.await.unwrap();
+    assert_eq!(
+        capture.point_count(),
+        3 * 2 * 2,
+        "only the authorized gRPC push arrived"
+    );
+}
