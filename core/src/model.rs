@@ -220,6 +220,26 @@ impl AttributesExt for Vec<KeyValue> {
     }
 }
 
+/// The attributes of a resource, or none when it has no resource.
+pub fn resource_attributes(rm: &ResourceMetrics) -> &[KeyValue] {
+    rm.resource.as_ref().map_or(&[], |r| &r.attributes)
+}
+
+/// `key=value` pairs joined by `sep`, values as [`display_value`] shows them.
+pub fn display_attrs(list: &[KeyValue], sep: &str) -> String {
+    let pairs: Vec<String> = list
+        .iter()
+        .map(|kv| {
+            format!(
+                "{}={}",
+                kv.key,
+                kv.value.as_ref().map(display_value).unwrap_or_default()
+            )
+        })
+        .collect();
+    pairs.join(sep)
+}
+
 /// Renders an attribute value the way the debug exporter and error messages show it.
 pub fn display_value(value: &AnyValue) -> String {
     match &value.value {
@@ -231,20 +251,7 @@ pub fn display_value(value: &AnyValue) -> String {
             let items: Vec<String> = a.values.iter().map(display_value).collect();
             format!("[{}]", items.join(","))
         }
-        Some(any_value::Value::KvlistValue(l)) => {
-            let items: Vec<String> = l
-                .values
-                .iter()
-                .map(|kv| {
-                    format!(
-                        "{}={}",
-                        kv.key,
-                        kv.value.as_ref().map(display_value).unwrap_or_default()
-                    )
-                })
-                .collect();
-            format!("{{{}}}", items.join(","))
-        }
+        Some(any_value::Value::KvlistValue(l)) => format!("{{{}}}", display_attrs(&l.values, ",")),
         Some(any_value::Value::BytesValue(b)) => format!("<{} bytes>", b.len()),
         Some(any_value::Value::StringValueStrindex(i)) => format!("<string #{i}>"),
         None => String::new(),

@@ -4,7 +4,9 @@ use std::fmt::Write as _;
 use std::io::Write as _;
 use std::time::{Duration, UNIX_EPOCH};
 
-use genai_collector_core::model::{display_value, metric, number_value, KeyValue, MetricExt};
+use genai_collector_core::model::{
+    display_value, metric, number_value, resource_attributes, KeyValue, MetricExt,
+};
 use genai_collector_core::{
     async_trait, Batch, BuildContext, ComponentConfig, ComponentError, ExportError, Exporter,
     ExporterFactory,
@@ -98,11 +100,7 @@ pub fn render(batch: &Batch, verbosity: Verbosity, out: &mut String) {
         return;
     }
     for rm in &batch.resource_metrics {
-        let resource = rm
-            .resource
-            .as_ref()
-            .map(|r| r.attributes.as_slice())
-            .unwrap_or_default();
+        let resource = resource_attributes(rm);
         for m in rm.scope_metrics.iter().flat_map(|s| &s.metrics) {
             let unit = if m.unit.is_empty() {
                 String::new()

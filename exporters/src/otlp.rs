@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::time::Duration;
 
+use genai_collector_core::config::header_map;
 use genai_collector_core::{
     async_trait, Batch, BuildContext, ComponentConfig, ComponentError, ExportError, Exporter,
     ExporterFactory, ValidationError,
@@ -60,14 +61,7 @@ impl ComponentConfig for OtlpExporterConfig {
                 "must be an http:// or https:// URL",
             ));
         }
-        for name in self.headers.keys() {
-            if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
-                return Err(ValidationError::field(
-                    "headers",
-                    format!("`{name}` is not a valid header name"),
-                ));
-            }
-        }
+        header_map(&self.headers).map_err(|e| ValidationError::field("headers", e))?;
         Ok(())
     }
 }
@@ -102,16 +96,8 @@ impl ExporterFactory for OtlpExporterFactory {
                 if config.compression == Compression::Gzip {
                     client = client.send_compressed(tonic::codec::CompressionEncoding::Gzip);
                 }
-                let mut metadata = tonic::metadata::MetadataMap::new();
-                for (k, v) in &config.headers {
-                    let key =
-                        tonic::metadata::MetadataKey::from_bytes(k.to_ascii_lowercase().as_bytes())
-                            .map_err(|e| ComponentError::Config(format!("header `{k}`: {e}")))?;
-                    let value = v.parse().map_err(|_| {
-                        ComponentError::Config(format!("header `{k}`: invalid value"))
-                    })?;
-                    metadata.insert(key, value);
-                }
+                let headers = header_map(&config.headers).map_err(ComponentError::Config)?;
+                let metadata = tonic::metadata::MetadataMap::from_headers(headers);
                 Sender::Grpc { client, metadata }
             }
             Protocol::Http => {
@@ -120,14 +106,7 @@ impl ExporterFactory for OtlpExporterFactory {
                 if url.path() == "/" || url.path().is_empty() {
                     url.set_path("/v1/metrics");
                 }
-                let mut headers = reqwest::header::HeaderMap::new();
-                for (k, v) in &config.headers {
-                    let name = reqwest::header::HeaderName::from_bytes(k.as_bytes())
-                        .map_err(|e| ComponentError::Config(e.to_string()))?;
-                    let value = reqwest::header::HeaderValue::from_str(v)
-                        .map_err(|e| ComponentError::Config(format!("header `{k}`: {e}")))?;
-                    headers.insert(name, value);
-                }
+                let headers = header_map(&config.headers).map_err(ComponentError::Config)?;
                 let client = reqwest::Client::builder()
                     .default_headers(headers)
                     .build()

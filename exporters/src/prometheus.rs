@@ -21,7 +21,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use genai_collector_core::config::duration;
-use genai_collector_core::model::{display_value, metric, number_value, KeyValue};
+use genai_collector_core::model::{
+    display_value, metric, number_value, resource_attributes, KeyValue,
+};
 use genai_collector_core::telemetry::Telemetry;
 use genai_collector_core::{
     async_trait, Batch, BuildContext, CancellationToken, ComponentConfig, ComponentError,
@@ -251,11 +253,7 @@ fn label_value(v: &Option<genai_collector_core::model::AnyValue>) -> String {
 impl Store {
     fn update(&mut self, batch: &Batch, promote: &[String], now: Instant) {
         for rm in &batch.resource_metrics {
-            let resource = rm
-                .resource
-                .as_ref()
-                .map(|r| r.attributes.as_slice())
-                .unwrap_or_default();
+            let resource = resource_attributes(rm);
             let mut base: Vec<(String, String)> = Vec::new();
             for kv in resource {
                 match kv.key.as_str() {

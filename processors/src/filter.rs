@@ -111,11 +111,8 @@ impl Processor for Filter {
     fn process(&mut self, batch: &mut Batch) {
         let (inc, exc) = (&self.0.include, &self.0.exclude);
         for rm in &mut batch.resource_metrics {
-            let resource = rm
-                .resource
-                .as_ref()
-                .map(|r| r.attributes.clone())
-                .unwrap_or_default();
+            // Disjoint fields: the resource is read while its scopes are edited.
+            let resource = rm.resource.as_ref().map_or(&[][..], |r| &r.attributes[..]);
             for sm in &mut rm.scope_metrics {
                 sm.metrics.retain_mut(|m| {
                     if let Some(i) = inc {
@@ -123,7 +120,7 @@ impl Processor for Filter {
                             return false;
                         }
                         if !i.attributes.is_empty() {
-                            retain_points(m, |a| attrs_match(&i.attributes, a, &resource));
+                            retain_points(m, |a| attrs_match(&i.attributes, a, resource));
                         }
                     }
                     if let Some(e) = exc {
@@ -132,7 +129,7 @@ impl Processor for Filter {
                             return false;
                         }
                         if named && !e.attributes.is_empty() {
-                            retain_points(m, |a| !attrs_match(&e.attributes, a, &resource));
+                            retain_points(m, |a| !attrs_match(&e.attributes, a, resource));
                         }
                     }
                     genai_collector_core::model::MetricExt::point_count(m) > 0

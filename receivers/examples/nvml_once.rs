@@ -7,22 +7,8 @@
 
 use std::time::Instant;
 
-use genai_collector_core::model::{display_value, metric, number_value, KeyValue};
+use genai_collector_core::model::{display_attrs, metric, number_value, resource_attributes};
 use genai_collector_receivers::nvml::{to_batch, GpuBackend, NvmlBackend};
-
-fn attrs(list: &[KeyValue], sep: &str) -> String {
-    let pairs: Vec<String> = list
-        .iter()
-        .map(|kv| {
-            format!(
-                "{}={}",
-                kv.key,
-                kv.value.as_ref().map(display_value).unwrap_or_default()
-            )
-        })
-        .collect();
-    pairs.join(sep)
-}
 
 fn main() {
     let backend = match NvmlBackend::init() {
@@ -40,12 +26,8 @@ fn main() {
     let poll = started.elapsed();
     let batch = to_batch(&gpus, backend.driver_version().as_deref(), true, 0);
     for rm in &batch.resource_metrics {
-        let resource = rm
-            .resource
-            .as_ref()
-            .map(|r| r.attributes.as_slice())
-            .unwrap_or_default();
-        println!("# {}", attrs(resource, " "));
+        let resource = resource_attributes(rm);
+        println!("# {}", display_attrs(resource, " "));
         for m in rm.scope_metrics.iter().flat_map(|s| &s.metrics) {
             let points = match &m.data {
                 Some(metric::Data::Gauge(g)) => &g.data_points,
@@ -57,7 +39,7 @@ fn main() {
                 println!(
                     "{} {{{}}} {value} {}",
                     m.name,
-                    attrs(&p.attributes, ","),
+                    display_attrs(&p.attributes, ","),
                     m.unit
                 );
             }

@@ -17,6 +17,23 @@ use serde::Deserialize;
 use crate::component::{AnyConfig, ComponentId, ComponentKind, Components};
 use node::{DeError, Node, Pos, Value};
 
+/// Request headers from config (`headers: {name: value}`), checked: an invalid name or value
+/// is an error naming it. Components that make HTTP requests validate and build with this.
+pub fn header_map(
+    headers: &std::collections::BTreeMap<String, String>,
+) -> Result<axum::http::HeaderMap, String> {
+    use axum::http::{HeaderName, HeaderValue};
+    let mut map = axum::http::HeaderMap::new();
+    for (k, v) in headers {
+        let name = HeaderName::from_bytes(k.as_bytes())
+            .map_err(|_| format!("`{k}` is not a valid header name"))?;
+        let value = HeaderValue::from_str(v)
+            .map_err(|_| format!("header `{k}`: the value is not a valid header value"))?;
+        map.insert(name, value);
+    }
+    Ok(map)
+}
+
 /// One config file's name and text.
 #[derive(Debug, Clone)]
 pub struct Source {
@@ -708,6 +725,22 @@ fn edit_distance(a: &str, b: &str) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn headers() {
+        let ok: std::collections::BTreeMap<String, String> =
+            [("X-Scope-OrgID".to_string(), "team-a".to_string())].into();
+        assert_eq!(
+            header_map(&ok).unwrap().get("x-scope-orgid").unwrap(),
+            "team-a"
+        );
+        let bad_name = [("bad header".to_string(), "v".to_string())].into();
+        assert!(header_map(&bad_name)
+            .unwrap_err()
+            .contains("`bad header` is not a valid header name"));
+        let bad_value = [("x".to_string(), "line\nbreak".to_string())].into();
+        assert!(header_map(&bad_value).unwrap_err().contains("header `x`"));
+    }
 
     #[test]
     fn suggestions() {

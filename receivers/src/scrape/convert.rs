@@ -153,20 +153,15 @@ impl Converter {
         let mut points = Vec::with_capacity(f.samples.len());
         for s in f.samples.iter().filter(|s| f.suffix(s) != "_created") {
             let labels = page.labels_of(s);
-            if !seen.insert(series_hash("", labels, "")) {
+            let series = series_hash("", labels, "");
+            if !seen.insert(series) {
                 stats.duplicates += 1;
                 continue;
             }
             name.get_or_insert(s.name);
             let key = series_hash(s.name, labels, "");
             let time = s.timestamp.map_or(now, ns);
-            let start = self.start(
-                key,
-                s.value,
-                created.get(&series_hash("", labels, "")).copied(),
-                time,
-                next,
-            );
+            let start = self.start(key, s.value, created.get(&series).copied(), time, next);
             points.push(NumberDataPoint {
                 start_time_unix_nano: start,
                 ..genai_collector_core::model::number_point(time, s.value, attrs(labels, ""))

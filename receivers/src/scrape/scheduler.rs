@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use genai_collector_core::config::duration;
+use genai_collector_core::config::{self, duration};
 use genai_collector_core::model::{
     kv, now_unix_nanos, number_point, Batch, KeyValue, Metric, MetricExt,
 };
@@ -153,14 +153,7 @@ impl ComponentConfig for ScrapeConfig {
                 "choose one of `bearer_token`, `bearer_token_file` and `basic_auth`",
             ));
         }
-        for name in self.headers.keys() {
-            if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
-                return Err(ValidationError::field(
-                    "headers",
-                    format!("`{name}` is not a valid header name"),
-                ));
-            }
-        }
+        config::header_map(&self.headers).map_err(|e| ValidationError::field("headers", e))?;
         Ok(())
     }
 }
@@ -294,14 +287,7 @@ fn prepare(
     let timeout = config
         .timeout
         .unwrap_or_else(|| interval.mul_f64(0.8).min(Duration::from_secs(10)));
-    let mut headers = reqwest::header::HeaderMap::new();
-    for (k, v) in &config.headers {
-        let name = reqwest::header::HeaderName::from_bytes(k.as_bytes())
-            .map_err(|e| ComponentError::Config(e.to_string()))?;
-        let value = reqwest::header::HeaderValue::from_str(v)
-            .map_err(|e| ComponentError::Config(format!("header `{k}`: {e}")))?;
-        headers.insert(name, value);
-    }
+    let mut headers = config::header_map(&config.headers).map_err(ComponentError::Config)?;
     let token = match (&config.bearer_token, &config.bearer_token_file) {
         (Some(t), _) => Some(t.clone()),
         (None, Some(f)) => Some(read_secret(f)?),
