@@ -4,10 +4,13 @@
 
 pub mod component;
 pub mod config;
+pub mod disk_queue;
 mod http;
 pub mod model;
+pub mod retry_info;
 pub mod runtime;
 pub mod telemetry;
+pub mod tls;
 
 pub use async_trait::async_trait;
 pub use component::{

@@ -119,6 +119,72 @@ impl Batch {
             .retain(|rm| !rm.scope_metrics.is_empty());
     }
 
+    /// Splits the batch into batches of at most `max_points` points, in order; each part
+    /// repeats the resource and scope of its points. `0` keeps the batch whole.
+    pub fn split(self, max_points: usize) -> Vec<Batch> {
+        if max_points == 0 || self.point_count() <= max_points {
+            return vec![self];
+        }
+        let mut parts = Vec::new();
+        let mut part = Batch::new();
+        let mut room = max_points;
+        // The (resource, scope) the part's last scope holds, to append to it rather than repeat.
+        let mut open: Option<(usize, usize)> = None;
+        for (ri, rm) in self.resource_metrics.into_iter().enumerate() {
+            let ResourceMetrics {
+                resource,
+                scope_metrics,
+                schema_url,
+            } = rm;
+            for (si, sm) in scope_metrics.into_iter().enumerate() {
+                let ScopeMetrics {
+                    scope,
+                    metrics,
+                    schema_url: scope_schema,
+                } = sm;
+                for mut metric in metrics {
+                    loop {
+                        let rest = (metric.point_count() > room)
+                            .then(|| split_off_points(&mut metric, room));
+                        room -= metric.point_count();
+                        if open != Some((ri, si)) {
+                            if open.map(|(r, _)| r) != Some(ri) {
+                                part.resource_metrics.push(ResourceMetrics {
+                                    resource: resource.clone(),
+                                    scope_metrics: Vec::new(),
+                                    schema_url: schema_url.clone(),
+                                });
+                            }
+                            let last = part.resource_metrics.last_mut().expect("pushed above");
+                            last.scope_metrics.push(ScopeMetrics {
+                                scope: scope.clone(),
+                                metrics: Vec::new(),
+                                schema_url: scope_schema.clone(),
+                            });
+                            open = Some((ri, si));
+                        }
+                        let rm = part.resource_metrics.last_mut().expect("opened above");
+                        let sm = rm.scope_metrics.last_mut().expect("opened above");
+                        sm.metrics.push(metric);
+                        if room == 0 {
+                            parts.push(std::mem::take(&mut part));
+                            room = max_points;
+                            open = None;
+                        }
+                        match rest {
+                            Some(r) => metric = r,
+                            None => break,
+                        }
+                    }
+                }
+            }
+        }
+        if !part.is_empty() {
+            parts.push(part);
+        }
+        parts
+    }
+
     pub fn from_request(request: ExportMetricsServiceRequest) -> Self {
         Self {
             resource_metrics: request.resource_metrics,
@@ -130,6 +196,54 @@ impl Batch {
             resource_metrics: self.resource_metrics,
         }
     }
+
+    /// The protobuf encoding of the export request holding this batch, written from the
+    /// borrowed batch (no copy of its data).
+    pub fn encode_request(&self) -> Vec<u8> {
+        let len = self
+            .resource_metrics
+            .iter()
+            .map(prost::Message::encoded_len)
+            .sum::<usize>();
+        let mut buf = Vec::with_capacity(len + 16);
+        for rm in &self.resource_metrics {
+            prost::encoding::message::encode(1, rm, &mut buf);
+        }
+        buf
+    }
+}
+
+/// Keeps the first `keep` points in `metric` and returns the rest as a metric of their own.
+fn split_off_points(metric: &mut Metric, keep: usize) -> Metric {
+    let data = metric.data.take();
+    let mut rest = metric.clone();
+    rest.data = data.map(|mut d| {
+        let tail = match &mut d {
+            metric::Data::Gauge(g) => metric::Data::Gauge(Gauge {
+                data_points: g.data_points.split_off(keep),
+            }),
+            metric::Data::Sum(s) => metric::Data::Sum(Sum {
+                data_points: s.data_points.split_off(keep),
+                ..*s
+            }),
+            metric::Data::Histogram(h) => metric::Data::Histogram(Histogram {
+                data_points: h.data_points.split_off(keep),
+                ..*h
+            }),
+            metric::Data::ExponentialHistogram(h) => {
+                metric::Data::ExponentialHistogram(ExponentialHistogram {
+                    data_points: h.data_points.split_off(keep),
+                    ..*h
+                })
+            }
+            metric::Data::Summary(s) => metric::Data::Summary(Summary {
+                data_points: s.data_points.split_off(keep),
+            }),
+        };
+        metric.data = Some(d);
+        tail
+    });
+    rest
 }
 
 /// Builds a string attribute, the common case.
@@ -413,6 +527,63 @@ pub fn number_value(point: &NumberDataPoint) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn split_keeps_every_point_in_order_under_the_limit() {
+        let gauge = |name: &str, from: usize, n: usize| {
+            let pts = (from..from + n)
+                .map(|i| number_point(1, i as f64, vec![]))
+                .collect();
+            Metric::gauge(name, "1", pts)
+        };
+        let mut batch = Batch::with_resource(
+            vec![kv("service.name", "a")],
+            vec![gauge("x", 0, 7), gauge("y", 7, 2)],
+        );
+        batch.push_resource(vec![kv("service.name", "b")], vec![gauge("z", 9, 5)]);
+        let values = |b: &Batch| -> Vec<(String, String, f64)> {
+            b.resource_metrics
+                .iter()
+                .flat_map(|rm| {
+                    let res = display_attrs(&rm.resource.as_ref().unwrap().attributes, ",");
+                    rm.scope_metrics.iter().flat_map(move |sm| {
+                        let res = res.clone();
+                        sm.metrics.iter().flat_map(move |m| {
+                            let res = res.clone();
+                            let Some(metric::Data::Gauge(g)) = &m.data else {
+                                panic!()
+                            };
+                            g.data_points.iter().map(move |p| {
+                                (res.clone(), m.name.clone(), number_value(p).unwrap())
+                            })
+                        })
+                    })
+                })
+                .collect()
+        };
+        let all = values(&batch);
+        for max in [1, 3, 4, 9, 13] {
+            let parts = batch.clone().split(max);
+            assert_eq!(parts.len(), 14usize.div_ceil(max), "max {max}");
+            assert!(parts
+                .iter()
+                .all(|p| p.point_count() <= max && !p.is_empty()));
+            let joined: Vec<_> = parts.iter().flat_map(&values).collect();
+            assert_eq!(joined, all, "max {max}");
+        }
+        assert_eq!(batch.clone().split(0), vec![batch.clone()]);
+        assert_eq!(batch.clone().split(14), vec![batch]);
+    }
+
+    #[test]
+    fn borrowed_encoding_equals_the_message_encoding() {
+        use prost::Message as _;
+        let batch = sample();
+        let bytes = batch.encode_request();
+        assert_eq!(bytes, batch.clone().into_request().encode_to_vec());
+        let decoded = ExportMetricsServiceRequest::decode(&bytes[..]).unwrap();
+        assert_eq!(Batch::from_request(decoded), batch);
+    }
 
     fn sample() -> Batch {
         Batch::with_resource(

@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -22,6 +22,7 @@ use crate::component::{
     Processor, Receiver, ReceiverContext,
 };
 use crate::config::{Config, ExporterSettings, RetrySettings};
+use crate::disk_queue::{unix_ms, DiskQueue, Stored};
 use crate::model::Batch;
 use crate::telemetry::{ComponentStats, State, Telemetry};
 
@@ -139,16 +140,28 @@ pub struct RunSummary {
 struct ExporterTask {
     id: ComponentId,
     exporter: Box<dyn Exporter>,
-    rx: mpsc::Receiver<Arc<Batch>>,
+    rx: mpsc::Receiver<Queued>,
     settings: ExporterSettings,
     stats: Arc<ComponentStats>,
+    disk: Option<Arc<DiskQueue>>,
+    /// Batches a previous run left in the persistent queue, sent before new ones.
+    recovered: Vec<Stored>,
+}
+
+/// A batch in an exporter's queue.
+struct Queued {
+    batch: Arc<Batch>,
+    /// Its file in the persistent queue.
+    seq: Option<u64>,
+    queued_at_ms: u64,
 }
 
 #[derive(Clone)]
 struct ExporterQueue {
-    tx: mpsc::Sender<Arc<Batch>>,
+    tx: mpsc::Sender<Queued>,
     stats: Arc<ComponentStats>,
     block: bool,
+    disk: Option<Arc<DiskQueue>>,
 }
 
 struct PipelineTask {
@@ -220,12 +233,38 @@ impl Service {
                     .store(capacity as u64, Ordering::Relaxed);
                 let (tx, rx) = mpsc::channel(capacity);
                 let block = settings.sending_queue.block_on_overflow;
+                let (disk, recovered) = match &settings.sending_queue.storage {
+                    Some(root) => {
+                        let (disk, recovered) =
+                            DiskQueue::open(root, &id.to_string()).map_err(|e| BuildError {
+                                kind: ComponentKind::Exporter,
+                                id: id.to_string(),
+                                source: ComponentError::Config(format!(
+                                    "sending_queue.storage: {e}"
+                                )),
+                            })?;
+                        if !recovered.is_empty() {
+                            let points: u64 = recovered.iter().map(|s| s.points).sum();
+                            info!(exporter = %id, batches = recovered.len(), points, dir = %disk.dir().display(), "persistent queue holds batches from a previous run; sending them first");
+                            stats.queued.fetch_add(points, Ordering::Relaxed);
+                            stats
+                                .queue_batches
+                                .store(recovered.len() as u64, Ordering::Relaxed);
+                            stats
+                                .queue_oldest_ms
+                                .store(recovered[0].queued_at_ms.max(1), Ordering::Relaxed);
+                        }
+                        (Some(Arc::new(disk)), recovered)
+                    }
+                    None => (None, Vec::new()),
+                };
                 queues.push((
                     id.clone(),
                     ExporterQueue {
                         tx,
                         stats: stats.clone(),
                         block,
+                        disk: disk.clone(),
                     },
                 ));
                 exporters.push(ExporterTask {
@@ -234,6 +273,8 @@ impl Service {
                     rx,
                     settings: settings.clone(),
                     stats,
+                    disk,
+                    recovered,
                 });
             }
         }
@@ -345,7 +386,11 @@ impl Service {
         };
 
         let mut exporter_tasks = JoinSet::new();
-        let exporter_stats: Vec<_> = self.exporters.iter().map(|e| e.stats.clone()).collect();
+        let exporter_stats: Vec<_> = self
+            .exporters
+            .iter()
+            .map(|e| (e.stats.clone(), e.disk.is_some()))
+            .collect();
         for task in self.exporters {
             let stats = task.stats.clone();
             let id = task.id.clone();
@@ -419,7 +464,7 @@ pub struct RunningService {
     receiver_tasks: JoinSet<()>,
     pipeline_tasks: JoinSet<()>,
     exporter_tasks: JoinSet<()>,
-    exporter_stats: Vec<Arc<ComponentStats>>,
+    exporter_stats: Vec<(Arc<ComponentStats>, bool)>,
     shutdown_timeout: Duration,
 }
 
@@ -459,15 +504,22 @@ impl RunningService {
             self.receiver_tasks.abort_all();
             self.pipeline_tasks.abort_all();
             self.exporter_tasks.abort_all();
-            for stats in &self.exporter_stats {
+            let mut kept = 0;
+            for (stats, persistent) in &self.exporter_stats {
                 let queued = stats.queued.swap(0, Ordering::Relaxed);
-                stats.failed.fetch_add(queued, Ordering::Relaxed);
-                lost_points += queued;
+                if *persistent {
+                    stats.persisted.fetch_add(queued, Ordering::Relaxed);
+                    kept += queued;
+                } else {
+                    stats.failed.fetch_add(queued, Ordering::Relaxed);
+                    lost_points += queued;
+                }
             }
             warn!(
                 lost_points,
+                kept_on_disk = kept,
                 timeout = ?self.shutdown_timeout,
-                "shutdown timeout reached before every exporter was flushed; queued points are lost"
+                "shutdown timeout reached before every exporter was flushed; queued points not in a persistent queue are lost"
             );
         }
         self.stop_http.cancel();
@@ -597,15 +649,35 @@ async fn fan_out(exporters: &[ExporterQueue], pipeline: &str, batch: Batch) {
     for q in exporters {
         // Counted before the send so the worker never sees its own decrement first.
         q.stats.queued.fetch_add(points as u64, Ordering::Relaxed);
-        let sent = if q.block {
-            q.tx.send(batch.clone())
+        let permit = if q.block {
+            q.tx.reserve()
                 .await
-                .map_err(|e| mpsc::error::TrySendError::Closed(e.0))
+                .map_err(|_| mpsc::error::TrySendError::Closed(()))
         } else {
-            q.tx.try_send(batch.clone())
+            q.tx.try_reserve()
         };
-        match sent {
-            Ok(()) => {
+        match permit {
+            Ok(permit) => {
+                // Written before it is queued, so a batch the worker sees is always on disk.
+                let seq = q.disk.as_ref().and_then(|d| match d.write(&batch) {
+                    Ok(seq) => Some(seq),
+                    Err(e) => {
+                        warn!(exporter = %q.stats.id, error = %e, "cannot write to the persistent queue; this batch is queued in memory only");
+                        None
+                    }
+                });
+                let queued_at_ms = unix_ms(SystemTime::now());
+                let _ = q.stats.queue_oldest_ms.compare_exchange(
+                    0,
+                    queued_at_ms,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                );
+                permit.send(Queued {
+                    batch: batch.clone(),
+                    seq,
+                    queued_at_ms,
+                });
                 ComponentStats::add(&q.stats.accepted, points);
                 let used = q.tx.max_capacity() - q.tx.capacity();
                 q.stats.queue_batches.store(used as u64, Ordering::Relaxed);
@@ -627,27 +699,80 @@ async fn fan_out(exporters: &[ExporterQueue], pipeline: &str, batch: Batch) {
 
 async fn run_exporter(mut task: ExporterTask) -> Result<(), ComponentError> {
     task.stats.set_state(State::Running);
-    while let Some(batch) = task.rx.recv().await {
+    let recovered = std::mem::take(&mut task.recovered);
+    if let Some(disk) = task.disk.clone() {
+        let mut left = recovered.len();
+        for stored in recovered {
+            left -= 1;
+            task.stats
+                .queue_oldest_ms
+                .store(stored.queued_at_ms.max(1), Ordering::Relaxed);
+            match disk.read(&stored) {
+                Ok(batch) => task.send(Arc::new(batch), stored.points as usize).await,
+                Err(e) => {
+                    warn!(exporter = %task.id, seq = stored.seq, error = %e, "unreadable batch in the persistent queue; dropping it");
+                    task.stats
+                        .failed
+                        .fetch_add(stored.points, Ordering::Relaxed);
+                }
+            }
+            task.done(Some(stored.seq), stored.points, left + task.rx.len());
+        }
+    }
+    while let Some(item) = task.rx.recv().await {
+        task.stats
+            .queue_oldest_ms
+            .store(item.queued_at_ms, Ordering::Relaxed);
         task.stats
             .queue_batches
             .store(task.rx.len() as u64, Ordering::Relaxed);
-        let points = batch.point_count();
-        deliver(
-            &mut *task.exporter,
-            &batch,
-            points,
-            &task.settings,
-            &task.stats,
-        )
-        .await;
-        task.stats
-            .queued
-            .fetch_sub(points as u64, Ordering::Relaxed);
+        let points = item.batch.point_count();
+        task.send(item.batch, points).await;
+        task.done(item.seq, points as u64, task.rx.len());
     }
     if let Err(e) = tokio::time::timeout(task.settings.timeout, task.exporter.shutdown()).await {
         warn!(exporter = %task.id, error = %e, "exporter shutdown timed out");
     }
     Ok(())
+}
+
+impl ExporterTask {
+    /// Delivers `batch`, split into requests of at most `max_batch_points` points.
+    async fn send(&mut self, batch: Arc<Batch>, points: usize) {
+        let max = self.settings.sending_queue.max_batch_points;
+        if max == 0 || points <= max {
+            deliver(
+                &mut *self.exporter,
+                &batch,
+                points,
+                &self.settings,
+                &self.stats,
+            )
+            .await;
+            return;
+        }
+        let owned = Arc::try_unwrap(batch).unwrap_or_else(|shared| (*shared).clone());
+        for part in owned.split(max) {
+            let n = part.point_count();
+            deliver(&mut *self.exporter, &part, n, &self.settings, &self.stats).await;
+        }
+    }
+
+    /// Marks a batch handled, delivered or given up on: off the disk and out of the counts.
+    fn done(&self, seq: Option<u64>, points: u64, waiting: usize) {
+        if let (Some(disk), Some(seq)) = (&self.disk, seq) {
+            if let Err(e) = disk.remove(seq, points) {
+                warn!(exporter = %self.id, seq, error = %e, "cannot remove a sent batch from the persistent queue; it will be sent again after a restart");
+            }
+        }
+        self.stats.queued.fetch_sub(points, Ordering::Relaxed);
+        self.stats
+            .queue_batches
+            .store(waiting as u64, Ordering::Relaxed);
+        if waiting == 0 {
+            self.stats.queue_oldest_ms.store(0, Ordering::Relaxed);
+        }
+    }
 }
 
 /// Exports one batch, retrying retryable failures with exponential backoff and jitter.

@@ -61,6 +61,10 @@ pub struct ComponentStats {
     pub queue_capacity: AtomicU64,
     /// Exporter: batches waiting in the queue.
     pub queue_batches: AtomicU64,
+    /// Exporter: when the oldest batch in the queue was queued (Unix ms), 0 when empty.
+    pub queue_oldest_ms: AtomicU64,
+    /// Exporter: points kept in the persistent queue at shutdown, to be sent after a restart.
+    pub persisted: AtomicU64,
     state: AtomicU8,
     last_error: Mutex<Option<String>>,
 }
@@ -79,6 +83,8 @@ impl ComponentStats {
             queued: AtomicU64::new(0),
             queue_capacity: AtomicU64::new(0),
             queue_batches: AtomicU64::new(0),
+            queue_oldest_ms: AtomicU64::new(0),
+            persisted: AtomicU64::new(0),
             state: AtomicU8::new(State::Starting as u8),
             last_error: Mutex::new(None),
         }
@@ -90,6 +96,17 @@ impl ComponentStats {
 
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
+    }
+
+    /// Seconds the oldest queued batch has waited.
+    pub fn queue_age_seconds(&self) -> f64 {
+        match self.queue_oldest_ms.load(Ordering::Relaxed) {
+            0 => 0.0,
+            t => {
+                crate::disk_queue::unix_ms(std::time::SystemTime::now()).saturating_sub(t) as f64
+                    / 1000.0
+            }
+        }
     }
 
     pub fn state(&self) -> State {
@@ -241,11 +258,7 @@ impl Telemetry {
                 .iter()
                 .filter(|c| c.kind == s.kind)
                 .map(|c| {
-                    let mut p = number_point(
-                        now,
-                        ComponentStats::get((s.field)(c)) as f64,
-                        point_attrs(c),
-                    );
+                    let mut p = number_point(now, (s.value)(c), point_attrs(c));
                     if s.counter {
                         p.start_time_unix_nano = start;
                     }
@@ -329,12 +342,7 @@ impl Telemetry {
                 s.help,
                 |o| {
                     for c in of(s.kind) {
-                        let _ = writeln!(
-                            o,
-                            "{name}{{{}}} {}",
-                            labels(c),
-                            ComponentStats::get((s.field)(c))
-                        );
+                        let _ = writeln!(o, "{name}{{{}}} {}", labels(c), (s.value)(c));
                     }
                 },
             );
@@ -351,7 +359,7 @@ struct Series {
     counter: bool,
     unit: &'static str,
     help: &'static str,
-    field: fn(&ComponentStats) -> &AtomicU64,
+    value: fn(&ComponentStats) -> f64,
 }
 
 impl Series {
@@ -364,14 +372,14 @@ impl Series {
     }
 }
 
-const SERIES: [Series; 11] = [
+const SERIES: [Series; 13] = [
     Series {
         kind: ComponentKind::Receiver,
         name: "genai_collector_receiver_accepted_points",
         counter: true,
         unit: "{point}",
         help: "Points a receiver pushed into its pipelines.",
-        field: |c| &c.accepted,
+        value: |c| ComponentStats::get(&c.accepted) as f64,
     },
     Series {
         kind: ComponentKind::Receiver,
@@ -379,7 +387,7 @@ const SERIES: [Series; 11] = [
         counter: true,
         unit: "{point}",
         help: "Points a receiver could not push because its pipelines were full.",
-        field: |c| &c.refused,
+        value: |c| ComponentStats::get(&c.refused) as f64,
     },
     Series {
         kind: ComponentKind::Processor,
@@ -387,7 +395,7 @@ const SERIES: [Series; 11] = [
         counter: true,
         unit: "{point}",
         help: "Points that entered a processor.",
-        field: |c| &c.accepted,
+        value: |c| ComponentStats::get(&c.accepted) as f64,
     },
     Series {
         kind: ComponentKind::Processor,
@@ -395,7 +403,7 @@ const SERIES: [Series; 11] = [
         counter: true,
         unit: "{point}",
         help: "Points that left a processor.",
-        field: |c| &c.sent,
+        value: |c| ComponentStats::get(&c.sent) as f64,
     },
     Series {
         kind: ComponentKind::Exporter,
@@ -403,7 +411,7 @@ const SERIES: [Series; 11] = [
         counter: true,
         unit: "{point}",
         help: "Points an exporter delivered.",
-        field: |c| &c.sent,
+        value: |c| ComponentStats::get(&c.sent) as f64,
     },
     Series {
         kind: ComponentKind::Exporter,
@@ -412,7 +420,7 @@ const SERIES: [Series; 11] = [
         unit: "{point}",
         help:
             "Points an exporter gave up on: permanent errors, retries exhausted, shutdown deadline.",
-        field: |c| &c.failed,
+        value: |c| ComponentStats::get(&c.failed) as f64,
     },
     Series {
         kind: ComponentKind::Exporter,
@@ -420,7 +428,7 @@ const SERIES: [Series; 11] = [
         counter: true,
         unit: "{point}",
         help: "Points dropped because the exporter's queue was full.",
-        field: |c| &c.refused,
+        value: |c| ComponentStats::get(&c.refused) as f64,
     },
     Series {
         kind: ComponentKind::Exporter,
@@ -428,7 +436,7 @@ const SERIES: [Series; 11] = [
         counter: true,
         unit: "{request}",
         help: "Failed export attempts, retried or not.",
-        field: |c| &c.attempt_failures,
+        value: |c| ComponentStats::get(&c.attempt_failures) as f64,
     },
     Series {
         kind: ComponentKind::Exporter,
@@ -436,7 +444,7 @@ const SERIES: [Series; 11] = [
         counter: false,
         unit: "{point}",
         help: "Points waiting in an exporter's queue or being sent.",
-        field: |c| &c.queued,
+        value: |c| ComponentStats::get(&c.queued) as f64,
     },
     Series {
         kind: ComponentKind::Exporter,
@@ -444,7 +452,7 @@ const SERIES: [Series; 11] = [
         counter: false,
         unit: "{batch}",
         help: "Batches waiting in an exporter's queue.",
-        field: |c| &c.queue_batches,
+        value: |c| ComponentStats::get(&c.queue_batches) as f64,
     },
     Series {
         kind: ComponentKind::Exporter,
@@ -452,7 +460,23 @@ const SERIES: [Series; 11] = [
         counter: false,
         unit: "{batch}",
         help: "Batches an exporter's queue holds at most.",
-        field: |c| &c.queue_capacity,
+        value: |c| ComponentStats::get(&c.queue_capacity) as f64,
+    },
+    Series {
+        kind: ComponentKind::Exporter,
+        name: "genai_collector_exporter_queue_age_seconds",
+        counter: false,
+        unit: "s",
+        help: "How long the oldest batch in an exporter's queue has waited.",
+        value: ComponentStats::queue_age_seconds,
+    },
+    Series {
+        kind: ComponentKind::Exporter,
+        name: "genai_collector_exporter_persisted_points",
+        counter: true,
+        unit: "{point}",
+        help: "Points left in the persistent queue at shutdown, sent after the restart.",
+        value: |c| ComponentStats::get(&c.persisted) as f64,
     },
 ];
 

@@ -11,12 +11,13 @@ use std::io::Write as _;
 use std::time::Duration;
 
 use genai_collector_core::config::header_map;
+use genai_collector_core::retry_info;
+use genai_collector_core::tls::TlsClientConfig;
 use genai_collector_core::{
     async_trait, Batch, BuildContext, ComponentConfig, ComponentError, ExportError, Exporter,
     ExporterFactory, ValidationError,
 };
-use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient;
-use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceResponse;
 use serde::Deserialize;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -48,6 +49,9 @@ pub struct OtlpExporterConfig {
     /// Request headers (`authorization: Bearer ...`, tenant ids).
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
+    /// For `https://` endpoints: extra CAs and a client certificate.
+    #[serde(default)]
+    pub tls: TlsClientConfig,
 }
 
 impl ComponentConfig for OtlpExporterConfig {
@@ -62,6 +66,15 @@ impl ComponentConfig for OtlpExporterConfig {
             ));
         }
         header_map(&self.headers).map_err(|e| ValidationError::field("headers", e))?;
+        self.tls
+            .read()
+            .map_err(|e| ValidationError::field("tls", e))?;
+        if self.tls.insecure_skip_verify && self.protocol == Protocol::Grpc {
+            return Err(ValidationError::field(
+                "tls.insecure_skip_verify",
+                "is not offered for gRPC: give the server's CA in `tls.ca_file`",
+            ));
+        }
         Ok(())
     }
 }
@@ -85,14 +98,27 @@ impl ExporterFactory for OtlpExporterFactory {
         _: &BuildContext,
     ) -> Result<Box<dyn Exporter>, ComponentError> {
         let _ = rustls::crypto::ring::default_provider().install_default();
+        let pems = config.tls.read().map_err(ComponentError::Config)?;
         let sender = match config.protocol {
             Protocol::Grpc => {
-                let channel = tonic::transport::Endpoint::from_shared(config.endpoint.clone())
+                let mut endpoint = tonic::transport::Endpoint::from_shared(config.endpoint.clone())
                     .map_err(|e| ComponentError::Config(format!("endpoint: {e}")))?
-                    .connect_timeout(Duration::from_secs(5))
-                    .connect_lazy();
+                    .connect_timeout(Duration::from_secs(5));
+                if config.endpoint.starts_with("https://") {
+                    let mut tls = tonic::transport::ClientTlsConfig::new().with_native_roots();
+                    if let Some(ca) = pems.ca {
+                        tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(ca));
+                    }
+                    if let Some((cert, key)) = pems.identity {
+                        tls = tls.identity(tonic::transport::Identity::from_pem(cert, key));
+                    }
+                    endpoint = endpoint
+                        .tls_config(tls)
+                        .map_err(|e| ComponentError::Config(format!("tls: {e}")))?;
+                }
+                let channel = endpoint.connect_lazy();
                 let mut client =
-                    MetricsServiceClient::new(channel).max_encoding_message_size(64 << 20);
+                    tonic::client::Grpc::new(channel).max_encoding_message_size(64 << 20);
                 if config.compression == Compression::Gzip {
                     client = client.send_compressed(tonic::codec::CompressionEncoding::Gzip);
                 }
@@ -107,8 +133,22 @@ impl ExporterFactory for OtlpExporterFactory {
                     url.set_path("/v1/metrics");
                 }
                 let headers = header_map(&config.headers).map_err(ComponentError::Config)?;
-                let client = reqwest::Client::builder()
+                let mut builder = reqwest::Client::builder()
                     .default_headers(headers)
+                    .danger_accept_invalid_certs(config.tls.insecure_skip_verify);
+                if let Some(ca) = &pems.ca {
+                    for cert in reqwest::Certificate::from_pem_bundle(ca)
+                        .map_err(|e| ComponentError::Config(format!("tls.ca_file: {e}")))?
+                    {
+                        builder = builder.add_root_certificate(cert);
+                    }
+                }
+                if let Some(pem) = pems.identity_pem() {
+                    builder = builder.identity(reqwest::Identity::from_pem(&pem).map_err(|e| {
+                        ComponentError::Config(format!("tls client certificate: {e}"))
+                    })?);
+                }
+                let client = builder
                     .build()
                     .map_err(|e| ComponentError::Config(e.to_string()))?;
                 Sender::Http { client, url }
@@ -123,7 +163,7 @@ impl ExporterFactory for OtlpExporterFactory {
 
 enum Sender {
     Grpc {
-        client: MetricsServiceClient<tonic::transport::Channel>,
+        client: tonic::client::Grpc<tonic::transport::Channel>,
         metadata: tonic::metadata::MetadataMap,
     },
     Http {
@@ -137,20 +177,65 @@ pub struct OtlpExporter {
     gzip: bool,
 }
 
-/// The request's protobuf encoding, written from the borrowed batch (no copy of its data).
-fn encode(batch: &Batch) -> Vec<u8> {
-    let mut buf = Vec::with_capacity(
-        batch
-            .resource_metrics
-            .iter()
-            .map(prost::Message::encoded_len)
-            .sum::<usize>()
-            + 16,
-    );
-    for rm in &batch.resource_metrics {
-        prost::encoding::message::encode(1, rm, &mut buf);
+const EXPORT_PATH: &str = "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export";
+
+/// A gRPC codec that sends a request already encoded from the borrowed batch, so the batch is
+/// never cloned into an owned message, and decodes the export response.
+struct EncodedCodec;
+
+struct EncodedEncoder;
+
+struct ResponseDecoder;
+
+impl tonic::codec::Codec for EncodedCodec {
+    type Encode = Vec<u8>;
+    type Decode = ExportMetricsServiceResponse;
+    type Encoder = EncodedEncoder;
+    type Decoder = ResponseDecoder;
+    fn encoder(&mut self) -> EncodedEncoder {
+        EncodedEncoder
     }
-    buf
+    fn decoder(&mut self) -> ResponseDecoder {
+        ResponseDecoder
+    }
+}
+
+impl tonic::codec::Encoder for EncodedEncoder {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        prost::bytes::BufMut::put_slice(dst, &item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for ResponseDecoder {
+    type Item = ExportMetricsServiceResponse;
+    type Error = tonic::Status;
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<ExportMetricsServiceResponse>, tonic::Status> {
+        prost::Message::decode(src)
+            .map(Some)
+            .map_err(|e| tonic::Status::internal(format!("bad export response: {e}")))
+    }
+}
+
+/// An error and its causes, one after the other.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
 }
 
 fn grpc_error(status: tonic::Status) -> ExportError {
@@ -163,7 +248,10 @@ fn grpc_error(status: tonic::Status) -> ExportError {
         | Code::Aborted
         | Code::Cancelled
         | Code::Unknown
-        | Code::Internal => ExportError::retryable(message),
+        | Code::Internal => ExportError::Retryable {
+            message,
+            retry_after: retry_info::decode(status.details()),
+        },
         _ => ExportError::Permanent(message),
     }
 }
@@ -173,14 +261,20 @@ impl Exporter for OtlpExporter {
     async fn export(&mut self, batch: &Batch) -> Result<(), ExportError> {
         match &mut self.sender {
             Sender::Grpc { client, metadata } => {
-                let mut request = tonic::Request::new(ExportMetricsServiceRequest {
-                    resource_metrics: batch.resource_metrics.clone(),
-                });
+                let mut request = tonic::Request::new(batch.encode_request());
                 *request.metadata_mut() = metadata.clone();
-                client.export(request).await.map(|_| ()).map_err(grpc_error)
+                client.ready().await.map_err(|e| {
+                    ExportError::retryable(format!("cannot connect: {}", error_chain(&e)))
+                })?;
+                let path = tonic::codegen::http::uri::PathAndQuery::from_static(EXPORT_PATH);
+                client
+                    .unary(request, path, EncodedCodec)
+                    .await
+                    .map(|_| ())
+                    .map_err(grpc_error)
             }
             Sender::Http { client, url } => {
-                let mut body = encode(batch);
+                let mut body = batch.encode_request();
                 let mut request = client
                     .post(url.clone())
                     .header(reqwest::header::CONTENT_TYPE, "application/x-protobuf");
@@ -227,24 +321,6 @@ impl Exporter for OtlpExporter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use genai_collector_core::model::{kv, number_point, Metric, MetricExt};
-    use prost::Message as _;
-
-    #[test]
-    fn borrowed_encoding_equals_the_message_encoding() {
-        let batch = Batch::with_resource(
-            vec![kv("service.name", "x")],
-            vec![Metric::gauge(
-                "g",
-                "1",
-                vec![number_point(5, 1.5, vec![kv("a", "b")])],
-            )],
-        );
-        let expected = batch.clone().into_request().encode_to_vec();
-        assert_eq!(encode(&batch), expected);
-        let decoded = ExportMetricsServiceRequest::decode(&encode(&batch)[..]).unwrap();
-        assert_eq!(Batch::from_request(decoded), batch);
-    }
 
     #[test]
     fn grpc_codes_sort_into_retryable_and_permanent() {
@@ -263,6 +339,15 @@ mod tests {
         assert!(matches!(
             grpc_error(tonic::Status::unauthenticated("who")),
             ExportError::Permanent(_)
+        ));
+        let busy = tonic::Status::with_details(
+            tonic::Code::ResourceExhausted,
+            "busy",
+            retry_info::encode(8, "busy", Duration::from_millis(2500)).into(),
+        );
+        assert!(matches!(
+            grpc_error(busy),
+            ExportError::Retryable { retry_after: Some(d), .. } if d == Duration::from_millis(2500)
         ));
     }
 }

@@ -25,6 +25,7 @@ use genai_collector_core::model::{
     display_value, metric, number_value, resource_attributes, KeyValue,
 };
 use genai_collector_core::telemetry::Telemetry;
+use genai_collector_core::tls::{self, TlsServerConfig};
 use genai_collector_core::{
     async_trait, Batch, BuildContext, CancellationToken, ComponentConfig, ComponentError,
     ExportError, Exporter, ExporterFactory, ValidationError,
@@ -44,6 +45,8 @@ pub struct PrometheusConfig {
     pub bearer_token: Option<String>,
     /// Also serve the collector's own `genai_collector_*` metrics.
     pub self_metrics: bool,
+    /// Serve over HTTPS with this certificate (and optionally require client certificates).
+    pub tls: Option<TlsServerConfig>,
 }
 
 impl Default for PrometheusConfig {
@@ -54,6 +57,7 @@ impl Default for PrometheusConfig {
             expire_after: Duration::from_secs(300),
             bearer_token: None,
             self_metrics: true,
+            tls: None,
         }
     }
 }
@@ -68,6 +72,10 @@ impl ComponentConfig for PrometheusConfig {
                 "expire_after",
                 "must be at least 1s",
             ));
+        }
+        if let Some(tls) = &self.tls {
+            tls.server_config()
+                .map_err(|e| ValidationError::field("tls", e))?;
         }
         Ok(())
     }
@@ -96,6 +104,12 @@ impl ExporterFactory for PrometheusExporterFactory {
             ComponentError::Config(format!("cannot listen on `{}`: {e}", config.endpoint))
         })?;
         listener.set_nonblocking(true)?;
+        let tls = config
+            .tls
+            .as_ref()
+            .map(TlsServerConfig::server_config)
+            .transpose()
+            .map_err(ComponentError::Config)?;
         let store = Arc::new(Mutex::new(Store::default()));
         let shared = Shared {
             store: store.clone(),
@@ -113,9 +127,9 @@ impl ExporterFactory for PrometheusExporterFactory {
             let app = Router::new()
                 .route("/metrics", get(serve))
                 .with_state(shared);
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(server.cancelled_owned())
-                .await;
+            if let Err(e) = tls::serve(listener, app, tls, server).await {
+                tracing::error!(error = %e, "prometheus exporter endpoint stopped");
+            }
         });
         tracing::info!(%addr, "prometheus exporter listening");
         Ok(Box::new(PrometheusExporter {

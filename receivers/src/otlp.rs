@@ -18,6 +18,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
 use genai_collector_core::model::Batch;
+use genai_collector_core::retry_info;
+use genai_collector_core::tls::{self, TlsServerConfig};
 use genai_collector_core::{
     async_trait, BuildContext, ComponentConfig, ComponentError, Output, Receiver, ReceiverContext,
     ReceiverFactory, SendError, ValidationError,
@@ -38,6 +40,7 @@ pub struct GrpcConfig {
     pub endpoint: String,
     /// Largest request, in MiB.
     pub max_recv_msg_size_mib: usize,
+    pub tls: Option<TlsServerConfig>,
 }
 
 impl Default for GrpcConfig {
@@ -45,6 +48,7 @@ impl Default for GrpcConfig {
         Self {
             endpoint: "localhost:4317".into(),
             max_recv_msg_size_mib: 4,
+            tls: None,
         }
     }
 }
@@ -55,6 +59,7 @@ pub struct HttpConfig {
     pub endpoint: String,
     /// Largest request body, in MiB, after decompression.
     pub max_request_body_size_mib: usize,
+    pub tls: Option<TlsServerConfig>,
 }
 
 impl Default for HttpConfig {
@@ -62,6 +67,7 @@ impl Default for HttpConfig {
         Self {
             endpoint: "localhost:4318".into(),
             max_request_body_size_mib: 4,
+            tls: None,
         }
     }
 }
@@ -97,6 +103,16 @@ impl ComponentConfig for OtlpConfig {
                 "protocols",
                 "enable `grpc`, `http` or both",
             ));
+        }
+        let grpc_tls = self.protocols.grpc.as_ref().and_then(|g| g.tls.as_ref());
+        if let Some(tls) = grpc_tls {
+            tls.read()
+                .map_err(|e| ValidationError::field("protocols.grpc.tls", e))?;
+        }
+        let http_tls = self.protocols.http.as_ref().and_then(|h| h.tls.as_ref());
+        if let Some(tls) = http_tls {
+            tls.server_config()
+                .map_err(|e| ValidationError::field("protocols.http.tls", e))?;
         }
         Ok(())
     }
@@ -210,9 +226,19 @@ impl MetricsService for Grpc {
             Ok(()) => Ok(tonic::Response::new(ExportMetricsServiceResponse {
                 partial_success: partial(rejected),
             })),
-            Err(SendError::Full) => Err(tonic::Status::resource_exhausted(
-                "the collector's pipelines are full; retry later",
-            )),
+            Err(SendError::Full) => {
+                let message = "the collector's pipelines are full; retry later";
+                let details = retry_info::encode(
+                    tonic::Code::ResourceExhausted as i32,
+                    message,
+                    std::time::Duration::from_secs(1),
+                );
+                Err(tonic::Status::with_details(
+                    tonic::Code::ResourceExhausted,
+                    message,
+                    details.into(),
+                ))
+            }
             Err(SendError::Closed) => {
                 Err(tonic::Status::unavailable("the collector is shutting down"))
             }
@@ -343,8 +369,20 @@ impl Receiver for OtlpReceiver {
             .max_decoding_message_size(cfg.max_recv_msg_size_mib << 20);
             let stop = ctx.shutdown.clone();
             let incoming = tokio_stream_listener(listener);
+            let mut server = tonic::transport::Server::builder();
+            if let Some(tls) = &cfg.tls {
+                let pems = tls.read().map_err(ComponentError::Config)?;
+                let mut tls = tonic::transport::ServerTlsConfig::new()
+                    .identity(tonic::transport::Identity::from_pem(pems.cert, pems.key));
+                if let Some(ca) = pems.client_ca {
+                    tls = tls.client_ca_root(tonic::transport::Certificate::from_pem(ca));
+                }
+                server = server
+                    .tls_config(tls)
+                    .map_err(|e| ComponentError::Config(format!("protocols.grpc.tls: {e}")))?;
+            }
             tasks.spawn(async move {
-                let r = tonic::transport::Server::builder()
+                let r = server
                     .add_service(service)
                     .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
                     .await;
@@ -365,9 +403,14 @@ impl Receiver for OtlpReceiver {
                     expected: expected.clone(),
                 });
             let stop = ctx.shutdown.clone();
+            let tls = cfg
+                .tls
+                .as_ref()
+                .map(TlsServerConfig::server_config)
+                .transpose()
+                .map_err(ComponentError::Config)?;
             tasks.spawn(async move {
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(stop.cancelled_owned())
+                tls::serve(listener, app, tls, stop)
                     .await
                     .map_err(|e| e.to_string())
             });

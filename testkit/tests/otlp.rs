@@ -3,29 +3,14 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use genai_collector_core::model::{metric, number_value, AggregationTemporality, AttributesExt};
 use genai_collector_testkit::Capture;
 
-fn python() -> PathBuf {
-    if let Ok(p) = std::env::var("GENAI_PEERS_PYTHON") {
-        return p.into();
-    }
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
-    assert!(venv.exists(), "the OpenTelemetry SDK peer needs Python with tests/peers/requirements.txt: run `scripts/test`");
-    venv
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use common::{free_port, python, Sink};
 
 async fn push_and_capture(protocol: &str) -> (Capture, serde_json::Value) {
     let (grpc, http) = (free_port(), free_port());
@@ -224,30 +209,13 @@ async fn a_full_pipeline_answers_429_and_counts_the_refusal() {
 async fn send_to_sink(protocol: &str, fail_first: u32) -> (Vec<f64>, u64, u64) {
     use genai_collector_core::telemetry::ComponentStats;
     use genai_collector_core::ComponentKind;
-    let (grpc, http) = (free_port(), free_port());
     let dir = std::env::temp_dir().join(format!("sink-{protocol}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let out = dir.join("points.jsonl");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/peers/otlp_sink.py");
-    let mut sink = Command::new(python())
-        .arg(script)
-        .args([
-            "--grpc-port",
-            &grpc.to_string(),
-            "--http-port",
-            &http.to_string(),
-            "--fail-first",
-            &fail_first.to_string(),
-            "--out",
-        ])
-        .arg(&out)
-        .spawn()
-        .unwrap();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut sink = Sink::start(dir.join("points.jsonl"), fail_first).await;
     let endpoint = if protocol == "grpc" {
-        format!("http://127.0.0.1:{grpc}")
+        format!("http://127.0.0.1:{}", sink.grpc)
     } else {
-        format!("http://127.0.0.1:{http}")
+        format!("http://127.0.0.1:{}", sink.http)
     };
     let yaml = format!(
         "receivers:\n  generator: {{ batches: 20, points: 50, points_per_metric: 10 }}\nexporters:\n  otlp:\n    endpoint: \"{endpoint}\"\n    protocol: {protocol}\n    headers: {{ x-tenant: team-a }}\n    retry_on_failure: {{ initial_interval: 50ms, max_interval: 100ms }}\nservice:\n  telemetry: {{ endpoint: null }}\n  pipelines:\n    metrics: {{ receivers: [generator], exporters: [otlp] }}\n"
@@ -264,19 +232,8 @@ async fn send_to_sink(protocol: &str, fail_first: u32) -> (Vec<f64>, u64, u64) {
     let summary = service.run(std::future::pending()).await.unwrap();
     assert!(summary.drained);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let _ = Command::new("kill")
-        .args(["-TERM", &sink.id().to_string()])
-        .status();
-    let _ = sink.wait();
-    let values: Vec<f64> = std::fs::read_to_string(&out)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["value"]
-                .as_f64()
-                .unwrap()
-        })
-        .collect();
+    sink.stop();
+    let values = sink.values();
     let stats = telemetry.find(ComponentKind::Exporter, "otlp").unwrap();
     let _ = std::fs::remove_dir_all(&dir);
     (

@@ -1,5 +1,7 @@
 //! Scraping with credentials and over TLS signed by a custom CA.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -62,20 +64,6 @@ async fn bearer_token_basic_auth_and_headers() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// A CA, and a certificate it signs for localhost and 127.0.0.1.
-fn certificates() -> (String, String, String) {
-    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
-    let leaf_key = KeyPair::generate().unwrap();
-    let leaf = CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()])
-        .unwrap()
-        .signed_by(&leaf_key, &ca)
-        .unwrap();
-    (ca.pem(), leaf.pem(), leaf_key.serialize_pem())
-}
-
 /// Serves the vLLM page over HTTPS, one response per connection.
 async fn tls_server(cert_pem: String, key_pem: String) -> std::net::SocketAddr {
     use rustls::pki_types::pem::PemObject;
@@ -120,11 +108,10 @@ async fn tls_server(cert_pem: String, key_pem: String) -> std::net::SocketAddr {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_with_a_custom_ca() {
-    let (ca, cert, key) = certificates();
-    let addr = tls_server(cert, key).await;
-    let dir = std::env::temp_dir().join(format!("tls-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("ca.pem"), ca).unwrap();
+    let certs = common::certificates("scrape-tls");
+    let read = |p: &std::path::Path| std::fs::read_to_string(p).unwrap();
+    let addr = tls_server(read(&certs.server_cert), read(&certs.server_key)).await;
+    let dir = certs.dir.clone();
     let url = format!("https://localhost:{}/metrics", addr.port());
 
     let unknown = scrape_once(&url, &config()).await.unwrap_err().to_string();

@@ -142,6 +142,12 @@ pub struct QueueSettings {
     /// Wait for room instead of dropping: no loss, but a stuck exporter then holds up its
     /// pipelines (and, through backpressure, their receivers).
     pub block_on_overflow: bool,
+    /// A directory for the persistent queue: queued batches are written there and survive a
+    /// restart or a kill; none keeps the queue in memory only.
+    pub storage: Option<std::path::PathBuf>,
+    /// Batches with more points are split into requests of at most this many; 0 sends
+    /// batches as they come.
+    pub max_batch_points: usize,
 }
 
 impl Default for QueueSettings {
@@ -149,6 +155,8 @@ impl Default for QueueSettings {
         Self {
             queue_size: 1000,
             block_on_overflow: false,
+            storage: None,
+            max_batch_points: 0,
         }
     }
 }

@@ -1,23 +1,11 @@
 //! One HTTP GET of a metrics page, with a time limit, a size limit that also holds for
 //! decompressed bodies (a gzip bomb stops at the limit), and errors that say what went wrong.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use serde::Deserialize;
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct TlsConfig {
-    /// PEM file with the CA certificates that sign the targets' certificates.
-    pub ca_file: Option<PathBuf>,
-    /// PEM files with a client certificate and its key, for targets that ask for one.
-    pub cert_file: Option<PathBuf>,
-    pub key_file: Option<PathBuf>,
-    /// Accept any certificate: for tests only.
-    pub insecure_skip_verify: bool,
-}
+pub use genai_collector_core::tls::TlsClientConfig as TlsConfig;
 
 /// Why a scrape failed; the words go into logs and health checks.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -53,34 +41,31 @@ pub(crate) fn build_client(tls: &TlsConfig) -> Result<reqwest::Client, String> {
         .pool_max_idle_per_host(1)
         .pool_idle_timeout(Duration::from_secs(90))
         .user_agent(concat!("genai-collector/", env!("CARGO_PKG_VERSION")));
-    if let Some(ca) = &tls.ca_file {
-        let pem = std::fs::read(ca).map_err(|e| format!("tls.ca_file {}: {e}", ca.display()))?;
-        let certs = reqwest::Certificate::from_pem_bundle(&pem)
-            .map_err(|e| format!("tls.ca_file {}: {e}", ca.display()))?;
+    builder = tls_client(builder, tls)?;
+    builder
+        .build()
+        .map_err(|e| format!("cannot build the HTTP client: {e}"))
+}
+
+/// Applies `tls:` to an HTTP client.
+fn tls_client(
+    mut builder: reqwest::ClientBuilder,
+    tls: &TlsConfig,
+) -> Result<reqwest::ClientBuilder, String> {
+    let pems = tls.read()?;
+    if let Some(ca) = &pems.ca {
+        let certs =
+            reqwest::Certificate::from_pem_bundle(ca).map_err(|e| format!("tls.ca_file: {e}"))?;
         for cert in certs {
             builder = builder.add_root_certificate(cert);
         }
     }
-    match (&tls.cert_file, &tls.key_file) {
-        (Some(cert), Some(key)) => {
-            let mut pem = std::fs::read(cert)
-                .map_err(|e| format!("tls.cert_file {}: {e}", cert.display()))?;
-            pem.extend(
-                std::fs::read(key).map_err(|e| format!("tls.key_file {}: {e}", key.display()))?,
-            );
-            let id = reqwest::Identity::from_pem(&pem)
-                .map_err(|e| format!("tls client certificate: {e}"))?;
-            builder = builder.identity(id);
-        }
-        (None, None) => {}
-        _ => return Err("tls.cert_file and tls.key_file come together".into()),
+    if let Some(pem) = pems.identity_pem() {
+        let id = reqwest::Identity::from_pem(&pem)
+            .map_err(|e| format!("tls client certificate: {e}"))?;
+        builder = builder.identity(id);
     }
-    if tls.insecure_skip_verify {
-        builder = builder.danger_accept_invalid_certs(true);
-    }
-    builder
-        .build()
-        .map_err(|e| format!("cannot build the HTTP client: {e}"))
+    Ok(builder.danger_accept_invalid_certs(tls.insecure_skip_verify))
 }
 
 /// GETs `request` and reads at most `limit` bytes of (decompressed) body.

@@ -76,3 +76,151 @@ pub fn scrapes_by_resource(capture: &Capture, key: &str) -> BTreeMap<String, Vec
     }
     out
 }
+
+/// PEM files for TLS tests: a CA, a server certificate it signs for localhost and 127.0.0.1,
+/// and a client certificate it signs.
+pub struct Certs {
+    pub dir: std::path::PathBuf,
+    pub ca: std::path::PathBuf,
+    pub server_cert: std::path::PathBuf,
+    pub server_key: std::path::PathBuf,
+    pub client_cert: std::path::PathBuf,
+    pub client_key: std::path::PathBuf,
+}
+
+pub fn certificates(name: &str) -> Certs {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let leaf = |names: Vec<String>| {
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(names)
+            .unwrap()
+            .signed_by(&key, &ca)
+            .unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
+    let (server_cert, server_key) = leaf(vec!["localhost".into(), "127.0.0.1".into()]);
+    let (client_cert, client_key) = leaf(vec!["agent".into()]);
+    let write = |file: &str, pem: &str| {
+        let path = dir.join(file);
+        std::fs::write(&path, pem).unwrap();
+        path
+    };
+    Certs {
+        ca: write("ca.pem", &ca.pem()),
+        server_cert: write("server.pem", &server_cert),
+        server_key: write("server-key.pem", &server_key),
+        client_cert: write("client.pem", &client_cert),
+        client_key: write("client-key.pem", &client_key),
+        dir,
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The Python with the peers' packages (tests/peers/requirements.txt).
+pub fn python() -> std::path::PathBuf {
+    if let Ok(p) = std::env::var("GENAI_PEERS_PYTHON") {
+        return p.into();
+    }
+    let venv = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
+    assert!(
+        venv.exists(),
+        "the Python peers need tests/peers/requirements.txt: run `scripts/test`"
+    );
+    venv
+}
+
+/// The independent OTLP backend, tests/peers/otlp_sink.py, writing one JSON line per point.
+pub struct Sink {
+    pub grpc: u16,
+    pub http: u16,
+    pub out: std::path::PathBuf,
+    child: Option<std::process::Child>,
+}
+
+impl Sink {
+    /// Starts the sink on two free ports, refusing its first `fail_first` exports.
+    pub async fn start(out: std::path::PathBuf, fail_first: u32) -> Sink {
+        let mut sink = Sink {
+            grpc: free_port(),
+            http: free_port(),
+            out,
+            child: None,
+        };
+        sink.restart(fail_first).await;
+        sink
+    }
+
+    /// Starts the sink again on the same ports, appending to the same file.
+    pub async fn restart(&mut self, fail_first: u32) {
+        let script =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/peers/otlp_sink.py");
+        let child = std::process::Command::new(python())
+            .arg(script)
+            .args(["--grpc-port", &self.grpc.to_string()])
+            .args(["--http-port", &self.http.to_string()])
+            .args(["--fail-first", &fail_first.to_string()])
+            .arg("--out")
+            .arg(&self.out)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        // Ready once both ports answer.
+        for _ in 0..100 {
+            let up = |p: u16| std::net::TcpStream::connect(("127.0.0.1", p)).is_ok();
+            if up(self.grpc) && up(self.http) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("the OTLP sink did not start");
+    }
+
+    /// Kills the sink at once, as a crashed backend.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Stops the sink with SIGTERM and waits for it.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+            let _ = c.wait();
+        }
+    }
+
+    /// The `value` of every point received so far.
+    pub fn values(&self) -> Vec<f64> {
+        std::fs::read_to_string(&self.out)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["value"]
+                    .as_f64()
+                    .unwrap()
+            })
+            .collect()
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
