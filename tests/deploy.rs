@@ -171,3 +171,94 @@ fn name_translation() {
     );
     assert_eq!(metric_names("histogram_quantile(0.99, sum by (le, gen_ai_request_model) (rate(gen_ai_server_request_duration_seconds_bucket{a=\"b\"}[5m])))"), vec!["gen_ai_server_request_duration_seconds"]);
 }
+
+fn docs(path: &str) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(path)).unwrap();
+    serde_saphyr::from_multiple(&text).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+fn find<'a>(docs: &'a [serde_json::Value], kind: &str) -> &'a serde_json::Value {
+    docs.iter()
+        .find(|d| d["kind"] == kind)
+        .unwrap_or_else(|| panic!("no {kind}"))
+}
+
+/// The pipeline YAML in a manifest's ConfigMap, as text and parsed.
+fn pipeline(path: &str) -> (String, serde_json::Value) {
+    let text = find(&docs(path), "ConfigMap")["data"]["config.yaml"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let parsed = serde_saphyr::from_str(&text).unwrap();
+    (text, parsed)
+}
+
+#[test]
+fn rbac_reads_pods_and_nothing_else() {
+    let d = docs("deploy/kubernetes/rbac.yaml");
+    let rules = &find(&d, "ClusterRole")["rules"];
+    assert_eq!(
+        rules,
+        &serde_json::json!([{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}])
+    );
+    let binding = find(&d, "ClusterRoleBinding");
+    assert_eq!(
+        binding["subjects"][0]["name"],
+        find(&d, "ServiceAccount")["metadata"]["name"]
+    );
+}
+
+#[test]
+fn the_agent_daemonset_is_node_local_and_unprivileged() {
+    let d = docs("deploy/kubernetes/agent.yaml");
+    let spec = &find(&d, "DaemonSet")["spec"]["template"]["spec"];
+    assert_eq!(spec["hostPID"], false);
+    let c = &spec["containers"][0];
+    let env = c["env"].as_array().unwrap();
+    let node = env.iter().find(|e| e["name"] == "NODE_NAME").unwrap();
+    assert_eq!(node["valueFrom"]["fieldRef"]["fieldPath"], "spec.nodeName");
+    assert!(
+        c["resources"]["limits"].get("nvidia.com/gpu").is_none(),
+        "monitoring takes no GPU from the workloads"
+    );
+    assert_eq!(c["securityContext"]["allowPrivilegeEscalation"], false);
+    let (_, config) = pipeline("deploy/kubernetes/agent.yaml");
+    assert_eq!(
+        config["receivers"]["vllm"]["kubernetes"]["node"],
+        "${env:NODE_NAME}"
+    );
+}
+
+#[test]
+fn the_pipelines_in_the_manifests_validate_and_match_the_helm_chart() {
+    let values: serde_json::Value = serde_saphyr::from_str(
+        &std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/helm/genai-collector/values.yaml"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let dir = std::env::temp_dir().join(format!("deploy-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for role in ["agent", "gateway"] {
+        let (text, parsed) = pipeline(&format!("deploy/kubernetes/{role}.yaml"));
+        assert_eq!(
+            values[role]["config"], parsed,
+            "{role}: the Helm chart says the same"
+        );
+        let file = dir.join(format!("{role}.yaml"));
+        std::fs::write(&file, text).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_genai-collector"))
+            .args(["validate", "-c"])
+            .arg(&file)
+            .env("NODE_NAME", "gpu-node-1")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{role}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -4,6 +4,7 @@
 
 pub mod convert;
 mod fetch;
+pub mod kubernetes;
 mod scheduler;
 pub mod text;
 

@@ -24,6 +24,7 @@ use tracing::{debug, info, warn};
 
 use super::convert::Converter;
 use super::fetch::{build_client, fetch, ScrapeError, TlsConfig};
+use super::kubernetes::KubernetesConfig;
 use super::text::{self, Format, Page};
 
 /// Which text format to ask targets for.
@@ -91,6 +92,8 @@ pub struct ScrapeConfig {
     pub model: Option<String>,
     /// `service.name` of the targets; default: the receiver's id.
     pub job: Option<String>,
+    /// Targets found by watching pods through the Kubernetes API.
+    pub kubernetes: Option<KubernetesConfig>,
 }
 
 impl Default for ScrapeConfig {
@@ -111,14 +114,20 @@ impl Default for ScrapeConfig {
             pool: None,
             model: None,
             job: None,
+            kubernetes: None,
         }
     }
 }
 
 impl ComponentConfig for ScrapeConfig {
     fn validate(&self) -> Result<(), ValidationError> {
-        if self.targets.is_empty() && self.file_targets.is_empty() {
-            return Err(ValidationError::new("needs `targets` or `file_targets`"));
+        if self.targets.is_empty() && self.file_targets.is_empty() && self.kubernetes.is_none() {
+            return Err(ValidationError::new(
+                "needs `targets`, `file_targets` or `kubernetes`",
+            ));
+        }
+        if let Some(k) = &self.kubernetes {
+            k.validate()?;
         }
         for t in &self.targets {
             Target::parse(t, "/metrics", &[]).map_err(|e| ValidationError::field("targets", e))?;
@@ -367,16 +376,33 @@ pub async fn run(
     }
     let static_targets: Vec<Target> = running.keys().cloned().collect();
 
+    // Pod discovery publishes the whole set of pod targets on each change.
+    let (pods_tx, mut pods_rx) = tokio::sync::watch::channel(Vec::<Target>::new());
+    if let Some(k) = &config.kubernetes {
+        #[cfg(feature = "k8s")]
+        tokio::spawn(super::kubernetes::discover(
+            k.clone(),
+            default_path.to_owned(),
+            settings.id.clone(),
+            ctx.output.clone(),
+            pods_tx.clone(),
+            ctx.shutdown.child_token(),
+        ));
+        #[cfg(not(feature = "k8s"))]
+        let _ = k;
+    }
+
     // File targets: re-read when a file changes; targets come and go without a restart.
     let mut seen: HashMap<PathBuf, Option<SystemTime>> = HashMap::new();
     let mut from_files: HashMap<PathBuf, Vec<Target>> = HashMap::new();
     let mut check = tokio::time::interval(settings.interval.min(Duration::from_secs(5)));
     loop {
+        let mut changed = false;
         tokio::select! {
             () = ctx.shutdown.cancelled() => break,
             _ = check.tick(), if !config.file_targets.is_empty() => {}
+            Ok(()) = pods_rx.changed() => changed = true,
         }
-        let mut changed = false;
         for path in &config.file_targets {
             let mtime = std::fs::metadata(path).and_then(|m| m.modified()).ok();
             if seen.get(path) == Some(&mtime) {
@@ -402,6 +428,7 @@ pub async fn run(
             .iter()
             .cloned()
             .chain(from_files.values().flatten().cloned())
+            .chain(pods_rx.borrow_and_update().iter().cloned())
             .collect();
         running.retain(|t, stop| {
             let keep = wanted.contains(t);
@@ -512,6 +539,8 @@ impl TargetLoop {
         ));
         resource.push(kv("url.full", self.target.url.as_str()));
         for (k, v) in &self.target.labels {
+            // A target's own labels (a pod's pool) win over the receiver's.
+            resource.retain(|a| a.key != *k);
             resource.push(kv(k.as_str(), v.as_str()));
         }
         loop {
