@@ -450,6 +450,19 @@ impl Components {
     }
 }
 
+/// An error and its causes, joined with `: ` (HTTP and gRPC clients keep the useful part, such
+/// as "connection refused", in a source).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

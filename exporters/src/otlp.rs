@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::time::Duration;
 
+use genai_collector_core::component::error_chain;
 use genai_collector_core::config::header_map;
 use genai_collector_core::retry_info;
 use genai_collector_core::tls::TlsClientConfig;
@@ -224,18 +225,6 @@ impl tonic::codec::Decoder for ResponseDecoder {
             .map(Some)
             .map_err(|e| tonic::Status::internal(format!("bad export response: {e}")))
     }
-}
-
-/// An error and its causes, one after the other.
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 fn grpc_error(status: tonic::Status) -> ExportError {

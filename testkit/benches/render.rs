@@ -19,11 +19,7 @@ const RUNS: usize = 15;
 #[tokio::main]
 async fn main() {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = genai_collector_testkit::free_port();
     // One batch of 100 metrics × 1,000 series, then nothing for an hour.
     let yaml = format!(
         "receivers:\n  generator: {{ batches: 0, points: {SERIES}, points_per_metric: 1000, interval: 1h }}\n\

@@ -9,3 +9,11 @@ pub mod components;
 pub mod sim;
 
 pub use components::{components, Capture};
+
+/// A loopback port free now, for a server a test or harness starts next.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}

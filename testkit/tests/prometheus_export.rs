@@ -5,19 +5,13 @@
 
 mod common;
 
+use common::free_port;
+
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use genai_collector_receivers::scrape::text::{parse, Format};
 use genai_collector_testkit::sim::{self, EngineKind};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 async fn get(url: &str, accept: &str) -> String {
     let _ = rustls::crypto::ring::default_provider().install_default();

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use genai_collector_core::component::error_chain;
 
 pub use genai_collector_core::tls::TlsClientConfig as TlsConfig;
 
@@ -109,16 +110,4 @@ pub(crate) async fn fetch(
     }
     let body = String::from_utf8(body).map_err(|_| ScrapeError::NotUtf8)?;
     Ok(Fetched { body, content_type })
-}
-
-/// The error and its causes, which reqwest keeps apart.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cause = c.source();
-    }
-    s
 }

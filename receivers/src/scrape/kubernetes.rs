@@ -168,6 +168,7 @@ mod watch {
     use std::collections::HashMap;
 
     use futures_util::StreamExt;
+    use genai_collector_core::component::error_chain;
     use genai_collector_core::{CancellationToken, Output};
     use k8s_openapi::api::core::v1::Pod;
     use kube::runtime::watcher::{self, Event};
@@ -195,13 +196,7 @@ mod watch {
     }
 
     fn explain(e: &watcher::Error) -> String {
-        let mut text = e.to_string();
-        let mut source = std::error::Error::source(e);
-        while let Some(s) = source {
-            text.push_str(": ");
-            text.push_str(&s.to_string());
-            source = s.source();
-        }
+        let text = error_chain(e);
         match forbidden_hint(&text) {
             Some(hint) if text.contains("forbidden") || text.contains("403") => {
                 format!("{hint} ({text})")

@@ -120,14 +120,6 @@ pub fn certificates(name: &str) -> Certs {
     }
 }
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// The Python with the peers' packages (tests/peers/requirements.txt).
 pub fn python() -> std::path::PathBuf {
     if let Ok(p) = std::env::var("GENAI_PEERS_PYTHON") {
@@ -224,3 +216,5 @@ impl Drop for Sink {
         self.kill();
     }
 }
+
+pub use genai_collector_testkit::free_port;
