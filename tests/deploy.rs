@@ -1,8 +1,10 @@
 //! The Grafana dashboard and the alert rules in deploy/ ask only for series the collector
 //! emits (under the OpenTelemetry → Prometheus name translation), and the rules pass
-//! `promtool check rules` (CI installs Debian's prometheus for it).
+//! `promtool check rules` (CI installs Debian's prometheus for it). The Kubernetes manifests
+//! validate as collector configs and against the Kubernetes schemas, and the Helm chart, rendered
+//! and linted by Helm itself, makes the same objects.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 /// The Prometheus name of an OTel metric: dots to underscores, the unit as a suffix unless the
@@ -229,36 +231,197 @@ fn the_agent_daemonset_is_node_local_and_unprivileged() {
     );
 }
 
-#[test]
-fn the_pipelines_in_the_manifests_validate_and_match_the_helm_chart() {
-    let values: serde_json::Value = serde_saphyr::from_str(
-        &std::fs::read_to_string(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/helm/genai-collector/values.yaml"),
-        )
-        .unwrap(),
-    )
-    .unwrap();
-    let dir = std::env::temp_dir().join(format!("deploy-{}", std::process::id()));
+/// `genai-collector validate` on a pipeline YAML text.
+fn validate_pipeline(name: &str, text: &str) {
+    let dir = std::env::temp_dir().join(format!("deploy-{}-{name}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    for role in ["agent", "gateway"] {
-        let (text, parsed) = pipeline(&format!("deploy/kubernetes/{role}.yaml"));
-        assert_eq!(
-            values[role]["config"], parsed,
-            "{role}: the Helm chart says the same"
-        );
-        let file = dir.join(format!("{role}.yaml"));
-        std::fs::write(&file, text).unwrap();
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_genai-collector"))
-            .args(["validate", "-c"])
-            .arg(&file)
-            .env("NODE_NAME", "gpu-node-1")
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{role}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    let file = dir.join("config.yaml");
+    std::fs::write(&file, text).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_genai-collector"))
+        .args(["validate", "-c"])
+        .arg(&file)
+        .env("NODE_NAME", "gpu-node-1")
+        .output()
+        .unwrap();
     let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        out.status.success(),
+        "{name}: {}\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn the_pipelines_in_the_manifests_validate() {
+    for role in ["agent", "gateway"] {
+        let (text, _) = pipeline(&format!("deploy/kubernetes/{role}.yaml"));
+        validate_pipeline(role, &text);
+    }
+}
+
+/// A tool installed beside the peers' Python (tests/peers/requirements.txt: Helm comes as a
+/// wheel), or on the PATH when `GENAI_PEERS_PYTHON` points elsewhere.
+fn peer_tool(name: &str) -> std::path::PathBuf {
+    let python = std::env::var_os("GENAI_PEERS_PYTHON").map(std::path::PathBuf::from);
+    let dir = match &python {
+        Some(p) => p.parent().unwrap().to_owned(),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin"),
+    };
+    let beside = dir.join(name);
+    if beside.exists() {
+        return beside;
+    }
+    assert!(
+        python.is_some(),
+        "{name} comes with tests/peers/requirements.txt: run `scripts/test`"
+    );
+    name.into()
+}
+
+fn run(tool: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new(peer_tool(tool))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap_or_else(|e| panic!("{tool}: {e}"));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{tool} {args:?}: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
+/// Objects by (kind, name), each ConfigMap's pipeline parsed so that formatting does not count.
+fn objects(docs: Vec<serde_json::Value>) -> BTreeMap<(String, String), serde_json::Value> {
+    docs.into_iter()
+        .filter(|d| !d.is_null())
+        .map(|mut d| {
+            if d["kind"] == "ConfigMap" {
+                let text = d["data"]["config.yaml"].as_str().unwrap().to_owned();
+                d["data"]["config.yaml"] = serde_saphyr::from_str(&text).unwrap();
+            }
+            let key = (
+                d["kind"].as_str().unwrap().to_owned(),
+                d["metadata"]["name"].as_str().unwrap().to_owned(),
+            );
+            (key, d)
+        })
+        .collect()
+}
+
+/// Where two values differ, as `path: left != right` lines.
+fn differences(a: &serde_json::Value, b: &serde_json::Value, path: &str, out: &mut Vec<String>) {
+    use serde_json::Value::{Array, Object};
+    match (a, b) {
+        (Object(x), Object(y)) => {
+            for k in x.keys().chain(y.keys()).collect::<BTreeSet<_>>() {
+                let null = serde_json::Value::Null;
+                let (u, v) = (x.get(k).unwrap_or(&null), y.get(k).unwrap_or(&null));
+                differences(u, v, &format!("{path}.{k}"), out);
+            }
+        }
+        (Array(x), Array(y)) if x.len() == y.len() => {
+            for (i, (u, v)) in x.iter().zip(y).enumerate() {
+                differences(u, v, &format!("{path}[{i}]"), out);
+            }
+        }
+        _ if a != b => out.push(format!("{path}: {a} != {b}")),
+        _ => {}
+    }
+}
+
+#[test]
+fn the_helm_chart_lints_and_renders_the_manifests() {
+    let chart = "deploy/helm/genai-collector";
+    let lint = run("helm", &["lint", "--strict", chart]);
+    assert!(lint.contains("0 chart(s) failed"), "{lint}");
+
+    let rendered = run(
+        "helm",
+        &[
+            "template",
+            "genai-collector",
+            chart,
+            "--namespace",
+            "genai-collector",
+        ],
+    );
+    let mut helm = objects(serde_saphyr::from_multiple(&rendered).unwrap());
+    let mut plain = objects(
+        ["rbac", "agent", "gateway"]
+            .iter()
+            .flat_map(|f| docs(&format!("deploy/kubernetes/{f}.yaml")))
+            .collect(),
+    );
+    // Differences by design: `helm install --create-namespace` makes the namespace, and the
+    // chart rolls pods when their pipeline changes.
+    assert!(plain
+        .remove(&("Namespace".into(), "genai-collector".into()))
+        .is_some());
+    for kind in ["DaemonSet", "Deployment"] {
+        let (_, o) = helm.iter_mut().find(|((k, _), _)| k == kind).unwrap();
+        let annotations = o["spec"]["template"]["metadata"]
+            .as_object_mut()
+            .unwrap()
+            .remove("annotations")
+            .unwrap();
+        let sum = annotations["checksum/config"].as_str().unwrap();
+        assert!(sum.len() == 64 && sum.bytes().all(|b| b.is_ascii_hexdigit()));
+    }
+    assert_eq!(
+        helm.keys().collect::<Vec<_>>(),
+        plain.keys().collect::<Vec<_>>()
+    );
+    let mut diff = Vec::new();
+    for (key, object) in &plain {
+        differences(object, &helm[key], &format!("{key:?}"), &mut diff);
+    }
+    assert!(diff.is_empty(), "manifests != chart:\n{}", diff.join("\n"));
+
+    // Under another release name and namespace the agent still finds its gateway, and what
+    // Helm's YAML 1.1 round trip makes of the pipelines is still a valid collector config.
+    let other = run(
+        "helm",
+        &["template", "genai", chart, "--namespace", "monitoring"],
+    );
+    for (key, object) in objects(serde_saphyr::from_multiple(&other).unwrap()) {
+        if key.0 == "ConfigMap" {
+            let config = &object["data"]["config.yaml"];
+            if key.1 == "genai-agent" {
+                assert_eq!(
+                    config["exporters"]["otlp"]["endpoint"],
+                    "http://genai-gateway.monitoring:4317"
+                );
+            }
+            validate_pipeline(&key.1, &serde_json::to_string(config).unwrap());
+        }
+    }
+}
+
+#[test]
+fn the_manifests_and_the_chart_pass_the_kubernetes_schemas() {
+    let rendered = run(
+        "helm",
+        &["template", "genai-collector", "deploy/helm/genai-collector"],
+    );
+    let file = std::env::temp_dir().join(format!("helm-{}.yaml", std::process::id()));
+    std::fs::write(&file, rendered).unwrap();
+    // The Kubernetes version pod discovery is built for (k8s-openapi's `v1_33`); strict, so an
+    // unknown or misplaced field fails.
+    let out = run(
+        "kubernetes-validate",
+        &[
+            "--strict",
+            "-k",
+            "1.33.0",
+            "deploy/kubernetes/rbac.yaml",
+            "deploy/kubernetes/agent.yaml",
+            "deploy/kubernetes/gateway.yaml",
+            file.to_str().unwrap(),
+        ],
+    );
+    let _ = std::fs::remove_file(&file);
+    assert_eq!(out.matches(" passed for resource ").count(), 9 + 8, "{out}");
 }

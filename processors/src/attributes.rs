@@ -40,8 +40,10 @@ pub struct Action {
     pub from_env: Option<String>,
     /// The new key, for `rename`.
     pub to: Option<String>,
+    /// Points or the resource. Not called `on`: YAML 1.1 readers (Helm's values) turn that
+    /// key into `true`.
     #[serde(default)]
-    pub on: Target,
+    pub context: Target,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -135,7 +137,7 @@ impl Processor for Attributes {
     fn process(&mut self, batch: &mut Batch) {
         for rm in &mut batch.resource_metrics {
             for (a, value) in &self.0 {
-                match a.on {
+                match a.context {
                     Target::Resource => {
                         if let Some(r) = rm.resource.as_mut() {
                             apply(&mut r.attributes, a, value.as_deref());
@@ -163,7 +165,7 @@ mod tests {
     #[test]
     fn actions_on_points_and_resources() {
         std::env::set_var("GENAI_TEST_NODE", "gpu-node-7");
-        let yaml = "actions:\n  - { key: k8s.node.name, action: insert, from_env: GENAI_TEST_NODE, on: resource }\n  - { key: team, action: upsert, value: ml }\n  - { key: engine, action: delete }\n  - { key: model_name, action: rename, to: gen_ai.request.model }\n  - { key: absent, action: update, value: x }\n";
+        let yaml = "actions:\n  - { key: k8s.node.name, action: insert, from_env: GENAI_TEST_NODE, context: resource }\n  - { key: team, action: upsert, value: ml }\n  - { key: engine, action: delete }\n  - { key: model_name, action: rename, to: gen_ai.request.model }\n  - { key: absent, action: update, value: x }\n";
         let node = genai_collector_core::config::node::Node::parse(yaml, 0).unwrap();
         let config: AttributesConfig = node.deserialize().unwrap();
         config.validate().unwrap();
@@ -208,7 +210,7 @@ mod tests {
                 value: None,
                 from_env: None,
                 to: None,
-                on: Target::Point,
+                context: Target::Point,
             }],
         };
         assert!(bad.validate().is_err());
