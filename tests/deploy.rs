@@ -229,6 +229,18 @@ fn the_agent_daemonset_is_node_local_and_unprivileged() {
         config["receivers"]["vllm"]["kubernetes"]["node"],
         "${env:NODE_NAME}"
     );
+    // GPUs are attributed to pods through the kubelet's socket, mounted read-only.
+    let mount = c["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "pod-resources")
+        .unwrap();
+    assert_eq!(mount["readOnly"], true);
+    let socket = config["receivers"]["nvml"]["pod_resources_socket"]
+        .as_str()
+        .unwrap();
+    assert!(socket.starts_with(&format!("{}/", mount["mountPath"].as_str().unwrap())));
 }
 
 /// `genai-collector validate` on a pipeline YAML text.

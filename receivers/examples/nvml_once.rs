@@ -24,7 +24,13 @@ fn main() {
         std::process::exit(1);
     });
     let poll = started.elapsed();
-    let batch = to_batch(&gpus, backend.driver_version().as_deref(), true, 0);
+    let batch = to_batch(
+        &gpus,
+        backend.driver_version().as_deref(),
+        true,
+        &Default::default(),
+        0,
+    );
     for rm in &batch.resource_metrics {
         let resource = resource_attributes(rm);
         println!("# {}", display_attrs(resource, " "));

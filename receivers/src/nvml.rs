@@ -6,6 +6,9 @@
 //! v1 accounting, as `nvidia-smi` shows it: `used` leaves out the few hundred MiB the driver
 //! reserves, and percentages are of `total`.
 
+pub mod pod_resources;
+
+use std::path::PathBuf;
 use std::time::Duration;
 
 use genai_collector_core::config::duration;
@@ -18,6 +21,8 @@ use genai_collector_core::{
 };
 use serde::Deserialize;
 use tracing::{info, warn};
+
+use pod_resources::{Allocations, PodResourcesClient};
 
 /// One GPU's (or MIG instance's) readings; `None` where the device does not support one.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -165,6 +170,9 @@ pub struct NvmlConfig {
     pub required: bool,
     /// Per-process GPU memory, with the container or pod read from the process's cgroup.
     pub processes: bool,
+    /// The kubelet's pod-resources socket: each GPU's resource gets the namespace, pod and
+    /// container it is allocated to.
+    pub pod_resources_socket: Option<PathBuf>,
 }
 
 impl Default for NvmlConfig {
@@ -173,6 +181,7 @@ impl Default for NvmlConfig {
             interval: Duration::from_secs(10),
             required: false,
             processes: true,
+            pod_resources_socket: None,
         }
     }
 }
@@ -246,6 +255,11 @@ impl Receiver for NvmlReceiver {
             return Ok(());
         };
         let driver = backend.driver_version();
+        let mut pods =
+            self.config.pod_resources_socket.as_deref().map(|s| {
+                PodResourcesClient::new(s, self.config.interval.min(Duration::from_secs(2)))
+            });
+        let mut pods_failing = false;
         let mut tick = tokio::time::interval(self.config.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -253,12 +267,32 @@ impl Receiver for NvmlReceiver {
                 () = ctx.shutdown.cancelled() => return Ok(()),
                 _ = tick.tick() => {}
             }
+            // Without an answer the GPUs go out unattributed rather than with a stale pod.
+            let allocations = match &mut pods {
+                Some(client) => match client.list().await {
+                    Ok(a) => {
+                        if std::mem::take(&mut pods_failing) {
+                            info!("the kubelet's pod-resources API answers again");
+                        }
+                        a
+                    }
+                    Err(e) => {
+                        if !std::mem::replace(&mut pods_failing, true) {
+                            warn!(error = %e, "GPUs go out without their pods");
+                        }
+                        ctx.output.report_error(e.to_string());
+                        Allocations::new()
+                    }
+                },
+                None => Allocations::new(),
+            };
             match backend.read_all() {
                 Ok(gpus) => {
                     let batch = to_batch(
                         &gpus,
                         driver.as_deref(),
                         self.config.processes,
+                        &allocations,
                         now_unix_nanos(),
                     );
                     if ctx.output.send(batch).await.is_err() {
@@ -274,8 +308,16 @@ impl Receiver for NvmlReceiver {
     }
 }
 
-/// The batch for one poll: one resource per GPU, carrying its identity.
-pub fn to_batch(gpus: &[GpuReading], driver: Option<&str>, processes: bool, now: u64) -> Batch {
+/// The batch for one poll: one resource per GPU, carrying its identity and, where the kubelet
+/// allocated it to exactly one container, that container's namespace, pod and name (a GPU
+/// time-sliced among several keeps none: no one pod owns its readings).
+pub fn to_batch(
+    gpus: &[GpuReading],
+    driver: Option<&str>,
+    processes: bool,
+    pods: &Allocations,
+    now: u64,
+) -> Batch {
     let mut batch = Batch::new();
     for g in gpus {
         let mut resource = vec![
@@ -291,6 +333,13 @@ pub fn to_batch(gpus: &[GpuReading], driver: Option<&str>, processes: bool, now:
         }
         if let Some(p) = &g.parent_uuid {
             resource.push(kv("hw.parent", p.as_str()));
+        }
+        if let Some([holder]) = pods.get(&g.uuid).map(Vec::as_slice) {
+            resource.extend([
+                kv("k8s.namespace.name", holder.namespace.as_str()),
+                kv("k8s.pod.name", holder.pod.as_str()),
+                kv("k8s.container.name", holder.container.as_str()),
+            ]);
         }
         let point = |v: f64| vec![number_point(now, v, Vec::new())];
         let mut m = Vec::new();
@@ -564,7 +613,13 @@ pub(crate) mod tests {
     #[test]
     fn readings_match_nvidia_smi_on_the_loaded_h100() {
         let gpus = FixtureGpu.read_all().unwrap();
-        let b = to_batch(&gpus, FixtureGpu.driver_version().as_deref(), true, 1);
+        let b = to_batch(
+            &gpus,
+            FixtureGpu.driver_version().as_deref(),
+            true,
+            &Allocations::new(),
+            1,
+        );
         let res = &b.resource_metrics[0].resource.as_ref().unwrap().attributes;
         assert_eq!(
             res.get_str("hw.id"),
@@ -609,7 +664,7 @@ pub(crate) mod tests {
             memory: Some((100, 10, 90)),
             ..Default::default()
         };
-        let b = to_batch(&[g], None, true, 1);
+        let b = to_batch(&[g], None, true, &Allocations::new(), 1);
         let names: Vec<&str> = b.metrics().map(|m| m.name.as_str()).collect();
         assert_eq!(
             names,

@@ -1,0 +1,195 @@
+//! The `nvml` receiver names the pod each GPU is allocated to, asking a kubelet's pod-resources
+//! API (grpcio serving the Kubernetes proto on a unix socket, tests/peers/fake_kubelet.py): the
+//! kubelet absent at start, then up, a GPU moving to another pod, and the kubelet gone again.
+//! The GPUs' readings keep flowing throughout.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use genai_collector_core::model::{AttributesExt, Batch};
+use genai_collector_core::telemetry::Telemetry;
+use genai_collector_core::{
+    CancellationToken, ComponentId, ComponentKind, Output, Receiver, ReceiverContext,
+};
+use genai_collector_receivers::nvml::{GpuBackend, GpuReading, NvmlConfig, NvmlReceiver};
+use tokio::sync::mpsc;
+
+/// An exclusive GPU, a GPU time-sliced between two pods, and a MIG instance of a third.
+struct ThreeDevices;
+
+impl GpuBackend for ThreeDevices {
+    fn driver_version(&self) -> Option<String> {
+        None
+    }
+    fn read_all(&self) -> Result<Vec<GpuReading>, String> {
+        let gpu = |index, uuid: &str, parent: Option<&str>| GpuReading {
+            index,
+            uuid: uuid.into(),
+            parent_uuid: parent.map(str::to_owned),
+            memory: Some((80 << 30, 60 << 30, 20 << 30)),
+            ..Default::default()
+        };
+        Ok(vec![
+            gpu(0, "GPU-aaaa", None),
+            gpu(1, "GPU-bbbb", None),
+            gpu(0, "MIG-cccc", Some("GPU-pppp")),
+        ])
+    }
+}
+
+fn allocations(exclusive_pod: &str) -> String {
+    serde_json::json!([
+        {"namespace": "inference", "pod": exclusive_pod, "containers": [
+            {"name": "vllm", "devices": [{"resource_name": "nvidia.com/gpu", "device_ids": ["GPU-aaaa"]}]},
+            {"name": "proxy", "devices": []}]},
+        {"namespace": "dev", "pod": "notebook-0", "containers": [
+            {"name": "lab", "devices": [{"resource_name": "nvidia.com/gpu", "device_ids": ["GPU-bbbb::0"]}]}]},
+        {"namespace": "dev", "pod": "notebook-1", "containers": [
+            {"name": "lab", "devices": [{"resource_name": "nvidia.com/gpu", "device_ids": ["GPU-bbbb::1"]}]},
+            {"name": "small", "devices": [{"resource_name": "nvidia.com/mig-1g.10gb", "device_ids": ["MIG-cccc"]}]}]}
+    ])
+    .to_string()
+}
+
+struct Kubelet(Child);
+
+impl Kubelet {
+    fn start(socket: &Path, allocations: &Path) -> Kubelet {
+        let _ = std::fs::remove_file(socket);
+        let mut child = Command::new(common::python())
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../tests/peers/fake_kubelet.py"
+            ))
+            .arg("--socket")
+            .arg(socket)
+            .arg("--allocations")
+            .arg(allocations)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        assert_eq!(line.trim(), "ready");
+        Kubelet(child)
+    }
+}
+
+impl Drop for Kubelet {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Device UUID → its `k8s.*` resource attributes, for one poll.
+fn pods_by_device(batch: &Batch) -> BTreeMap<String, BTreeMap<String, String>> {
+    batch
+        .resource_metrics
+        .iter()
+        .map(|rm| {
+            let attrs = &rm.resource.as_ref().unwrap().attributes;
+            let k8s = ["k8s.namespace.name", "k8s.pod.name", "k8s.container.name"]
+                .iter()
+                .filter_map(|k| Some(((*k).to_owned(), attrs.get_str(k)?.to_owned())))
+                .collect();
+            (attrs.get_str("hw.id").unwrap().to_owned(), k8s)
+        })
+        .collect()
+}
+
+/// The next poll whose attribution satisfies `want`, within 10 s.
+async fn poll_where(
+    rx: &mut mpsc::Receiver<Batch>,
+    want: impl Fn(&BTreeMap<String, BTreeMap<String, String>>) -> bool,
+) -> BTreeMap<String, BTreeMap<String, String>> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let batch = tokio::time::timeout_at(deadline.into(), rx.recv())
+            .await
+            .expect("no such poll within 10 s")
+            .expect("the receiver stopped");
+        assert_eq!(batch.resource_metrics.len(), 3, "every device, every poll");
+        let pods = pods_by_device(&batch);
+        if want(&pods) {
+            return pods;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gpus_carry_the_pod_the_kubelet_allocated_them_to() {
+    let dir = std::env::temp_dir().join(format!("gpu-pods-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("kubelet.sock");
+    let alloc = dir.join("pods.json");
+    std::fs::write(&alloc, allocations("vllm-0")).unwrap();
+
+    let telemetry = Telemetry::new();
+    let stats = telemetry.register(ComponentKind::Receiver, "nvml", None);
+    let (tx, mut rx) = mpsc::channel(64);
+    let shutdown = CancellationToken::new();
+    let config = NvmlConfig {
+        interval: Duration::from_millis(100),
+        pod_resources_socket: Some(socket.clone()),
+        ..Default::default()
+    };
+    let receiver = Box::new(NvmlReceiver::with_backend(config, Box::new(ThreeDevices)));
+    let run = tokio::spawn(receiver.run(ReceiverContext {
+        id: ComponentId::parse("nvml").unwrap(),
+        output: Output::new(vec![tx], stats.clone()),
+        shutdown: shutdown.clone(),
+    }));
+
+    // No kubelet yet: the readings go out unattributed, and /healthz says why.
+    let pods = poll_where(&mut rx, |_| true).await;
+    assert!(pods.values().all(BTreeMap::is_empty), "{pods:?}");
+    let error = stats.last_error().unwrap();
+    assert!(
+        error.contains("cannot reach the kubelet's pod-resources socket")
+            && error.contains("kubelet.sock"),
+        "{error}"
+    );
+
+    let kubelet = Kubelet::start(&socket, &alloc);
+    let pods = poll_where(&mut rx, |p| !p["GPU-aaaa"].is_empty()).await;
+    let attrs = |ns: &str, pod: &str, c: &str| {
+        BTreeMap::from([
+            ("k8s.namespace.name".to_owned(), ns.to_owned()),
+            ("k8s.pod.name".to_owned(), pod.to_owned()),
+            ("k8s.container.name".to_owned(), c.to_owned()),
+        ])
+    };
+    assert_eq!(pods["GPU-aaaa"], attrs("inference", "vllm-0", "vllm"));
+    assert!(
+        pods["GPU-bbbb"].is_empty(),
+        "time-sliced between two pods: neither owns its readings"
+    );
+    assert_eq!(pods["MIG-cccc"], attrs("dev", "notebook-1", "small"));
+
+    // The pod is replaced: its successor holds the GPU from the next List on.
+    std::fs::write(&alloc, allocations("vllm-1")).unwrap();
+    let pods = poll_where(&mut rx, |p| {
+        p["GPU-aaaa"].get("k8s.pod.name").unwrap() != "vllm-0"
+    })
+    .await;
+    assert_eq!(pods["GPU-aaaa"], attrs("inference", "vllm-1", "vllm"));
+
+    // The kubelet goes away: no stale pod on the readings, which keep coming.
+    drop(kubelet);
+    let pods = poll_where(&mut rx, |p| p["GPU-aaaa"].is_empty()).await;
+    assert!(pods.values().all(BTreeMap::is_empty), "{pods:?}");
+    poll_where(&mut rx, |_| true).await;
+
+    shutdown.cancel();
+    run.await.unwrap().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
