@@ -122,7 +122,7 @@ fn batch_files(storage: &std::path::Path) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_persistent_queue_survives_kill_9() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    common::install_tls_provider();
     let d = dir("killed");
     let storage = d.join("queue");
     let mut sink = Sink::start(d.join("points.jsonl"), 0).await;

@@ -44,7 +44,8 @@ fn pod(name: &str, port: Option<u16>, pool: &str, phase: &str) -> Value {
 
 #[derive(Clone)]
 enum Msg {
-    Event(String),
+    /// The event's type and object.
+    Event(String, Value),
     Close,
 }
 
@@ -95,8 +96,20 @@ fn json_response(status: StatusCode, body: &Value) -> Response {
         .into_response()
 }
 
+/// Whether a pod matches an equality label selector (`k=v,k2=v2`), as the API server filters;
+/// other objects (an ERROR event's Status) always pass.
+fn selected(selector: Option<&String>, pod: &Value) -> bool {
+    pod["kind"] != "Pod"
+        || selector.is_none_or(|s| {
+            s.split(',')
+                .filter_map(|kv| kv.split_once('='))
+                .all(|(k, v)| pod["metadata"]["labels"][k] == v)
+        })
+}
+
 async fn pods(State(f): State<Fake>, uri: axum::http::Uri) -> Response {
     let q = query(&uri);
+    let selector = q.get("labelSelector").cloned();
     let mut keys: Vec<_> = q.iter().map(|(k, v)| format!("{k}={v}")).collect();
     keys.sort();
     f.seen.lock().unwrap().push(keys.join("&"));
@@ -108,15 +121,28 @@ async fn pods(State(f): State<Fake>, uri: axum::http::Uri) -> Response {
     }
     if q.get("watch").map(String::as_str) == Some("true") {
         let rx = f.events.subscribe();
-        let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-            match rx.recv().await {
-                Ok(Msg::Event(line)) => Some((Ok::<_, std::io::Error>(line), rx)),
-                _ => None,
+        let stream = futures_util::stream::unfold((rx, selector), |(mut rx, sel)| async move {
+            loop {
+                match rx.recv().await {
+                    Ok(Msg::Event(kind, object)) if selected(sel.as_ref(), &object) => {
+                        let line = format!("{}\n", json!({"type": kind, "object": object}));
+                        return Some((Ok::<_, std::io::Error>(line), (rx, sel)));
+                    }
+                    Ok(Msg::Event(..)) => continue,
+                    _ => return None,
+                }
             }
         });
         return Response::new(Body::from_stream(stream));
     }
-    let items = f.pods.lock().unwrap().clone();
+    let items: Vec<Value> = f
+        .pods
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|p| selected(selector.as_ref(), p))
+        .cloned()
+        .collect();
     json_response(
         StatusCode::OK,
         &json!({"kind": "PodList", "apiVersion": "v1",
@@ -141,8 +167,7 @@ async fn start_fake(forbidden: bool, initial: Vec<Value>) -> (Fake, u16) {
 }
 
 fn event(fake: &Fake, kind: &str, object: Value) {
-    let line = format!("{}\n", json!({"type": kind, "object": object}));
-    let _ = fake.events.send(Msg::Event(line));
+    let _ = fake.events.send(Msg::Event(kind.to_owned(), object));
 }
 
 fn kubeconfig(dir: &std::path::Path, api_port: u16) -> std::path::PathBuf {
@@ -357,5 +382,149 @@ async fn forbidden_or_unreachable_api_keeps_static_targets_and_says_why() {
         );
         running.run_until(std::future::ready(())).await;
     }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The pipeline in a shipped manifest's ConfigMap (deploy/kubernetes/), to adapt for a test.
+fn shipped_pipeline(manifest: &str) -> Value {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes");
+    let text = std::fs::read_to_string(path.join(manifest)).unwrap();
+    let docs: Vec<Value> = serde_saphyr::from_multiple(&text).unwrap();
+    let map = docs.iter().find(|d| d["kind"] == "ConfigMap").unwrap();
+    serde_saphyr::from_str(map["data"]["config.yaml"].as_str().unwrap()).unwrap()
+}
+
+/// A collector process started as the manifests start it (`-c <file>`), killed on drop.
+struct Collector(std::process::Child);
+
+impl Collector {
+    fn start(dir: &std::path::Path, name: &str, pipeline: &Value) -> Collector {
+        let file = dir.join(format!("{name}.yaml"));
+        std::fs::write(&file, pipeline.to_string()).unwrap();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_testkit-collector"))
+            .arg("-c")
+            .arg(&file)
+            .env("NODE_NAME", "gpu-node-1")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        Collector(child)
+    }
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The sample lines of a page whose name is `name` and whose labels include every `labels` pair.
+fn samples<'a>(page: &'a str, name: &str, labels: &[&str]) -> Vec<&'a str> {
+    page.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .filter(|l| labels.iter().all(|kv| l.contains(kv)))
+        .collect()
+}
+
+/// The agent and gateway pipelines exactly as deploy/kubernetes/ ships them (only addresses,
+/// paths and intervals changed), as two processes: the agent finds its node's vLLM and TGI pods
+/// through the API server, scrapes and normalises them and sends OTLP to the gateway, which
+/// serves per-pool aggregates on its Prometheus endpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shipped_agent_and_gateway_pipelines_end_to_end() {
+    common::install_tls_provider();
+    let a = sim::start(EngineKind::VllmV1, "127.0.0.1:0").await.unwrap();
+    let b = sim::start(EngineKind::VllmV1, "127.0.0.1:0").await.unwrap();
+    let t = sim::start(EngineKind::Tgi, "127.0.0.1:0").await.unwrap();
+    let engine_pod = |name: &str, port: u16, pool: &str, engine: &str| {
+        let mut p = pod(name, Some(port), pool, "Running");
+        p["metadata"]["labels"]["genai-collector.io/engine"] = json!(engine);
+        p
+    };
+    let (_fake, api) = start_fake(
+        false,
+        vec![
+            engine_pod("vllm-a", a.addr.port(), "chat", "vllm"),
+            engine_pod("vllm-b", b.addr.port(), "chat", "vllm"),
+            engine_pod("tgi-a", t.addr.port(), "support", "tgi"),
+        ],
+    )
+    .await;
+    let dir = std::env::temp_dir().join(format!("k8s-e2e-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = kubeconfig(&dir, api);
+    let local = |port: u16| format!("127.0.0.1:{port}");
+
+    let mut gateway = shipped_pipeline("gateway.yaml");
+    let (grpc, metrics) = (common::free_port(), common::free_port());
+    let otlp = &mut gateway["receivers"]["otlp"]["protocols"];
+    otlp["grpc"]["endpoint"] = json!(local(grpc));
+    otlp["http"]["endpoint"] = json!(local(common::free_port()));
+    gateway["processors"]["pool_aggregate"]["interval"] = json!("1s");
+    gateway["exporters"]["prometheus"]["endpoint"] = json!(local(metrics));
+    gateway["service"]["telemetry"]["endpoint"] = json!(local(common::free_port()));
+
+    let mut agent = shipped_pipeline("agent.yaml");
+    for engine in ["vllm", "tgi"] {
+        let r = &mut agent["receivers"][engine];
+        r["interval"] = json!("300ms");
+        r["kubernetes"]["kubeconfig"] = json!(kubeconfig.display().to_string());
+    }
+    agent["exporters"]["otlp"]["endpoint"] = json!(format!("http://{}", local(grpc)));
+    agent["exporters"]["otlp"]["sending_queue"]["storage"] =
+        json!(dir.join("queue").display().to_string());
+    agent["service"]["telemetry"]["endpoint"] = json!(local(common::free_port()));
+
+    let _gateway = Collector::start(&dir, "gateway", &gateway);
+    let _agent = Collector::start(&dir, "agent", &agent);
+
+    let url = format!("http://{}/metrics", local(metrics));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let page = loop {
+        let page = match reqwest::get(&url).await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        let ready = |pool: &str| {
+            samples(
+                &page,
+                "inference_pool_ready_pods",
+                &[&format!("name=\"{pool}\"")],
+            )
+            .iter()
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .next_back()
+        };
+        if ready("chat") == Some(2.0) && ready("support") == Some(1.0) {
+            break page;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the gateway never counted 2 ready pods in `chat` and 1 in `support`:\n{page}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+
+    // Every engine pod's normalised series reached the gateway, labelled with its pod, and
+    // the agent's node (from NODE_NAME through the `attributes` processor).
+    for pod in ["vllm-a", "vllm-b", "tgi-a"] {
+        let info = samples(&page, "target_info", &[&format!("k8s_pod_name=\"{pod}\"")]);
+        assert!(
+            info.iter()
+                .any(|l| l.contains("k8s_node_name=\"gpu-node-1\"")
+                    && l.contains("k8s_namespace_name=\"inference\"")),
+            "{pod}: {info:?}"
+        );
+    }
+    assert!(
+        !samples(&page, "gen_ai_server_kv_cache_usage_percent", &[]).is_empty(),
+        "normalised engine series"
+    );
+    let chat_queue = samples(&page, "gen_ai_pool_queue_size_average", &[]);
+    assert!(!chat_queue.is_empty(), "pool aggregates in our names too");
+
+    drop((_agent, _gateway));
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -163,7 +163,7 @@ async fn a_full_pipeline_answers_429_and_counts_the_refusal() {
     let body = genai_collector_testkit::components::numbered_batch(0, 10, 10)
         .into_request()
         .encode_to_vec();
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    common::install_tls_provider();
     let client = reqwest::Client::new();
     let mut statuses = Vec::new();
     for _ in 0..100 {
@@ -298,7 +298,7 @@ async fn a_bearer_token_guards_both_protocols() {
     );
     // The SDK logs the refusal and carries on; what arrived shows it was refused (below).
     push(None).await.unwrap();
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    common::install_tls_provider();
     let client = reqwest::Client::new();
     let url = format!("http://127.0.0.1:{http}/v1/metrics");
     let post = |auth: Option<&str>| {

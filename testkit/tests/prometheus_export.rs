@@ -14,7 +14,7 @@ use genai_collector_receivers::scrape::text::{parse, Format};
 use genai_collector_testkit::sim::{self, EngineKind};
 
 async fn get(url: &str, accept: &str) -> String {
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    common::install_tls_provider();
     let client = reqwest::Client::new();
     client
         .get(url)

@@ -92,7 +92,7 @@ service:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_prometheus_endpoint_over_tls() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    common::install_tls_provider();
     let c = common::certificates("prom-tls");
     let port = free_port();
     let yaml = format!(

@@ -218,3 +218,8 @@ impl Drop for Sink {
 }
 
 pub use genai_collector_testkit::free_port;
+
+/// The TLS provider reqwest needs (built without one) before a test builds a client.
+pub fn install_tls_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
