@@ -36,6 +36,7 @@ impl Builtin for Components {
             .with_receiver(r::PrometheusReceiverFactory)
             .with_receiver(r::VllmReceiverFactory)
             .with_receiver(r::TgiReceiverFactory)
+            .with_receiver(r::LlamaCppReceiverFactory)
             .with_receiver(r::OllamaReceiverFactory)
             .with_receiver(r::NvmlReceiverFactory)
             .with_receiver(r::OtlpReceiverFactory)

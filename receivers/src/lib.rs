@@ -2,6 +2,7 @@
 //! what the pull receivers share.
 
 pub mod internal;
+pub mod llamacpp;
 pub mod nvml;
 pub mod ollama;
 pub mod otlp;
@@ -11,6 +12,7 @@ pub mod tgi;
 pub mod vllm;
 
 pub use internal::InternalReceiverFactory;
+pub use llamacpp::LlamaCppReceiverFactory;
 pub use nvml::NvmlReceiverFactory;
 pub use ollama::OllamaReceiverFactory;
 pub use otlp::OtlpReceiverFactory;

@@ -2,68 +2,19 @@
 //! the model comes from config (`model`) or, when the config names none, from TGI's `/info`.
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use genai_collector_core::model::{kv, KeyValue};
-use genai_collector_core::{async_trait, BuildContext, ComponentError, Receiver, ReceiverFactory};
-use serde::Deserialize;
-use tracing::debug;
+use genai_collector_core::{BuildContext, ComponentError, Receiver, ReceiverFactory};
 
-use crate::scrape::{Engine, ScrapeConfig, ScrapeReceiver, Target};
+use crate::scrape::{IdentifiedEngine, Identity, ScrapeConfig, ScrapeReceiver};
 
 pub struct TgiReceiverFactory;
 
-struct Tgi {
-    /// The config names the model; `/info` is then only read for the version.
-    model_configured: bool,
-}
-
-#[derive(Deserialize)]
-struct Info {
-    model_id: Option<String>,
-    version: Option<String>,
-}
-
-#[async_trait]
-impl Engine for Tgi {
-    fn provider(&self) -> Option<&'static str> {
-        Some("tgi")
-    }
-
-    fn default_interval(&self) -> Duration {
-        Duration::from_secs(5)
-    }
-
-    async fn discover(
-        &self,
-        client: &reqwest::Client,
-        target: &Target,
-        timeout: Duration,
-    ) -> Option<Vec<KeyValue>> {
-        let mut url = reqwest::Url::parse(&target.url).ok()?;
-        url.set_path("/info");
-        url.set_query(None);
-        let response = match client.get(url.clone()).timeout(timeout).send().await {
-            Ok(r) => r,
-            Err(e) => {
-                debug!(target = %url, error = %e, "TGI /info did not answer; asking again next scrape");
-                return None;
-            }
-        };
-        // A TGI without /info will not grow one: stop asking.
-        if response.status() == reqwest::StatusCode::NOT_FOUND {
-            return Some(Vec::new());
-        }
-        let body = response.error_for_status().ok()?.bytes().await.ok()?;
-        let info: Info = serde_json::from_slice(&body).ok()?;
-        let mut attrs = Vec::new();
-        if let (false, Some(model)) = (self.model_configured, info.model_id) {
-            attrs.push(kv("gen_ai.request.model", model));
-        }
-        if let Some(v) = info.version {
-            attrs.push(kv("service.version", v));
-        }
-        Some(attrs)
+/// `/info`: `model_id` and `version`.
+fn identity(info: &serde_json::Value) -> Identity {
+    Identity {
+        model: info["model_id"].as_str().map(str::to_owned),
+        version: info["version"].as_str().map(str::to_owned),
+        gauges: Vec::new(),
     }
 }
 
@@ -84,8 +35,11 @@ impl ReceiverFactory for TgiReceiverFactory {
         _: &BuildContext,
     ) -> Result<Box<dyn Receiver>, ComponentError> {
         Ok(Box::new(ScrapeReceiver {
-            engine: Arc::new(Tgi {
+            engine: Arc::new(IdentifiedEngine {
+                provider: "tgi",
+                path: "/info",
                 model_configured: config.model.is_some(),
+                read: identity,
             }),
             config,
         }))

@@ -29,6 +29,8 @@ pub enum EngineKind {
     Tgi,
     /// Ollama (`/api/ps` from `tests/fixtures/ollama/ps-two-models.json`, `/api/version`).
     Ollama,
+    /// llama.cpp's llama-server (a real page and `/props` from `tests/fixtures/llamacpp`).
+    LlamaCpp,
 }
 
 impl EngineKind {
@@ -38,9 +40,13 @@ impl EngineKind {
             Self::VllmV0 => "vllm/v0-composed.prom",
             Self::Tgi => "tgi/composed.prom",
             Self::Ollama => "ollama/ps-two-models.json",
+            Self::LlamaCpp => "llamacpp/real-server-0c1e570-tiny-random.prom",
         }
     }
 }
+
+/// llama-server's `/props`, captured from the same server as its page.
+const LLAMACPP_PROPS: &str = "llamacpp/props-0c1e570-tiny-random.json";
 
 /// What a simulator does wrong, switchable while it runs.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -77,6 +83,8 @@ pub fn fixtures_dir() -> PathBuf {
 struct Sim {
     kind: EngineKind,
     template: String,
+    /// Requests the engine runs at once: llama.cpp's slots, else vLLM's default `max_num_seqs`.
+    max_seqs: f64,
     started: Instant,
     fault: Mutex<Fault>,
     /// The `Authorization` header `/metrics` insists on, if any.
@@ -134,9 +142,18 @@ impl Drop for SimHandle {
 /// Starts a simulator on `addr` (use port 0 for any free port).
 pub async fn start(kind: EngineKind, addr: &str) -> std::io::Result<SimHandle> {
     let template = std::fs::read_to_string(fixtures_dir().join(kind.fixture()))?;
+    let max_seqs = match kind {
+        EngineKind::LlamaCpp => {
+            let props = std::fs::read_to_string(fixtures_dir().join(LLAMACPP_PROPS))?;
+            let props: serde_json::Value = serde_json::from_str(&props)?;
+            props["total_slots"].as_f64().unwrap_or(1.0)
+        }
+        _ => 64.0,
+    };
     let sim = Arc::new(Sim {
         kind,
         template,
+        max_seqs,
         started: Instant::now(),
         fault: Mutex::new(Fault::None),
         bomb: Mutex::default(),
@@ -146,6 +163,7 @@ pub async fn start(kind: EngineKind, addr: &str) -> std::io::Result<SimHandle> {
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/info", get(info))
+        .route("/props", get(props))
         .route("/api/ps", get(ollama_ps))
         .route(
             "/api/version",
@@ -180,8 +198,7 @@ impl Sim {
         let l = load(t);
         // Counters and histogram counts grow with the work done so far.
         let growth = 1.0 + t / 60.0;
-        let max_seqs = 64.0;
-        let running = (l * max_seqs).round();
+        let running = (l * self.max_seqs).round();
         let waiting = ((l - 0.8).max(0.0) * 100.0).round();
         let kv = (l * 0.95).min(1.0);
         let mut out = String::with_capacity(self.template.len() + 256);
@@ -198,8 +215,12 @@ impl Sim {
             let (series, value) = split_value(line);
             let name = series.split('{').next().unwrap_or(series);
             let new = match name {
-                "vllm:num_requests_running" | "tgi_batch_current_size" => Some(running),
-                "vllm:num_requests_waiting" | "tgi_queue_size" => Some(waiting),
+                "vllm:num_requests_running"
+                | "tgi_batch_current_size"
+                | "llamacpp:requests_processing" => Some(running),
+                "vllm:num_requests_waiting" | "tgi_queue_size" | "llamacpp:requests_deferred" => {
+                    Some(waiting)
+                }
                 "vllm:kv_cache_usage_perc" | "vllm:gpu_cache_usage_perc" => {
                     Some((kv * 1e4).round() / 1e4)
                 }
@@ -354,6 +375,16 @@ async fn info(State(sim): State<Arc<Sim>>) -> Response {
     ([(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
+async fn props(State(sim): State<Arc<Sim>>) -> Response {
+    if sim.kind != EngineKind::LlamaCpp {
+        return StatusCode::NOT_FOUND.into_response();
+    }
+    match std::fs::read_to_string(fixtures_dir().join(LLAMACPP_PROPS)) {
+        Ok(body) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
 async fn ollama_ps(State(sim): State<Arc<Sim>>) -> Response {
     if sim.kind != EngineKind::Ollama {
         return StatusCode::NOT_FOUND.into_response();
@@ -393,6 +424,7 @@ mod tests {
             kind: EngineKind::VllmV1,
             template: std::fs::read_to_string(fixtures_dir().join(EngineKind::VllmV1.fixture()))
                 .unwrap(),
+            max_seqs: 64.0,
             started: Instant::now(),
             fault: Mutex::new(Fault::None),
             bomb: Mutex::default(),

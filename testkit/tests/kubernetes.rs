@@ -429,15 +429,18 @@ fn samples<'a>(page: &'a str, name: &str, labels: &[&str]) -> Vec<&'a str> {
 }
 
 /// The agent and gateway pipelines exactly as deploy/kubernetes/ ships them (only addresses,
-/// paths and intervals changed), as two processes: the agent finds its node's vLLM and TGI pods
-/// through the API server, scrapes and normalises them and sends OTLP to the gateway, which
-/// serves per-pool aggregates on its Prometheus endpoint.
+/// paths and intervals changed), as two processes: the agent finds its node's vLLM, TGI and
+/// llama.cpp pods through the API server, scrapes and normalises them and sends OTLP to the
+/// gateway, which serves per-pool aggregates on its Prometheus endpoint.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_shipped_agent_and_gateway_pipelines_end_to_end() {
     common::install_tls_provider();
     let a = sim::start(EngineKind::VllmV1, "127.0.0.1:0").await.unwrap();
     let b = sim::start(EngineKind::VllmV1, "127.0.0.1:0").await.unwrap();
     let t = sim::start(EngineKind::Tgi, "127.0.0.1:0").await.unwrap();
+    let l = sim::start(EngineKind::LlamaCpp, "127.0.0.1:0")
+        .await
+        .unwrap();
     let engine_pod = |name: &str, port: u16, pool: &str, engine: &str| {
         let mut p = pod(name, Some(port), pool, "Running");
         p["metadata"]["labels"]["genai-collector.io/engine"] = json!(engine);
@@ -449,6 +452,7 @@ async fn the_shipped_agent_and_gateway_pipelines_end_to_end() {
             engine_pod("vllm-a", a.addr.port(), "chat", "vllm"),
             engine_pod("vllm-b", b.addr.port(), "chat", "vllm"),
             engine_pod("tgi-a", t.addr.port(), "support", "tgi"),
+            engine_pod("llama-a", l.addr.port(), "edge", "llamacpp"),
         ],
     )
     .await;
@@ -467,7 +471,7 @@ async fn the_shipped_agent_and_gateway_pipelines_end_to_end() {
     gateway["service"]["telemetry"]["endpoint"] = json!(local(common::free_port()));
 
     let mut agent = shipped_pipeline("agent.yaml");
-    for engine in ["vllm", "tgi"] {
+    for engine in ["vllm", "tgi", "llamacpp"] {
         let r = &mut agent["receivers"][engine];
         r["interval"] = json!("300ms");
         r["kubernetes"]["kubeconfig"] = json!(kubeconfig.display().to_string());
@@ -497,19 +501,20 @@ async fn the_shipped_agent_and_gateway_pipelines_end_to_end() {
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .next_back()
         };
-        if ready("chat") == Some(2.0) && ready("support") == Some(1.0) {
+        if ready("chat") == Some(2.0) && ready("support") == Some(1.0) && ready("edge") == Some(1.0)
+        {
             break page;
         }
         assert!(
             Instant::now() < deadline,
-            "the gateway never counted 2 ready pods in `chat` and 1 in `support`:\n{page}"
+            "the gateway never counted 2 ready pods in `chat`, 1 in `support`, 1 in `edge`:\n{page}"
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
     };
 
     // Every engine pod's normalised series reached the gateway, labelled with its pod, and
     // the agent's node (from NODE_NAME through the `attributes` processor).
-    for pod in ["vllm-a", "vllm-b", "tgi-a"] {
+    for pod in ["vllm-a", "vllm-b", "tgi-a", "llama-a"] {
         let info = samples(&page, "target_info", &[&format!("k8s_pod_name=\"{pod}\"")]);
         assert!(
             info.iter()

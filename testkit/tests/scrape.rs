@@ -270,3 +270,48 @@ async fn pools_from_scraped_servers() {
         "percentages per server"
     );
 }
+
+/// llama.cpp's real page carries no labels: the `llamacpp` receiver adds the model and build
+/// from `/props` (both captured from the same llama-server) and its slots as the maximum, so
+/// the page normalises like any engine's and gets a capacity percentage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn llama_cpp_gets_its_model_and_slots_from_props() {
+    let server = sim::start(EngineKind::LlamaCpp, "127.0.0.1:0")
+        .await
+        .unwrap();
+    let props: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            sim::fixtures_dir().join("llamacpp/props-0c1e570-tiny-random.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let yaml = format!(
+        "receivers:\n  llamacpp: {{ targets: [\"{}\"], interval: 200ms }}\nprocessors:\n  genai_normalize: {{}}\n  percentages: {{}}\nexporters:\n  capture: {{}}\nservice:\n  telemetry: {{ endpoint: null }}\n  pipelines:\n    metrics: {{ receivers: [llamacpp], processors: [genai_normalize, percentages], exporters: [capture] }}\n",
+        server.addr
+    );
+    let capture = run_for(&yaml, 0.9).await;
+    let polls = &scrapes(&capture)[&server.metrics_url()];
+    let s = polls.last().unwrap();
+    assert_eq!(s.gauge("up"), Some(1.0));
+    assert_eq!(s.attrs["gen_ai.provider.name"], "llama.cpp");
+    assert_eq!(
+        s.attrs["service.version"],
+        props["build_info"].as_str().unwrap()
+    );
+    let model = props["model_alias"].as_str().unwrap();
+    let slots = props["total_slots"].as_f64().unwrap();
+    assert_eq!(s.gauge("gen_ai.server.requests.max"), Some(slots));
+    let running = s.gauge("gen_ai.server.requests.running").unwrap();
+    assert!((0.0..=slots).contains(&running), "{running} of {slots}");
+    let capacity = s.gauge("gen_ai.server.capacity.usage").unwrap();
+    assert!((capacity - running / slots * 100.0).abs() < 1e-9);
+    use genai_collector_core::model::AttributesExt;
+    let Some(metric::Data::Sum(tokens)) = &s.metrics["gen_ai.server.token.usage"].data else {
+        panic!("sum")
+    };
+    assert_eq!(tokens.data_points.len(), 2, "prompt and predicted tokens");
+    for p in &tokens.data_points {
+        assert_eq!(p.attributes.get_str("gen_ai.request.model"), Some(model));
+    }
+}

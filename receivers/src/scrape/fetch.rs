@@ -111,3 +111,43 @@ pub(crate) async fn fetch(
     let body = String::from_utf8(body).map_err(|_| ScrapeError::NotUtf8)?;
     Ok(Fetched { body, content_type })
 }
+
+/// What a target's JSON side endpoint (TGI's `/info`, llama.cpp's `/props`) answered.
+pub(crate) enum SideAnswer<T> {
+    Json(T),
+    /// 404: this server has no such endpoint and will not grow one; stop asking.
+    NotFound,
+    /// No answer, an error or a body that does not parse: ask again next scrape.
+    Failed,
+}
+
+/// GETs `path` on the target's host within `timeout` and parses the JSON body. The target's
+/// query stays: a llama.cpp router answers `/props?model=...` for that model.
+pub(crate) async fn side_json<T: serde::de::DeserializeOwned>(
+    client: &reqwest::Client,
+    target: &str,
+    path: &str,
+    timeout: Duration,
+) -> SideAnswer<T> {
+    let Ok(mut url) = reqwest::Url::parse(target) else {
+        return SideAnswer::Failed;
+    };
+    url.set_path(path);
+    let response = match client.get(url.clone()).timeout(timeout).send().await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::debug!(target = %url, error = %e, "no answer; asking again next scrape");
+            return SideAnswer::Failed;
+        }
+    };
+    if response.status() == reqwest::StatusCode::NOT_FOUND {
+        return SideAnswer::NotFound;
+    }
+    let Ok(response) = response.error_for_status() else {
+        return SideAnswer::Failed;
+    };
+    match response.bytes().await.map(|b| serde_json::from_slice(&b)) {
+        Ok(Ok(v)) => SideAnswer::Json(v),
+        _ => SideAnswer::Failed,
+    }
+}

@@ -4,11 +4,14 @@
 
 pub mod convert;
 mod fetch;
+mod identity;
 pub mod kubernetes;
 mod scheduler;
 pub mod text;
 
 pub use fetch::{ScrapeError, TlsConfig};
+pub use identity::{IdentifiedEngine, Identity};
 pub use scheduler::{
-    run, scrape_once, BasicAuth, Engine, ScrapeConfig, ScrapeReceiver, Target, TextFormat,
+    run, scrape_once, BasicAuth, Discovered, Engine, ScrapeConfig, ScrapeReceiver, Target,
+    TextFormat,
 };

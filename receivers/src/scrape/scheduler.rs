@@ -216,18 +216,28 @@ pub trait Engine: Send + Sync + 'static {
     /// `gen_ai.provider.name`, for engine receivers.
     fn provider(&self) -> Option<&'static str>;
     fn default_interval(&self) -> Duration;
-    /// Resource attributes learnt from the target itself (TGI's `/info`); `None` until it
-    /// answers, and then asked again on the next scrape.
+    /// What the target says about itself (TGI's `/info`, llama.cpp's `/props`); `None` until
+    /// it answers, and then asked again on the next scrape. Asked again after a failed scrape
+    /// too: a server that went away may come back with another model.
     async fn discover(
         &self,
         _client: &reqwest::Client,
         _target: &Target,
         _timeout: Duration,
-    ) -> Option<Vec<KeyValue>> {
-        Some(Vec::new())
+    ) -> Option<Discovered> {
+        Some(Discovered::default())
     }
     /// Engine facts derived from the page (vLLM's cache config, LoRA adapters).
     fn enrich(&self, _page: &Page<'_>, _metrics: &mut Vec<Metric>, _now: u64) {}
+}
+
+/// What an engine learnt from a target besides its page.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Discovered {
+    /// Resource attributes: the model, the server's version.
+    pub resource: Vec<KeyValue>,
+    /// Gauges of the server's fixed settings (name, unit, value), sent with every page.
+    pub gauges: Vec<(&'static str, &'static str, f64)>,
 }
 
 /// Pages above this size are parsed on a blocking thread.
@@ -528,7 +538,7 @@ impl TargetLoop {
         let mut ticker = tokio::time::interval(s.interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut converter = Converter::new();
-        let mut discovered: Option<Vec<KeyValue>> = None;
+        let mut discovered: Option<Discovered> = None;
         let mut was_up: Option<bool> = None;
         let mut resource = s.resource.clone();
         resource.push(kv("server.address", self.target.host.as_str()));
@@ -587,6 +597,15 @@ impl TargetLoop {
                 _ => {}
             }
             was_up = Some(up);
+            if up {
+                for (name, unit, value) in discovered.iter().flat_map(|d| &d.gauges) {
+                    metrics.push(Metric::gauge(
+                        name,
+                        unit,
+                        vec![number_point(now, *value, Vec::new())],
+                    ));
+                }
+            }
             for (name, unit, value, help) in [
                 (
                     "up",
@@ -618,7 +637,10 @@ impl TargetLoop {
                 metrics.push(m);
             }
             let mut attrs = resource.clone();
-            attrs.extend(discovered.iter().flatten().cloned());
+            attrs.extend(discovered.iter().flat_map(|d| &d.resource).cloned());
+            if !up {
+                discovered = None;
+            }
             if self
                 .output
                 .send(Batch::with_resource(attrs, metrics))
