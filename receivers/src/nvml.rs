@@ -288,13 +288,20 @@ impl Receiver for NvmlReceiver {
             };
             match backend.read_all() {
                 Ok(gpus) => {
-                    let batch = to_batch(
+                    let mut batch = to_batch(
                         &gpus,
                         driver.as_deref(),
                         self.config.processes,
                         &allocations,
                         now_unix_nanos(),
                     );
+                    for r in batch
+                        .resource_metrics
+                        .iter_mut()
+                        .filter_map(|rm| rm.resource.as_mut())
+                    {
+                        r.attributes.push(kv("service.name", ctx.id.to_string()));
+                    }
                     if ctx.output.send(batch).await.is_err() {
                         return Ok(());
                     }
@@ -341,7 +348,10 @@ pub fn to_batch(
                 kv("k8s.container.name", holder.container.as_str()),
             ]);
         }
-        let point = |v: f64| vec![number_point(now, v, Vec::new())];
+        // `hw.id` on every point, as the hardware conventions require: GPUs of one node (or of
+        // every node, at a gateway) stay apart where only point attributes label a series.
+        let id = || kv("hw.id", g.uuid.as_str());
+        let point = |v: f64| vec![number_point(now, v, vec![id()])];
         let mut m = Vec::new();
         if let Some((total, used, free)) = g.memory {
             m.push(Metric::gauge(
@@ -414,7 +424,7 @@ pub fn to_batch(
                 number_point(
                     now,
                     v as f64,
-                    vec![kv("hw.type", "gpu"), kv("error.type", t)],
+                    vec![id(), kv("hw.type", "gpu"), kv("error.type", t)],
                 )
             };
             m.push(Metric::sum(
@@ -432,7 +442,7 @@ pub fn to_batch(
                 number_point(
                     now,
                     f64::from(kbs) * 1000.0,
-                    vec![kv("network.io.direction", d)],
+                    vec![id(), kv("network.io.direction", d)],
                 )
             };
             m.push(Metric::gauge(
@@ -444,7 +454,13 @@ pub fn to_batch(
         if let Some(reasons) = &g.throttle {
             let points: Vec<NumberDataPoint> = reasons
                 .iter()
-                .map(|r| number_point(now, 1.0, vec![kv("hw.gpu.throttle.reason", r.as_str())]))
+                .map(|r| {
+                    number_point(
+                        now,
+                        1.0,
+                        vec![id(), kv("hw.gpu.throttle.reason", r.as_str())],
+                    )
+                })
                 .collect();
             m.push(Metric::gauge(
                 "hw.gpu.throttled",
@@ -453,7 +469,7 @@ pub fn to_batch(
                     vec![number_point(
                         now,
                         0.0,
-                        vec![kv("hw.gpu.throttle.reason", "none")],
+                        vec![id(), kv("hw.gpu.throttle.reason", "none")],
                     )]
                 } else {
                     points
@@ -464,7 +480,11 @@ pub fn to_batch(
             let points = g
                 .processes
                 .iter()
-                .map(|(pid, bytes)| number_point(now, *bytes as f64, process_attrs(*pid)))
+                .map(|(pid, bytes)| {
+                    let mut attrs = process_attrs(*pid);
+                    attrs.insert(0, id());
+                    number_point(now, *bytes as f64, attrs)
+                })
                 .collect();
             m.push(Metric::gauge("hw.gpu.process.memory.usage", "By", points));
         }
@@ -653,6 +673,29 @@ pub(crate) mod tests {
             .unwrap();
         assert_eq!(procs.point_count(), 1);
         assert_eq!(gauge(&b, "hw.gpu.process.memory.usage"), 1002.0 * 1048576.0);
+    }
+
+    #[test]
+    fn every_point_names_its_gpu() {
+        let mut gpus = FixtureGpu.read_all().unwrap();
+        let mut second = gpus[0].clone();
+        second.index = 1;
+        second.uuid = "GPU-second".into();
+        gpus.push(second);
+        let b = to_batch(&gpus, None, true, &Allocations::new(), 1);
+        for rm in &b.resource_metrics {
+            let gpu = rm.resource.as_ref().unwrap().attributes.get_str("hw.id");
+            for m in rm.scope_metrics.iter().flat_map(|s| &s.metrics) {
+                let points = match &m.data {
+                    Some(metric::Data::Gauge(g)) => &g.data_points,
+                    Some(metric::Data::Sum(s)) => &s.data_points,
+                    _ => panic!("{}", m.name),
+                };
+                for p in points {
+                    assert_eq!(p.attributes.get_str("hw.id"), gpu, "{}", m.name);
+                }
+            }
+        }
     }
 
     #[test]

@@ -1,7 +1,8 @@
-//! The `nvml` receiver names the pod each GPU is allocated to, asking a kubelet's pod-resources
-//! API (grpcio serving the Kubernetes proto on a unix socket, tests/peers/fake_kubelet.py): the
-//! kubelet absent at start, then up, a GPU moving to another pod, and the kubelet gone again.
-//! The GPUs' readings keep flowing throughout.
+//! GPU series stay apart per GPU on the Prometheus endpoint, and the `nvml` receiver names the
+//! pod each GPU is allocated to, asking a kubelet's pod-resources API (grpcio serving the
+//! Kubernetes proto on a unix socket, tests/peers/fake_kubelet.py): the kubelet absent at
+//! start, then up, a GPU moving to another pod, and the kubelet gone again. The GPUs' readings
+//! keep flowing throughout.
 
 mod common;
 
@@ -31,6 +32,7 @@ impl GpuBackend for ThreeDevices {
             uuid: uuid.into(),
             parent_uuid: parent.map(str::to_owned),
             memory: Some((80 << 30, 60 << 30, 20 << 30)),
+            utilization: Some((50, 20)),
             ..Default::default()
         };
         Ok(vec![
@@ -192,4 +194,93 @@ async fn gpus_carry_the_pod_the_kubelet_allocated_them_to() {
     shutdown.cancel();
     run.await.unwrap().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `nvml` reading [`ThreeDevices`], in a pipeline built from YAML.
+struct ThreeDevicesFactory;
+
+impl genai_collector_core::ReceiverFactory for ThreeDevicesFactory {
+    type Config = NvmlConfig;
+    fn kind(&self) -> &'static str {
+        "nvml"
+    }
+    fn description(&self) -> &'static str {
+        "nvml over three fake devices"
+    }
+    fn build(
+        &self,
+        config: NvmlConfig,
+        _: &genai_collector_core::BuildContext,
+    ) -> Result<Box<dyn Receiver>, genai_collector_core::ComponentError> {
+        Ok(Box::new(NvmlReceiver::with_backend(
+            config,
+            Box::new(ThreeDevices),
+        )))
+    }
+}
+
+/// The values of `name` on a Prometheus page, by their `hw_id` label.
+fn by_gpu(page: &str, name: &str) -> BTreeMap<String, String> {
+    page.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .map(|l| {
+            let id = l.split("hw_id=\"").nth(1).and_then(|r| r.split('"').next());
+            let value = l.rsplit(' ').next().unwrap_or("");
+            (id.unwrap_or("none").to_owned(), value.to_owned())
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_gpu_is_its_own_series_on_the_prometheus_endpoint() {
+    common::install_tls_provider();
+    let port = common::free_port();
+    let yaml = format!(
+        "receivers:\n  nvml: {{ interval: 100ms }}\nprocessors:\n  percentages: {{}}\nexporters:\n  prometheus: {{ endpoint: \"127.0.0.1:{port}\" }}\nservice:\n  telemetry: {{ endpoint: null }}\n  pipelines:\n    metrics: {{ receivers: [nvml], processors: [percentages], exporters: [prometheus] }}\n"
+    );
+    let capture = genai_collector_testkit::Capture::new();
+    let comps = genai_collector_testkit::components(&capture).with_receiver(ThreeDevicesFactory);
+    let cfg = genai_collector_core::config::load(
+        &[genai_collector_core::config::Source::new("gpus.yaml", yaml)],
+        &comps,
+    )
+    .unwrap();
+    let running = genai_collector_core::Service::build(cfg, &comps)
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}/metrics");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let page = loop {
+        let page = match reqwest::get(&url).await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        if page.contains("hw_gpu_memory_usage_percent{") || Instant::now() > deadline {
+            break page;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    running.run_until(std::future::ready(())).await;
+
+    let devices = ["GPU-aaaa", "GPU-bbbb", "MIG-cccc"];
+    for name in [
+        "hw_gpu_utilization_ratio",
+        "hw_gpu_memory_usage_bytes",
+        "hw_gpu_memory_usage_percent",
+    ] {
+        let series = by_gpu(&page, name);
+        assert_eq!(
+            series.keys().map(String::as_str).collect::<Vec<_>>(),
+            devices,
+            "{name}: one series per device, labelled as the dashboard expects:\n{page}"
+        );
+    }
+    assert_eq!(by_gpu(&page, "hw_gpu_utilization_ratio")["GPU-bbbb"], "0.5");
+    assert!(
+        page.lines()
+            .any(|l| l.starts_with("hw_gpu_utilization_ratio{") && l.contains("job=\"nvml\"")),
+        "job from the receiver's id"
+    );
 }
