@@ -202,11 +202,18 @@ impl Receiver for OllamaReceiver {
         }
         let base = c.endpoint.trim_end_matches('/').to_owned();
         let url = reqwest::Url::parse(&base).map_err(|e| ComponentError::Config(e.to_string()))?;
+        let (host, port) = (
+            url.host_str().unwrap_or(""),
+            url.port_or_known_default().unwrap_or(11434),
+        );
+        // `service.instance.id` as the scrapers set it: `instance` in Prometheus, and one
+        // server for `pool_aggregate`.
         let mut resource = vec![
             kv("service.name", ctx.id.to_string()),
+            kv("service.instance.id", format!("{host}:{port}")),
             kv("gen_ai.provider.name", "ollama"),
-            kv("server.address", url.host_str().unwrap_or("")),
-            kv("server.port", url.port_or_known_default().unwrap_or(11434)),
+            kv("server.address", host),
+            kv("server.port", port),
         ];
         if let Some(p) = &c.pool {
             resource.push(kv("gen_ai.pool.name", p.as_str()));

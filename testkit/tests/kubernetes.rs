@@ -523,10 +523,17 @@ async fn the_shipped_agent_and_gateway_pipelines_end_to_end() {
             "{pod}: {info:?}"
         );
     }
-    assert!(
-        !samples(&page, "gen_ai_server_kv_cache_usage_percent", &[]).is_empty(),
-        "normalised engine series"
-    );
+    for pod in ["vllm-a", "vllm-b", "llama-a"] {
+        assert!(
+            !samples(
+                &page,
+                "gen_ai_server_requests_running",
+                &[&format!("k8s_pod_name=\"{pod}\""), "k8s_node_name=\"gpu-node-1\""]
+            )
+            .is_empty(),
+            "{pod}: normalised engine series labelled with the pod and node (the gateway promotes them)"
+        );
+    }
     let chat_queue = samples(&page, "gen_ai_pool_queue_size_average", &[]);
     assert!(!chat_queue.is_empty(), "pool aggregates in our names too");
 

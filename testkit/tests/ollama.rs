@@ -48,6 +48,11 @@ async fn models_outage_and_recovery() {
     assert_eq!(ok.attrs["gen_ai.provider.name"], "ollama");
     assert_eq!(ok.attrs["gen_ai.pool.name"], "local");
     assert_eq!(ok.attrs["service.version"], "0.6.2", "from /api/version");
+    assert_eq!(
+        ok.attrs["service.instance.id"],
+        ollama.addr.to_string(),
+        "`instance` like a scraped server's"
+    );
     assert_eq!(ok.gauge("ollama.models.loaded"), Some(2.0));
     let usage = ok.metrics["gen_ai.server.kv_cache.usage"].clone();
     let expected = 6654289920.0 / (24.0 * 1024.0 * 1024.0 * 1024.0) * 100.0;
