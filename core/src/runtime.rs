@@ -77,6 +77,13 @@ impl Output {
         self.stats.set_error(error);
     }
 
+    /// How many targets a pull receiver scrapes now (`genai_collector_receiver_targets`).
+    pub fn set_targets(&self, n: usize) {
+        self.stats
+            .targets
+            .store(n as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Sends `batch` to every pipeline if all have room now, else refuses it whole; for push
     /// receivers that answer their client with "try later".
     pub fn try_send(&self, batch: Batch) -> Result<(), SendError> {

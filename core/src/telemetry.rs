@@ -65,6 +65,8 @@ pub struct ComponentStats {
     pub queue_oldest_ms: AtomicU64,
     /// Exporter: points kept in the persistent queue at shutdown, to be sent after a restart.
     pub persisted: AtomicU64,
+    /// Pull receiver: targets it scrapes now; `u64::MAX` for receivers without targets.
+    pub targets: AtomicU64,
     state: AtomicU8,
     last_error: Mutex<Option<String>>,
 }
@@ -85,6 +87,7 @@ impl ComponentStats {
             queue_batches: AtomicU64::new(0),
             queue_oldest_ms: AtomicU64::new(0),
             persisted: AtomicU64::new(0),
+            targets: AtomicU64::new(u64::MAX),
             state: AtomicU8::new(State::Starting as u8),
             last_error: Mutex::new(None),
         }
@@ -256,7 +259,7 @@ impl Telemetry {
         for s in SERIES {
             let points: Vec<_> = components
                 .iter()
-                .filter(|c| c.kind == s.kind)
+                .filter(|c| c.kind == s.kind && !(s.value)(c).is_nan())
                 .map(|c| {
                     let mut p = number_point(now, (s.value)(c), point_attrs(c));
                     if s.counter {
@@ -341,7 +344,7 @@ impl Telemetry {
                 if s.counter { "counter" } else { "gauge" },
                 s.help,
                 |o| {
-                    for c in of(s.kind) {
+                    for c in of(s.kind).filter(|c| !(s.value)(c).is_nan()) {
                         let _ = writeln!(o, "{name}{{{}}} {}", labels(c), (s.value)(c));
                     }
                 },
@@ -351,7 +354,8 @@ impl Telemetry {
     }
 }
 
-/// One self-metric: which components have it, and which counter it reads.
+/// One self-metric: which components have it, and which counter it reads (NaN: this component
+/// has no such value).
 struct Series {
     kind: ComponentKind,
     /// The name without the `_total` a Prometheus counter takes.
@@ -372,7 +376,7 @@ impl Series {
     }
 }
 
-const SERIES: [Series; 13] = [
+const SERIES: [Series; 14] = [
     Series {
         kind: ComponentKind::Receiver,
         name: "genai_collector_receiver_accepted_points",
@@ -388,6 +392,17 @@ const SERIES: [Series; 13] = [
         unit: "{point}",
         help: "Points a receiver could not push because its pipelines were full.",
         value: |c| ComponentStats::get(&c.refused) as f64,
+    },
+    Series {
+        kind: ComponentKind::Receiver,
+        name: "genai_collector_receiver_targets",
+        counter: false,
+        unit: "{target}",
+        help: "Targets a pull receiver scrapes now: static, from files and discovered pods.",
+        value: |c| match ComponentStats::get(&c.targets) {
+            u64::MAX => f64::NAN,
+            n => n as f64,
+        },
     },
     Series {
         kind: ComponentKind::Processor,
@@ -530,6 +545,29 @@ fn json_str(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_pull_receivers_report_targets() {
+        let t = Telemetry::new();
+        let scraper = t.register(ComponentKind::Receiver, "vllm", None);
+        t.register(ComponentKind::Receiver, "otlp", None);
+        scraper.targets.store(3, Ordering::Relaxed);
+        let text = t.render_prometheus();
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("genai_collector_receiver_targets{"))
+            .collect();
+        assert_eq!(
+            lines,
+            ["genai_collector_receiver_targets{receiver=\"vllm\"} 3"]
+        );
+        let batch = t.to_batch();
+        let m = batch
+            .metrics()
+            .find(|m| m.name == "genai_collector_receiver_targets")
+            .unwrap();
+        assert_eq!(crate::model::MetricExt::point_count(m), 1);
+    }
 
     #[test]
     fn renders_counters_and_health() {

@@ -479,7 +479,8 @@ async fn the_shipped_agent_and_gateway_pipelines_end_to_end() {
     agent["exporters"]["otlp"]["endpoint"] = json!(format!("http://{}", local(grpc)));
     agent["exporters"]["otlp"]["sending_queue"]["storage"] =
         json!(dir.join("queue").display().to_string());
-    agent["service"]["telemetry"]["endpoint"] = json!(local(common::free_port()));
+    let agent_telemetry = common::free_port();
+    agent["service"]["telemetry"]["endpoint"] = json!(local(agent_telemetry));
 
     let _gateway = Collector::start(&dir, "gateway", &gateway);
     let _agent = Collector::start(&dir, "agent", &agent);
@@ -536,6 +537,19 @@ async fn the_shipped_agent_and_gateway_pipelines_end_to_end() {
     }
     let chat_queue = samples(&page, "gen_ai_pool_queue_size_average", &[]);
     assert!(!chat_queue.is_empty(), "pool aggregates in our names too");
+
+    // The agent says how many pods each receiver found; receivers without targets say nothing.
+    let own = reqwest::get(format!("http://{}/metrics", local(agent_telemetry)))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for (receiver, n) in [("vllm", "2"), ("tgi", "1"), ("llamacpp", "1")] {
+        let line = format!("genai_collector_receiver_targets{{receiver=\"{receiver}\"}} {n}");
+        assert!(own.lines().any(|l| l == line), "{line}:\n{own}");
+    }
+    assert!(!own.contains("genai_collector_receiver_targets{receiver=\"nvml\"}"));
 
     drop((_agent, _gateway));
     let _ = std::fs::remove_dir_all(&dir);

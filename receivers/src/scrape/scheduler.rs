@@ -385,6 +385,7 @@ pub async fn run(
         start_target(t, &mut running);
     }
     let static_targets: Vec<Target> = running.keys().cloned().collect();
+    ctx.output.set_targets(running.len());
 
     // Pod discovery publishes the whole set of pod targets on each change.
     let (pods_tx, mut pods_rx) = tokio::sync::watch::channel(Vec::<Target>::new());
@@ -453,6 +454,7 @@ pub async fn run(
                 start_target(t, &mut running);
             }
         }
+        ctx.output.set_targets(running.len());
     }
     for stop in running.values() {
         stop.cancel();
