@@ -12,9 +12,9 @@ pub use opentelemetry_proto::tonic::common::v1::{
     any_value, AnyValue, ArrayValue, InstrumentationScope, KeyValue,
 };
 pub use opentelemetry_proto::tonic::metrics::v1::{
-    metric, number_data_point, summary_data_point, AggregationTemporality, ExponentialHistogram,
-    Gauge, Histogram, HistogramDataPoint, Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics,
-    Sum, Summary, SummaryDataPoint,
+    exemplar, metric, number_data_point, summary_data_point, AggregationTemporality, Exemplar,
+    ExponentialHistogram, Gauge, Histogram, HistogramDataPoint, Metric, NumberDataPoint,
+    ResourceMetrics, ScopeMetrics, Sum, Summary, SummaryDataPoint,
 };
 pub use opentelemetry_proto::tonic::resource::v1::Resource;
 

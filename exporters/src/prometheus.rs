@@ -193,7 +193,74 @@ enum Value {
 struct Series {
     labels: Vec<(String, String)>,
     value: Value,
+    /// OpenMetrics exemplars: a counter's at index 0, a histogram's by bucket.
+    exemplars: Vec<Option<Ex>>,
     updated: Instant,
+}
+
+/// An exemplar as OpenMetrics writes it after a counter or bucket sample.
+#[derive(Clone, Debug, PartialEq)]
+struct Ex {
+    labels: Vec<(String, String)>,
+    value: f64,
+    /// Seconds since the Unix epoch.
+    time: Option<f64>,
+}
+
+/// OpenMetrics caps an exemplar's label names and values at 128 characters in all.
+const EXEMPLAR_LABEL_CHARS: usize = 128;
+
+impl Ex {
+    /// The trace and span ids first (what the exemplar is for), then the attributes that fit.
+    fn from_otlp(e: &genai_collector_core::model::Exemplar) -> Option<Ex> {
+        use genai_collector_core::model::exemplar::Value as V;
+        let value = match e.value? {
+            V::AsDouble(v) => v,
+            V::AsInt(v) => v as f64,
+        };
+        let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+        let mut labels = Vec::new();
+        if !e.trace_id.is_empty() {
+            labels.push(("trace_id".to_owned(), hex(&e.trace_id)));
+        }
+        if !e.span_id.is_empty() {
+            labels.push(("span_id".to_owned(), hex(&e.span_id)));
+        }
+        let mut used: usize = labels
+            .iter()
+            .map(|(k, v)| k.len() + v.chars().count())
+            .sum();
+        for kv in &e.filtered_attributes {
+            let (k, v) = (sanitize(&kv.key, false), label_value(&kv.value));
+            let n = k.len() + v.chars().count();
+            if used + n <= EXEMPLAR_LABEL_CHARS {
+                used += n;
+                labels.push((k, v));
+            }
+        }
+        Some(Ex {
+            labels,
+            value,
+            time: (e.time_unix_nano > 0).then(|| e.time_unix_nano as f64 / 1e9),
+        })
+    }
+
+    /// Appends ` # {labels} value [timestamp]` to the sample line just written.
+    fn append(&self, out: &mut String) {
+        out.pop();
+        out.push_str(" # {");
+        for (i, (k, v)) in self.labels.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            let _ = write!(out, "{k}=\"{}\"", escape_label(v));
+        }
+        let _ = write!(out, "}} {}", fmt_float(self.value));
+        if let Some(t) = self.time {
+            let _ = write!(out, " {t:.3}");
+        }
+        out.push('\n');
+    }
 }
 
 struct Family {
@@ -296,7 +363,7 @@ impl Store {
                         source: "target_info",
                     },
                     info_labels,
-                    Value::Number(1.0),
+                    (Value::Number(1.0), Vec::new()),
                     now,
                 );
             }
@@ -327,11 +394,16 @@ impl Store {
                     let name = metric_name(&m.name, &m.unit, kind == Kind::Counter);
                     for p in points {
                         if let Some(v) = number_value(p) {
+                            // Only counters carry exemplars in OpenMetrics.
+                            let ex = match kind {
+                                Kind::Counter => p.exemplars.last().and_then(Ex::from_otlp),
+                                _ => None,
+                            };
                             self.set(
                                 &name,
                                 meta(kind),
                                 labels(&p.attributes),
-                                Value::Number(v),
+                                (Value::Number(v), ex.map(Some).into_iter().collect()),
                                 now,
                             );
                         }
@@ -348,11 +420,27 @@ impl Store {
                                 sum: p.sum,
                                 count: p.count,
                             };
+                            // Each exemplar goes with the bucket its value falls in; the
+                            // latest wins.
+                            let mut by_bucket = vec![None; p.explicit_bounds.len() + 1];
+                            for e in &p.exemplars {
+                                if let Some(ex) = Ex::from_otlp(e) {
+                                    let i = p
+                                        .explicit_bounds
+                                        .iter()
+                                        .position(|b| ex.value <= *b)
+                                        .unwrap_or(p.explicit_bounds.len());
+                                    by_bucket[i] = Some(ex);
+                                }
+                            }
+                            if by_bucket.iter().all(Option::is_none) {
+                                by_bucket.clear();
+                            }
                             self.set(
                                 &name,
                                 meta(Kind::Histogram),
                                 labels(&p.attributes),
-                                value,
+                                (value, by_bucket),
                                 now,
                             );
                         }
@@ -374,7 +462,7 @@ impl Store {
                                 &name,
                                 meta(Kind::Summary),
                                 labels(&p.attributes),
-                                value,
+                                (value, Vec::new()),
                                 now,
                             );
                         }
@@ -391,7 +479,7 @@ impl Store {
         name: &str,
         meta: Meta<'_>,
         mut labels: Vec<(String, String)>,
-        value: Value,
+        (value, exemplars): (Value, Vec<Option<Ex>>),
         now: Instant,
     ) {
         let Meta { kind, help, source } = meta;
@@ -416,11 +504,26 @@ impl Store {
         if family.help.is_empty() && !help.is_empty() {
             help.clone_into(&mut family.help);
         }
+        // Exemplars are samples: a bucket keeps its last one until a newer one arrives (an SDK
+        // sends each only once, in the export after the measurement).
+        let mut exemplars = exemplars;
+        if let Some(old) = family.series.get(&key) {
+            if exemplars.is_empty() {
+                exemplars.clone_from(&old.exemplars);
+            } else if exemplars.len() == old.exemplars.len() {
+                for (new, old) in exemplars.iter_mut().zip(&old.exemplars) {
+                    if new.is_none() {
+                        new.clone_from(old);
+                    }
+                }
+            }
+        }
         family.series.insert(
             key,
             Series {
                 labels,
                 value,
+                exemplars,
                 updated: now,
             },
         );
@@ -457,8 +560,20 @@ impl Store {
             let _ = writeln!(out, "# HELP {family_name} {}", escape_help(help));
             let _ = writeln!(out, "# TYPE {family_name} {kind}");
             for s in f.series.values() {
+                // Exemplars exist in OpenMetrics only.
+                let exemplar = |i: usize| {
+                    s.exemplars
+                        .get(i)
+                        .and_then(Option::as_ref)
+                        .filter(|_| openmetrics)
+                };
                 match &s.value {
-                    Value::Number(v) => sample(&mut out, name, &s.labels, None, *v),
+                    Value::Number(v) => {
+                        sample(&mut out, name, &s.labels, None, *v);
+                        if let Some(e) = exemplar(0) {
+                            e.append(&mut out);
+                        }
+                    }
                     Value::Histogram {
                         bounds,
                         counts,
@@ -478,6 +593,9 @@ impl Store {
                                 Some(("le", &le)),
                                 cumulative as f64,
                             );
+                            if let Some(e) = exemplar(i) {
+                                e.append(&mut out);
+                            }
                         }
                         if counts.len() <= bounds.len() {
                             sample(
@@ -487,6 +605,9 @@ impl Store {
                                 Some(("le", "+Inf")),
                                 *count as f64,
                             );
+                            if let Some(e) = exemplar(bounds.len()) {
+                                e.append(&mut out);
+                            }
                         }
                         if let Some(sum) = sum {
                             sample(&mut out, &format!("{name}_sum"), &s.labels, None, *sum);
@@ -722,6 +843,60 @@ mod tests {
             "hw_gpu_utilization_ratio"
         );
         assert_eq!(sanitize("9lives", false), "key_9lives");
+    }
+
+    #[test]
+    fn exemplars_in_openmetrics_only() {
+        use genai_collector_core::model::{exemplar, Exemplar};
+        let mut b = batch();
+        let ex = |v: f64| Exemplar {
+            trace_id: vec![0xab; 16],
+            span_id: vec![0x01; 8],
+            time_unix_nano: 1_700_000_000_500_000_000,
+            value: Some(exemplar::Value::AsDouble(v)),
+            filtered_attributes: vec![kv("user", "x".repeat(200))],
+        };
+        let metrics = &mut b.resource_metrics[0].scope_metrics[0].metrics;
+        for m in metrics.iter_mut() {
+            match &mut m.data {
+                Some(metric::Data::Histogram(h)) => h.data_points[0].exemplars = vec![ex(0.7)],
+                Some(metric::Data::Sum(s)) => s.data_points[0].exemplars = vec![ex(3.0)],
+                _ => {}
+            }
+        }
+        let mut store = Store::default();
+        store.update(&b, &[], Instant::now());
+        let om = store.render(true);
+        let trace = "ab".repeat(16);
+        let tail = format!(
+            " # {{trace_id=\"{trace}\",span_id=\"0101010101010101\"}} 0.7 1700000000.500\n"
+        );
+        assert!(
+            om.contains(&format!("le=\"1.0\"}} 3.0{tail}")),
+            "0.7 falls in the 1.0 bucket; the oversized attribute is left out:\n{om}"
+        );
+        assert!(
+            om.contains(&format!("}} 100.0{}", tail.replace(" 0.7 ", " 3.0 "))),
+            "{om}"
+        );
+        assert_eq!(om.matches(" # {").count(), 2, "{om}");
+        assert!(!store.render(false).contains(" # {"));
+        // The next export without exemplars keeps them; a new one on the counter replaces it.
+        store.update(&batch(), &[], Instant::now());
+        assert_eq!(store.render(true), om);
+        let mut b = batch();
+        if let Some(metric::Data::Sum(s)) =
+            &mut b.resource_metrics[0].scope_metrics[0].metrics[1].data
+        {
+            s.data_points[0].exemplars = vec![Exemplar {
+                value: Some(exemplar::Value::AsInt(9)),
+                ..Default::default()
+            }];
+        }
+        store.update(&b, &[], Instant::now());
+        let om = store.render(true);
+        assert!(om.contains("} 100.0 # {} 9.0\n"), "{om}");
+        assert_eq!(om.matches(" # {").count(), 2, "{om}");
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The `prometheus` exporter against real peers: `promtool check metrics` on what it serves,
 //! our strict OpenMetrics parser on its OpenMetrics answer, and a real Prometheus scraping it
-//! and answering queries with the values. Prometheus comes from Debian's `prometheus` package
+//! and answering queries with the values, and the exemplars the OpenTelemetry SDK attached. Prometheus comes from Debian's `prometheus` package
 //! (CI installs it); without it the test says so and checks the rest.
 
 mod common;
@@ -8,7 +8,7 @@ mod common;
 use common::free_port;
 
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use genai_collector_receivers::scrape::text::{parse, Format};
 use genai_collector_testkit::sim::{self, EngineKind};
@@ -177,4 +177,159 @@ async fn promtool_our_parser_and_a_real_prometheus() {
         tokens.contains("gen_ai_server_token_usage_total"),
         "counters: {tokens}"
     );
+}
+
+/// Prometheus on a free port scraping `target` every second, until dropped.
+struct Prometheus {
+    child: std::process::Child,
+    port: u16,
+    dir: std::path::PathBuf,
+}
+
+impl Prometheus {
+    fn start(name: &str, target: u16, extra: &[&str]) -> Option<Prometheus> {
+        Command::new("prometheus").arg("--version").output().ok()?;
+        let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let port = free_port();
+        std::fs::write(
+            dir.join("prometheus.yml"),
+            format!("global: {{ scrape_interval: 1s, scrape_timeout: 900ms }}\nscrape_configs:\n  - job_name: collector\n    honor_labels: true\n    static_configs: [{{ targets: [\"127.0.0.1:{target}\"] }}]\n"),
+        )
+        .unwrap();
+        let child = Command::new("prometheus")
+            .arg(format!(
+                "--config.file={}",
+                dir.join("prometheus.yml").display()
+            ))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        Some(Prometheus { child, port, dir })
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The OpenTelemetry SDK records inside spans and pushes OTLP; the OpenMetrics answer carries
+/// its exemplars on the counter and on the bucket each value fell in, our strict parser accepts
+/// them, and a real Prometheus with exemplar storage answers `query_exemplars` with the SDK's
+/// trace ids. The 0.0.4 answer has none (the format has no exemplars).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exemplars_from_the_sdk_reach_a_real_prometheus() {
+    let (grpc, port) = (free_port(), free_port());
+    let yaml = format!(
+        "receivers:\n  otlp: {{ protocols: {{ grpc: {{ endpoint: \"127.0.0.1:{grpc}\" }} }} }}\nexporters:\n  prometheus: {{ endpoint: \"127.0.0.1:{port}\" }}\nservice:\n  telemetry: {{ endpoint: null }}\n  pipelines:\n    metrics: {{ receivers: [otlp], exporters: [prometheus] }}\n"
+    );
+    let run = tokio::spawn(async move { common::run_for(&yaml, 12.0).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/peers/otlp_push.py");
+    let endpoint = format!("127.0.0.1:{grpc}");
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(common::python())
+            .arg(script)
+            .args(["--endpoint", &endpoint, "--series", "3", "--traced"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sent: serde_json::Value =
+        serde_json::from_slice(out.stdout.split(|b| *b == b'\n').next().unwrap()).unwrap();
+    let trace_ids: Vec<String> = sent["trace_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(trace_ids.len(), 3);
+
+    let url = format!("http://127.0.0.1:{port}/metrics");
+    let om = get(&url, "application/openmetrics-text;version=1.0.0").await;
+    parse(&om, Format::OpenMetrics).unwrap_or_else(|e| panic!("strict OpenMetrics: {e}\n{om}"));
+    // model-1 recorded 0.2 s: its exemplar sits on the 0.32 bucket, with model-1's trace.
+    let bucket = om
+        .lines()
+        .find(|l| {
+            l.starts_with("gen_ai_server_request_duration_seconds_bucket{")
+                && l.contains("model-1")
+                && l.contains("le=\"0.32\"")
+        })
+        .unwrap_or_else(|| panic!("{om}"));
+    assert!(
+        bucket.contains(&format!("trace_id=\"{}\"", trace_ids[1])),
+        "{bucket}"
+    );
+    assert!(
+        bucket.contains("} 0.2 "),
+        "the recorded value and its time: {bucket}"
+    );
+    let counter = om
+        .lines()
+        .find(|l| l.starts_with("gen_ai_server_token_usage_total{") && l.contains("model-2"))
+        .unwrap();
+    assert!(
+        counter.contains(&format!("trace_id=\"{}\"", trace_ids[2])),
+        "{counter}"
+    );
+    let text = get(&url, "text/plain").await;
+    assert!(!text.contains(" # {"), "no exemplars in 0.0.4");
+
+    let Some(prom) = Prometheus::start(
+        "prom-exemplars",
+        port,
+        &["--enable-feature=exemplar-storage"],
+    ) else {
+        eprintln!("prometheus not installed: skipping the scrape by a real Prometheus");
+        run.await.unwrap();
+        return;
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let answer = loop {
+        let q = format!(
+            "http://127.0.0.1:{}/api/v1/query_exemplars?query=gen_ai_server_request_duration_seconds_bucket&start={}&end={}",
+            prom.port,
+            now - 60,
+            now + 60
+        );
+        let answer = match reqwest::get(q).await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        if trace_ids.iter().all(|t| answer.contains(t.as_str())) || Instant::now() > deadline {
+            break answer;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    drop(prom);
+    run.await.unwrap();
+    for t in &trace_ids {
+        assert!(
+            answer.contains(t.as_str()),
+            "Prometheus stored the exemplar of {t}: {answer}"
+        );
+    }
 }

@@ -12,8 +12,8 @@ use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 
 use genai_collector_core::model::{
-    kv, metric, summary_data_point, AggregationTemporality, Batch, Histogram, HistogramDataPoint,
-    KeyValue, Metric, MetricExt, NumberDataPoint, Summary, SummaryDataPoint,
+    exemplar, kv, metric, summary_data_point, AggregationTemporality, Batch, Exemplar, Histogram,
+    HistogramDataPoint, KeyValue, Metric, MetricExt, NumberDataPoint, Summary, SummaryDataPoint,
 };
 
 use super::text::{Family, Kind, Label, Page, Sample};
@@ -43,7 +43,9 @@ pub struct Converter {
 
 fn ns(seconds: f64) -> u64 {
     if seconds.is_finite() && seconds > 0.0 {
-        (seconds * 1e9) as u64
+        // Whole seconds apart from the fraction: `1700000000.25 * 1e9` rounds 128 ns off.
+        let whole = seconds.trunc();
+        whole as u64 * 1_000_000_000 + ((seconds - whole) * 1e9).round() as u64
     } else {
         0
     }
@@ -57,6 +59,33 @@ fn series_hash(name: &str, labels: &[Label<'_>], skip: &str) -> u64 {
         l.value.hash(&mut h);
     }
     h.finish()
+}
+
+/// An OpenMetrics exemplar as OTLP's: `trace_id` and `span_id` labels (hex) become the ids, as
+/// the OpenTelemetry Collector's Prometheus receiver does; the other labels stay attributes.
+fn exemplar(e: &super::text::Exemplar<'_>, now: u64) -> Exemplar {
+    let hex = |v: &str, len: usize| {
+        (v.len() == len * 2)
+            .then(|| {
+                (0..len)
+                    .map(|i| u8::from_str_radix(&v[2 * i..2 * i + 2], 16).ok())
+                    .collect::<Option<Vec<u8>>>()
+            })
+            .flatten()
+    };
+    let mut out = Exemplar {
+        time_unix_nano: e.timestamp.map_or(now, ns),
+        value: Some(exemplar::Value::AsDouble(e.value)),
+        ..Default::default()
+    };
+    for l in &e.labels {
+        match (l.name, hex(&l.value, 16), hex(&l.value, 8)) {
+            ("trace_id", Some(id), _) => out.trace_id = id,
+            ("span_id", _, Some(id)) => out.span_id = id,
+            _ => out.filtered_attributes.push(kv(l.name, l.value.as_ref())),
+        }
+    }
+    out
 }
 
 fn attrs(labels: &[Label<'_>], skip: &str) -> Vec<KeyValue> {
@@ -164,6 +193,7 @@ impl Converter {
             let start = self.start(key, s.value, created.get(&series).copied(), time, next);
             points.push(NumberDataPoint {
                 start_time_unix_nano: start,
+                exemplars: s.exemplar.iter().map(|e| exemplar(e, time)).collect(),
                 ..genai_collector_core::model::number_point(time, s.value, attrs(labels, ""))
             });
         }
@@ -199,6 +229,9 @@ impl Converter {
                             stats.duplicates += 1;
                         } else {
                             g.buckets.push((le, s.value));
+                            if let Some(e) = &s.exemplar {
+                                g.exemplars.push(exemplar(e, now));
+                            }
                         }
                     }
                     _ => stats.malformed += 1,
@@ -253,6 +286,7 @@ impl Converter {
                 sum: g.sum.filter(|s| s.is_finite()),
                 bucket_counts: counts,
                 explicit_bounds: bounds,
+                exemplars: g.exemplars,
                 ..Default::default()
             });
         }
@@ -359,6 +393,7 @@ fn group_by_series<'p, 'a, G: Default>(
 struct HistGroup<'p, 'a> {
     labels: &'p [Label<'a>],
     buckets: Vec<(f64, f64)>,
+    exemplars: Vec<Exemplar>,
     count: Option<f64>,
     sum: Option<f64>,
     created: Option<u64>,
@@ -496,6 +531,37 @@ mod tests {
         };
         assert_eq!((s.data_points[0].count, s.data_points[0].sum), (10, 4.0));
         assert_eq!(s.data_points[0].quantile_values[0].value, 0.2);
+    }
+
+    #[test]
+    fn exemplars_carry_their_trace() {
+        let text = "# TYPE r counter\nr_total 7 # {trace_id=\"0af7651916cd43dd8448eb211c80319c\",span_id=\"b7ad6b7169203331\"} 1 1700000000.25\n# TYPE d histogram\nd_bucket{le=\"0.5\"} 2\nd_bucket{le=\"1.0\"} 5 # {trace_id=\"not-hex\",user=\"a\"} 0.8\nd_bucket{le=\"+Inf\"} 6\nd_count 6\nd_sum 4.1\n# EOF\n";
+        let page = parse(text, Format::OpenMetrics).unwrap();
+        let (b, _) = Converter::new().convert(&page, 9, vec![]);
+        let Some(metric::Data::Sum(sum)) = &one(&b, "r_total").data else {
+            panic!()
+        };
+        let e = &sum.data_points[0].exemplars[0];
+        assert_eq!(e.trace_id.len(), 16);
+        assert_eq!(e.trace_id[0], 0x0a);
+        assert_eq!(e.span_id, [0xb7, 0xad, 0x6b, 0x71, 0x69, 0x20, 0x33, 0x31]);
+        assert!(e.filtered_attributes.is_empty());
+        assert_eq!(e.time_unix_nano, 1_700_000_000_250_000_000);
+        assert_eq!(e.value, Some(exemplar::Value::AsDouble(1.0)));
+        let Some(metric::Data::Histogram(h)) = &one(&b, "d").data else {
+            panic!()
+        };
+        let e = &h.data_points[0].exemplars;
+        assert_eq!(e.len(), 1);
+        assert!(
+            e[0].trace_id.is_empty(),
+            "not a trace id: kept as an attribute"
+        );
+        assert_eq!(e[0].filtered_attributes.len(), 2);
+        assert_eq!(
+            (e[0].time_unix_nano, &e[0].value),
+            (9, &Some(exemplar::Value::AsDouble(0.8)))
+        );
     }
 
     #[test]
