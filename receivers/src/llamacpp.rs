@@ -2,11 +2,9 @@
 //! what identifies the server comes from its `/props`: the model (`--alias`, else the path given
 //! to `-m`), the build, and the number of slots (`--parallel`), the requests it runs at once.
 
-use std::sync::Arc;
-
 use genai_collector_core::{BuildContext, ComponentError, Receiver, ReceiverFactory};
 
-use crate::scrape::{IdentifiedEngine, Identity, ScrapeConfig, ScrapeReceiver};
+use crate::scrape::{IdentifiedEngine, Identity, ScrapeConfig};
 
 pub struct LlamaCppReceiverFactory;
 
@@ -46,15 +44,12 @@ impl ReceiverFactory for LlamaCppReceiverFactory {
         config: ScrapeConfig,
         _: &BuildContext,
     ) -> Result<Box<dyn Receiver>, ComponentError> {
-        Ok(Box::new(ScrapeReceiver {
-            engine: Arc::new(IdentifiedEngine {
-                provider: "llama.cpp",
-                path: "/props",
-                model_configured: config.model.is_some(),
-                read: identity,
-            }),
+        Ok(IdentifiedEngine::receiver(
+            "llama.cpp",
+            "/props",
+            identity,
             config,
-        }))
+        ))
     }
 }
 

@@ -1,11 +1,9 @@
 //! `tgi`: scrapes Text Generation Inference's `/metrics`. TGI's page has no model label, so
 //! the model comes from config (`model`) or, when the config names none, from TGI's `/info`.
 
-use std::sync::Arc;
-
 use genai_collector_core::{BuildContext, ComponentError, Receiver, ReceiverFactory};
 
-use crate::scrape::{IdentifiedEngine, Identity, ScrapeConfig, ScrapeReceiver};
+use crate::scrape::{IdentifiedEngine, Identity, ScrapeConfig};
 
 pub struct TgiReceiverFactory;
 
@@ -34,14 +32,6 @@ impl ReceiverFactory for TgiReceiverFactory {
         config: ScrapeConfig,
         _: &BuildContext,
     ) -> Result<Box<dyn Receiver>, ComponentError> {
-        Ok(Box::new(ScrapeReceiver {
-            engine: Arc::new(IdentifiedEngine {
-                provider: "tgi",
-                path: "/info",
-                model_configured: config.model.is_some(),
-                read: identity,
-            }),
-            config,
-        }))
+        Ok(IdentifiedEngine::receiver("tgi", "/info", identity, config))
     }
 }

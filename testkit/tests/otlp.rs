@@ -3,14 +3,12 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use genai_collector_core::model::{metric, number_value, AggregationTemporality, AttributesExt};
 use genai_collector_testkit::Capture;
 
-use common::{free_port, python, Sink};
+use common::{free_port, Sink};
 
 async fn push_and_capture(protocol: &str) -> (Capture, serde_json::Value) {
     let (grpc, http) = (free_port(), free_port());
@@ -24,41 +22,18 @@ async fn push_and_capture(protocol: &str) -> (Capture, serde_json::Value) {
     } else {
         format!("http://127.0.0.1:{http}/v1/metrics")
     };
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/peers/otlp_push.py");
-    let protocol = protocol_owned(protocol);
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(python())
-            .arg(script)
-            .args([
-                "--endpoint",
-                &endpoint,
-                "--protocol",
-                protocol,
-                "--series",
-                "5",
-                "--rounds",
-                "2",
-            ])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let summary: serde_json::Value = serde_json::from_slice(out.stdout.trim_ascii()).unwrap();
+    let summary = common::otlp_push_summary(&[
+        "--endpoint",
+        &endpoint,
+        "--protocol",
+        protocol,
+        "--series",
+        "5",
+        "--rounds",
+        "2",
+    ])
+    .await;
     (run.await.unwrap(), summary)
-}
-
-fn protocol_owned(p: &str) -> &'static str {
-    if p == "grpc" {
-        "grpc"
-    } else {
-        "http"
-    }
 }
 
 async fn check(protocol: &str) {
@@ -269,14 +244,12 @@ async fn a_bearer_token_guards_both_protocols() {
     );
     let run = tokio::spawn(async move { common::run_for(&yaml, 5.0).await });
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/peers/otlp_push.py");
     let push = move |token: Option<&'static str>| {
-        let script = script.clone();
         tokio::task::spawn_blocking(move || {
-            let mut cmd = Command::new(python());
-            cmd.arg(script).args([
+            let endpoint = format!("127.0.0.1:{grpc}");
+            let mut cmd = common::otlp_push(&[
                 "--endpoint",
-                &format!("127.0.0.1:{grpc}"),
+                &endpoint,
                 "--protocol",
                 "grpc",
                 "--series",

@@ -82,37 +82,12 @@ async fn promtool_our_parser_and_a_real_prometheus() {
         Err(_) => eprintln!("promtool not installed: `apt-get install prometheus` (CI does)"),
     }
 
-    if Command::new("prometheus")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
+    let Some(prom) = Prometheus::start("prom-e2e", port, &[]) else {
         eprintln!("prometheus not installed: skipping the scrape by a real Prometheus");
         run.await.unwrap();
         return;
-    }
-    let dir = std::env::temp_dir().join(format!("prom-e2e-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let prom_port = free_port();
-    std::fs::write(
-        dir.join("prometheus.yml"),
-        format!("global: {{ scrape_interval: 1s, scrape_timeout: 900ms }}\nscrape_configs:\n  - job_name: collector\n    honor_labels: true\n    static_configs: [{{ targets: [\"127.0.0.1:{port}\"] }}]\n"),
-    )
-    .unwrap();
-    let mut prom = Command::new("prometheus")
-        .arg(format!(
-            "--config.file={}",
-            dir.join("prometheus.yml").display()
-        ))
-        .arg(format!(
-            "--storage.tsdb.path={}",
-            dir.join("data").display()
-        ))
-        .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    };
+    let prom_port = prom.port;
     let query = |q: &str| {
         format!(
             "http://127.0.0.1:{prom_port}/api/v1/query?query={}",
@@ -157,10 +132,8 @@ async fn promtool_our_parser_and_a_real_prometheus() {
     .text()
     .await
     .unwrap();
-    let _ = prom.kill();
-    let _ = prom.wait();
+    drop(prom);
     run.await.unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
     assert!(
         answer.contains("\"27910\""),
         "Prometheus scraped the engine fact: {answer}"
@@ -236,25 +209,9 @@ async fn exemplars_from_the_sdk_reach_a_real_prometheus() {
     );
     let run = tokio::spawn(async move { common::run_for(&yaml, 12.0).await });
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let script =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/peers/otlp_push.py");
     let endpoint = format!("127.0.0.1:{grpc}");
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(common::python())
-            .arg(script)
-            .args(["--endpoint", &endpoint, "--series", "3", "--traced"])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let sent: serde_json::Value =
-        serde_json::from_slice(out.stdout.split(|b| *b == b'\n').next().unwrap()).unwrap();
+    let sent =
+        common::otlp_push_summary(&["--endpoint", &endpoint, "--series", "3", "--traced"]).await;
     let trace_ids: Vec<String> = sent["trace_ids"]
         .as_array()
         .unwrap()

@@ -6,7 +6,7 @@ use std::time::Duration;
 use genai_collector_core::model::kv;
 
 use super::fetch::{side_json, SideAnswer};
-use super::{Discovered, Engine, Target};
+use super::{Discovered, Engine, ScrapeConfig, ScrapeReceiver, Target};
 
 /// What an engine's side endpoint says about the server.
 #[derive(Debug, Default, PartialEq)]
@@ -24,6 +24,26 @@ pub struct IdentifiedEngine {
     /// The config names the model; the endpoint's is then ignored.
     pub model_configured: bool,
     pub read: fn(&serde_json::Value) -> Identity,
+}
+
+impl IdentifiedEngine {
+    /// A scrape receiver for `config` whose targets identify themselves at `path`.
+    pub fn receiver(
+        provider: &'static str,
+        path: &'static str,
+        read: fn(&serde_json::Value) -> Identity,
+        config: ScrapeConfig,
+    ) -> Box<dyn genai_collector_core::Receiver> {
+        Box::new(ScrapeReceiver {
+            engine: std::sync::Arc::new(IdentifiedEngine {
+                provider,
+                path,
+                model_configured: config.model.is_some(),
+                read,
+            }),
+            config,
+        })
+    }
 }
 
 #[genai_collector_core::async_trait]

@@ -133,6 +133,28 @@ pub fn python() -> std::path::PathBuf {
     venv
 }
 
+/// The OpenTelemetry Python SDK pushing OTLP (tests/peers/otlp_push.py) with `args`.
+pub fn otlp_push(args: &[&str]) -> std::process::Command {
+    let mut cmd = std::process::Command::new(python());
+    cmd.arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/peers/otlp_push.py"))
+        .args(args);
+    cmd
+}
+
+/// Runs [`otlp_push`] to the end and returns the JSON summary it prints (what it sent).
+pub async fn otlp_push_summary(args: &[&str]) -> serde_json::Value {
+    let mut cmd = otlp_push(args);
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "otlp_push.py: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(out.stdout.trim_ascii()).unwrap()
+}
+
 /// The independent OTLP backend, tests/peers/otlp_sink.py, writing one JSON line per point.
 pub struct Sink {
     pub grpc: u16,
