@@ -259,13 +259,17 @@ impl Telemetry {
         for s in SERIES {
             let points: Vec<_> = components
                 .iter()
-                .filter(|c| c.kind == s.kind && !(s.value)(c).is_nan())
-                .map(|c| {
-                    let mut p = number_point(now, (s.value)(c), point_attrs(c));
+                .filter(|c| c.kind == s.kind)
+                .filter_map(|c| {
+                    let v = (s.value)(c);
+                    if v.is_nan() {
+                        return None;
+                    }
+                    let mut p = number_point(now, v, point_attrs(c));
                     if s.counter {
                         p.start_time_unix_nano = start;
                     }
-                    p
+                    Some(p)
                 })
                 .collect();
             if points.is_empty() {
@@ -344,8 +348,11 @@ impl Telemetry {
                 if s.counter { "counter" } else { "gauge" },
                 s.help,
                 |o| {
-                    for c in of(s.kind).filter(|c| !(s.value)(c).is_nan()) {
-                        let _ = writeln!(o, "{name}{{{}}} {}", labels(c), (s.value)(c));
+                    for c in of(s.kind) {
+                        let v = (s.value)(c);
+                        if !v.is_nan() {
+                            let _ = writeln!(o, "{name}{{{}}} {v}", labels(c));
+                        }
                     }
                 },
             );

@@ -245,9 +245,8 @@ impl Ex {
         })
     }
 
-    /// Appends ` # {labels} value [timestamp]` to the sample line just written.
-    fn append(&self, out: &mut String) {
-        out.pop();
+    /// Writes ` # {labels} value [timestamp]`, the end of a sample line.
+    fn write(&self, out: &mut String) {
         out.push_str(" # {");
         for (i, (k, v)) in self.labels.iter().enumerate() {
             if i > 0 {
@@ -259,7 +258,6 @@ impl Ex {
         if let Some(t) = self.time {
             let _ = write!(out, " {t:.3}");
         }
-        out.push('\n');
     }
 }
 
@@ -363,7 +361,8 @@ impl Store {
                         source: "target_info",
                     },
                     info_labels,
-                    (Value::Number(1.0), Vec::new()),
+                    Value::Number(1.0),
+                    Vec::new(),
                     now,
                 );
             }
@@ -403,7 +402,8 @@ impl Store {
                                 &name,
                                 meta(kind),
                                 labels(&p.attributes),
-                                (Value::Number(v), ex.map(Some).into_iter().collect()),
+                                Value::Number(v),
+                                ex.map(Some).into_iter().collect(),
                                 now,
                             );
                         }
@@ -440,7 +440,8 @@ impl Store {
                                 &name,
                                 meta(Kind::Histogram),
                                 labels(&p.attributes),
-                                (value, by_bucket),
+                                value,
+                                by_bucket,
                                 now,
                             );
                         }
@@ -462,7 +463,8 @@ impl Store {
                                 &name,
                                 meta(Kind::Summary),
                                 labels(&p.attributes),
-                                (value, Vec::new()),
+                                value,
+                                Vec::new(),
                                 now,
                             );
                         }
@@ -479,7 +481,8 @@ impl Store {
         name: &str,
         meta: Meta<'_>,
         mut labels: Vec<(String, String)>,
-        (value, exemplars): (Value, Vec<Option<Ex>>),
+        value: Value,
+        mut exemplars: Vec<Option<Ex>>,
         now: Instant,
     ) {
         let Meta { kind, help, source } = meta;
@@ -506,7 +509,6 @@ impl Store {
         }
         // Exemplars are samples: a bucket keeps its last one until a newer one arrives (an SDK
         // sends each only once, in the export after the measurement).
-        let mut exemplars = exemplars;
         if let Some(old) = family.series.get(&key) {
             if exemplars.is_empty() {
                 exemplars.clone_from(&old.exemplars);
@@ -569,10 +571,7 @@ impl Store {
                 };
                 match &s.value {
                     Value::Number(v) => {
-                        sample(&mut out, name, &s.labels, None, *v);
-                        if let Some(e) = exemplar(0) {
-                            e.append(&mut out);
-                        }
+                        sample_with(&mut out, name, &s.labels, None, *v, exemplar(0));
                     }
                     Value::Histogram {
                         bounds,
@@ -586,28 +585,24 @@ impl Store {
                             let le = bounds
                                 .get(i)
                                 .map_or_else(|| "+Inf".to_owned(), |b| fmt_float(*b));
-                            sample(
+                            sample_with(
                                 &mut out,
                                 &format!("{name}_bucket"),
                                 &s.labels,
                                 Some(("le", &le)),
                                 cumulative as f64,
+                                exemplar(i),
                             );
-                            if let Some(e) = exemplar(i) {
-                                e.append(&mut out);
-                            }
                         }
                         if counts.len() <= bounds.len() {
-                            sample(
+                            sample_with(
                                 &mut out,
                                 &format!("{name}_bucket"),
                                 &s.labels,
                                 Some(("le", "+Inf")),
                                 *count as f64,
+                                exemplar(bounds.len()),
                             );
-                            if let Some(e) = exemplar(bounds.len()) {
-                                e.append(&mut out);
-                            }
                         }
                         if let Some(sum) = sum {
                             sample(&mut out, &format!("{name}_sum"), &s.labels, None, *sum);
@@ -674,12 +669,14 @@ fn escape_label(s: &str) -> String {
         .replace('\n', "\\n")
 }
 
-fn sample(
+/// A sample line, with an OpenMetrics exemplar at its end where one is given.
+fn sample_with(
     out: &mut String,
     name: &str,
     labels: &[(String, String)],
     extra: Option<(&str, &str)>,
     value: f64,
+    exemplar: Option<&Ex>,
 ) {
     out.push_str(name);
     if !labels.is_empty() || extra.is_some() {
@@ -698,7 +695,21 @@ fn sample(
         }
         out.push('}');
     }
-    let _ = writeln!(out, " {}", fmt_float(value));
+    let _ = write!(out, " {}", fmt_float(value));
+    if let Some(e) = exemplar {
+        e.write(out);
+    }
+    out.push('\n');
+}
+
+fn sample(
+    out: &mut String,
+    name: &str,
+    labels: &[(String, String)],
+    extra: Option<(&str, &str)>,
+    value: f64,
+) {
+    sample_with(out, name, labels, extra, value, None);
 }
 
 #[derive(Clone)]

@@ -79,10 +79,15 @@ fn exemplar(e: &super::text::Exemplar<'_>, now: u64) -> Exemplar {
         ..Default::default()
     };
     for l in &e.labels {
-        match (l.name, hex(&l.value, 16), hex(&l.value, 8)) {
-            ("trace_id", Some(id), _) => out.trace_id = id,
-            ("span_id", _, Some(id)) => out.span_id = id,
-            _ => out.filtered_attributes.push(kv(l.name, l.value.as_ref())),
+        let id_len = match l.name {
+            "trace_id" => Some(16),
+            "span_id" => Some(8),
+            _ => None,
+        };
+        match id_len.and_then(|len| hex(&l.value, len)) {
+            Some(id) if l.name == "trace_id" => out.trace_id = id,
+            Some(id) => out.span_id = id,
+            None => out.filtered_attributes.push(kv(l.name, l.value.as_ref())),
         }
     }
     out
