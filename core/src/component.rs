@@ -218,13 +218,14 @@ pub trait Processor: Send {
     }
 }
 
-/// Sends batches to a backend. The runtime owns queueing, retries and timeouts.
+/// Sends batches to a backend. The runtime owns queueing, retries and timeouts, and calls
+/// `export` from `sending_queue.num_consumers` tasks at once: keep per-request state local.
 #[async_trait]
-pub trait Exporter: Send {
-    async fn export(&mut self, batch: &Batch) -> Result<(), ExportError>;
+pub trait Exporter: Send + Sync {
+    async fn export(&self, batch: &Batch) -> Result<(), ExportError>;
 
     /// Flushes anything buffered; called once after the last batch.
-    async fn shutdown(&mut self) -> Result<(), ExportError> {
+    async fn shutdown(&self) -> Result<(), ExportError> {
         Ok(())
     }
 }

@@ -6,6 +6,7 @@ pub mod component;
 pub mod config;
 pub mod disk_queue;
 mod http;
+pub mod memory;
 pub mod model;
 pub mod retry_info;
 pub mod runtime;
@@ -19,5 +20,5 @@ pub use component::{
     ReceiverContext, ReceiverFactory, ValidationError,
 };
 pub use model::Batch;
-pub use runtime::{Output, RunSummary, RunningService, SendError, Service};
+pub use runtime::{Captured, Output, RunSummary, RunningService, SendError, Service};
 pub use tokio_util::sync::CancellationToken;

@@ -7,6 +7,9 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+mod size;
+pub use size::{approx_bytes, decoded_size, DecodedSize, WireError};
+
 pub use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 pub use opentelemetry_proto::tonic::common::v1::{
     any_value, AnyValue, ArrayValue, InstrumentationScope, KeyValue,

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crate::component::ComponentKind;
+use crate::memory::MemoryLimiter;
 use crate::model::{kv, now_unix_nanos, number_point, Batch, KeyValue, Metric, MetricExt};
 
 /// A component's lifecycle state, as health checks report it.
@@ -49,18 +50,27 @@ pub struct ComponentStats {
     pub accepted: AtomicU64,
     /// Processor: went out. Exporter: delivered.
     pub sent: AtomicU64,
-    /// Receiver: refused because its pipelines were full. Exporter: queue full on arrival.
+    /// Receiver: refused because its pipelines or their exporters' queues were full (a push
+    /// client is told to retry). Exporter: scraped points dropped, its queue full on arrival.
     pub refused: AtomicU64,
+    /// Receiver: refused or dropped because the process was above its memory limit.
+    pub memory_refused: AtomicU64,
+    /// Pull receiver: rounds skipped because the process was above its memory limit.
+    pub skipped_rounds: AtomicU64,
     /// Exporter: given up on (permanent error, retries exhausted, or shutdown deadline).
     pub failed: AtomicU64,
     /// Exporter: failed attempts, retried or not (in requests, not points).
     pub attempt_failures: AtomicU64,
     /// Exporter: points waiting in its queue or being sent.
     pub queued: AtomicU64,
-    /// Exporter: batches the queue holds at most.
+    /// Exporter: what the queue holds at most, in its sizer's units.
     pub queue_capacity: AtomicU64,
+    /// Exporter: what the queue holds now (queued and in flight), in its sizer's units.
+    pub queue_used: AtomicU64,
     /// Exporter: batches waiting in the queue.
     pub queue_batches: AtomicU64,
+    /// Exporter: estimated heap bytes of the batches queued and in flight.
+    pub queue_bytes: AtomicU64,
     /// Exporter: when the oldest batch in the queue was queued (Unix ms), 0 when empty.
     pub queue_oldest_ms: AtomicU64,
     /// Exporter: points kept in the persistent queue at shutdown, to be sent after a restart.
@@ -80,11 +90,15 @@ impl ComponentStats {
             accepted: AtomicU64::new(0),
             sent: AtomicU64::new(0),
             refused: AtomicU64::new(0),
+            memory_refused: AtomicU64::new(0),
+            skipped_rounds: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             attempt_failures: AtomicU64::new(0),
             queued: AtomicU64::new(0),
             queue_capacity: AtomicU64::new(0),
+            queue_used: AtomicU64::new(0),
             queue_batches: AtomicU64::new(0),
+            queue_bytes: AtomicU64::new(0),
             queue_oldest_ms: AtomicU64::new(0),
             persisted: AtomicU64::new(0),
             targets: AtomicU64::new(u64::MAX),
@@ -99,6 +113,12 @@ impl ComponentStats {
 
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
+    }
+
+    /// Reads an exporter queue's fill into the gauges.
+    pub(crate) fn update_queue(&self, q: &crate::runtime::SendQueueRef) {
+        self.queue_used.store(q.used(), Ordering::Relaxed);
+        self.queue_batches.store(q.len() as u64, Ordering::Relaxed);
     }
 
     /// Seconds the oldest queued batch has waited.
@@ -148,6 +168,7 @@ struct Inner {
     started: Instant,
     ready: AtomicBool,
     components: Mutex<Vec<Arc<ComponentStats>>>,
+    limiter: std::sync::OnceLock<Arc<MemoryLimiter>>,
 }
 
 impl Default for Telemetry {
@@ -163,6 +184,7 @@ impl Telemetry {
                 started: Instant::now(),
                 ready: AtomicBool::new(false),
                 components: Mutex::new(Vec::new()),
+                limiter: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -197,6 +219,11 @@ impl Telemetry {
         self.components()
             .into_iter()
             .find(|c| c.kind == kind && c.id == id)
+    }
+
+    /// The memory limiter whose readings `/metrics` shows.
+    pub fn set_limiter(&self, limiter: Arc<MemoryLimiter>) {
+        let _ = self.inner.limiter.set(limiter);
     }
 
     pub fn set_ready(&self, ready: bool) {
@@ -323,6 +350,36 @@ impl Telemetry {
                 );
             },
         );
+        if let Some(l) = self.inner.limiter.get() {
+            family(
+                &mut out,
+                "genai_collector_memory_usage_bytes",
+                "gauge",
+                "Resident memory at the last check plus what requests being decoded have reserved.",
+                |o| {
+                    let _ = writeln!(o, "genai_collector_memory_usage_bytes {}", l.usage());
+                },
+            );
+            family(
+                &mut out,
+                "genai_collector_memory_limit_bytes",
+                "gauge",
+                "The memory limiter's limits: above `soft` data is refused, above `hard` also logged.",
+                |o| {
+                    let _ = writeln!(o, "genai_collector_memory_limit_bytes{{limit=\"soft\"}} {}", l.soft_limit());
+                    let _ = writeln!(o, "genai_collector_memory_limit_bytes{{limit=\"hard\"}} {}", l.hard_limit());
+                },
+            );
+            family(
+                &mut out,
+                "genai_collector_memory_pressure",
+                "gauge",
+                "0 below the soft limit, 1 above it, 2 above the hard limit.",
+                |o| {
+                    let _ = writeln!(o, "genai_collector_memory_pressure {}", l.pressure() as u8);
+                },
+            );
+        }
         family(
             &mut out,
             "genai_collector_component_up",
@@ -383,7 +440,7 @@ impl Series {
     }
 }
 
-const SERIES: [Series; 14] = [
+const SERIES: [Series; 18] = [
     Series {
         kind: ComponentKind::Receiver,
         name: "genai_collector_receiver_accepted_points",
@@ -397,8 +454,24 @@ const SERIES: [Series; 14] = [
         name: "genai_collector_receiver_refused_points",
         counter: true,
         unit: "{point}",
-        help: "Points a receiver could not push because its pipelines were full.",
+        help: "Points a receiver refused because its pipelines or their exporters' queues were full (push clients retry them).",
         value: |c| ComponentStats::get(&c.refused) as f64,
+    },
+    Series {
+        kind: ComponentKind::Receiver,
+        name: "genai_collector_receiver_memory_refused_points",
+        counter: true,
+        unit: "{point}",
+        help: "Points a receiver refused (push) or dropped (pull) because the collector was above its memory limit.",
+        value: |c| ComponentStats::get(&c.memory_refused) as f64,
+    },
+    Series {
+        kind: ComponentKind::Receiver,
+        name: "genai_collector_receiver_skipped_rounds",
+        counter: true,
+        unit: "{round}",
+        help: "Rounds a pull receiver skipped because the collector was above its memory limit.",
+        value: |c| ComponentStats::get(&c.skipped_rounds) as f64,
     },
     Series {
         kind: ComponentKind::Receiver,
@@ -449,7 +522,7 @@ const SERIES: [Series; 14] = [
         name: "genai_collector_exporter_enqueue_failed_points",
         counter: true,
         unit: "{point}",
-        help: "Points dropped because the exporter's queue was full.",
+        help: "Scraped points dropped because the exporter's queue was full (pushed points are refused instead, and counted by the receiver).",
         value: |c| ComponentStats::get(&c.refused) as f64,
     },
     Series {
@@ -472,17 +545,33 @@ const SERIES: [Series; 14] = [
         kind: ComponentKind::Exporter,
         name: "genai_collector_exporter_queue_size",
         counter: false,
-        unit: "{batch}",
-        help: "Batches waiting in an exporter's queue.",
-        value: |c| ComponentStats::get(&c.queue_batches) as f64,
+        unit: "1",
+        help: "What an exporter's queue holds now, queued and in flight, in its sizer's units (bytes, points or requests).",
+        value: |c| ComponentStats::get(&c.queue_used) as f64,
     },
     Series {
         kind: ComponentKind::Exporter,
         name: "genai_collector_exporter_queue_capacity",
         counter: false,
-        unit: "{batch}",
-        help: "Batches an exporter's queue holds at most.",
+        unit: "1",
+        help: "What an exporter's queue holds at most, in its sizer's units.",
         value: |c| ComponentStats::get(&c.queue_capacity) as f64,
+    },
+    Series {
+        kind: ComponentKind::Exporter,
+        name: "genai_collector_exporter_queue_batches",
+        counter: false,
+        unit: "{batch}",
+        help: "Batches waiting in an exporter's queue for a consumer.",
+        value: |c| ComponentStats::get(&c.queue_batches) as f64,
+    },
+    Series {
+        kind: ComponentKind::Exporter,
+        name: "genai_collector_exporter_queue_bytes",
+        counter: false,
+        unit: "By",
+        help: "Estimated heap bytes of the batches an exporter's queue holds, queued and in flight.",
+        value: |c| ComponentStats::get(&c.queue_bytes) as f64,
     },
     Series {
         kind: ComponentKind::Exporter,

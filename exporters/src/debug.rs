@@ -60,26 +60,22 @@ impl ExporterFactory for DebugExporterFactory {
         config: DebugConfig,
         _ctx: &BuildContext,
     ) -> Result<Box<dyn Exporter>, ComponentError> {
-        Ok(Box::new(DebugExporter {
-            config,
-            buf: String::new(),
-        }))
+        Ok(Box::new(DebugExporter { config }))
     }
 }
 
 pub struct DebugExporter {
     config: DebugConfig,
-    buf: String,
 }
 
 #[async_trait]
 impl Exporter for DebugExporter {
-    async fn export(&mut self, batch: &Batch) -> Result<(), ExportError> {
-        self.buf.clear();
-        render(batch, self.config.verbosity, &mut self.buf);
+    async fn export(&self, batch: &Batch) -> Result<(), ExportError> {
+        let mut buf = String::new();
+        render(batch, self.config.verbosity, &mut buf);
         let result = match self.config.output {
-            Stream::Stdout => std::io::stdout().lock().write_all(self.buf.as_bytes()),
-            Stream::Stderr => std::io::stderr().lock().write_all(self.buf.as_bytes()),
+            Stream::Stdout => std::io::stdout().lock().write_all(buf.as_bytes()),
+            Stream::Stderr => std::io::stderr().lock().write_all(buf.as_bytes()),
         };
         result.map_err(|e| {
             ExportError::Permanent(format!("cannot write to {:?}: {e}", self.config.output))

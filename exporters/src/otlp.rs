@@ -247,9 +247,11 @@ fn grpc_error(status: tonic::Status) -> ExportError {
 
 #[async_trait]
 impl Exporter for OtlpExporter {
-    async fn export(&mut self, batch: &Batch) -> Result<(), ExportError> {
-        match &mut self.sender {
+    async fn export(&self, batch: &Batch) -> Result<(), ExportError> {
+        match &self.sender {
             Sender::Grpc { client, metadata } => {
+                // A clone shares the channel; each request in flight needs its own handle.
+                let mut client = client.clone();
                 let mut request = tonic::Request::new(batch.encode_request());
                 *request.metadata_mut() = metadata.clone();
                 client.ready().await.map_err(|e| {

@@ -150,7 +150,7 @@ pub struct PrometheusExporter {
 
 #[async_trait]
 impl Exporter for PrometheusExporter {
-    async fn export(&mut self, batch: &Batch) -> Result<(), ExportError> {
+    async fn export(&self, batch: &Batch) -> Result<(), ExportError> {
         let now = Instant::now();
         let mut store = self
             .store
@@ -160,7 +160,7 @@ impl Exporter for PrometheusExporter {
         Ok(())
     }
 
-    async fn shutdown(&mut self) -> Result<(), ExportError> {
+    async fn shutdown(&self) -> Result<(), ExportError> {
         self.stop.cancel();
         Ok(())
     }

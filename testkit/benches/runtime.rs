@@ -61,8 +61,8 @@ processors:
   noop: {{}}
   noop/2: {{}}
 exporters:
-  capture: {{ count_only: true, sending_queue: {{ queue_size: 16, block_on_overflow: true }} }}
-  capture/2: {{ count_only: true, sending_queue: {{ queue_size: 16, block_on_overflow: true }} }}
+  capture: {{ count_only: true, sending_queue: {{ queue_size: 16, sizer: requests, block_on_overflow: true }} }}
+  capture/2: {{ count_only: true, sending_queue: {{ queue_size: 16, sizer: requests, block_on_overflow: true }} }}
 service:
   telemetry: {{ endpoint: null }}
   pipelines:

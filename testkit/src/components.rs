@@ -39,6 +39,8 @@ pub struct GeneratorConfig {
     pub interval: Option<Duration>,
     /// Where to write how many points were accepted, once the receiver stops.
     pub report: Option<PathBuf>,
+    /// Push like an OTLP client (`Output::push`): each batch is retried until it is taken.
+    pub push: bool,
 }
 
 impl Default for GeneratorConfig {
@@ -49,6 +51,7 @@ impl Default for GeneratorConfig {
             points_per_metric: 10,
             interval: None,
             report: None,
+            push: false,
         }
     }
 }
@@ -108,9 +111,25 @@ impl Receiver for Generator {
                 break;
             }
             let batch = numbered_batch(sent, c.points, c.points_per_metric);
-            tokio::select! {
-                r = ctx.output.send(batch) => if r.is_err() { break },
-                () = ctx.shutdown.cancelled() => break,
+            if c.push {
+                // A client that retries what it is refused, as OTLP SDKs do.
+                loop {
+                    match ctx.output.push(batch.clone()).await {
+                        Ok(()) => break,
+                        Err(e) if e.is_retryable() && !ctx.shutdown.is_cancelled() => {
+                            tokio::time::sleep(Duration::from_millis(2)).await;
+                        }
+                        Err(_) => {
+                            write_report(c, sent)?;
+                            return Ok(());
+                        }
+                    }
+                }
+            } else {
+                tokio::select! {
+                    r = ctx.output.send(batch) => if r.is_err() { break },
+                    () = ctx.shutdown.cancelled() => break,
+                }
             }
             sent += c.points as u64;
             n += 1;
@@ -121,10 +140,15 @@ impl Receiver for Generator {
                 }
             }
         }
-        if let Some(path) = &c.report {
-            std::fs::write(path, sent.to_string())?;
-        }
+        write_report(c, sent)?;
         Ok(())
+    }
+}
+
+fn write_report(c: &GeneratorConfig, sent: u64) -> std::io::Result<()> {
+    match &c.report {
+        Some(path) => std::fs::write(path, sent.to_string()),
+        None => Ok(()),
     }
 }
 
@@ -153,11 +177,23 @@ impl Processor for Noop {
 
 /// What `capture` exporters received, shared with the test.
 #[derive(Clone, Default)]
-pub struct Capture(Arc<Mutex<Vec<Arc<Batch>>>>);
+pub struct Capture(Arc<Mutex<Vec<Arc<Batch>>>>, Arc<InFlight>);
+
+/// Exports running now and the most ever at once.
+#[derive(Default)]
+struct InFlight {
+    now: std::sync::atomic::AtomicUsize,
+    max: std::sync::atomic::AtomicUsize,
+}
 
 impl Capture {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// The most exports that ran at once.
+    pub fn max_in_flight(&self) -> usize {
+        self.1.max.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn batches(&self) -> Vec<Arc<Batch>> {
@@ -194,6 +230,9 @@ pub fn gauge_values(batch: &Batch) -> Vec<f64> {
 pub struct CaptureConfig {
     /// Keep only counts, not batches (for benchmarks).
     pub count_only: bool,
+    /// How long each export takes (a slow backend).
+    #[serde(with = "duration::option")]
+    pub delay: Option<Duration>,
 }
 
 impl ComponentConfig for CaptureConfig {}
@@ -216,7 +255,8 @@ impl ExporterFactory for CaptureFactory {
         Ok(Box::new(CaptureExporter {
             capture: self.0.clone(),
             count_only: config.count_only,
-            points: 0,
+            delay: config.delay,
+            points: Default::default(),
         }))
     }
 }
@@ -224,14 +264,24 @@ impl ExporterFactory for CaptureFactory {
 struct CaptureExporter {
     capture: Capture,
     count_only: bool,
-    points: usize,
+    delay: Option<Duration>,
+    points: std::sync::atomic::AtomicUsize,
 }
 
 #[async_trait]
 impl Exporter for CaptureExporter {
-    async fn export(&mut self, batch: &Batch) -> Result<(), ExportError> {
+    async fn export(&self, batch: &Batch) -> Result<(), ExportError> {
+        if let Some(d) = self.delay {
+            use std::sync::atomic::Ordering::Relaxed;
+            let flight = &self.capture.1;
+            let now = flight.now.fetch_add(1, Relaxed) + 1;
+            flight.max.fetch_max(now, Relaxed);
+            tokio::time::sleep(d).await;
+            flight.now.fetch_sub(1, Relaxed);
+        }
         if self.count_only {
-            self.points += batch.point_count();
+            self.points
+                .fetch_add(batch.point_count(), std::sync::atomic::Ordering::Relaxed);
         } else if let Ok(mut b) = self.capture.0.lock() {
             b.push(Arc::new(batch.clone()));
         }
@@ -282,7 +332,7 @@ struct FailExporter(FailMode);
 
 #[async_trait]
 impl Exporter for FailExporter {
-    async fn export(&mut self, _: &Batch) -> Result<(), ExportError> {
+    async fn export(&self, _: &Batch) -> Result<(), ExportError> {
         match self.0 {
             FailMode::Retryable => Err(ExportError::retryable("connection refused (test)")),
             FailMode::Permanent => Err(ExportError::Permanent("400 bad request (test)".into())),
@@ -335,7 +385,7 @@ struct FileExporter {
 
 #[async_trait]
 impl Exporter for FileExporter {
-    async fn export(&mut self, batch: &Batch) -> Result<(), ExportError> {
+    async fn export(&self, batch: &Batch) -> Result<(), ExportError> {
         if let Some(d) = self.delay {
             tokio::time::sleep(d).await;
         }
@@ -343,7 +393,7 @@ impl Exporter for FileExporter {
         for v in gauge_values(batch) {
             text.push_str(&format!("{v}\n"));
         }
-        self.file
+        (&self.file)
             .write_all(text.as_bytes())
             .map_err(|e| ExportError::Permanent(e.to_string()))
     }

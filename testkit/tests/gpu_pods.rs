@@ -14,10 +14,9 @@ use std::time::{Duration, Instant};
 use genai_collector_core::model::{AttributesExt, Batch};
 use genai_collector_core::telemetry::Telemetry;
 use genai_collector_core::{
-    CancellationToken, ComponentId, ComponentKind, Output, Receiver, ReceiverContext,
+    Captured, CancellationToken, ComponentId, ComponentKind, Output, Receiver, ReceiverContext,
 };
 use genai_collector_receivers::nvml::{GpuBackend, GpuReading, NvmlConfig, NvmlReceiver};
-use tokio::sync::mpsc;
 
 /// An exclusive GPU, a GPU time-sliced between two pods, and a MIG instance of a third.
 struct ThreeDevices;
@@ -110,7 +109,7 @@ fn pods_by_device(batch: &Batch) -> BTreeMap<String, BTreeMap<String, String>> {
 
 /// The next poll whose attribution satisfies `want`, within 10 s.
 async fn poll_where(
-    rx: &mut mpsc::Receiver<Batch>,
+    rx: &mut Captured,
     want: impl Fn(&BTreeMap<String, BTreeMap<String, String>>) -> bool,
 ) -> BTreeMap<String, BTreeMap<String, String>> {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -137,7 +136,7 @@ async fn gpus_carry_the_pod_the_kubelet_allocated_them_to() {
 
     let telemetry = Telemetry::new();
     let stats = telemetry.register(ComponentKind::Receiver, "nvml", None);
-    let (tx, mut rx) = mpsc::channel(64);
+    let (output, mut rx) = Output::capture(64, stats.clone());
     let shutdown = CancellationToken::new();
     let config = NvmlConfig {
         interval: Duration::from_millis(100),
@@ -147,7 +146,7 @@ async fn gpus_carry_the_pod_the_kubelet_allocated_them_to() {
     let receiver = Box::new(NvmlReceiver::with_backend(config, Box::new(ThreeDevices)));
     let run = tokio::spawn(receiver.run(ReceiverContext {
         id: ComponentId::parse("nvml").unwrap(),
-        output: Output::new(vec![tx], stats.clone()),
+        output,
         shutdown: shutdown.clone(),
     }));
 

@@ -125,7 +125,7 @@ async fn a_full_pipeline_answers_429_and_counts_the_refusal() {
     let http = free_port();
     // An exporter that never answers and a queue that blocks: the pipeline fills up.
     let yaml = format!(
-        "receivers:\n  otlp:\n    protocols:\n      http: {{ endpoint: \"127.0.0.1:{http}\" }}\nexporters:\n  fail: {{ mode: hang, timeout: 1h, sending_queue: {{ queue_size: 1, block_on_overflow: true }} }}\nservice:\n  telemetry: {{ endpoint: null }}\n  shutdown_timeout: 300ms\n  pipelines:\n    metrics: {{ receivers: [otlp], exporters: [fail] }}\n"
+        "receivers:\n  otlp:\n    protocols:\n      http: {{ endpoint: \"127.0.0.1:{http}\" }}\nexporters:\n  fail: {{ mode: hang, timeout: 1h, sending_queue: {{ queue_size: 1, sizer: requests, block_on_overflow: true }} }}\nservice:\n  telemetry: {{ endpoint: null }}\n  shutdown_timeout: 300ms\n  pipelines:\n    metrics: {{ receivers: [otlp], exporters: [fail] }}\n"
     );
     let comps = genai_collector_testkit::components(&Capture::new());
     let service = Service::build(

@@ -42,7 +42,7 @@ exporters:
   fail:
     mode: retryable
     retry_on_failure: { initial_interval: 5ms, max_interval: 10ms, max_elapsed_time: 25ms }
-    sending_queue: { queue_size: 100 }
+    sending_queue: { queue_size: 100, sizer: requests }
 service:
   telemetry: { endpoint: null }
   pipelines:
@@ -112,7 +112,7 @@ exporters:
   fail/hang:
     mode: hang
     timeout: 1h
-    sending_queue: { queue_size: 2 }
+    sending_queue: { queue_size: 2, sizer: requests }
 service:
   telemetry: { endpoint: null }
   shutdown_timeout: 300ms

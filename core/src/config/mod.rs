@@ -7,6 +7,7 @@
 pub mod duration;
 mod env;
 pub mod node;
+pub mod size;
 
 use std::fmt;
 use std::time::Duration;
@@ -134,13 +135,31 @@ impl Default for ExporterSettings {
     }
 }
 
+/// What an exporter's `sending_queue.queue_size` counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Sizer {
+    /// Batches, whatever their size.
+    Requests,
+    /// Data points.
+    Items,
+    /// The batches' estimated heap size: what bounds memory.
+    #[default]
+    Bytes,
+}
+
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct QueueSettings {
-    /// Batches the exporter's queue holds; when full, new batches are dropped and counted.
-    pub queue_size: usize,
-    /// Wait for room instead of dropping: no loss, but a stuck exporter then holds up its
-    /// pipelines (and, through backpressure, their receivers).
+    /// What the queue holds at most, queued and in flight, in `sizer` units (`32MiB` for
+    /// bytes); `None` takes the sizer's default.
+    #[serde(with = "size::option")]
+    pub queue_size: Option<u64>,
+    pub sizer: Sizer,
+    /// Export requests in flight at once; their order is not kept.
+    pub num_consumers: usize,
+    /// Wait for room instead of dropping scraped data: no loss, but a stuck exporter then
+    /// holds up its pipelines (and, through backpressure, their receivers).
     pub block_on_overflow: bool,
     /// A directory for the persistent queue: queued batches are written there and survive a
     /// restart or a kill; none keeps the queue in memory only.
@@ -150,10 +169,36 @@ pub struct QueueSettings {
     pub max_batch_points: usize,
 }
 
+impl QueueSettings {
+    /// The capacity in sizer units: the configured one or the sizer's default.
+    pub fn capacity(&self) -> u64 {
+        self.queue_size.unwrap_or(match self.sizer {
+            Sizer::Requests => 1000,
+            Sizer::Items => 1_000_000,
+            Sizer::Bytes => 32 << 20,
+        })
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.num_consumers == 0 {
+            return Err("`sending_queue.num_consumers` must be at least 1".into());
+        }
+        match self.queue_size {
+            Some(0) => Err("`sending_queue.queue_size` must be at least 1".into()),
+            Some(n) if self.sizer == Sizer::Bytes && n < 64 << 10 => Err(format!(
+                "`sending_queue.queue_size` {n} is counted in bytes (the default `sizer`), which holds almost nothing: give a size like `32MiB`, or set `sizer: requests` to count batches"
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
 impl Default for QueueSettings {
     fn default() -> Self {
         Self {
-            queue_size: 1000,
+            queue_size: None,
+            sizer: Sizer::Bytes,
+            num_consumers: 10,
             block_on_overflow: false,
             storage: None,
             max_batch_points: 0,
@@ -212,6 +257,7 @@ pub struct PipelineConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServiceConfig {
     pub telemetry: TelemetryConfig,
+    pub memory_limiter: crate::memory::MemoryLimiterConfig,
     /// How long shutdown may take to drain pipelines and flush exporters.
     pub shutdown_timeout: Duration,
     pub pipelines: IndexMap<String, PipelineConfig>,
@@ -227,7 +273,7 @@ pub struct Config {
 }
 
 const TOP_LEVEL: &[&str] = &["receivers", "processors", "exporters", "service"];
-const SERVICE_KEYS: &[&str] = &["telemetry", "shutdown_timeout", "pipelines"];
+const SERVICE_KEYS: &[&str] = &["telemetry", "memory_limiter", "shutdown_timeout", "pipelines"];
 const PIPELINE_KEYS: &[&str] = &["receivers", "processors", "exporters"];
 const EXPORTER_SETTINGS: &[&str] = &["sending_queue", "retry_on_failure", "timeout"];
 
@@ -535,6 +581,17 @@ impl Loader<'_> {
                 .map_err(|e| self.de_error(e, n.pos, Some("service.telemetry".into())))?,
             None => TelemetryConfig::default(),
         };
+        let memory_limiter = match node.get("memory_limiter") {
+            Some(n) => {
+                let label = Some("service.memory_limiter".to_string());
+                let c: crate::memory::MemoryLimiterConfig = n
+                    .deserialize()
+                    .map_err(|e| self.de_error(e, n.pos, label.clone()))?;
+                c.validate().map_err(|m| self.error(n.pos, label, m))?;
+                c
+            }
+            None => Default::default(),
+        };
         let shutdown_timeout = match node.get("shutdown_timeout") {
             Some(n) => {
                 duration::parse_node(n).map_err(|e| self.de_error(e, n.pos, label.clone()))?
@@ -576,6 +633,7 @@ impl Loader<'_> {
         }
         Ok(ServiceConfig {
             telemetry,
+            memory_limiter,
             shutdown_timeout,
             pipelines,
         })
@@ -686,6 +744,7 @@ impl FromEntry for ComponentEntry {
 impl FromEntry for (ComponentEntry, ExporterSettings) {
     type Settings = ExporterSettings;
     fn split_settings(node: &mut Node) -> Result<ExporterSettings, DeError> {
+        let pos = node.key_node("sending_queue").map_or(node.pos, |k| k.pos);
         let mut settings = Node::new(Value::Map(Vec::new()), node.pos);
         if let Value::Map(entries) = &mut settings.value {
             for key in EXPORTER_SETTINGS {
@@ -697,7 +756,12 @@ impl FromEntry for (ComponentEntry, ExporterSettings) {
                 }
             }
         }
-        settings.deserialize()
+        let settings: ExporterSettings = settings.deserialize()?;
+        settings
+            .sending_queue
+            .validate()
+            .map_err(|m| DeError::at(m, pos))?;
+        Ok(settings)
     }
     fn from_entry(entry: ComponentEntry, settings: ExporterSettings) -> Self {
         (entry, settings)

@@ -560,6 +560,10 @@ impl TargetLoop {
                 () = self.stop.cancelled() => return,
                 _ = ticker.tick() => {}
             }
+            // Above the memory limit a page would only be read to be dropped.
+            if !self.output.admit_round() {
+                continue;
+            }
             let Ok(_permit) = self.scrapes.acquire().await else {
                 return;
             };

@@ -1,14 +1,20 @@
 //! Load harness for the OTLP path: pushes vLLM-named metrics over OTLP/gRPC into a collector
-//! process (`otlp` receiver → `genai_normalize` → `otlp` exporter) and receives its exports in a
-//! counting sink in this process. Prints, per round and as medians, the points delivered per
-//! second, per CPU second of the collector (points/s per core), and its peak RSS.
+//! process (`otlp` receiver → `genai_normalize` → `otlp` exporter, default settings) and, in
+//! the same run, into Rotel (the `rotel-agent` binary of PyPI's `rotel` wheel) as the
+//! comparison. A counting sink in this process receives what each one delivers. Prints, per
+//! round and as medians: points acknowledged to the clients and delivered to the sink per
+//! second, delivered points per CPU second of the collector, and its peak RSS; then the totals
+//! (delivered / acknowledged).
 //!
-//! `cargo build --release && cargo run --release -p genai-collector-testkit --bin load-otlp`
+//! `scripts/load-otlp` installs Rotel, builds and runs this. `--fault-hang-seconds 60` runs the
+//! fault scenario instead: the sink accepts connections but answers nothing for that long
+//! under full load, then recovers; it prints RSS throughout and counts that every acknowledged
+//! point arrived.
 //!
 //! Figures, not assertions: the machine is shared and this process competes for its cores;
 //! the per-core figure counts the collector's own CPU time only.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -31,6 +37,9 @@ struct Args {
     /// The collector binary.
     #[arg(long, default_value = "target/release/genai-collector")]
     collector: String,
+    /// Rotel's `rotel-agent`; `none` skips the comparison.
+    #[arg(long, default_value = ".venv-bench/bin/rotel-agent")]
+    rotel: String,
     #[arg(long, default_value_t = 5)]
     rounds: usize,
     #[arg(long, default_value_t = 4.0)]
@@ -38,19 +47,30 @@ struct Args {
     /// Servers per request; each has 50 points (5 models × 10 metrics).
     #[arg(long, default_value_t = 20)]
     servers: usize,
-    /// Requests in flight at once.
-    #[arg(long, default_value_t = 2)]
-    concurrency: usize,
+    /// Clients pushing at once, each waiting for its answer before the next push.
+    #[arg(long, default_value_t = 4)]
+    clients: usize,
     /// Number points only: no TTFT and latency histograms (which cost several times more each).
     #[arg(long)]
     no_histograms: bool,
-    /// The exporter's compression: gzip or none.
+    /// The exporters' compression: none or gzip (for both).
     #[arg(long, default_value = "none")]
     compression: String,
+    /// Fault run: the sink hangs this long under full load, then recovers (ours only).
+    #[arg(long)]
+    fault_hang_seconds: Option<u64>,
+    /// The collector's `memory_limiter.limit_mib` in the fault run.
+    #[arg(long, default_value_t = 256)]
+    memory_limit_mib: u64,
 }
 
-/// Counts the points the collector exports.
-struct Sink(Arc<AtomicU64>);
+/// Counts the points exported to it; while `hang` is set it answers nothing, and what it held
+/// is refused (not counted) once it recovers: the sender has long timed out and retries.
+#[derive(Clone, Default)]
+struct Sink {
+    delivered: Arc<AtomicU64>,
+    hang: Arc<AtomicBool>,
+}
 
 #[tonic::async_trait]
 impl MetricsService for Sink {
@@ -58,8 +78,14 @@ impl MetricsService for Sink {
         &self,
         request: tonic::Request<ExportMetricsServiceRequest>,
     ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+        if self.hang.load(Ordering::Relaxed) {
+            while self.hang.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            return Err(tonic::Status::unavailable("was hanging"));
+        }
         let batch = Batch::from_request(request.into_inner());
-        self.0
+        self.delivered
             .fetch_add(batch.point_count() as u64, Ordering::Relaxed);
         Ok(tonic::Response::new(ExportMetricsServiceResponse::default()))
     }
@@ -155,145 +181,307 @@ fn cpu_seconds(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
-fn peak_rss_mb(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
-        .map_or(f64::NAN, |kb| kb / 1024.0)
-}
-
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
 
-#[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let args = Args::parse();
-    let delivered = Arc::new(AtomicU64::new(0));
-    let sink_port = free_port();
-    let sink = MetricsServiceServer::new(Sink(delivered.clone()))
+/// A collector (ours or Rotel) under load, with its sink and clients.
+struct Run {
+    sink: Sink,
+    acked: Arc<AtomicU64>,
+    refused: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    clients: Vec<tokio::task::JoinHandle<()>>,
+    child: std::process::Child,
+    peak_rss: Arc<AtomicU64>,
+}
+
+fn rss_kb(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+async fn start(
+    name: &str,
+    command: &mut std::process::Command,
+    in_port: u16,
+    sink: Sink,
+    sink_port: u16,
+    args: &Args,
+) -> Result<Run, Box<dyn std::error::Error>> {
+    let service = MetricsServiceServer::new(sink.clone())
         .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
         .max_decoding_message_size(64 << 20);
     tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(sink)
+            .add_service(service)
             .serve(([127, 0, 0, 1], sink_port).into()),
     );
-
-    let in_port = free_port();
-    let dir = std::env::temp_dir().join(format!("load-otlp-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let config = dir.join("collector.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "receivers:\n  otlp:\n    protocols:\n      grpc: {{ endpoint: \"127.0.0.1:{in_port}\", max_recv_msg_size_mib: 16 }}\n\
-             processors:\n  genai_normalize:\n\
-             exporters:\n  otlp:\n    endpoint: \"http://127.0.0.1:{sink_port}\"\n    compression: {}\n    sending_queue: {{ queue_size: 64, block_on_overflow: true }}\n\
-             service:\n  telemetry: {{ endpoint: null }}\n  pipelines:\n    metrics: {{ receivers: [otlp], processors: [genai_normalize], exporters: [otlp] }}\n",
-            args.compression
-        ),
-    )?;
-    let mut collector = std::process::Command::new(&args.collector)
-        .arg("-c")
-        .arg(&config)
+    let child = command
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
-        .map_err(|e| {
-            format!(
-                "cannot start {}: {e} (cargo build --release first)",
-                args.collector
-            )
-        })?;
-    let pid = collector.id();
+        .map_err(|e| format!("cannot start {name}: {e}"))?;
     let endpoint = format!("http://127.0.0.1:{in_port}");
-    let mut client = loop {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let client = loop {
         match MetricsServiceClient::connect(endpoint.clone()).await {
             Ok(c) => break c.max_encoding_message_size(64 << 20),
+            Err(e) if Instant::now() > deadline => return Err(format!("{name}: {e}").into()),
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     };
     let req = request(args.servers, !args.no_histograms);
     let per_request = Batch::from_request(req.clone()).point_count() as u64;
-
-    let sent = Arc::new(AtomicU64::new(0));
-    let refused = Arc::new(AtomicU64::new(0));
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut pushers = Vec::new();
-    for _ in 0..args.concurrency {
+    let (acked, refused) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for _ in 0..args.clients {
         let (mut client, req) = (client.clone(), req.clone());
-        let (sent, refused, stop) = (sent.clone(), refused.clone(), stop.clone());
-        pushers.push(tokio::spawn(async move {
+        let (acked, refused, stop) = (acked.clone(), refused.clone(), stop.clone());
+        clients.push(tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
                 match client.export(req.clone()).await {
                     Ok(_) => {
-                        sent.fetch_add(per_request, Ordering::Relaxed);
+                        acked.fetch_add(per_request, Ordering::Relaxed);
                     }
                     Err(_) => {
+                        // Refused: retry the same data after a pause, as an SDK does.
                         refused.fetch_add(1, Ordering::Relaxed);
-                        tokio::time::sleep(Duration::from_millis(5)).await;
+                        tokio::time::sleep(Duration::from_millis(20)).await;
                     }
                 }
             }
         }));
     }
-    // Warm-up: connections, allocator, the processor's caches.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    println!(
-        "load-otlp: {} points per request ({} servers{}), {} in flight, exporter compression {}",
-        per_request,
-        args.servers,
-        if args.no_histograms {
-            ", no histograms"
-        } else {
-            ""
-        },
-        args.concurrency,
-        args.compression
-    );
-    let (mut rates, mut per_core) = (Vec::new(), Vec::new());
+    let peak_rss = Arc::new(AtomicU64::new(0));
+    let (pid, peak, stopped) = (child.id(), peak_rss.clone(), stop.clone());
+    tokio::spawn(async move {
+        while !stopped.load(Ordering::Relaxed) {
+            peak.fetch_max(rss_kb(pid, "VmRSS:"), Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    Ok(Run {
+        sink,
+        acked,
+        refused,
+        stop,
+        clients,
+        child,
+        peak_rss,
+    })
+}
+
+/// The medians of one collector's rounds.
+struct Figures {
+    acked: f64,
+    delivered: f64,
+    per_cpu: f64,
+    rss_mb: f64,
+}
+
+async fn measure(name: &str, run: &Run, args: &Args) -> Figures {
+    let pid = run.child.id();
+    let (mut acked, mut delivered, mut per_cpu) = (Vec::new(), Vec::new(), Vec::new());
     for round in 1..=args.rounds {
-        let (d0, c0, t0) = (
-            delivered.load(Ordering::Relaxed),
+        let (a0, d0, c0, t0) = (
+            run.acked.load(Ordering::Relaxed),
+            run.sink.delivered.load(Ordering::Relaxed),
             cpu_seconds(pid),
             Instant::now(),
         );
         tokio::time::sleep(Duration::from_secs_f64(args.round_seconds)).await;
-        let (d1, c1, wall) = (
-            delivered.load(Ordering::Relaxed),
-            cpu_seconds(pid),
-            t0.elapsed(),
-        );
-        let points = (d1 - d0) as f64;
-        let rate = points / wall.as_secs_f64();
-        let core = points / (c1 - c0).max(0.01);
+        let wall = t0.elapsed().as_secs_f64();
+        let a = (run.acked.load(Ordering::Relaxed) - a0) as f64;
+        let d = (run.sink.delivered.load(Ordering::Relaxed) - d0) as f64;
+        let cpu = (cpu_seconds(pid) - c0).max(0.01);
         println!(
-            "  round {round}: {:6.2} M points/s delivered, collector {:4.2} cores busy, {:6.2} M points per CPU second",
-            rate / 1e6,
-            (c1 - c0) / wall.as_secs_f64(),
-            core / 1e6
+            "  {name} round {round}: {:5.2} M acknowledged/s, {:5.2} M delivered/s, {:4.2} cores busy, {:5.2} M delivered per CPU second",
+            a / wall / 1e6,
+            d / wall / 1e6,
+            cpu / wall,
+            d / cpu / 1e6
         );
-        rates.push(rate);
-        per_core.push(core);
+        acked.push(a / wall);
+        delivered.push(d / wall);
+        per_cpu.push(d / cpu);
     }
-    stop.store(true, Ordering::Relaxed);
-    for p in pushers {
-        let _ = p.await;
+    Figures {
+        acked: median(acked),
+        delivered: median(delivered),
+        per_cpu: median(per_cpu),
+        rss_mb: 0.0,
     }
-    let _ = client.export(request(1, false)).await;
-    let rss = peak_rss_mb(pid);
-    let _ = collector.kill();
-    let _ = collector.wait();
-    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Stops the clients, waits for the collector to deliver what it acknowledged, stops it.
+/// Returns (acknowledged, delivered, refused pushes, peak RSS in MB).
+async fn finish(mut run: Run, drain: Duration) -> (u64, u64, u64, f64) {
+    run.stop.store(true, Ordering::Relaxed);
+    for c in run.clients.drain(..) {
+        let _ = c.await;
+    }
+    let acked = run.acked.load(Ordering::Relaxed);
+    let deadline = Instant::now() + drain;
+    while run.sink.delivered.load(Ordering::Relaxed) < acked && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A moment more: anything still arriving would be a duplicate, counted too.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let hwm = rss_kb(run.child.id(), "VmHWM:");
+    let peak = run.peak_rss.load(Ordering::Relaxed).max(hwm) as f64 / 1024.0;
+    let _ = run.child.kill();
+    let _ = run.child.wait();
+    (
+        acked,
+        run.sink.delivered.load(Ordering::Relaxed),
+        run.refused.load(Ordering::Relaxed),
+        peak,
+    )
+}
+
+fn collector_config(args: &Args, in_port: u16, sink_port: u16, memory: &str) -> String {
+    format!(
+        "receivers:\n  otlp:\n    protocols:\n      grpc: {{ endpoint: \"127.0.0.1:{in_port}\" }}\n\
+         processors:\n  genai_normalize:\n\
+         exporters:\n  otlp:\n    endpoint: \"http://127.0.0.1:{sink_port}\"\n    compression: {}\n\
+         service:\n  telemetry: {{ endpoint: null }}\n{memory}  pipelines:\n    metrics: {{ receivers: [otlp], processors: [genai_normalize], exporters: [otlp] }}\n",
+        args.compression
+    )
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args = Args::parse();
+    let dir = std::env::temp_dir().join(format!("load-otlp-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let per_request = Batch::from_request(request(args.servers, !args.no_histograms)).point_count();
     println!(
-        "median: {:.2} M points/s delivered, {:.2} M points/s per core of collector CPU; collector peak RSS {rss:.1} MB; {} pushes refused (pipeline full, retried)",
-        median(rates) / 1e6,
-        median(per_core) / 1e6,
-        refused.load(Ordering::Relaxed)
+        "load-otlp: {per_request} points per request ({} servers{}), {} clients, exporters' compression {}",
+        args.servers,
+        if args.no_histograms { ", no histograms" } else { "" },
+        args.clients,
+        args.compression
+    );
+    if let Some(hang) = args.fault_hang_seconds {
+        return fault_run(&args, &dir, hang).await;
+    }
+
+    let mut results = Vec::new();
+    let rotel = (args.rotel != "none").then(|| args.rotel.clone());
+    if rotel.as_deref().is_some_and(|r| !std::path::Path::new(r).exists()) {
+        return Err(format!("no Rotel at {} (scripts/load-otlp installs it; --rotel none skips it)", args.rotel).into());
+    }
+    for name in ["genai-collector", "rotel"] {
+        let (in_port, sink_port) = (free_port(), free_port());
+        let mut command = if name == "rotel" {
+            let Some(path) = &rotel else { continue };
+            let mut c = std::process::Command::new(path);
+            c.args([
+                "start",
+                "--otlp-grpc-endpoint",
+                &format!("127.0.0.1:{in_port}"),
+                "--otlp-http-endpoint",
+                &format!("127.0.0.1:{}", free_port()),
+                "--exporter",
+                "otlp",
+                "--otlp-exporter-endpoint",
+                &format!("http://127.0.0.1:{sink_port}"),
+                "--otlp-exporter-compression",
+                &args.compression,
+            ]);
+            c
+        } else {
+            let config = dir.join("collector.yaml");
+            std::fs::write(&config, collector_config(&args, in_port, sink_port, ""))?;
+            let mut c = std::process::Command::new(&args.collector);
+            c.arg("-c").arg(&config);
+            c
+        };
+        let run = start(name, &mut command, in_port, Sink::default(), sink_port, &args).await?;
+        // Warm-up: connections, allocator, the processor's caches.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let mut figures = measure(name, &run, &args).await;
+        let (acked, delivered, refused, rss) = finish(run, Duration::from_secs(20)).await;
+        figures.rss_mb = rss;
+        println!(
+            "  {name}: {acked} points acknowledged, {delivered} delivered ({:.1} %), {refused} pushes refused and retried, peak RSS {rss:.1} MB",
+            100.0 * delivered as f64 / acked.max(1) as f64
+        );
+        results.push((name, figures, acked, delivered));
+    }
+    println!("\n| | acknowledged pts/s | delivered pts/s | delivered / acknowledged (totals) | delivered pts per collector CPU-s | peak RSS |\n| --- | --- | --- | --- | --- | --- |");
+    for (name, f, acked, delivered) in &results {
+        println!(
+            "| {name} | {:.2} M | {:.2} M | {:.1} % | {:.2} M | {:.0} MB |",
+            f.acked / 1e6,
+            f.delivered / 1e6,
+            100.0 * *delivered as f64 / (*acked).max(1) as f64,
+            f.per_cpu / 1e6,
+            f.rss_mb
+        );
+    }
+    if let [(_, ours, ..), (_, rotel, ..)] = &results[..] {
+        println!(
+            "\nratios, genai-collector / Rotel (medians, same run): delivered per CPU-s {:.2}x, delivered/s {:.2}x, peak RSS {:.2}x",
+            ours.per_cpu / rotel.per_cpu,
+            ours.delivered / rotel.delivered,
+            ours.rss_mb / rotel.rss_mb
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// Full load; the sink hangs for `hang` seconds, then recovers; every acknowledged point must
+/// arrive, and RSS stays under the memory limit throughout.
+async fn fault_run(
+    args: &Args,
+    dir: &std::path::Path,
+    hang: u64,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let (in_port, sink_port) = (free_port(), free_port());
+    let config = dir.join("collector.yaml");
+    let memory = format!("  memory_limiter: {{ limit_mib: {} }}\n", args.memory_limit_mib);
+    std::fs::write(&config, collector_config(args, in_port, sink_port, &memory))?;
+    let mut command = std::process::Command::new(&args.collector);
+    command.arg("-c").arg(&config);
+    let sink = Sink::default();
+    let run = start("genai-collector", &mut command, in_port, sink.clone(), sink_port, args).await?;
+    let pid = run.child.id();
+    let report = |phase: &str, run: &Run| {
+        println!(
+            "  {phase:>9}: RSS {:6.1} MB (peak so far {:6.1}), {:>10} acknowledged, {:>10} delivered, {:>6} pushes refused",
+            rss_kb(pid, "VmRSS:") as f64 / 1024.0,
+            run.peak_rss.load(Ordering::Relaxed) as f64 / 1024.0,
+            run.acked.load(Ordering::Relaxed),
+            run.sink.delivered.load(Ordering::Relaxed),
+            run.refused.load(Ordering::Relaxed)
+        );
+    };
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    report("loaded", &run);
+    sink.hang.store(true, Ordering::Relaxed);
+    let hang_start = Instant::now();
+    while hang_start.elapsed() < Duration::from_secs(hang) {
+        tokio::time::sleep(Duration::from_secs(10).min(Duration::from_secs(hang))).await;
+        report("hanging", &run);
+    }
+    sink.hang.store(false, Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    report("recovered", &run);
+    let (acked, delivered, refused, rss) = finish(run, Duration::from_secs(120)).await;
+    println!(
+        "fault run: sink hung {hang} s under full load; memory_limiter.limit_mib {}: peak RSS {rss:.1} MB; {refused} pushes refused and retried; {acked} points acknowledged, {delivered} delivered ({:.2} %){}",
+        args.memory_limit_mib,
+        100.0 * delivered as f64 / acked.max(1) as f64,
+        if delivered >= acked { ": every acknowledged point arrived" } else { ": POINTS LOST" }
     );
     Ok(())
 }

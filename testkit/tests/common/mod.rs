@@ -160,16 +160,24 @@ pub struct Sink {
     pub grpc: u16,
     pub http: u16,
     pub out: std::path::PathBuf,
+    /// Seconds each export takes (a slow backend).
+    pub delay: f64,
     child: Option<std::process::Child>,
 }
 
 impl Sink {
     /// Starts the sink on two free ports, refusing its first `fail_first` exports.
     pub async fn start(out: std::path::PathBuf, fail_first: u32) -> Sink {
+        Self::start_slow(out, fail_first, 0.0).await
+    }
+
+    /// Like [`Sink::start`], taking `delay` seconds over each export.
+    pub async fn start_slow(out: std::path::PathBuf, fail_first: u32, delay: f64) -> Sink {
         let mut sink = Sink {
             grpc: free_port(),
             http: free_port(),
             out,
+            delay,
             child: None,
         };
         sink.restart(fail_first).await;
@@ -185,6 +193,7 @@ impl Sink {
             .args(["--grpc-port", &self.grpc.to_string()])
             .args(["--http-port", &self.http.to_string()])
             .args(["--fail-first", &fail_first.to_string()])
+            .args(["--delay", &self.delay.to_string()])
             .arg("--out")
             .arg(&self.out)
             .spawn()
@@ -217,6 +226,15 @@ impl Sink {
                 .status();
             let _ = c.wait();
         }
+    }
+
+    /// Every point received so far, as the sink wrote it.
+    pub fn rows(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.out)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
     }
 
     /// The `value` of every point received so far.

@@ -1,0 +1,292 @@
+//! An exporter's consumers: `sending_queue.num_consumers` tasks that take batches from its
+//! queue and deliver them, retrying retryable failures with backoff. Requests in flight at
+//! once finish in any order.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::task::JoinSet;
+use tracing::{debug, error, info, warn};
+
+use super::queue::{Item, Payload, SendQueue};
+use crate::component::{ComponentError, ComponentId, ExportError, Exporter};
+use crate::config::{ExporterSettings, RetrySettings};
+use crate::disk_queue::{DiskQueue, Stored};
+use crate::model::Batch;
+use crate::telemetry::{ComponentStats, State};
+
+pub(crate) struct ExporterTask {
+    pub id: ComponentId,
+    pub exporter: Box<dyn Exporter>,
+    pub queue: Arc<SendQueue>,
+    pub settings: ExporterSettings,
+    pub stats: Arc<ComponentStats>,
+    pub disk: Option<Arc<DiskQueue>>,
+    /// Batches a previous run left in the persistent queue, sent before new ones.
+    pub recovered: Vec<Stored>,
+}
+
+/// What every consumer of one exporter shares.
+struct Worker {
+    id: ComponentId,
+    exporter: Box<dyn Exporter>,
+    queue: Arc<SendQueue>,
+    settings: ExporterSettings,
+    stats: Arc<ComponentStats>,
+    disk: Option<Arc<DiskQueue>>,
+}
+
+pub(crate) async fn run_exporter(task: ExporterTask) -> Result<(), ComponentError> {
+    task.stats.set_state(State::Running);
+    for stored in task.recovered {
+        task.queue.push_recovered(Item {
+            points: stored.points,
+            seq: Some(stored.seq),
+            queued_at_ms: stored.queued_at_ms,
+            payload: Payload::Disk(stored),
+            bytes: 0,
+            size: 0,
+        });
+    }
+    let worker = Arc::new(Worker {
+        id: task.id,
+        exporter: task.exporter,
+        queue: task.queue,
+        settings: task.settings,
+        stats: task.stats,
+        disk: task.disk,
+    });
+    let mut consumers = JoinSet::new();
+    for _ in 0..worker.settings.sending_queue.num_consumers.max(1) {
+        consumers.spawn(consume(worker.clone()));
+    }
+    while let Some(done) = consumers.join_next().await {
+        if let Err(e) = done {
+            if e.is_panic() {
+                error!(exporter = %worker.id, "an export panicked; that consumer stopped");
+                worker.stats.fail("an export panicked");
+            }
+        }
+    }
+    let shutdown = worker.exporter.shutdown();
+    if let Err(e) = tokio::time::timeout(worker.settings.timeout, shutdown).await {
+        warn!(exporter = %worker.id, error = %e, "exporter shutdown timed out");
+    }
+    Ok(())
+}
+
+async fn consume(w: Arc<Worker>) {
+    while let Some(item) = w.queue.pop().await {
+        w.stats
+            .queue_oldest_ms
+            .store(item.queued_at_ms.max(1), Ordering::Relaxed);
+        let batch = match &item.payload {
+            Payload::Memory(b) => Some(b.clone()),
+            Payload::Disk(stored) => match w.disk.as_ref().map(|d| d.read(stored)) {
+                Some(Ok(b)) => Some(Arc::new(b)),
+                Some(Err(e)) => {
+                    warn!(exporter = %w.id, seq = stored.seq, error = %e, "unreadable batch in the persistent queue; dropping it");
+                    None
+                }
+                None => None,
+            },
+        };
+        match batch {
+            Some(batch) => w.send(batch, item.points as usize).await,
+            None => ComponentStats::add(&w.stats.failed, item.points as usize),
+        }
+        w.done(&item);
+    }
+}
+
+impl Worker {
+    /// Delivers `batch`, split into requests of at most `max_batch_points` points.
+    async fn send(&self, batch: Arc<Batch>, points: usize) {
+        let max = self.settings.sending_queue.max_batch_points;
+        if max == 0 || points <= max {
+            deliver(&*self.exporter, &batch, points, &self.settings, &self.stats).await;
+            return;
+        }
+        let owned = Arc::try_unwrap(batch).unwrap_or_else(|shared| (*shared).clone());
+        for part in owned.split(max) {
+            let n = part.point_count();
+            deliver(&*self.exporter, &part, n, &self.settings, &self.stats).await;
+        }
+    }
+
+    /// Marks a batch handled, delivered or given up on: off the disk, out of the counts, and
+    /// its room in the queue given back.
+    fn done(&self, item: &Item) {
+        if let (Some(disk), Some(seq)) = (&self.disk, item.seq) {
+            if let Err(e) = disk.remove(seq, item.points) {
+                warn!(exporter = %self.id, seq, error = %e, "cannot remove a sent batch from the persistent queue; it will be sent again after a restart");
+            }
+        }
+        self.stats.queued.fetch_sub(item.points, Ordering::Relaxed);
+        self.stats
+            .queue_bytes
+            .fetch_sub(item.bytes, Ordering::Relaxed);
+        self.queue.release(item.size);
+        self.stats.update_queue(&self.queue);
+        if self.queue.used() == 0 && self.queue.len() == 0 {
+            self.stats.queue_oldest_ms.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Exports one batch, retrying retryable failures with exponential backoff and jitter.
+async fn deliver(
+    exporter: &dyn Exporter,
+    batch: &Batch,
+    points: usize,
+    settings: &ExporterSettings,
+    stats: &ComponentStats,
+) {
+    let started = Instant::now();
+    let mut backoff = settings.retry_on_failure.initial_interval;
+    loop {
+        let result = match tokio::time::timeout(settings.timeout, exporter.export(batch)).await {
+            Ok(r) => r,
+            Err(_) => Err(ExportError::retryable(format!(
+                "export timed out after {:?}",
+                settings.timeout
+            ))),
+        };
+        let error = match result {
+            Ok(()) => {
+                ComponentStats::add(&stats.sent, points);
+                return;
+            }
+            Err(e) => e,
+        };
+        stats.attempt_failures.fetch_add(1, Ordering::Relaxed);
+        stats.set_error(error.to_string());
+        let wait = match &error {
+            ExportError::Retryable { retry_after, .. } => retry_wait(
+                &settings.retry_on_failure,
+                started.elapsed(),
+                backoff,
+                *retry_after,
+            ),
+            ExportError::Permanent(_) => None,
+        };
+        match wait {
+            Some(wait) => {
+                debug!(exporter = %stats.id, error = %error, ?wait, "export failed; retrying");
+                tokio::time::sleep(wait).await;
+                backoff = (backoff * 2).min(settings.retry_on_failure.max_interval);
+            }
+            None => {
+                ComponentStats::add(&stats.failed, points);
+                warn!(exporter = %stats.id, error = %error, points, "export failed; dropping the batch");
+                return;
+            }
+        }
+    }
+}
+
+/// The longest a backend's retry hint is honoured: past it the hint is a mistake, not advice.
+const MAX_HINT: Duration = Duration::from_secs(300);
+
+/// How long to wait before the next attempt, or `None` to give up.
+pub(crate) fn retry_wait(
+    retry: &RetrySettings,
+    elapsed: Duration,
+    backoff: Duration,
+    hint: Option<Duration>,
+) -> Option<Duration> {
+    if !retry.enabled {
+        return None;
+    }
+    let wait = hint.map_or_else(|| jitter(backoff), |h| h.min(MAX_HINT));
+    let unlimited = retry.max_elapsed_time.is_zero();
+    (unlimited || elapsed.saturating_add(wait) <= retry.max_elapsed_time).then_some(wait)
+}
+
+/// Spreads retries over ±20 % so many collectors do not retry in step.
+fn jitter(d: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|t| t.subsec_nanos())
+        .unwrap_or(0);
+    // A cheap hash of the clock is random enough to de-synchronise retries.
+    let r = (nanos.wrapping_mul(2_654_435_761) % 1000) as f64 / 1000.0;
+    d.mul_f64(0.8 + 0.4 * r)
+}
+
+/// Logs what a previous run left in the persistent queue.
+pub(crate) fn log_recovered(id: &ComponentId, dir: &std::path::Path, recovered: &[Stored]) {
+    if recovered.is_empty() {
+        return;
+    }
+    let points: u64 = recovered.iter().map(|s| s.points).sum();
+    info!(exporter = %id, batches = recovered.len(), points, dir = %dir.display(), "persistent queue holds batches from a previous run; sending them first");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_policy() {
+        let r = RetrySettings {
+            enabled: true,
+            initial_interval: Duration::from_millis(100),
+            max_interval: Duration::from_secs(1),
+            max_elapsed_time: Duration::from_secs(2),
+        };
+        let w = retry_wait(&r, Duration::ZERO, Duration::from_millis(100), None).unwrap();
+        assert!(
+            w >= Duration::from_millis(80) && w <= Duration::from_millis(120),
+            "{w:?}"
+        );
+        assert_eq!(
+            retry_wait(
+                &r,
+                Duration::ZERO,
+                r.initial_interval,
+                Some(Duration::from_secs(1))
+            ),
+            Some(Duration::from_secs(1))
+        );
+        assert_eq!(
+            retry_wait(
+                &r,
+                Duration::from_millis(1950),
+                r.initial_interval,
+                Some(Duration::from_secs(1))
+            ),
+            None
+        );
+        let off = RetrySettings {
+            enabled: false,
+            ..r.clone()
+        };
+        assert_eq!(
+            retry_wait(&off, Duration::ZERO, r.initial_interval, None),
+            None
+        );
+        let forever = RetrySettings {
+            max_elapsed_time: Duration::ZERO,
+            ..r
+        };
+        assert!(retry_wait(
+            &forever,
+            Duration::from_secs(3600),
+            Duration::from_secs(1),
+            None
+        )
+        .is_some());
+        // A hint of u64::MAX seconds neither overflows nor parks the exporter for years.
+        assert_eq!(
+            retry_wait(
+                &forever,
+                Duration::from_secs(10),
+                r.initial_interval,
+                Some(Duration::from_secs(u64::MAX))
+            ),
+            Some(MAX_HINT)
+        );
+    }
+}

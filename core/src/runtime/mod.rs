@@ -1,0 +1,499 @@
+//! The pipeline runtime: receivers as tasks, a bounded channel into each pipeline, processors in
+//! order, and a fan-out where every exporter has its own bounded queue and consumers.
+//!
+//! `output` holds the delivery contract (what a receiver's "sent" means), `pipeline` the
+//! processors and the fan-out, `queue` the exporters' sending queues, `exporter` their
+//! consumers and retries; this file builds them from config, starts them and drains them.
+
+mod exporter;
+mod output;
+mod pipeline;
+mod queue;
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::component::{
+    BuildContext, ComponentError, ComponentId, ComponentKind, Components, ReceiverContext,
+};
+use crate::config::Config;
+use crate::disk_queue::DiskQueue;
+use crate::memory::MemoryLimiter;
+use crate::telemetry::{ComponentStats, State, Telemetry};
+use exporter::{log_recovered, run_exporter, ExporterTask};
+pub use output::{Captured, Output, SendError};
+use output::{Envelope, PipelineInput};
+use pipeline::{run_pipeline, ExporterQueue, PipelineTask};
+use queue::SendQueue;
+
+/// An exporter's queue, as self-telemetry reads it.
+pub(crate) type SendQueueRef = SendQueue;
+
+/// Batches a pipeline's input channel holds before receivers wait.
+pub const PIPELINE_QUEUE_BATCHES: usize = 64;
+
+/// Counts events and says when to log them: at most once a minute, with the count since.
+#[derive(Debug, Default)]
+pub(crate) struct LogEvery {
+    state: Mutex<(Option<Instant>, u64)>,
+}
+
+impl LogEvery {
+    const INTERVAL: Duration = Duration::from_secs(60);
+
+    /// Adds `n`; returns the count to log when a line is due.
+    pub fn hit(&self, n: u64) -> Option<u64> {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.1 += n;
+        if s.0.is_some_and(|t| t.elapsed() < Self::INTERVAL) {
+            return None;
+        }
+        s.0 = Some(Instant::now());
+        Some(std::mem::take(&mut s.1))
+    }
+}
+
+/// A component that could not be built.
+#[derive(Debug, thiserror::Error)]
+#[error("{kind} `{id}`: {source}")]
+pub struct BuildError {
+    pub kind: ComponentKind,
+    pub id: String,
+    #[source]
+    pub source: ComponentError,
+}
+
+/// The collector could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot serve self-telemetry on `{endpoint}`: {source}")]
+    Telemetry {
+        endpoint: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunSummary {
+    /// Everything drained within the shutdown timeout.
+    pub drained: bool,
+    /// Points still queued when the shutdown timeout cut the drain short.
+    pub lost_points: u64,
+}
+
+struct ReceiverTask {
+    id: ComponentId,
+    receiver: Box<dyn crate::component::Receiver>,
+    output: Output,
+    stats: Arc<ComponentStats>,
+}
+
+/// A collector built from config, ready to start.
+pub struct Service {
+    telemetry: Telemetry,
+    receivers: Vec<ReceiverTask>,
+    pipelines: Vec<PipelineTask>,
+    exporters: Vec<ExporterTask>,
+    shutdown_timeout: Duration,
+    telemetry_endpoint: Option<String>,
+    limiter: Option<(Arc<MemoryLimiter>, Duration)>,
+}
+
+impl Service {
+    /// Builds every component the pipelines use. Components defined but unused are not built.
+    pub fn build(mut config: Config, components: &Components) -> Result<Self, BuildError> {
+        let telemetry = Telemetry::new();
+        let limiter = MemoryLimiter::from_config(&config.service.memory_limiter);
+        if let Some(l) = &limiter {
+            telemetry.set_limiter(l.clone());
+        }
+        let pipelines_cfg = config.service.pipelines.clone();
+        let fail = |kind, id: &ComponentId| {
+            let id = id.to_string();
+            move |source| BuildError { kind, id, source }
+        };
+        let missing = |kind, id: &ComponentId| BuildError {
+            kind,
+            id: id.to_string(),
+            source: ComponentError::Config("no factory for this kind".into()),
+        };
+
+        let mut exporters = Vec::new();
+        let mut queues: Vec<(ComponentId, ExporterQueue)> = Vec::new();
+        for p in pipelines_cfg.values() {
+            for id in &p.exporters {
+                if queues.iter().any(|(q, _)| q == id) {
+                    continue;
+                }
+                let (entry, settings) = config
+                    .exporters
+                    .get_mut(id)
+                    .ok_or_else(|| missing(ComponentKind::Exporter, id))?;
+                let factory = components
+                    .exporters
+                    .get(id.kind())
+                    .ok_or_else(|| missing(ComponentKind::Exporter, id))?;
+                let ctx = BuildContext {
+                    id: id.clone(),
+                    pipeline: None,
+                    telemetry: telemetry.clone(),
+                };
+                let exporter = factory
+                    .build(&mut entry.config, &ctx)
+                    .map_err(fail(ComponentKind::Exporter, id))?;
+                let stats = telemetry.register(ComponentKind::Exporter, &id.to_string(), None);
+                let q = &settings.sending_queue;
+                let queue = Arc::new(SendQueue::new(q.capacity(), q.sizer));
+                stats
+                    .queue_capacity
+                    .store(queue.capacity(), Ordering::Relaxed);
+                let (disk, recovered) = match &q.storage {
+                    Some(root) => {
+                        let (disk, recovered) =
+                            DiskQueue::open(root, &id.to_string()).map_err(|e| BuildError {
+                                kind: ComponentKind::Exporter,
+                                id: id.to_string(),
+                                source: ComponentError::Config(format!(
+                                    "sending_queue.storage: {e}"
+                                )),
+                            })?;
+                        log_recovered(id, disk.dir(), &recovered);
+                        let points: u64 = recovered.iter().map(|s| s.points).sum();
+                        stats.queued.fetch_add(points, Ordering::Relaxed);
+                        if let Some(first) = recovered.first() {
+                            stats
+                                .queue_oldest_ms
+                                .store(first.queued_at_ms.max(1), Ordering::Relaxed);
+                        }
+                        (Some(Arc::new(disk)), recovered)
+                    }
+                    None => (None, Vec::new()),
+                };
+                queues.push((
+                    id.clone(),
+                    ExporterQueue {
+                        queue: queue.clone(),
+                        stats: stats.clone(),
+                        block: q.block_on_overflow,
+                        disk: disk.clone(),
+                        drop_log: Default::default(),
+                    },
+                ));
+                exporters.push(ExporterTask {
+                    id: id.clone(),
+                    exporter,
+                    queue,
+                    settings: settings.clone(),
+                    stats,
+                    disk,
+                    recovered,
+                });
+            }
+        }
+
+        let mut pipelines = Vec::new();
+        let mut inputs: Vec<PipelineInput> = Vec::new();
+        for (name, p) in &pipelines_cfg {
+            let mut processors = Vec::new();
+            for id in &p.processors {
+                let entry = config
+                    .processors
+                    .get_mut(id)
+                    .ok_or_else(|| missing(ComponentKind::Processor, id))?;
+                let factory = components
+                    .processors
+                    .get(id.kind())
+                    .ok_or_else(|| missing(ComponentKind::Processor, id))?;
+                let ctx = BuildContext {
+                    id: id.clone(),
+                    pipeline: Some(name.clone()),
+                    telemetry: telemetry.clone(),
+                };
+                let processor = factory
+                    .build(&mut entry.config, &ctx)
+                    .map_err(fail(ComponentKind::Processor, id))?;
+                let stats =
+                    telemetry.register(ComponentKind::Processor, &id.to_string(), Some(name));
+                processors.push((processor, stats));
+            }
+            let (tx, rx) = mpsc::channel::<Envelope>(PIPELINE_QUEUE_BATCHES);
+            let exporters: Vec<ExporterQueue> = p
+                .exporters
+                .iter()
+                .filter_map(|id| queues.iter().find(|(q, _)| q == id).map(|(_, q)| q.clone()))
+                .collect();
+            inputs.push(PipelineInput {
+                tx,
+                exporters: exporters.iter().map(|e| e.queue.clone()).collect(),
+            });
+            pipelines.push(PipelineTask {
+                name: name.clone(),
+                rx,
+                processors,
+                exporters,
+                held: Vec::new(),
+            });
+        }
+
+        let mut receivers = Vec::new();
+        for (id, entry) in config.receivers.iter_mut() {
+            let senders: Vec<_> = pipelines_cfg
+                .iter()
+                .zip(&inputs)
+                .filter(|((_, p), _)| p.receivers.contains(id))
+                .map(|(_, input)| input.clone())
+                .collect();
+            if senders.is_empty() {
+                continue;
+            }
+            let factory = components
+                .receivers
+                .get(id.kind())
+                .ok_or_else(|| missing(ComponentKind::Receiver, id))?;
+            let ctx = BuildContext {
+                id: id.clone(),
+                pipeline: None,
+                telemetry: telemetry.clone(),
+            };
+            let receiver = factory
+                .build(&mut entry.config, &ctx)
+                .map_err(fail(ComponentKind::Receiver, id))?;
+            let stats = telemetry.register(ComponentKind::Receiver, &id.to_string(), None);
+            receivers.push(ReceiverTask {
+                id: id.clone(),
+                receiver,
+                output: Output::new(senders, stats.clone(), limiter.clone()),
+                stats,
+            });
+        }
+
+        Ok(Self {
+            telemetry,
+            receivers,
+            pipelines,
+            exporters,
+            shutdown_timeout: config.service.shutdown_timeout,
+            telemetry_endpoint: config.service.telemetry.endpoint.clone(),
+            limiter: limiter.map(|l| (l, config.service.memory_limiter.check_interval)),
+        })
+    }
+
+    pub fn telemetry(&self) -> &Telemetry {
+        &self.telemetry
+    }
+
+    /// Starts every task and the self-telemetry endpoint.
+    pub async fn start(self) -> Result<RunningService, StartError> {
+        let stop_http = CancellationToken::new();
+        let (telemetry_addr, http_task) = match &self.telemetry_endpoint {
+            Some(endpoint) => {
+                let (addr, task) = crate::http::serve_telemetry(
+                    endpoint,
+                    self.telemetry.clone(),
+                    stop_http.clone(),
+                )
+                .await
+                .map_err(|source| StartError::Telemetry {
+                    endpoint: endpoint.clone(),
+                    source,
+                })?;
+                (Some(addr), Some(task))
+            }
+            None => (None, None),
+        };
+
+        if let Some((limiter, interval)) = &self.limiter {
+            tokio::spawn(limiter.clone().run(*interval, stop_http.clone()));
+        }
+        let mut exporter_tasks = JoinSet::new();
+        let exporter_stats: Vec<_> = self
+            .exporters
+            .iter()
+            .map(|e| (e.stats.clone(), e.disk.is_some()))
+            .collect();
+        let exporter_queues: Vec<_> = self.exporters.iter().map(|e| e.queue.clone()).collect();
+        for task in self.exporters {
+            let stats = task.stats.clone();
+            let id = task.id.clone();
+            exporter_tasks.spawn(supervise(
+                ComponentKind::Exporter,
+                id,
+                stats,
+                run_exporter(task),
+            ));
+        }
+        let mut pipeline_tasks = JoinSet::new();
+        for task in self.pipelines {
+            pipeline_tasks.spawn(run_pipeline(task));
+        }
+        let receivers_stop = CancellationToken::new();
+        let mut receiver_tasks = JoinSet::new();
+        for task in self.receivers {
+            let ctx = ReceiverContext {
+                id: task.id.clone(),
+                output: task.output,
+                shutdown: receivers_stop.clone(),
+            };
+            task.stats.set_state(State::Running);
+            let stats = task.stats.clone();
+            let receiver = task.receiver;
+            receiver_tasks.spawn(supervise(
+                ComponentKind::Receiver,
+                task.id,
+                stats,
+                receiver.run(ctx),
+            ));
+        }
+        self.telemetry.set_ready(true);
+        info!(
+            receivers = receiver_tasks.len(),
+            pipelines = pipeline_tasks.len(),
+            exporters = exporter_tasks.len(),
+            telemetry = ?telemetry_addr,
+            "collector started"
+        );
+        Ok(RunningService {
+            telemetry: self.telemetry,
+            telemetry_addr,
+            http_task,
+            stop_http,
+            receivers_stop,
+            receiver_tasks,
+            pipeline_tasks,
+            exporter_tasks,
+            exporter_stats,
+            exporter_queues,
+            shutdown_timeout: self.shutdown_timeout,
+        })
+    }
+
+    /// Starts, runs until `shutdown` resolves or every receiver has ended, then drains.
+    pub async fn run(
+        self,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<RunSummary, StartError> {
+        Ok(self.start().await?.run_until(shutdown).await)
+    }
+}
+
+/// A started collector.
+pub struct RunningService {
+    telemetry: Telemetry,
+    telemetry_addr: Option<SocketAddr>,
+    http_task: Option<tokio::task::JoinHandle<()>>,
+    stop_http: CancellationToken,
+    receivers_stop: CancellationToken,
+    receiver_tasks: JoinSet<()>,
+    pipeline_tasks: JoinSet<()>,
+    exporter_tasks: JoinSet<()>,
+    exporter_stats: Vec<(Arc<ComponentStats>, bool)>,
+    exporter_queues: Vec<Arc<SendQueue>>,
+    shutdown_timeout: Duration,
+}
+
+impl RunningService {
+    /// The address `/metrics`, `/healthz` and `/readyz` are served on.
+    pub fn telemetry_addr(&self) -> Option<SocketAddr> {
+        self.telemetry_addr
+    }
+
+    pub fn telemetry(&self) -> &Telemetry {
+        &self.telemetry
+    }
+
+    /// Waits for `shutdown` (or for every receiver to end), then stops receivers, drains the
+    /// pipelines and flushes the exporters within the shutdown timeout.
+    pub async fn run_until(
+        mut self,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> RunSummary {
+        let receivers_done = async { while self.receiver_tasks.join_next().await.is_some() {} };
+        tokio::select! {
+            () = shutdown => info!("shutdown requested: stopping receivers, draining pipelines"),
+            () = receivers_done => info!("every receiver has ended: draining pipelines"),
+        }
+        self.telemetry.set_ready(false);
+        self.receivers_stop.cancel();
+        let drain = async {
+            while self.receiver_tasks.join_next().await.is_some() {}
+            while self.pipeline_tasks.join_next().await.is_some() {}
+            // Nothing more can be queued: consumers end once their queue is empty.
+            for q in &self.exporter_queues {
+                q.close();
+            }
+            while self.exporter_tasks.join_next().await.is_some() {}
+        };
+        let drained = tokio::time::timeout(self.shutdown_timeout, drain)
+            .await
+            .is_ok();
+        let mut lost_points = 0;
+        if !drained {
+            self.receiver_tasks.abort_all();
+            self.pipeline_tasks.abort_all();
+            self.exporter_tasks.abort_all();
+            let mut kept = 0;
+            for (stats, persistent) in &self.exporter_stats {
+                let queued = stats.queued.swap(0, Ordering::Relaxed);
+                if *persistent {
+                    stats.persisted.fetch_add(queued, Ordering::Relaxed);
+                    kept += queued;
+                } else {
+                    stats.failed.fetch_add(queued, Ordering::Relaxed);
+                    lost_points += queued;
+                }
+            }
+            warn!(
+                lost_points,
+                kept_on_disk = kept,
+                timeout = ?self.shutdown_timeout,
+                "shutdown timeout reached before every exporter was flushed; queued points not in a persistent queue are lost"
+            );
+        }
+        self.stop_http.cancel();
+        // The port is free once `run_until` returns.
+        if let Some(task) = self.http_task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+        }
+        info!(drained, "collector stopped");
+        RunSummary {
+            drained,
+            lost_points,
+        }
+    }
+}
+
+/// Runs a component's task in its own tokio task so that a panic marks it failed instead of
+/// taking the collector down.
+async fn supervise(
+    kind: ComponentKind,
+    id: ComponentId,
+    stats: Arc<ComponentStats>,
+    task: impl std::future::Future<Output = Result<(), ComponentError>> + Send + 'static,
+) {
+    match tokio::spawn(task).await {
+        Ok(Ok(())) => {
+            if stats.state() != State::Failed {
+                stats.set_state(State::Stopped);
+            }
+        }
+        Ok(Err(e)) => {
+            error!(%kind, %id, error = %e, "component stopped with an error");
+            stats.fail(e.to_string());
+        }
+        Err(e) if e.is_panic() => {
+            error!(%kind, %id, "component panicked");
+            stats.fail("panicked");
+        }
+        Err(_) => stats.set_state(State::Stopped),
+    }
+}
+

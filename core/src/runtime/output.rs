@@ -1,0 +1,267 @@
+//! [`Output`]: where a receiver's batches enter the pipelines, and the delivery contract.
+//!
+//! A push receiver calls [`Output::push`], which answers only once every pipeline has run the
+//! batch through its processors and every exporter has taken it into its queue (or the
+//! pipeline dropped it by its own rule, a filter); a full queue or the memory limit makes it
+//! refuse the whole batch, so the client's retry loses nothing. A pull receiver calls
+//! [`Output::send`], which waits for room in the pipelines and leaves the exporters to drop
+//! what their full queues cannot take: its source is read again next interval.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::queue::SendQueue;
+use super::LogEvery;
+use crate::memory::{MemoryLimiter, Reserved};
+use crate::model::Batch;
+use crate::telemetry::ComponentStats;
+
+/// Why a batch was not taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SendError {
+    #[error("the collector's queues are full")]
+    Full,
+    #[error("the collector is above its memory limit")]
+    MemoryLimit,
+    #[error("the request would decode to more memory than the collector's limit allows")]
+    TooLarge,
+    #[error("the collector is shutting down")]
+    Closed,
+    #[error("a processor failed on this batch")]
+    Dropped,
+}
+
+impl SendError {
+    /// Whether the client should send the same data again later.
+    pub fn is_retryable(self) -> bool {
+        matches!(self, Self::Full | Self::MemoryLimit | Self::Closed)
+    }
+}
+
+pub(crate) type Ack = oneshot::Sender<Result<(), SendError>>;
+
+/// A batch on its way into a pipeline; push receivers wait on `ack`.
+pub(crate) struct Envelope {
+    pub batch: Batch,
+    pub ack: Option<Ack>,
+}
+
+/// One pipeline as a receiver sees it: its input and the queues it ends in.
+#[derive(Clone)]
+pub(crate) struct PipelineInput {
+    pub tx: mpsc::Sender<Envelope>,
+    pub exporters: Arc<[Arc<SendQueue>]>,
+}
+
+/// Where a receiver sends its batches: every pipeline that lists it.
+#[derive(Clone)]
+pub struct Output {
+    pipelines: Arc<[PipelineInput]>,
+    stats: Arc<ComponentStats>,
+    limiter: Option<Arc<MemoryLimiter>>,
+    skip_log: Arc<LogEvery>,
+}
+
+/// The receiving end of [`Output::capture`], for tests of a receiver alone.
+pub struct Captured(mpsc::Receiver<Envelope>);
+
+impl Captured {
+    /// The next batch, acknowledged as taken.
+    pub async fn recv(&mut self) -> Option<Batch> {
+        let e = self.0.recv().await?;
+        if let Some(ack) = e.ack {
+            let _ = ack.send(Ok(()));
+        }
+        Some(e.batch)
+    }
+
+    /// A batch if one is waiting now.
+    pub fn try_recv(&mut self) -> Option<Batch> {
+        let e = self.0.try_recv().ok()?;
+        if let Some(ack) = e.ack {
+            let _ = ack.send(Ok(()));
+        }
+        Some(e.batch)
+    }
+}
+
+impl Output {
+    pub(crate) fn new(
+        pipelines: Vec<PipelineInput>,
+        stats: Arc<ComponentStats>,
+        limiter: Option<Arc<MemoryLimiter>>,
+    ) -> Self {
+        Self {
+            pipelines: pipelines.into(),
+            stats,
+            limiter,
+            skip_log: Arc::new(LogEvery::default()),
+        }
+    }
+
+    /// An output into one channel of `capacity` batches, for testing a receiver alone.
+    pub fn capture(capacity: usize, stats: Arc<ComponentStats>) -> (Self, Captured) {
+        let (tx, rx) = mpsc::channel(capacity);
+        let input = PipelineInput {
+            tx,
+            exporters: Arc::new([]),
+        };
+        (Self::new(vec![input], stats, None), Captured(rx))
+    }
+
+    /// Whether a push could be taken now: under the memory limit, room in every pipeline and
+    /// in every exporter queue they end in. Push receivers ask before decoding a request.
+    pub fn ready(&self) -> Result<(), SendError> {
+        if self.limiter.as_ref().is_some_and(|l| !l.admits()) {
+            return Err(SendError::MemoryLimit);
+        }
+        for p in self.pipelines.iter() {
+            if p.tx.is_closed() {
+                return Err(SendError::Closed);
+            }
+            if p.tx.capacity() == 0 || p.exporters.iter().any(|q| q.is_full()) {
+                return Err(SendError::Full);
+            }
+        }
+        Ok(())
+    }
+
+    /// Reserves the memory a request will take once decoded, until the returned guard is
+    /// dropped (after the request is answered).
+    pub fn reserve_memory(&self, bytes: u64) -> Result<Option<Reserved>, SendError> {
+        match &self.limiter {
+            None => Ok(None),
+            Some(l) => l.reserve(bytes).map(Some).map_err(|never| {
+                if never {
+                    SendError::TooLarge
+                } else {
+                    SendError::MemoryLimit
+                }
+            }),
+        }
+    }
+
+    /// Counts `points` the receiver refused without trying to send them.
+    pub fn refused(&self, points: usize, why: SendError) {
+        let counter = match why {
+            SendError::MemoryLimit | SendError::TooLarge => {
+                if let Some(l) = &self.limiter {
+                    ComponentStats::add(&l.refused_points, points);
+                }
+                &self.stats.memory_refused
+            }
+            _ => &self.stats.refused,
+        };
+        ComponentStats::add(counter, points);
+    }
+
+    /// Sends `batch` to every pipeline and waits until each has queued it in every exporter
+    /// (see the module doc). `Ok` means nothing more can be lost short of a crash (or, for
+    /// in-memory queues, a backend that stays down past the retry limit).
+    pub async fn push(&self, batch: Batch) -> Result<(), SendError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let points = batch.point_count();
+        let result = self.push_counted(batch).await;
+        match result {
+            Ok(()) => ComponentStats::add(&self.stats.accepted, points),
+            Err(e) => self.refused(points, e),
+        }
+        result
+    }
+
+    async fn push_counted(&self, batch: Batch) -> Result<(), SendError> {
+        if self.limiter.as_ref().is_some_and(|l| !l.admits()) {
+            return Err(SendError::MemoryLimit);
+        }
+        let permits = self
+            .pipelines
+            .iter()
+            .map(|p| p.tx.try_reserve())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(()) => SendError::Full,
+                mpsc::error::TrySendError::Closed(()) => SendError::Closed,
+            })?;
+        let mut answers = Vec::with_capacity(permits.len());
+        let mut batch = Some(batch);
+        let last = permits.len() - 1;
+        for (i, permit) in permits.into_iter().enumerate() {
+            let (ack, answer) = oneshot::channel();
+            let b = if i == last {
+                batch.take().unwrap_or_default()
+            } else {
+                batch.clone().unwrap_or_default()
+            };
+            permit.send(Envelope {
+                batch: b,
+                ack: Some(ack),
+            });
+            answers.push(answer);
+        }
+        let mut result = Ok(());
+        for answer in answers {
+            let r = answer.await.unwrap_or(Err(SendError::Closed));
+            if result.is_ok() {
+                result = r;
+            }
+        }
+        result
+    }
+
+    /// Sends `batch` to every pipeline, waiting while a pipeline is full; for pull receivers.
+    /// Above the memory limit the batch is dropped and counted.
+    pub async fn send(&self, batch: Batch) -> Result<(), SendError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let points = batch.point_count();
+        if self.limiter.as_ref().is_some_and(|l| !l.admits()) {
+            self.refused(points, SendError::MemoryLimit);
+            return Err(SendError::MemoryLimit);
+        }
+        let Some((last, rest)) = self.pipelines.split_last() else {
+            return Ok(());
+        };
+        for p in rest {
+            let e = Envelope {
+                batch: batch.clone(),
+                ack: None,
+            };
+            p.tx.send(e).await.map_err(|_| SendError::Closed)?;
+        }
+        let e = Envelope { batch, ack: None };
+        last.tx.send(e).await.map_err(|_| SendError::Closed)?;
+        ComponentStats::add(&self.stats.accepted, points);
+        Ok(())
+    }
+
+    /// Whether a pull receiver should read its sources this round: `false` above the memory
+    /// limit, counted as a skipped round and logged at most once a minute.
+    pub fn admit_round(&self) -> bool {
+        let Some(l) = &self.limiter else { return true };
+        if l.admits() {
+            return true;
+        }
+        ComponentStats::add(&self.stats.skipped_rounds, 1);
+        l.skipped_rounds.fetch_add(1, Ordering::Relaxed);
+        if let Some(n) = self.skip_log.hit(1) {
+            tracing::warn!(receiver = %self.stats.id, rounds = n, usage_mib = l.usage() >> 20, soft_limit_mib = l.soft_limit() >> 20, "above the memory limit: skipping scrapes");
+        }
+        false
+    }
+
+    /// Records a problem the receiver hit but survived (a target down): `/healthz` shows the
+    /// latest as the receiver's `last_error`, without marking it failed.
+    pub fn report_error(&self, error: impl Into<String>) {
+        self.stats.set_error(error);
+    }
+
+    /// How many targets a pull receiver scrapes now (`genai_collector_receiver_targets`).
+    pub fn set_targets(&self, n: usize) {
+        self.stats.targets.store(n as u64, Ordering::Relaxed);
+    }
+}

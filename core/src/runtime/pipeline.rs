@@ -1,0 +1,231 @@
+//! A pipeline's task: processors in order, then the fan-out into its exporters' queues.
+//!
+//! Pushed batches carry an acknowledgement. A processor that holds data for a later flush
+//! (`batch`) keeps the acknowledgements with it, so the client hears back once its points are
+//! queued for export, not when they were merely buffered. At the fan-out a pushed batch goes
+//! into every exporter's queue or into none (the client is told to retry); scraped data goes
+//! into each queue that has room, and a full queue drops it for that exporter alone.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use tokio::sync::mpsc;
+use tracing::{debug, error, warn};
+
+use super::output::{Ack, Envelope, SendError};
+use super::queue::{Cost, Item, Payload, Reservation, SendQueue};
+use super::LogEvery;
+use crate::component::Processor;
+use crate::disk_queue::{unix_ms, DiskQueue};
+use crate::model::{approx_bytes, Batch};
+use crate::telemetry::{ComponentStats, State};
+
+/// A pipeline's handle on one exporter's queue.
+#[derive(Clone)]
+pub(crate) struct ExporterQueue {
+    pub queue: Arc<SendQueue>,
+    pub stats: Arc<ComponentStats>,
+    pub block: bool,
+    pub disk: Option<Arc<DiskQueue>>,
+    pub drop_log: Arc<LogEvery>,
+}
+
+pub(crate) struct PipelineTask {
+    pub name: String,
+    pub rx: mpsc::Receiver<Envelope>,
+    pub processors: Vec<(Box<dyn Processor>, Arc<ComponentStats>)>,
+    pub exporters: Vec<ExporterQueue>,
+    /// Acknowledgements of pushed data a processor holds until its next flush.
+    pub held: Vec<Vec<Ack>>,
+}
+
+fn answer(acks: Vec<Ack>, result: Result<(), SendError>) {
+    for ack in acks {
+        let _ = ack.send(result);
+    }
+}
+
+pub(crate) async fn run_pipeline(mut task: PipelineTask) {
+    let start = Instant::now();
+    let mut next_flush: Vec<Option<Instant>> = task
+        .processors
+        .iter()
+        .map(|(p, _)| p.flush_interval().map(|i| start + i))
+        .collect();
+    task.held = task.processors.iter().map(|_| Vec::new()).collect();
+    for (_, stats) in &task.processors {
+        stats.set_state(State::Running);
+    }
+    loop {
+        let due = next_flush.iter().flatten().min().copied();
+        let envelope = match due {
+            Some(due) => tokio::select! {
+                e = task.rx.recv() => e,
+                () = tokio::time::sleep_until(due.into()) => {
+                    let now = Instant::now();
+                    let due: Vec<usize> = (0..next_flush.len())
+                        .filter(|&i| next_flush[i].is_some_and(|t| t <= now))
+                        .collect();
+                    for i in due {
+                        next_flush[i] = task.processors[i].0.flush_interval().map(|d| now + d);
+                        task.flush(i).await;
+                    }
+                    continue;
+                }
+            },
+            None => task.rx.recv().await,
+        };
+        match envelope {
+            Some(e) => {
+                let acks = e.ack.into_iter().collect();
+                task.process_from(0, e.batch, acks).await;
+            }
+            None => break,
+        }
+    }
+    for i in 0..task.processors.len() {
+        task.flush(i).await;
+    }
+    for (_, stats) in &task.processors {
+        if stats.state() != State::Failed {
+            stats.set_state(State::Stopped);
+        }
+    }
+    debug!(pipeline = %task.name, "pipeline drained");
+}
+
+impl PipelineTask {
+    async fn flush(&mut self, i: usize) {
+        let acks = std::mem::take(&mut self.held[i]);
+        let (processor, stats) = &mut self.processors[i];
+        match std::panic::catch_unwind(AssertUnwindSafe(|| processor.flush())) {
+            Ok(Some(batch)) => self.process_from(i + 1, batch, acks).await,
+            Ok(None) => answer(acks, Ok(())),
+            Err(_) => {
+                error!(pipeline = %self.name, processor = %stats.id, "processor panicked in flush");
+                stats.fail("panicked in flush");
+                answer(acks, Err(SendError::Dropped));
+            }
+        }
+    }
+
+    /// Runs `batch` through the processors from `start` on, then fans it out.
+    async fn process_from(&mut self, start: usize, mut batch: Batch, mut acks: Vec<Ack>) {
+        for i in start..self.processors.len() {
+            let (processor, stats) = &mut self.processors[i];
+            ComponentStats::add(&stats.accepted, batch.point_count());
+            if std::panic::catch_unwind(AssertUnwindSafe(|| processor.process(&mut batch))).is_err()
+            {
+                error!(pipeline = %self.name, processor = %stats.id, "processor panicked; batch dropped");
+                stats.fail("panicked");
+                answer(acks, Err(SendError::Dropped));
+                return;
+            }
+            if batch.is_empty() {
+                if processor.flush_interval().is_some() {
+                    // Held for a later flush (or folded into state that a flush emits).
+                    self.held[i].append(&mut acks);
+                } else {
+                    // Dropped by the processor's own rule: nothing left to deliver.
+                    answer(acks, Ok(()));
+                }
+                return;
+            }
+            ComponentStats::add(&stats.sent, batch.point_count());
+            // What the processor held before goes out in this batch.
+            acks.append(&mut self.held[i]);
+        }
+        let result = fan_out(&self.exporters, &self.name, batch, !acks.is_empty()).await;
+        answer(acks, result);
+    }
+}
+
+/// Hands `batch` to every exporter's queue. Pushed data (`all_or_none`) is queued in every
+/// exporter or in none; scraped data in each queue with room, dropped and counted where full.
+async fn fan_out(
+    exporters: &[ExporterQueue],
+    pipeline: &str,
+    batch: Batch,
+    all_or_none: bool,
+) -> Result<(), SendError> {
+    let cost = Cost {
+        points: batch.point_count() as u64,
+        bytes: approx_bytes(&batch),
+    };
+    if cost.points == 0 {
+        return Ok(());
+    }
+    let batch = Arc::new(batch);
+    if !all_or_none {
+        for q in exporters {
+            match q.reserve(cost).await {
+                Some(r) => q.enqueue(r, &batch, cost),
+                None => q.drop_full(pipeline, cost.points),
+            }
+        }
+        return Ok(());
+    }
+    let mut reserved = Vec::with_capacity(exporters.len());
+    for q in exporters {
+        match q.reserve(cost).await {
+            Some(r) => reserved.push(r),
+            // The reservations taken so far are given back as they drop.
+            None => return Err(SendError::Full),
+        }
+    }
+    for (q, r) in exporters.iter().zip(reserved) {
+        q.enqueue(r, &batch, cost);
+    }
+    Ok(())
+}
+
+impl ExporterQueue {
+    async fn reserve(&self, cost: Cost) -> Option<Reservation<'_>> {
+        let size = cost.size(self.queue.sizer);
+        if self.block {
+            self.queue.reserve(size).await
+        } else {
+            self.queue.try_reserve(size)
+        }
+    }
+
+    fn enqueue(&self, room: Reservation<'_>, batch: &Arc<Batch>, cost: Cost) {
+        // Written before it is queued, so a batch a consumer sees is always on disk.
+        let seq = self.disk.as_ref().and_then(|d| match d.write(batch) {
+            Ok(seq) => Some(seq),
+            Err(e) => {
+                warn!(exporter = %self.stats.id, error = %e, "cannot write to the persistent queue; this batch is queued in memory only");
+                None
+            }
+        });
+        let queued_at_ms = unix_ms(SystemTime::now());
+        let _ = self.stats.queue_oldest_ms.compare_exchange(
+            0,
+            queued_at_ms,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+        self.stats.queued.fetch_add(cost.points, Ordering::Relaxed);
+        self.stats.queue_bytes.fetch_add(cost.bytes, Ordering::Relaxed);
+        ComponentStats::add(&self.stats.accepted, cost.points as usize);
+        room.commit(Item {
+            payload: Payload::Memory(batch.clone()),
+            seq,
+            queued_at_ms,
+            points: cost.points,
+            bytes: cost.bytes,
+            size: 0,
+        });
+        self.stats.update_queue(&self.queue);
+    }
+
+    /// Counts scraped points a full queue could not take; logs at most once a minute.
+    fn drop_full(&self, pipeline: &str, points: u64) {
+        ComponentStats::add(&self.stats.refused, points as usize);
+        if let Some(n) = self.drop_log.hit(points) {
+            warn!(pipeline, exporter = %self.stats.id, points = n, used = self.queue.used(), capacity = self.queue.capacity(), "exporter queue full: dropped scraped points (counted in genai_collector_exporter_enqueue_failed_points_total)");
+        }
+    }
+}

@@ -1,0 +1,189 @@
+//! The delivery contract in process: what a push receiver is told "OK" for is queued in every
+//! exporter; what it is refused reaches none; exporters send in parallel; the memory limiter
+//! refuses pushes and skips scrapes.
+
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+use genai_collector_core::config::{self, Source};
+use genai_collector_core::telemetry::{ComponentStats, Telemetry};
+use genai_collector_core::{ComponentKind, Service};
+use genai_collector_testkit::{components, Capture};
+
+fn service(yaml: &str, capture: &Capture) -> Service {
+    let comps = components(capture);
+    let cfg =
+        config::load(&[Source::new("test.yaml", yaml)], &comps).unwrap_or_else(|e| panic!("{e}"));
+    Service::build(cfg, &comps).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn stat(t: &Telemetry, kind: ComponentKind, id: &str) -> Arc<ComponentStats> {
+    t.find(kind, id)
+        .unwrap_or_else(|| panic!("no stats for {kind} {id}"))
+}
+
+fn get(c: &AtomicU64) -> u64 {
+    ComponentStats::get(c)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_is_queued_in_every_exporter_or_in_none() {
+    let capture = Capture::new();
+    let dir = std::env::temp_dir().join(format!("delivery-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let report = dir.join("acked");
+    // A hung backend beside a healthy one: once the hung one's queue (2 batches) is full, every
+    // push is refused, and the healthy exporter gets exactly what the client was told OK for.
+    let svc = service(
+        &format!(
+            r#"
+receivers:
+  generator: {{ batches: 0, points: 100, push: true, report: "{}" }}
+exporters:
+  capture: {{}}
+  fail/hang:
+    mode: hang
+    timeout: 1h
+    sending_queue: {{ queue_size: 2, sizer: requests }}
+service:
+  telemetry: {{ endpoint: null }}
+  shutdown_timeout: 300ms
+  pipelines:
+    metrics: {{ receivers: [generator], exporters: [capture, fail/hang] }}
+"#,
+            report.display()
+        ),
+        &capture,
+    );
+    let telemetry = svc.telemetry().clone();
+    let summary = svc
+        .run(tokio::time::sleep(Duration::from_millis(500)))
+        .await
+        .unwrap();
+    let acked: usize = std::fs::read_to_string(&report).unwrap().parse().unwrap();
+    assert_eq!(acked, 200, "two batches fit the hung exporter's queue");
+    assert_eq!(capture.point_count(), acked, "the healthy exporter got what was acknowledged, nothing more");
+
+    let recv = stat(&telemetry, ComponentKind::Receiver, "generator");
+    assert_eq!(get(&recv.accepted), 200);
+    assert!(get(&recv.refused) >= 1000, "refusals are counted: {}", get(&recv.refused));
+    let hung = stat(&telemetry, ComponentKind::Exporter, "fail/hang");
+    assert_eq!(
+        get(&hung.refused),
+        0,
+        "pushed points are refused at the receiver, not dropped at the queue"
+    );
+    assert_eq!(summary.lost_points, 200, "what the hung exporter held is reported lost at shutdown");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumers_send_in_parallel_and_deliver_everything_acknowledged() {
+    let capture = Capture::new();
+    let svc = service(
+        r#"
+receivers:
+  generator: { batches: 60, points: 50, push: true }
+exporters:
+  capture:
+    delay: 30ms
+    sending_queue: { num_consumers: 4, queue_size: 8, sizer: requests }
+service:
+  telemetry: { endpoint: null }
+  pipelines:
+    metrics: { receivers: [generator], exporters: [capture] }
+"#,
+        &capture,
+    );
+    let telemetry = svc.telemetry().clone();
+    let summary = svc.run(std::future::pending()).await.unwrap();
+    assert!(summary.drained);
+    assert_eq!(capture.max_in_flight(), 4, "four requests in flight at once");
+    assert_eq!(capture.point_count(), 3000);
+    let mut values = capture.values();
+    values.sort_by(f64::total_cmp);
+    assert!(
+        values.iter().enumerate().all(|(i, v)| *v == i as f64),
+        "every point exactly once, in whatever order"
+    );
+    let exp = stat(&telemetry, ComponentKind::Exporter, "capture");
+    assert_eq!((get(&exp.sent), get(&exp.queued), get(&exp.queue_bytes)), (3000, 0, 0));
+    let recv = stat(&telemetry, ComponentKind::Receiver, "generator");
+    assert!(get(&recv.refused) > 0, "the 8-batch queue made the client retry");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_held_by_the_batch_processor_is_acknowledged_when_it_is_queued() {
+    let capture = Capture::new();
+    let svc = service(
+        r#"
+receivers:
+  generator: { batches: 3, points: 10, push: true }
+processors:
+  batch: { send_batch_size: 1000, timeout: 300ms }
+exporters:
+  capture: {}
+service:
+  telemetry: { endpoint: null }
+  pipelines:
+    metrics: { receivers: [generator], processors: [batch], exporters: [capture] }
+"#,
+        &capture,
+    );
+    let telemetry = svc.telemetry().clone();
+    let running = svc.start().await.unwrap();
+    let recv = stat(&telemetry, ComponentKind::Receiver, "generator");
+    let exp = stat(&telemetry, ComponentKind::Exporter, "capture");
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(
+        get(&recv.accepted),
+        0,
+        "held by the batch processor: the first push is not answered yet"
+    );
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(get(&recv.accepted), 30);
+    assert_eq!(get(&exp.accepted), 30, "answered once queued");
+    running.run_until(async {}).await;
+    assert_eq!(capture.point_count(), 30);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn above_the_memory_limit_pushes_are_refused_and_scrapes_skipped() {
+    let capture = Capture::new();
+    // A hard limit of 1 MiB is below any process's resident memory: nothing gets in.
+    let svc = service(
+        r#"
+receivers:
+  generator: { batches: 0, points: 10, interval: 20ms }
+  generator/push: { batches: 0, points: 10, push: true }
+  vllm: { targets: ["http://127.0.0.1:9/metrics"], interval: 100ms, timeout: 90ms }
+exporters:
+  capture: {}
+service:
+  telemetry: { endpoint: null }
+  memory_limiter: { limit_mib: 1, spike_limit_mib: 0, check_interval: 10ms }
+  pipelines:
+    metrics: { receivers: [generator, generator/push, vllm], exporters: [capture] }
+"#,
+        &capture,
+    );
+    let telemetry = svc.telemetry().clone();
+    svc.run(tokio::time::sleep(Duration::from_millis(600)))
+        .await
+        .unwrap();
+    assert_eq!(capture.point_count(), 0, "nothing got past the limiter");
+    let pull = stat(&telemetry, ComponentKind::Receiver, "generator");
+    let push = stat(&telemetry, ComponentKind::Receiver, "generator/push");
+    let scraper = stat(&telemetry, ComponentKind::Receiver, "vllm");
+    assert!(get(&pull.memory_refused) >= 10, "dropped and counted");
+    assert!(get(&push.memory_refused) >= 10, "refused and counted");
+    assert_eq!(get(&push.accepted), 0);
+    assert!(get(&scraper.skipped_rounds) >= 2, "scrapes skipped");
+    let text = telemetry.render_prometheus();
+    assert!(
+        text.contains("genai_collector_memory_pressure 2")
+            && text.contains("genai_collector_memory_limit_bytes{limit=\"hard\"} 1048576"),
+        "{text}"
+    );
+}
