@@ -71,7 +71,9 @@ impl MemoryLimiterConfig {
     /// (soft, hard) in bytes, given the memory available to the process.
     pub fn limits(&self, total: u64) -> (u64, u64) {
         let pct = |p: u8| total / 100 * u64::from(p);
-        let hard = self.limit_mib.map_or_else(|| pct(self.limit_percentage), |m| m << 20);
+        let hard = self
+            .limit_mib
+            .map_or_else(|| pct(self.limit_percentage), |m| m << 20);
         let spike = self
             .spike_limit_mib
             .map_or_else(|| pct(self.spike_limit_percentage), |m| m << 20)
@@ -101,6 +103,15 @@ pub struct MemoryLimiter {
     pub skipped_rounds: AtomicU64,
 }
 
+/// Why a reservation was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TooMuch {
+    /// It does not fit now; it may once memory is freed.
+    NotNow,
+    /// It is larger than the whole headroom below the soft limit.
+    Never,
+}
+
 /// Memory reserved for one request until it is answered.
 #[derive(Debug)]
 pub struct Reserved {
@@ -110,7 +121,9 @@ pub struct Reserved {
 
 impl Drop for Reserved {
     fn drop(&mut self) {
-        self.limiter.reserved.fetch_sub(self.bytes, Ordering::Relaxed);
+        self.limiter
+            .reserved
+            .fetch_sub(self.bytes, Ordering::Relaxed);
     }
 }
 
@@ -179,17 +192,15 @@ impl MemoryLimiter {
     }
 
     /// Reserves `bytes` for a request about to be decoded, if they fit under the soft limit.
-    /// A request larger than the whole headroom could never be taken: `Err(true)`; one that
-    /// does not fit now: `Err(false)`.
-    pub fn reserve(self: &Arc<Self>, bytes: u64) -> Result<Reserved, bool> {
+    pub fn reserve(self: &Arc<Self>, bytes: u64) -> Result<Reserved, TooMuch> {
         if bytes >= self.soft {
-            return Err(true);
+            return Err(TooMuch::Never);
         }
         let before = self.reserved.fetch_add(bytes, Ordering::Relaxed);
         if self.rss.load(Ordering::Relaxed) + before + bytes > self.soft {
             self.reserved.fetch_sub(bytes, Ordering::Relaxed);
             self.update_pressure();
-            return Err(false);
+            return Err(TooMuch::NotNow);
         }
         Ok(Reserved {
             limiter: self.clone(),
@@ -206,7 +217,11 @@ impl MemoryLimiter {
     }
 
     /// Checks every `interval` until `stop`; above the hard limit, one warning per second.
-    pub async fn run(self: Arc<Self>, interval: Duration, stop: tokio_util::sync::CancellationToken) {
+    pub async fn run(
+        self: Arc<Self>,
+        interval: Duration,
+        stop: tokio_util::sync::CancellationToken,
+    ) {
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let mut last_warning: Option<std::time::Instant> = None;
@@ -240,10 +255,13 @@ pub fn resident_bytes() -> Option<u64> {
 
 /// The memory this process may use: its cgroup's limit, else physical memory.
 pub fn available_memory() -> u64 {
-    let cgroup = ["/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"]
-        .iter()
-        .filter_map(|p| std::fs::read_to_string(p).ok())
-        .find_map(|t| t.trim().parse::<u64>().ok());
+    let cgroup = [
+        "/sys/fs/cgroup/memory.max",
+        "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+    ]
+    .iter()
+    .filter_map(|p| std::fs::read_to_string(p).ok())
+    .find_map(|t| t.trim().parse::<u64>().ok());
     let physical = std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|m| {
@@ -289,10 +307,12 @@ mod tests {
         let rss = resident_bytes().unwrap();
         let l = MemoryLimiter::new(rss + (100 << 20), rss + (200 << 20));
         let a = l.reserve(60 << 20).unwrap();
-        assert_eq!(l.reserve(60 << 20).unwrap_err(), false, "does not fit now");
-        assert!(l.reserve(rss + (100 << 20)).unwrap_err(), "never fits");
+        assert_eq!(l.reserve(60 << 20).unwrap_err(), TooMuch::NotNow);
+        assert_eq!(l.reserve(rss + (100 << 20)).unwrap_err(), TooMuch::Never);
         drop(a);
-        let _b = l.reserve(60 << 20).expect("room again once the first is answered");
+        let _b = l
+            .reserve(60 << 20)
+            .expect("room again once the first is answered");
         assert!(resident_bytes().is_some() && available_memory() > 0);
     }
 }

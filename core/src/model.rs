@@ -7,6 +7,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+mod encode;
 mod size;
 pub use size::{approx_bytes, decoded_size, DecodedSize, WireError};
 
@@ -201,18 +202,9 @@ impl Batch {
     }
 
     /// The protobuf encoding of the export request holding this batch, written from the
-    /// borrowed batch (no copy of its data).
+    /// borrowed batch (no copy of its data), each nested length computed once.
     pub fn encode_request(&self) -> Vec<u8> {
-        let len = self
-            .resource_metrics
-            .iter()
-            .map(prost::Message::encoded_len)
-            .sum::<usize>();
-        let mut buf = Vec::with_capacity(len + 16);
-        for rm in &self.resource_metrics {
-            prost::encoding::message::encode(1, rm, &mut buf);
-        }
-        buf
+        encode::encode_request(&self.resource_metrics)
     }
 }
 
@@ -530,6 +522,69 @@ pub fn number_value(point: &NumberDataPoint) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn encode_request_matches_prost_for_every_kind() {
+        let attrs = vec![kv("model", "m"), kv("n", 3i64)];
+        let mut metrics = vec![
+            Metric::gauge("g", "1", vec![number_point(5, 1.5, attrs.clone())]),
+            Metric::sum(
+                "s",
+                "{token}",
+                true,
+                vec![number_point(5, 2.0, attrs.clone())],
+            ),
+            Metric::sum("u", "", false, vec![]),
+            Metric {
+                name: "h".into(),
+                description: "a histogram".into(),
+                data: Some(metric::Data::Histogram(Histogram {
+                    data_points: vec![HistogramDataPoint {
+                        attributes: attrs.clone(),
+                        count: 3,
+                        sum: Some(0.5),
+                        bucket_counts: vec![1, 2],
+                        explicit_bounds: vec![0.1],
+                        ..Default::default()
+                    }],
+                    aggregation_temporality: AggregationTemporality::Cumulative as i32,
+                })),
+                metadata: vec![kv("k", "v")],
+                ..Default::default()
+            },
+            Metric {
+                name: "q".into(),
+                data: Some(metric::Data::Summary(Summary {
+                    data_points: vec![SummaryDataPoint::default(); 2],
+                })),
+                ..Default::default()
+            },
+            Metric {
+                name: "e".into(),
+                data: Some(metric::Data::ExponentialHistogram(ExponentialHistogram {
+                    data_points: vec![Default::default()],
+                    aggregation_temporality: 1,
+                })),
+                ..Default::default()
+            },
+            Metric {
+                name: "nodata".into(),
+                ..Default::default()
+            },
+        ];
+        let mut batch = Batch::with_resource(vec![kv("service.name", "x")], metrics.clone());
+        metrics.truncate(2);
+        batch.push_resource(vec![], metrics);
+        batch.resource_metrics[1].schema_url = "https://opentelemetry.io/schemas/1.0".into();
+        batch.resource_metrics[1].scope_metrics[0].schema_url = "s".into();
+        batch.resource_metrics.push(ResourceMetrics::default());
+        let ours = batch.encode_request();
+        let theirs = prost::Message::encode_to_vec(&batch.clone().into_request());
+        let decoded: ExportMetricsServiceRequest = prost::Message::decode(&ours[..]).unwrap();
+        assert_eq!(Batch::from_request(decoded), batch);
+        assert_eq!(ours, theirs, "byte for byte what prost writes");
+        assert!(Batch::new().encode_request().is_empty());
+    }
 
     #[test]
     fn split_keeps_every_point_in_order_under_the_limit() {

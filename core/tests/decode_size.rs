@@ -71,7 +71,9 @@ fn cases() -> Vec<(&'static str, Batch)> {
                 &format!("vllm:num_requests_running_{m}"),
                 "",
                 (0..5)
-                    .map(|i| number_point(1, i as f64, vec![kv("model_name", format!("model-{i}"))]))
+                    .map(|i| {
+                        number_point(1, i as f64, vec![kv("model_name", format!("model-{i}"))])
+                    })
                     .collect(),
             )
         })
@@ -79,13 +81,28 @@ fn cases() -> Vec<(&'static str, Batch)> {
     let empty_points = Metric::gauge("g", "", vec![Default::default(); 300_000]);
     let mut resources = Batch::new();
     for r in 0..2_000 {
-        resources.push_resource(vec![kv("service.instance.id", format!("10.0.0.{r}:8000"))], vec![]);
+        resources.push_resource(
+            vec![kv("service.instance.id", format!("10.0.0.{r}:8000"))],
+            vec![],
+        );
     }
     vec![
-        ("empty histogram points", Batch::with_resource(vec![], vec![empty_hist])),
-        ("empty number points", Batch::with_resource(vec![], vec![empty_points])),
-        ("histograms with buckets", Batch::with_resource(vec![kv("service.name", "vllm")], vec![full_hist])),
-        ("vLLM-style gauges", Batch::with_resource(vec![kv("service.name", "vllm")], gauges)),
+        (
+            "empty histogram points",
+            Batch::with_resource(vec![], vec![empty_hist]),
+        ),
+        (
+            "empty number points",
+            Batch::with_resource(vec![], vec![empty_points]),
+        ),
+        (
+            "histograms with buckets",
+            Batch::with_resource(vec![kv("service.name", "vllm")], vec![full_hist]),
+        ),
+        (
+            "vLLM-style gauges",
+            Batch::with_resource(vec![kv("service.name", "vllm")], gauges),
+        ),
         ("many resources", resources),
     ]
 }
@@ -117,13 +134,22 @@ fn decoded_size_is_an_upper_bound_of_what_decoding_allocates() {
             forecast.bytes
         );
         let held = approx_bytes(&decoded);
-        assert!(held <= measured, "{name}: {held} held, {measured} allocated at peak");
+        assert!(
+            held <= measured,
+            "{name}: {held} held, {measured} allocated at peak"
+        );
     }
 }
 
 #[test]
 fn malformed_wire_bytes_are_an_error_not_a_panic() {
-    for bad in [&[0x0a, 0xff][..], &[0x0a, 0x05, 0x01], &[0xff; 12], &[0x0b, 0x00], &[0x00]] {
+    for bad in [
+        &[0x0a, 0xff][..],
+        &[0x0a, 0x05, 0x01],
+        &[0xff; 12],
+        &[0x0b, 0x00],
+        &[0x00],
+    ] {
         assert!(decoded_size(bad).is_err(), "{bad:?}");
     }
     // Nesting deeper than prost allows is refused before the stack can run out.

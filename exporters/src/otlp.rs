@@ -104,7 +104,10 @@ impl ExporterFactory for OtlpExporterFactory {
             Protocol::Grpc => {
                 let mut endpoint = tonic::transport::Endpoint::from_shared(config.endpoint.clone())
                     .map_err(|e| ComponentError::Config(format!("endpoint: {e}")))?
-                    .connect_timeout(Duration::from_secs(5));
+                    .connect_timeout(Duration::from_secs(5))
+                    .tcp_nodelay(true)
+                    .initial_stream_window_size(1 << 20)
+                    .initial_connection_window_size(4 << 20);
                 if config.endpoint.starts_with("https://") {
                     let mut tls = tonic::transport::ClientTlsConfig::new().with_native_roots();
                     if let Some(ca) = pems.ca {

@@ -214,13 +214,9 @@ impl GenaiNormalize {
 impl Processor for GenaiNormalize {
     fn process(&mut self, batch: &mut Batch) {
         for rm in &mut batch.resource_metrics {
-            let resource_attrs: Vec<KeyValue> = rm
-                .resource
-                .as_ref()
-                .map(|r| r.attributes.clone())
-                .unwrap_or_default();
-            let tables = self.applicable(&resource_attrs);
-            let model = resource_attrs.get_str(MODEL).map(str::to_owned);
+            let resource = rm.resource.as_ref().map(|r| &r.attributes);
+            let tables = self.applicable(resource.map_or(&[][..], |a| &a[..]));
+            let model = resource.and_then(|a| a.get_str(MODEL)).map(str::to_owned);
             let mut engine: Option<String> = None;
             for sm in &mut rm.scope_metrics {
                 let mut renamed = false;

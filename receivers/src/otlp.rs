@@ -239,12 +239,10 @@ async fn take(output: &Output, body: Body<'_>) -> Result<ExportMetricsServiceRes
                 .map_err(|e| Refusal::Malformed(e.to_string()))?;
             let batch = Batch::from_request(request);
             let points = batch.point_count() as u64;
-            let reserved = output
-                .reserve_memory(approx_bytes(&batch))
-                .map_err(|e| {
-                    output.refused(points as usize, e);
-                    Refusal::Send(e)
-                })?;
+            let reserved = output.reserve_memory(approx_bytes(&batch)).map_err(|e| {
+                output.refused(points as usize, e);
+                Refusal::Send(e)
+            })?;
             (batch.into_request(), points, reserved)
         }
     };
@@ -259,8 +257,7 @@ async fn take(output: &Output, body: Body<'_>) -> Result<ExportMetricsServiceRes
 impl Refusal {
     fn into_status(self) -> tonic::Status {
         let retry = |message: &str, after: Duration| {
-            let details =
-                retry_info::encode(tonic::Code::ResourceExhausted as i32, message, after);
+            let details = retry_info::encode(tonic::Code::ResourceExhausted as i32, message, after);
             tonic::Status::with_details(tonic::Code::ResourceExhausted, message, details.into())
         };
         match self {
@@ -540,7 +537,10 @@ impl Receiver for OtlpReceiver {
             };
             let stop = ctx.shutdown.clone();
             let incoming = tokio_stream_listener(listener);
-            let mut server = tonic::transport::Server::builder();
+            // Requests of a few hundred kB arrive without waiting for window updates.
+            let mut server = tonic::transport::Server::builder()
+                .initial_stream_window_size(1 << 20)
+                .initial_connection_window_size(4 << 20);
             if let Some(tls) = &cfg.tls {
                 let pems = tls.read().map_err(ComponentError::Config)?;
                 let mut tls = tonic::transport::ServerTlsConfig::new()
@@ -600,7 +600,11 @@ fn tokio_stream_listener(
     listener: tokio::net::TcpListener,
 ) -> impl futures_util::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
     futures_util::stream::unfold(listener, |l| async move {
-        let next = l.accept().await.map(|(s, _)| s);
+        let next = l.accept().await.map(|(s, _)| {
+            // Without it an answer's frames wait for the client's delayed ACK (~40 ms each).
+            let _ = s.set_nodelay(true);
+            s
+        });
         Some((next, l))
     })
 }

@@ -63,18 +63,29 @@ service:
         .unwrap();
     let acked: usize = std::fs::read_to_string(&report).unwrap().parse().unwrap();
     assert_eq!(acked, 200, "two batches fit the hung exporter's queue");
-    assert_eq!(capture.point_count(), acked, "the healthy exporter got what was acknowledged, nothing more");
+    assert_eq!(
+        capture.point_count(),
+        acked,
+        "the healthy exporter got what was acknowledged, nothing more"
+    );
 
     let recv = stat(&telemetry, ComponentKind::Receiver, "generator");
     assert_eq!(get(&recv.accepted), 200);
-    assert!(get(&recv.refused) >= 1000, "refusals are counted: {}", get(&recv.refused));
+    assert!(
+        get(&recv.refused) >= 1000,
+        "refusals are counted: {}",
+        get(&recv.refused)
+    );
     let hung = stat(&telemetry, ComponentKind::Exporter, "fail/hang");
     assert_eq!(
         get(&hung.refused),
         0,
         "pushed points are refused at the receiver, not dropped at the queue"
     );
-    assert_eq!(summary.lost_points, 200, "what the hung exporter held is reported lost at shutdown");
+    assert_eq!(
+        summary.lost_points, 200,
+        "what the hung exporter held is reported lost at shutdown"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -99,7 +110,11 @@ service:
     let telemetry = svc.telemetry().clone();
     let summary = svc.run(std::future::pending()).await.unwrap();
     assert!(summary.drained);
-    assert_eq!(capture.max_in_flight(), 4, "four requests in flight at once");
+    assert_eq!(
+        capture.max_in_flight(),
+        4,
+        "four requests in flight at once"
+    );
     assert_eq!(capture.point_count(), 3000);
     let mut values = capture.values();
     values.sort_by(f64::total_cmp);
@@ -108,9 +123,15 @@ service:
         "every point exactly once, in whatever order"
     );
     let exp = stat(&telemetry, ComponentKind::Exporter, "capture");
-    assert_eq!((get(&exp.sent), get(&exp.queued), get(&exp.queue_bytes)), (3000, 0, 0));
+    assert_eq!(
+        (get(&exp.sent), get(&exp.queued), get(&exp.queue_bytes)),
+        (3000, 0, 0)
+    );
     let recv = stat(&telemetry, ComponentKind::Receiver, "generator");
-    assert!(get(&recv.refused) > 0, "the 8-batch queue made the client retry");
+    assert!(
+        get(&recv.refused) > 0,
+        "the 8-batch queue made the client retry"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

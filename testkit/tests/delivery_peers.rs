@@ -228,12 +228,22 @@ service:
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&dir);
     println!("statuses {statuses:?}, peak RSS {peak_mb} MB");
-    assert!(peak_mb < 200, "peak RSS {peak_mb} MB over the 200 MiB limit");
-    assert_eq!(statuses.get(&413), Some(&15), "the 3.6 MB requests could never fit: {statuses:?}");
+    assert!(
+        peak_mb < 200,
+        "peak RSS {peak_mb} MB over the 200 MiB limit"
+    );
+    assert_eq!(
+        statuses.get(&413),
+        Some(&15),
+        "the 3.6 MB requests could never fit: {statuses:?}"
+    );
     assert!(statuses.get(&429).is_some_and(|n| *n > 0), "{statuses:?}");
     assert!(statuses.get(&200).is_some_and(|n| *n > 0), "{statuses:?}");
     assert!(
-        self_metric(&page, "genai_collector_receiver_memory_refused_points_total") >= (15 << 20) as f64,
+        self_metric(
+            &page,
+            "genai_collector_receiver_memory_refused_points_total"
+        ) >= (15 << 20) as f64,
         "{page}"
     );
 }

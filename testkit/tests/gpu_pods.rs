@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use genai_collector_core::model::{AttributesExt, Batch};
 use genai_collector_core::telemetry::Telemetry;
 use genai_collector_core::{
-    Captured, CancellationToken, ComponentId, ComponentKind, Output, Receiver, ReceiverContext,
+    CancellationToken, Captured, ComponentId, ComponentKind, Output, Receiver, ReceiverContext,
 };
 use genai_collector_receivers::nvml::{GpuBackend, GpuReading, NvmlConfig, NvmlReceiver};
 

@@ -24,6 +24,8 @@ exporters:
   file:
     path: "{out}"
     delay: 10ms
+    # One request at a time: a backlog builds up, and it is written in order.
+    sending_queue: {{ num_consumers: 1 }}
 service:
   telemetry: {{ endpoint: null }}
   shutdown_timeout: 60s

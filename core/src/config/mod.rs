@@ -273,7 +273,12 @@ pub struct Config {
 }
 
 const TOP_LEVEL: &[&str] = &["receivers", "processors", "exporters", "service"];
-const SERVICE_KEYS: &[&str] = &["telemetry", "memory_limiter", "shutdown_timeout", "pipelines"];
+const SERVICE_KEYS: &[&str] = &[
+    "telemetry",
+    "memory_limiter",
+    "shutdown_timeout",
+    "pipelines",
+];
 const PIPELINE_KEYS: &[&str] = &["receivers", "processors", "exporters"];
 const EXPORTER_SETTINGS: &[&str] = &["sending_queue", "retry_on_failure", "timeout"];
 

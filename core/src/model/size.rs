@@ -60,8 +60,12 @@ fn metric_bytes(m: &Metric) -> u64 {
                 + vec_bytes(&p.explicit_bounds)
         }),
         Some(metric::Data::ExponentialHistogram(h)) => points(&h.data_points, |p| {
-            let buckets = |b: &Option<Buckets>| b.as_ref().map_or(0, |b| vec_bytes(&b.bucket_counts));
-            kvs(&p.attributes) + exemplars(&p.exemplars) + buckets(&p.positive) + buckets(&p.negative)
+            let buckets =
+                |b: &Option<Buckets>| b.as_ref().map_or(0, |b| vec_bytes(&b.bucket_counts));
+            kvs(&p.attributes)
+                + exemplars(&p.exemplars)
+                + buckets(&p.positive)
+                + buckets(&p.negative)
         }),
         Some(metric::Data::Summary(s)) => points(&s.data_points, |p| {
             kvs(&p.attributes) + vec_bytes(&p.quantile_values)
@@ -81,7 +85,9 @@ fn exemplars(v: &Vec<Exemplar>) -> u64 {
 }
 
 fn kvs(v: &Vec<KeyValue>) -> u64 {
-    points(v, |kv| str_bytes(&kv.key) + kv.value.as_ref().map_or(0, any_bytes))
+    points(v, |kv| {
+        str_bytes(&kv.key) + kv.value.as_ref().map_or(0, any_bytes)
+    })
 }
 
 fn any_bytes(v: &AnyValue) -> u64 {
@@ -186,12 +192,12 @@ fn walk<'a>(
             }
             1 | 5 => {
                 let n = if key & 7 == 1 { 8 } else { 4 };
-                buf = buf.get(n..).ok_or_else(|| WireError("buffer underflow"))?;
+                buf = buf.get(n..).ok_or(WireError("buffer underflow"))?;
                 Field::Fixed
             }
             2 => {
-                let len = usize::try_from(varint(&mut buf)?)
-                    .map_err(|_| WireError("length overflow"))?;
+                let len =
+                    usize::try_from(varint(&mut buf)?).map_err(|_| WireError("length overflow"))?;
                 if len > buf.len() {
                     return Err(WireError("buffer underflow"));
                 }
@@ -290,7 +296,12 @@ fn metric(buf: &[u8], points: &mut u64) -> Result<u64, WireError> {
                 heap += data(b, size_of::<HistogramDataPoint>(), histogram_point, points)?;
             }
             (10, Field::Len(b)) => {
-                heap += data(b, size_of::<ExponentialHistogramDataPoint>(), exp_point, points)?;
+                heap += data(
+                    b,
+                    size_of::<ExponentialHistogramDataPoint>(),
+                    exp_point,
+                    points,
+                )?;
             }
             (11, Field::Len(b)) => {
                 heap += data(b, size_of::<SummaryDataPoint>(), summary_point, points)?;

@@ -496,4 +496,3 @@ async fn supervise(
         Err(_) => stats.set_state(State::Stopped),
     }
 }
-

@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::queue::SendQueue;
 use super::LogEvery;
-use crate::memory::{MemoryLimiter, Reserved};
+use crate::memory::{MemoryLimiter, Reserved, TooMuch};
 use crate::model::Batch;
 use crate::telemetry::ComponentStats;
 
@@ -133,12 +133,9 @@ impl Output {
     pub fn reserve_memory(&self, bytes: u64) -> Result<Option<Reserved>, SendError> {
         match &self.limiter {
             None => Ok(None),
-            Some(l) => l.reserve(bytes).map(Some).map_err(|never| {
-                if never {
-                    SendError::TooLarge
-                } else {
-                    SendError::MemoryLimit
-                }
+            Some(l) => l.reserve(bytes).map(Some).map_err(|e| match e {
+                TooMuch::Never => SendError::TooLarge,
+                TooMuch::NotNow => SendError::MemoryLimit,
             }),
         }
     }

@@ -208,7 +208,9 @@ impl ExporterQueue {
             Ordering::Relaxed,
         );
         self.stats.queued.fetch_add(cost.points, Ordering::Relaxed);
-        self.stats.queue_bytes.fetch_add(cost.bytes, Ordering::Relaxed);
+        self.stats
+            .queue_bytes
+            .fetch_add(cost.bytes, Ordering::Relaxed);
         ComponentStats::add(&self.stats.accepted, cost.points as usize);
         room.commit(Item {
             payload: Payload::Memory(batch.clone()),

@@ -241,7 +241,9 @@ mod tests {
         q.release(taken.size);
         assert_eq!(q.used(), 0);
 
-        let big = q.try_reserve(25).expect("an empty queue takes one oversized batch");
+        let big = q
+            .try_reserve(25)
+            .expect("an empty queue takes one oversized batch");
         assert!(q.try_reserve(1).is_none());
         drop(big);
     }

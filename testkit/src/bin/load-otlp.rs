@@ -18,18 +18,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use clap::Parser;
 use genai_collector_core::model::{
-    kv, number_point, AggregationTemporality, Batch, HistogramDataPoint, Metric, MetricExt,
+    decoded_size, kv, number_point, AggregationTemporality, Batch, HistogramDataPoint, Metric,
+    MetricExt,
 };
 use genai_collector_testkit::free_port;
-use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient;
-use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
-    MetricsService, MetricsServiceServer,
-};
-use opentelemetry_proto::tonic::collector::metrics::v1::{
-    ExportMetricsServiceRequest, ExportMetricsServiceResponse,
-};
+use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceResponse;
 use opentelemetry_proto::tonic::metrics::v1::{metric, Histogram};
 
 #[derive(Parser)]
@@ -64,35 +60,152 @@ struct Args {
     memory_limit_mib: u64,
 }
 
-/// Counts the points exported to it; while `hang` is set it answers nothing, and what it held
-/// is refused (not counted) once it recovers: the sender has long timed out and retries.
+/// Counts the points exported to it (read from the wire bytes, so that this process's CPU goes
+/// to the load, not to decoding); while `hang` is set it answers nothing, and what it held is
+/// refused (not counted) once it recovers: the sender has long timed out and retries.
 #[derive(Clone, Default)]
 struct Sink {
     delivered: Arc<AtomicU64>,
     hang: Arc<AtomicBool>,
 }
 
-#[tonic::async_trait]
-impl MetricsService for Sink {
-    async fn export(
-        &self,
-        request: tonic::Request<ExportMetricsServiceRequest>,
-    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
-        if self.hang.load(Ordering::Relaxed) {
-            while self.hang.load(Ordering::Relaxed) {
-                tokio::time::sleep(Duration::from_millis(50)).await;
+impl tonic::server::NamedService for Sink {
+    const NAME: &'static str = "opentelemetry.proto.collector.metrics.v1.MetricsService";
+}
+
+impl tonic::server::UnaryService<Bytes> for Sink {
+    type Response = ExportMetricsServiceResponse;
+    type Future = tonic::codegen::BoxFuture<tonic::Response<Self::Response>, tonic::Status>;
+
+    fn call(&mut self, request: tonic::Request<Bytes>) -> Self::Future {
+        let sink = self.clone();
+        Box::pin(async move {
+            if sink.hang.load(Ordering::Relaxed) {
+                while sink.hang.load(Ordering::Relaxed) {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                return Err(tonic::Status::unavailable("was hanging"));
             }
-            return Err(tonic::Status::unavailable("was hanging"));
-        }
-        let batch = Batch::from_request(request.into_inner());
-        self.delivered
-            .fetch_add(batch.point_count() as u64, Ordering::Relaxed);
-        Ok(tonic::Response::new(ExportMetricsServiceResponse::default()))
+            let size = decoded_size(request.get_ref())
+                .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
+            sink.delivered.fetch_add(size.points, Ordering::Relaxed);
+            Ok(tonic::Response::new(ExportMetricsServiceResponse::default()))
+        })
     }
 }
 
+impl tonic::codegen::Service<tonic::codegen::http::Request<tonic::body::Body>> for Sink {
+    type Response = tonic::codegen::http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = tonic::codegen::BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: tonic::codegen::http::Request<tonic::body::Body>) -> Self::Future {
+        let sink = self.clone();
+        Box::pin(async move {
+            let mut grpc = tonic::server::Grpc::new(Raw)
+                .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
+                .max_decoding_message_size(64 << 20);
+            Ok(grpc.unary(sink, req).await)
+        })
+    }
+}
+
+/// Bytes in and out as they are: the clients send one request encoded once, the sink reads
+/// bytes; what each side answers or expects back is the export response.
+#[derive(Clone, Copy)]
+struct Raw;
+
+impl tonic::codec::Codec for Raw {
+    type Encode = ExportMetricsServiceResponse;
+    type Decode = Bytes;
+    type Encoder = Raw;
+    type Decoder = Raw;
+    fn encoder(&mut self) -> Raw {
+        Raw
+    }
+    fn decoder(&mut self) -> Raw {
+        Raw
+    }
+}
+
+impl tonic::codec::Decoder for Raw {
+    type Item = Bytes;
+    type Error = tonic::Status;
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Bytes>, tonic::Status> {
+        use bytes::Buf as _;
+        Ok(Some(src.copy_to_bytes(src.remaining())))
+    }
+}
+
+impl tonic::codec::Encoder for Raw {
+    type Item = ExportMetricsServiceResponse;
+    type Error = tonic::Status;
+    fn encode(
+        &mut self,
+        item: ExportMetricsServiceResponse,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        prost::Message::encode(&item, dst).map_err(|e| tonic::Status::internal(e.to_string()))
+    }
+}
+
+/// The client's side: sends encoded bytes, reads the response.
+#[derive(Clone, Copy)]
+struct RawClient;
+
+impl tonic::codec::Codec for RawClient {
+    type Encode = Bytes;
+    type Decode = ExportMetricsServiceResponse;
+    type Encoder = RawClient;
+    type Decoder = RawClient;
+    fn encoder(&mut self) -> RawClient {
+        RawClient
+    }
+    fn decoder(&mut self) -> RawClient {
+        RawClient
+    }
+}
+
+impl tonic::codec::Encoder for RawClient {
+    type Item = Bytes;
+    type Error = tonic::Status;
+    fn encode(
+        &mut self,
+        item: Bytes,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        bytes::BufMut::put_slice(dst, &item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawClient {
+    type Item = ExportMetricsServiceResponse;
+    type Error = tonic::Status;
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<ExportMetricsServiceResponse>, tonic::Status> {
+        prost::Message::decode(src)
+            .map(Some)
+            .map_err(|e| tonic::Status::internal(e.to_string()))
+    }
+}
+
+const EXPORT_PATH: &str = "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export";
+
 /// What a vLLM server's OTLP push looks like: gauges, counters and a TTFT histogram per model.
-fn request(servers: usize, histograms: bool) -> ExportMetricsServiceRequest {
+fn request(servers: usize, histograms: bool) -> Batch {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -162,7 +275,7 @@ fn request(servers: usize, histograms: bool) -> ExportMetricsServiceRequest {
             metrics,
         );
     }
-    batch.into_request()
+    batch
 }
 
 fn cpu_seconds(pid: u32) -> f64 {
@@ -214,12 +327,9 @@ async fn start(
     sink_port: u16,
     args: &Args,
 ) -> Result<Run, Box<dyn std::error::Error>> {
-    let service = MetricsServiceServer::new(sink.clone())
-        .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
-        .max_decoding_message_size(64 << 20);
     tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(service)
+            .add_service(sink.clone())
             .serve(([127, 0, 0, 1], sink_port).into()),
     );
     let child = command
@@ -229,24 +339,43 @@ async fn start(
         .map_err(|e| format!("cannot start {name}: {e}"))?;
     let endpoint = format!("http://127.0.0.1:{in_port}");
     let deadline = Instant::now() + Duration::from_secs(20);
-    let client = loop {
-        match MetricsServiceClient::connect(endpoint.clone()).await {
-            Ok(c) => break c.max_encoding_message_size(64 << 20),
+    let connect = || async {
+        tonic::transport::Endpoint::from_shared(endpoint.clone())
+            .expect("a valid endpoint")
+            .connect()
+            .await
+    };
+    // Each client has its own connection, as separate apps would.
+    let mut channels = Vec::new();
+    while channels.len() < args.clients {
+        match connect().await {
+            Ok(c) => channels.push(c),
             Err(e) if Instant::now() > deadline => return Err(format!("{name}: {e}").into()),
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
-    };
-    let req = request(args.servers, !args.no_histograms);
-    let per_request = Batch::from_request(req.clone()).point_count() as u64;
+    }
+    let batch = request(args.servers, !args.no_histograms);
+    let per_request = batch.point_count() as u64;
+    let req = Bytes::from(batch.encode_request());
     let (acked, refused) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let stop = Arc::new(AtomicBool::new(false));
     let mut clients = Vec::new();
-    for _ in 0..args.clients {
-        let (mut client, req) = (client.clone(), req.clone());
+    for channel in channels {
+        let mut client = tonic::client::Grpc::new(channel);
+        let req = req.clone();
         let (acked, refused, stop) = (acked.clone(), refused.clone(), stop.clone());
         clients.push(tokio::spawn(async move {
+            let path = tonic::codegen::http::uri::PathAndQuery::from_static(EXPORT_PATH);
             while !stop.load(Ordering::Relaxed) {
-                match client.export(req.clone()).await {
+                let sent = match client.ready().await {
+                    Ok(()) => {
+                        client
+                            .unary(tonic::Request::new(req.clone()), path.clone(), RawClient)
+                            .await
+                    }
+                    Err(e) => Err(tonic::Status::unavailable(e.to_string())),
+                };
+                match sent {
                     Ok(_) => {
                         acked.fetch_add(per_request, Ordering::Relaxed);
                     }
@@ -361,7 +490,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
     let dir = std::env::temp_dir().join(format!("load-otlp-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let per_request = Batch::from_request(request(args.servers, !args.no_histograms)).point_count();
+    let per_request = request(args.servers, !args.no_histograms).point_count();
     println!(
         "load-otlp: {per_request} points per request ({} servers{}), {} clients, exporters' compression {}",
         args.servers,
@@ -375,8 +504,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let mut results = Vec::new();
     let rotel = (args.rotel != "none").then(|| args.rotel.clone());
-    if rotel.as_deref().is_some_and(|r| !std::path::Path::new(r).exists()) {
-        return Err(format!("no Rotel at {} (scripts/load-otlp installs it; --rotel none skips it)", args.rotel).into());
+    if rotel
+        .as_deref()
+        .is_some_and(|r| !std::path::Path::new(r).exists())
+    {
+        return Err(format!(
+            "no Rotel at {} (scripts/load-otlp installs it; --rotel none skips it)",
+            args.rotel
+        )
+        .into());
     }
     for name in ["genai-collector", "rotel"] {
         let (in_port, sink_port) = (free_port(), free_port());
@@ -404,7 +540,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             c.arg("-c").arg(&config);
             c
         };
-        let run = start(name, &mut command, in_port, Sink::default(), sink_port, &args).await?;
+        let run = start(
+            name,
+            &mut command,
+            in_port,
+            Sink::default(),
+            sink_port,
+            &args,
+        )
+        .await?;
         // Warm-up: connections, allocator, the processor's caches.
         tokio::time::sleep(Duration::from_secs(2)).await;
         let mut figures = measure(name, &run, &args).await;
@@ -448,12 +592,23 @@ async fn fault_run(
 ) -> Result<(), Box<dyn std::error::Error>> {
     let (in_port, sink_port) = (free_port(), free_port());
     let config = dir.join("collector.yaml");
-    let memory = format!("  memory_limiter: {{ limit_mib: {} }}\n", args.memory_limit_mib);
+    let memory = format!(
+        "  memory_limiter: {{ limit_mib: {} }}\n",
+        args.memory_limit_mib
+    );
     std::fs::write(&config, collector_config(args, in_port, sink_port, &memory))?;
     let mut command = std::process::Command::new(&args.collector);
     command.arg("-c").arg(&config);
     let sink = Sink::default();
-    let run = start("genai-collector", &mut command, in_port, sink.clone(), sink_port, args).await?;
+    let run = start(
+        "genai-collector",
+        &mut command,
+        in_port,
+        sink.clone(),
+        sink_port,
+        args,
+    )
+    .await?;
     let pid = run.child.id();
     let report = |phase: &str, run: &Run| {
         println!(
