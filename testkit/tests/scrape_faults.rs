@@ -129,3 +129,71 @@ async fn each_fault_gets_a_clear_error() {
     let s = sim::start(EngineKind::VllmV1, "127.0.0.1:0").await.unwrap();
     assert!(scrape_once(&s.metrics_url(), &config).await.unwrap() > 50);
 }
+
+/// An engine whose enrichment panics on every other page: the bug of a future engine module.
+struct Panicky(std::sync::atomic::AtomicUsize);
+
+#[genai_collector_core::async_trait]
+impl genai_collector_receivers::scrape::Engine for Panicky {
+    fn provider(&self) -> Option<&'static str> {
+        None
+    }
+    fn default_interval(&self) -> Duration {
+        Duration::from_millis(100)
+    }
+    fn enrich(
+        &self,
+        _: &genai_collector_receivers::scrape::text::Page<'_>,
+        _: &mut Vec<genai_collector_core::model::Metric>,
+        _: u64,
+    ) {
+        if self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 2 == 0 {
+            panic!("enrich failed on purpose");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_on_a_page_is_a_failed_scrape_and_the_target_keeps_its_schedule() {
+    use genai_collector_core::model::{metric, number_value};
+    use genai_collector_core::{
+        CancellationToken, ComponentId, ComponentKind, Output, Receiver, ReceiverContext,
+    };
+    use genai_collector_receivers::scrape::{ScrapeConfig, ScrapeReceiver};
+
+    let target = sim::start(EngineKind::VllmV1, "127.0.0.1:0").await.unwrap();
+    let telemetry = genai_collector_core::telemetry::Telemetry::new();
+    let stats = telemetry.register(ComponentKind::Receiver, "prometheus", None);
+    let (output, mut rx) = Output::capture(64, stats.clone());
+    let receiver = Box::new(ScrapeReceiver {
+        engine: std::sync::Arc::new(Panicky(Default::default())),
+        config: ScrapeConfig {
+            targets: vec![target.metrics_url()],
+            interval: Some(Duration::from_millis(100)),
+            timeout: Some(Duration::from_millis(90)),
+            ..Default::default()
+        },
+    });
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(receiver.run(ReceiverContext {
+        id: ComponentId::parse("prometheus").unwrap(),
+        output,
+        shutdown: stop.clone(),
+    }));
+    let mut ups = Vec::new();
+    while ups.len() < 6 {
+        let batch = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("the target is still scraped")
+            .unwrap();
+        let up = batch.metrics().find(|m| m.name == "up").and_then(|m| match &m.data {
+            Some(metric::Data::Gauge(g)) => number_value(&g.data_points[0]),
+            _ => None,
+        });
+        ups.extend(up);
+    }
+    stop.cancel();
+    let _ = run.await;
+    assert!(ups.contains(&0.0) && ups.contains(&1.0), "up {ups:?}");
+    assert!(stats.last_error().unwrap().contains("panicked"), "{:?}", stats.last_error());
+}

@@ -41,14 +41,17 @@ pub struct Converter {
     series: HashMap<u64, SeriesState>,
 }
 
-fn ns(seconds: f64) -> u64 {
-    if seconds.is_finite() && seconds > 0.0 {
-        // Whole seconds apart from the fraction: `1700000000.25 * 1e9` rounds 128 ns off.
-        let whole = seconds.trunc();
-        whole as u64 * 1_000_000_000 + ((seconds - whole) * 1e9).round() as u64
-    } else {
-        0
+/// Seconds as Unix nanoseconds; `None` for what no nanosecond count can hold (negative, not
+/// finite, or past 2554: a page that wrote nanoseconds where seconds belong).
+fn ns(seconds: f64) -> Option<u64> {
+    if !(seconds.is_finite() && seconds > 0.0 && seconds < u64::MAX as f64 / 1e9) {
+        return None;
     }
+    // Whole seconds apart from the fraction: `1700000000.25 * 1e9` rounds 128 ns off.
+    let whole = seconds.trunc();
+    (whole as u64)
+        .checked_mul(1_000_000_000)?
+        .checked_add(((seconds - whole) * 1e9).round() as u64)
 }
 
 fn series_hash(name: &str, labels: &[Label<'_>], skip: &str) -> u64 {
@@ -64,17 +67,20 @@ fn series_hash(name: &str, labels: &[Label<'_>], skip: &str) -> u64 {
 /// An OpenMetrics exemplar as OTLP's: `trace_id` and `span_id` labels (hex) become the ids, as
 /// the OpenTelemetry Collector's Prometheus receiver does; the other labels stay attributes.
 fn exemplar(e: &super::text::Exemplar<'_>, now: u64) -> Exemplar {
+    // Read as bytes: a label value may hold any UTF-8, and slicing it as text could split a char.
     let hex = |v: &str, len: usize| {
+        let nibble = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
         (v.len() == len * 2)
             .then(|| {
-                (0..len)
-                    .map(|i| u8::from_str_radix(&v[2 * i..2 * i + 2], 16).ok())
+                v.as_bytes()
+                    .chunks_exact(2)
+                    .map(|p| Some(nibble(p[0])? << 4 | nibble(p[1])?))
                     .collect::<Option<Vec<u8>>>()
             })
             .flatten()
     };
     let mut out = Exemplar {
-        time_unix_nano: e.timestamp.map_or(now, ns),
+        time_unix_nano: e.timestamp.and_then(ns).unwrap_or(now),
         value: Some(exemplar::Value::AsDouble(e.value)),
         ..Default::default()
     };
@@ -180,7 +186,7 @@ impl Converter {
             .samples
             .iter()
             .filter(|s| f.suffix(s) == "_created")
-            .map(|s| (series_hash("", page.labels_of(s), ""), ns(s.value)))
+            .filter_map(|s| Some((series_hash("", page.labels_of(s), ""), ns(s.value)?)))
             .collect();
         let mut name = None;
         let mut seen = std::collections::HashSet::new();
@@ -194,7 +200,7 @@ impl Converter {
             }
             name.get_or_insert(s.name);
             let key = series_hash(s.name, labels, "");
-            let time = s.timestamp.map_or(now, ns);
+            let time = s.timestamp.and_then(ns).unwrap_or(now);
             let start = self.start(key, s.value, created.get(&series).copied(), time, next);
             points.push(NumberDataPoint {
                 start_time_unix_nano: start,
@@ -246,9 +252,9 @@ impl Converter {
             } else if suffix == sum_suffix {
                 g.sum = Some(s.value);
             } else if suffix == "_created" {
-                g.created = Some(ns(s.value));
+                g.created = ns(s.value);
             }
-            g.time = g.time.max(s.timestamp.map_or(now, ns));
+            g.time = g.time.max(s.timestamp.and_then(ns).unwrap_or(now));
         });
         let mut points = Vec::with_capacity(groups.len());
         for g in groups {
@@ -322,7 +328,7 @@ impl Converter {
                 match f.suffix(s) {
                     "_count" => g.count = Some(s.value),
                     "_sum" => g.sum = Some(s.value),
-                    "_created" => g.created = Some(ns(s.value)),
+                    "_created" => g.created = ns(s.value),
                     _ => {
                         if let Some(q) = labels
                             .iter()
@@ -336,7 +342,7 @@ impl Converter {
                         }
                     }
                 }
-                g.time = g.time.max(s.timestamp.map_or(now, ns));
+                g.time = g.time.max(s.timestamp.and_then(ns).unwrap_or(now));
             },
         );
         let points = groups
@@ -431,7 +437,7 @@ fn gauge(
             continue;
         }
         points.push(genai_collector_core::model::number_point(
-            s.timestamp.map_or(now, ns),
+            s.timestamp.and_then(ns).unwrap_or(now),
             s.value,
             attrs(labels, ""),
         ));
@@ -567,6 +573,31 @@ mod tests {
             (e[0].time_unix_nano, &e[0].value),
             (9, &Some(exemplar::Value::AsDouble(0.8)))
         );
+    }
+
+    #[test]
+    fn hostile_exemplar_ids_and_timestamps_do_not_panic() {
+        // '€' is 3 bytes: the id has the hex length, but slicing it as text splits a char.
+        let text = "# TYPE r counter\nr_total 7 # {trace_id=\"\u{20ac}aaaaaaaaaaaaaaaaaaaaaaaaaaaaa\",span_id=\"\u{20ac}aaaaaaaaaaaaa\"} 1\nr_created 1e300\n# TYPE g gauge\ng 1 1e300\n# EOF\n";
+        let page = parse(text, Format::OpenMetrics).unwrap();
+        let (b, _) = Converter::new().convert(&page, 9, vec![]);
+        let Some(metric::Data::Sum(sum)) = &one(&b, "r_total").data else {
+            panic!()
+        };
+        let p = &sum.data_points[0];
+        assert!(p.exemplars[0].trace_id.is_empty() && p.exemplars[0].span_id.is_empty());
+        assert_eq!(p.exemplars[0].filtered_attributes.len(), 2, "kept as attributes");
+        assert_eq!(p.start_time_unix_nano, 9, "an impossible _created is ignored");
+        // A 0.0.4 page that wrote nanoseconds where milliseconds belong.
+        let page = parse("x 1 1700000000000000000\n", Format::Prometheus).unwrap();
+        let (b, _) = Converter::new().convert(&page, 9, vec![]);
+        let Some(metric::Data::Gauge(g)) = &one(&b, "x").data else {
+            panic!()
+        };
+        assert_eq!(g.data_points[0].time_unix_nano, 9, "scrape time instead");
+        assert_eq!(ns(1700000000.25), Some(1_700_000_000_250_000_000));
+        assert_eq!(ns(2e10), None);
+        assert_eq!(ns(f64::NAN), None);
     }
 
     #[test]

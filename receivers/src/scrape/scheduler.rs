@@ -378,7 +378,7 @@ pub async fn run(
             output: ctx.output.clone(),
             stop,
         };
-        tokio::spawn(job.run());
+        tokio::spawn(job.supervised());
     };
     for raw in &config.targets {
         let t = Target::parse(raw, default_path, &[]).map_err(ComponentError::Config)?;
@@ -517,6 +517,7 @@ fn read_target_file(path: &PathBuf, default_path: &str) -> Result<Vec<Target>, S
     Ok(out)
 }
 
+#[derive(Clone)]
 struct TargetLoop {
     target: Target,
     settings: Arc<Settings>,
@@ -528,6 +529,25 @@ struct TargetLoop {
 }
 
 impl TargetLoop {
+    /// Runs the loop; one that panics is reported and started again after an interval, so a
+    /// target never silently stops being scraped.
+    async fn supervised(self) {
+        loop {
+            match tokio::spawn(self.clone().run()).await {
+                Err(e) if e.is_panic() => {
+                    let message = format!("{}: the scrape loop panicked; restarting it", self.target.url);
+                    tracing::error!(receiver = %self.settings.id, target = %self.target.url, "scrape loop panicked; restarting it");
+                    self.output.report_error(message);
+                    tokio::select! {
+                        () = tokio::time::sleep(self.settings.interval) => {}
+                        () = self.stop.cancelled() => return,
+                    }
+                }
+                _ => return,
+            }
+        }
+    }
+
     async fn run(self) {
         let s = &self.settings;
         let mut h = DefaultHasher::new();
@@ -698,7 +718,16 @@ impl TargetLoop {
                     )
                 })
         } else {
-            work(taken)
+            // A panic in the parser, the converter or the engine's enrichment is a failed
+            // scrape of this page, not a dead target.
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(taken))).unwrap_or_else(
+                |_| {
+                    (
+                        Converter::new(),
+                        Err(ScrapeError::Parse("the parser panicked".into())),
+                    )
+                },
+            )
         };
         *converter = back;
         result.map(|(m, samples, bytes)| {
