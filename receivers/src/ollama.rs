@@ -289,13 +289,9 @@ impl OllamaReceiver {
         if !response.status().is_success() {
             return Err(format!("answered HTTP {}", response.status().as_u16()));
         }
-        let body = response
-            .bytes()
+        let body = crate::scrape::fetch::read_limited(response, crate::scrape::fetch::SIDE_LIMIT)
             .await
-            .map_err(|e| format!("cannot read the answer: {e}"))?;
-        if body.len() > 4 << 20 {
-            return Err("the answer is larger than 4 MiB".into());
-        }
+            .map_err(|e| e.to_string())?;
         serde_json::from_slice(&body).map_err(|e| format!("not the JSON Ollama sends: {e}"))
     }
 }

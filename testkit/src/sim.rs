@@ -69,6 +69,9 @@ pub enum Fault {
     Huge(u64),
     /// A small gzip body that inflates to this many bytes.
     GzipBomb(u64),
+    /// `/metrics` is fine; the JSON side endpoints (`/info`, `/props`, `/api/ps`) answer a
+    /// gzip bomb of this many bytes.
+    SideGzipBomb(u64),
     /// Every series twice.
     Duplicates,
     /// A valid page of this many series.
@@ -108,7 +111,9 @@ impl SimHandle {
 
     /// Switches the fault; a gzip bomb is compressed here, before it is served.
     pub fn set_fault(&self, fault: Fault) {
-        if let (Fault::GzipBomb(size), Ok(mut bomb)) = (&fault, self.sim.bomb.lock()) {
+        if let (Fault::GzipBomb(size) | Fault::SideGzipBomb(size), Ok(mut bomb)) =
+            (&fault, self.sim.bomb.lock())
+        {
             *bomb = gzip_zeros(*size).into();
         }
         if let Ok(mut f) = self.sim.fault.lock() {
@@ -280,7 +285,7 @@ async fn metrics(State(sim): State<Arc<Sim>>, headers: axum::http::HeaderMap) ->
         "text/plain; version=0.0.4; charset=utf-8",
     )];
     match fault {
-        Fault::None => (text_plain, sim.render(t)).into_response(),
+        Fault::None | Fault::SideGzipBomb(_) => (text_plain, sim.render(t)).into_response(),
         Fault::Slow(d) => {
             tokio::time::sleep(d).await;
             (text_plain, sim.render(t)).into_response()
@@ -367,9 +372,26 @@ fn gzip_zeros(size: u64) -> Vec<u8> {
     enc.finish().unwrap_or_default()
 }
 
+/// A side endpoint's answer under a bomb fault.
+fn side_bomb(sim: &Sim) -> Option<Response> {
+    let fault = sim.fault.lock().map(|f| f.clone()).unwrap_or_default();
+    if !matches!(fault, Fault::GzipBomb(_) | Fault::SideGzipBomb(_)) {
+        return None;
+    }
+    let body = sim.bomb.lock().map(|b| b.clone()).unwrap_or_default();
+    let headers = [
+        (header::CONTENT_TYPE, "application/json"),
+        (header::CONTENT_ENCODING, "gzip"),
+    ];
+    Some((headers, body).into_response())
+}
+
 async fn info(State(sim): State<Arc<Sim>>) -> Response {
     if sim.kind != EngineKind::Tgi {
         return StatusCode::NOT_FOUND.into_response();
+    }
+    if let Some(bomb) = side_bomb(&sim) {
+        return bomb;
     }
     let body = r#"{"model_id":"meta-llama/Llama-3.1-8B-Instruct","model_dtype":"torch.float16","max_concurrent_requests":128,"max_batch_total_tokens":16384,"version":"3.0.1"}"#;
     ([(header::CONTENT_TYPE, "application/json")], body).into_response()
@@ -378,6 +400,9 @@ async fn info(State(sim): State<Arc<Sim>>) -> Response {
 async fn props(State(sim): State<Arc<Sim>>) -> Response {
     if sim.kind != EngineKind::LlamaCpp {
         return StatusCode::NOT_FOUND.into_response();
+    }
+    if let Some(bomb) = side_bomb(&sim) {
+        return bomb;
     }
     match std::fs::read_to_string(fixtures_dir().join(LLAMACPP_PROPS)) {
         Ok(body) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
@@ -391,6 +416,9 @@ async fn ollama_ps(State(sim): State<Arc<Sim>>) -> Response {
     }
     sim.requests
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    if let Some(bomb) = side_bomb(&sim) {
+        return bomb;
+    }
     let fault = sim.fault.lock().map(|f| f.clone()).unwrap_or_default();
     let json = [(header::CONTENT_TYPE, "application/json")];
     match fault {

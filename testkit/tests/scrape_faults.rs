@@ -197,3 +197,37 @@ async fn a_panic_on_a_page_is_a_failed_scrape_and_the_target_keeps_its_schedule(
     assert!(ups.contains(&0.0) && ups.contains(&1.0), "up {ups:?}");
     assert!(stats.last_error().unwrap().contains("panicked"), "{:?}", stats.last_error());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gzip_bombs_on_side_endpoints_stop_at_the_limit() {
+    const GB: u64 = 1 << 30;
+    let tgi = sim::start(EngineKind::Tgi, "127.0.0.1:0").await.unwrap();
+    tgi.set_fault(Fault::SideGzipBomb(GB));
+    let ollama = sim::start(EngineKind::Ollama, "127.0.0.1:0").await.unwrap();
+    ollama.set_fault(Fault::SideGzipBomb(GB));
+    let yaml = format!(
+        "receivers:\n  tgi:\n    targets: [\"{}\"]\n    interval: 300ms\n    timeout: 250ms\n  ollama:\n    endpoint: \"http://{}\"\n    interval: 300ms\n    timeout: 250ms\nexporters:\n  capture: {{}}\nservice:\n  telemetry: {{ endpoint: null }}\n  pipelines:\n    metrics: {{ receivers: [tgi, ollama], exporters: [capture] }}\n",
+        tgi.metrics_url(),
+        ollama.addr
+    );
+    let before = peak_rss_mb();
+    let capture = run_for(&yaml, 2.0).await;
+    let grown = peak_rss_mb() - before;
+    let by_target = scrapes(&capture);
+    let tgi_scrapes = &by_target[&tgi.metrics_url()];
+    assert!(
+        tgi_scrapes.iter().all(|s| s.gauge("up") == Some(1.0)),
+        "the page itself is fine"
+    );
+    assert!(tgi_scrapes.len() >= 3);
+    let ollama_up: Vec<_> = capture
+        .batches()
+        .iter()
+        .flat_map(|b| b.metrics().filter(|m| m.name == "up").cloned().collect::<Vec<_>>())
+        .collect();
+    assert!(!ollama_up.is_empty());
+    assert!(
+        grown < 200.0,
+        "a 1 GB answer from /info and /api/ps grew RSS by {grown:.0} MB"
+    );
+}

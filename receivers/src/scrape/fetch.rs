@@ -94,6 +94,17 @@ pub(crate) async fn fetch(
     if content_type.starts_with("text/html") || content_type.starts_with("application/json") {
         return Err(ScrapeError::NotMetrics(content_type));
     }
+    let body = read_limited(response, limit).await?;
+    let body = String::from_utf8(body).map_err(|_| ScrapeError::NotUtf8)?;
+    Ok(Fetched { body, content_type })
+}
+
+/// Reads at most `limit` bytes of a response body, decompressed: a gzip bomb stops at the
+/// limit as it inflates, never after. Every body a receiver reads goes through here.
+pub(crate) async fn read_limited(
+    response: reqwest::Response,
+    limit: u64,
+) -> Result<Vec<u8>, ScrapeError> {
     // Content-Length is of the encoded body; a gzip answer is checked as it decompresses.
     if response.content_length().is_some_and(|n| n > limit) {
         return Err(ScrapeError::TooLarge(limit));
@@ -108,9 +119,11 @@ pub(crate) async fn fetch(
         }
         body.extend_from_slice(&chunk);
     }
-    let body = String::from_utf8(body).map_err(|_| ScrapeError::NotUtf8)?;
-    Ok(Fetched { body, content_type })
+    Ok(body)
 }
+
+/// The most a JSON side endpoint (`/info`, `/props`, `/api/ps`) may answer, decompressed.
+pub(crate) const SIDE_LIMIT: u64 = 4 << 20;
 
 /// What a target's JSON side endpoint (TGI's `/info`, llama.cpp's `/props`) answered.
 pub(crate) enum SideAnswer<T> {
@@ -146,8 +159,14 @@ pub(crate) async fn side_json<T: serde::de::DeserializeOwned>(
     let Ok(response) = response.error_for_status() else {
         return SideAnswer::Failed;
     };
-    match response.bytes().await.map(|b| serde_json::from_slice(&b)) {
-        Ok(Ok(v)) => SideAnswer::Json(v),
-        _ => SideAnswer::Failed,
+    match read_limited(response, SIDE_LIMIT).await {
+        Ok(body) => match serde_json::from_slice(&body) {
+            Ok(v) => SideAnswer::Json(v),
+            Err(_) => SideAnswer::Failed,
+        },
+        Err(e) => {
+            tracing::debug!(target = %url, error = %e, "unusable answer; asking again next scrape");
+            SideAnswer::Failed
+        }
     }
 }

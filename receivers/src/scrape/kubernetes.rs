@@ -144,7 +144,23 @@ pub fn target_of(
     if let Some(pool) = pod.labels.and_then(|l| l.get(&config.pool_label)) {
         labels.push(("gen_ai.pool.name".to_owned(), pool.clone()));
     }
-    Target::parse(&format!("{scheme}://{host}:{port}{path}"), path, &labels)
+    // Built from parts, never by pasting text: an annotation such as `@other-host/` would
+    // otherwise turn the pod's address into user info and send the scrape (and its
+    // credentials) to another host.
+    if !path.starts_with('/') || path.contains(['@', '\\', '#']) {
+        return Err(format!(
+            "prometheus.io/path `{path}` is not a path (it must start with `/` and hold no `@`, `\\` or `#`)"
+        ));
+    }
+    let mut url = reqwest::Url::parse(&format!("{scheme}://{host}:{port}/"))
+        .map_err(|e| format!("pod address `{host}:{port}`: {e}"))?;
+    let (path_only, query) = path.split_once('?').map_or((path, None), |(p, q)| (p, Some(q)));
+    url.set_path(path_only);
+    url.set_query(query);
+    if url.host_str() != Some(host.as_str()) || url.port_or_known_default() != Some(port) {
+        return Err(format!("prometheus.io/path `{path}` would change the host scraped"));
+    }
+    Target::parse(url.as_str(), path_only, &labels)
 }
 
 /// Names the verb RBAC refused, from the API server's "cannot list resource" message.
@@ -406,6 +422,51 @@ mod tests {
             ..pod
         };
         assert!(target_of(&off, &config, "/metrics").is_err());
+    }
+
+    #[test]
+    fn an_annotation_never_changes_the_host_scraped() {
+        fn pod(annotations: &BTreeMap<String, String>) -> PodView<'_> {
+            PodView {
+                name: "evil",
+                namespace: "default",
+                uid: "u-2",
+                node: None,
+                phase: Some("Running"),
+                ip: Some("10.1.2.3"),
+                labels: None,
+                annotations: Some(annotations),
+            }
+        }
+        let config = KubernetesConfig::default();
+        for path in [
+            "@169.254.169.254/latest/meta-data/",
+            "@attacker.example/metrics",
+            "/x@attacker.example",
+            "metrics",
+            "\\\\attacker.example/metrics",
+            "//attacker.example/metrics",
+            "/a#@attacker.example",
+        ] {
+            let a = map(&[("prometheus.io/port", "8000"), ("prometheus.io/path", path)]);
+            match target_of(&pod(&a), &config, "/metrics") {
+                Ok(t) => {
+                    let url = reqwest::Url::parse(&t.url).unwrap();
+                    assert_eq!(url.host_str(), Some("10.1.2.3"), "{path} -> {}", t.url);
+                    assert_eq!(url.username(), "", "{path} -> {}", t.url);
+                }
+                Err(e) => assert!(e.contains("prometheus.io/path"), "{path}: {e}"),
+            }
+        }
+        let a = map(&[
+            ("prometheus.io/port", "8000"),
+            ("prometheus.io/path", "/metrics?format=prometheus"),
+        ]);
+        assert_eq!(
+            target_of(&pod(&a), &config, "/metrics").unwrap().url,
+            "http://10.1.2.3:8000/metrics?format=prometheus",
+            "a query is still allowed"
+        );
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! auth, TLS, health series).
 
 pub mod convert;
-mod fetch;
+pub(crate) mod fetch;
 mod identity;
 pub mod kubernetes;
 mod scheduler;
