@@ -22,6 +22,8 @@ use crate::model::Batch;
 pub struct DiskQueue {
     dir: PathBuf,
     next: AtomicU64,
+    /// Held open with an exclusive lock for as long as the queue lives.
+    _lock: fs::File,
 }
 
 /// A batch on disk: its sequence number, size and when it was queued.
@@ -40,6 +42,21 @@ impl DiskQueue {
         let dir = root.join(exporter.replace('/', "__"));
         fs::create_dir_all(&dir)
             .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", dir.display())))?;
+        // Two writers would take each other's sequence numbers and delete each other's files.
+        let lock = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(".lock"))?;
+        if let Err(e) = lock.try_lock() {
+            return Err(io::Error::new(
+                io::ErrorKind::WouldBlock,
+                format!(
+                    "{} is in use by another collector process or another exporter whose id maps to the same directory ({e}); give each its own `storage` directory or exporter id",
+                    dir.display()
+                ),
+            ));
+        }
         let mut stored = Vec::new();
         for entry in fs::read_dir(&dir)? {
             let entry = entry?;
@@ -64,11 +81,12 @@ impl DiskQueue {
             });
         }
         stored.sort_by_key(|s| s.seq);
-        let next = stored.last().map_or(1, |s| s.seq + 1);
+        let next = stored.last().map_or(1, |s| s.seq.saturating_add(1));
         Ok((
             Self {
                 dir,
                 next: AtomicU64::new(next),
+                _lock: lock,
             },
             stored,
         ))
@@ -165,9 +183,23 @@ mod tests {
         );
 
         fs::write(q.dir().join(format!("{:020}-5.batch", sc + 2)), b"\xff\xff").unwrap();
+        drop(q);
         let (q, waiting) = DiskQueue::open(&root, "otlp/gw").unwrap();
         let err = q.read(waiting.last().unwrap()).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        let _ = fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn one_writer_per_directory() {
+        let root = std::env::temp_dir().join(format!("dq-lock-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        let (first, _) = DiskQueue::open(&root, "otlp/a/b").unwrap();
+        let e = DiskQueue::open(&root, "otlp/a__b").unwrap_err();
+        assert!(e.to_string().contains("is in use by another collector process"), "{e}");
+        assert!(DiskQueue::open(&root, "otlp/a/b").is_err(), "nor twice the same id");
+        drop(first);
+        assert!(DiskQueue::open(&root, "otlp/a/b").is_ok(), "free again once closed");
         let _ = fs::remove_dir_all(&root);
     }
 }

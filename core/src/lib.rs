@@ -2,6 +2,7 @@
 //! the pipeline runtime and self-telemetry. Receivers, processors and exporters depend on this
 //! crate alone; a team's own receiver crate does too.
 
+pub mod auth;
 pub mod component;
 pub mod config;
 pub mod disk_queue;

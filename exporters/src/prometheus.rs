@@ -721,13 +721,11 @@ struct Shared {
 }
 
 async fn serve(State(s): State<Shared>, headers: HeaderMap) -> Response {
-    if let Some(token) = &s.token {
-        let given = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok());
-        if given != Some(format!("Bearer {token}").as_str()) {
-            return (StatusCode::UNAUTHORIZED, "bearer token required").into_response();
-        }
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if !genai_collector_core::auth::bearer_matches(s.token.as_deref(), given) {
+        return (StatusCode::UNAUTHORIZED, "bearer token required").into_response();
     }
     let accept = headers
         .get(header::ACCEPT)

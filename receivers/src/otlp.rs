@@ -197,10 +197,7 @@ fn partial(rejected: i64) -> Option<ExportMetricsPartialSuccess> {
     })
 }
 
-/// Whether the `authorization` value a client sent is the one expected.
-fn authorized(expected: Option<&str>, given: Option<&str>) -> bool {
-    expected.is_none_or(|e| given == Some(e))
-}
+use genai_collector_core::auth::bearer_matches as authorized;
 
 /// An export request as it arrived.
 enum Body<'a> {
@@ -526,7 +523,7 @@ impl Receiver for OtlpReceiver {
             .bearer_token
             .as_ref()
             .filter(|t| !t.is_empty())
-            .map(|t| Arc::<str>::from(format!("Bearer {t}")));
+            .map(|t| Arc::<str>::from(t.as_str()));
         if let (Some(listener), Some(cfg)) = (self.grpc, &self.config.protocols.grpc) {
             let listener = tokio::net::TcpListener::from_std(listener)?;
             info!(receiver = %ctx.id, addr = ?listener.local_addr().ok(), "OTLP/gRPC listening");
@@ -640,9 +637,5 @@ mod tests {
         );
         assert!(partial(rejected).unwrap().error_message.contains("no data"));
         assert_eq!(partial(0), None);
-        assert!(authorized(None, None));
-        assert!(authorized(Some("Bearer t"), Some("Bearer t")));
-        assert!(!authorized(Some("Bearer t"), Some("Bearer x")));
-        assert!(!authorized(Some("Bearer t"), None));
     }
 }

@@ -208,3 +208,88 @@ service:
         "{text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_batch_that_cannot_be_read_now_stays_on_disk() {
+    let capture = Capture::new();
+    let root = std::env::temp_dir().join(format!("delivery-unreadable-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let dir = root.join("capture");
+    std::fs::create_dir_all(&dir).unwrap();
+    // Reading it fails, but not because it is corrupt (a directory stands in for an I/O error).
+    let unreadable = dir.join(format!("{:020}-5.batch", 1));
+    std::fs::create_dir(&unreadable).unwrap();
+    std::fs::write(dir.join(format!("{:020}-3.batch", 2)), b"\xff\xff").unwrap();
+    let svc = service(
+        &format!(
+            r#"
+receivers:
+  generator: {{ batches: 1, points: 10 }}
+exporters:
+  capture: {{ sending_queue: {{ storage: "{}" }} }}
+service:
+  telemetry: {{ endpoint: null }}
+  pipelines:
+    metrics: {{ receivers: [generator], exporters: [capture] }}
+"#,
+            root.display()
+        ),
+        &capture,
+    );
+    let telemetry = svc.telemetry().clone();
+    svc.run(std::future::pending()).await.unwrap();
+    let exp = stat(&telemetry, ComponentKind::Exporter, "capture");
+    assert_eq!(capture.point_count(), 10);
+    assert_eq!(get(&exp.failed), 3, "the corrupt batch is dropped and counted");
+    assert_eq!(get(&exp.persisted), 5, "the unreadable one is kept for the next start");
+    assert!(unreadable.exists());
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_running_out_never_delete_what_is_on_disk() {
+    let capture = Capture::new();
+    let root = std::env::temp_dir().join(format!("delivery-outage-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let svc = service(
+        &format!(
+            r#"
+receivers:
+  generator: {{ batches: 3, points: 10 }}
+exporters:
+  fail:
+    mode: retryable
+    retry_on_failure: {{ initial_interval: 5ms, max_interval: 10ms, max_elapsed_time: 50ms }}
+    sending_queue: {{ storage: "{}" }}
+  fail/permanent:
+    mode: permanent
+    sending_queue: {{ storage: "{}" }}
+service:
+  telemetry: {{ endpoint: null }}
+  pipelines:
+    metrics: {{ receivers: [generator], exporters: [fail, fail/permanent] }}
+"#,
+            root.display(),
+            root.display()
+        ),
+        &capture,
+    );
+    let telemetry = svc.telemetry().clone();
+    svc.run(std::future::pending()).await.unwrap();
+    let down = stat(&telemetry, ComponentKind::Exporter, "fail");
+    assert_eq!((get(&down.failed), get(&down.persisted)), (0, 30));
+    let files = std::fs::read_dir(root.join("fail")).unwrap().filter(|e| {
+        e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".batch")
+    });
+    assert_eq!(files.count(), 3, "a backend that is down keeps its batches on disk");
+    let refused = stat(&telemetry, ComponentKind::Exporter, "fail/permanent");
+    assert_eq!((get(&refused.failed), get(&refused.persisted)), (30, 0));
+    assert_eq!(
+        std::fs::read_dir(root.join("fail__permanent")).unwrap().filter(|e| {
+            e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".batch")
+        }).count(),
+        0,
+        "data a backend refuses for good is dropped, not kept forever"
+    );
+    let _ = std::fs::remove_dir_all(&root);
+}

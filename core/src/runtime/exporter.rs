@@ -82,43 +82,55 @@ async fn consume(w: Arc<Worker>) {
             .queue_oldest_ms
             .store(item.queued_at_ms.max(1), Ordering::Relaxed);
         let batch = match &item.payload {
-            Payload::Memory(b) => Some(b.clone()),
+            Payload::Memory(b) => Ok(b.clone()),
             Payload::Disk(stored) => match w.disk.as_ref().map(|d| d.read(stored)) {
-                Some(Ok(b)) => Some(Arc::new(b)),
-                Some(Err(e)) => {
-                    warn!(exporter = %w.id, seq = stored.seq, error = %e, "unreadable batch in the persistent queue; dropping it");
-                    None
-                }
-                None => None,
+                Some(Ok(b)) => Ok(Arc::new(b)),
+                Some(Err(e)) => Err(e),
+                None => Err(std::io::ErrorKind::NotFound.into()),
             },
         };
+        let mut keep_file = false;
         match batch {
-            Some(batch) => w.send(batch, item.points as usize).await,
-            None => ComponentStats::add(&w.stats.failed, item.points as usize),
+            Ok(batch) => keep_file = w.send(batch, item.points as usize, item.seq.is_some()).await,
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                warn!(exporter = %w.id, seq = ?item.seq, error = %e, "corrupt batch in the persistent queue; dropping it");
+                ComponentStats::add(&w.stats.failed, item.points as usize);
+            }
+            Err(e) => {
+                // A read that failed for another reason (permissions, I/O) may work next start.
+                warn!(exporter = %w.id, seq = ?item.seq, error = %e, "cannot read a batch of the persistent queue; it stays on disk for the next start");
+                ComponentStats::add(&w.stats.persisted, item.points as usize);
+                keep_file = true;
+            }
         }
-        w.done(&item);
+        w.done(&item, keep_file);
     }
 }
 
 impl Worker {
-    /// Delivers `batch`, split into requests of at most `max_batch_points` points.
-    async fn send(&self, batch: Arc<Batch>, points: usize) {
+    /// Delivers `batch`, split into requests of at most `max_batch_points` points; whether
+    /// its file (if any) must stay on disk.
+    async fn send(&self, batch: Arc<Batch>, points: usize, on_disk: bool) -> bool {
         let max = self.settings.sending_queue.max_batch_points;
+        let (exporter, settings, stats) = (&*self.exporter, &self.settings, &self.stats);
         if max == 0 || points <= max {
-            deliver(&*self.exporter, &batch, points, &self.settings, &self.stats).await;
-            return;
+            let outcome = deliver(exporter, &batch, points, settings, stats, on_disk).await;
+            return outcome == Outcome::Kept;
         }
         let owned = Arc::try_unwrap(batch).unwrap_or_else(|shared| (*shared).clone());
+        let mut keep = false;
         for part in owned.split(max) {
             let n = part.point_count();
-            deliver(&*self.exporter, &part, n, &self.settings, &self.stats).await;
+            // Parts already sent would be sent again with the file: at-least-once.
+            keep |= deliver(exporter, &part, n, settings, stats, on_disk).await == Outcome::Kept;
         }
+        keep
     }
 
     /// Marks a batch handled, delivered or given up on: off the disk, out of the counts, and
     /// its room in the queue given back.
-    fn done(&self, item: &Item) {
-        if let (Some(disk), Some(seq)) = (&self.disk, item.seq) {
+    fn done(&self, item: &Item, keep_file: bool) {
+        if let (Some(disk), Some(seq), false) = (&self.disk, item.seq, keep_file) {
             if let Err(e) = disk.remove(seq, item.points) {
                 warn!(exporter = %self.id, seq, error = %e, "cannot remove a sent batch from the persistent queue; it will be sent again after a restart");
             }
@@ -135,14 +147,27 @@ impl Worker {
     }
 }
 
-/// Exports one batch, retrying retryable failures with exponential backoff and jitter.
+/// How an export ended.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Sent,
+    /// The backend refused the data for good, or retries ran out: counted as failed.
+    Failed,
+    /// Retries ran out on a batch that is on disk: it stays there for the next start.
+    Kept,
+}
+
+/// Exports one batch, retrying retryable failures with exponential backoff and jitter. A batch
+/// on disk (`on_disk`) is never given up on for a backend that is down: it stays for the next
+/// start instead.
 async fn deliver(
     exporter: &dyn Exporter,
     batch: &Batch,
     points: usize,
     settings: &ExporterSettings,
     stats: &ComponentStats,
-) {
+    on_disk: bool,
+) -> Outcome {
     let started = Instant::now();
     let mut backoff = settings.retry_on_failure.initial_interval;
     loop {
@@ -156,7 +181,7 @@ async fn deliver(
         let error = match result {
             Ok(()) => {
                 ComponentStats::add(&stats.sent, points);
-                return;
+                return Outcome::Sent;
             }
             Err(e) => e,
         };
@@ -177,10 +202,15 @@ async fn deliver(
                 tokio::time::sleep(wait).await;
                 backoff = (backoff * 2).min(settings.retry_on_failure.max_interval);
             }
+            None if on_disk && matches!(error, ExportError::Retryable { .. }) => {
+                ComponentStats::add(&stats.persisted, points);
+                warn!(exporter = %stats.id, error = %error, points, "export still failing after retry_on_failure.max_elapsed_time; the batch stays in the persistent queue for the next start");
+                return Outcome::Kept;
+            }
             None => {
                 ComponentStats::add(&stats.failed, points);
                 warn!(exporter = %stats.id, error = %error, points, "export failed; dropping the batch");
-                return;
+                return Outcome::Failed;
             }
         }
     }
