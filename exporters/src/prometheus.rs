@@ -41,6 +41,8 @@ pub struct PrometheusConfig {
     /// Drop a series not updated for this long.
     #[serde(with = "duration")]
     pub expire_after: Duration,
+    /// Series held at most; new series past it are dropped and counted.
+    pub max_series: usize,
     /// Require `Authorization: Bearer <token>` on scrapes.
     pub bearer_token: Option<String>,
     /// Also serve the collector's own `genai_collector_*` metrics.
@@ -55,6 +57,7 @@ impl Default for PrometheusConfig {
             endpoint: "localhost:9464".into(),
             promote: vec!["gen_ai.pool.name".into(), "gen_ai.provider.name".into()],
             expire_after: Duration::from_secs(300),
+            max_series: 200_000,
             bearer_token: None,
             self_metrics: true,
             tls: None,
@@ -110,7 +113,7 @@ impl ExporterFactory for PrometheusExporterFactory {
             .map(TlsServerConfig::server_config)
             .transpose()
             .map_err(ComponentError::Config)?;
-        let store = Arc::new(Mutex::new(Store::default()));
+        let store = Arc::new(Mutex::new(Store::new(config.expire_after, config.max_series)));
         let shared = Shared {
             store: store.clone(),
             token: config.bearer_token.clone().filter(|t| !t.is_empty()),
@@ -152,10 +155,8 @@ pub struct PrometheusExporter {
 impl Exporter for PrometheusExporter {
     async fn export(&self, batch: &Batch) -> Result<(), ExportError> {
         let now = Instant::now();
-        let mut store = self
-            .store
-            .lock()
-            .map_err(|_| ExportError::Permanent("store poisoned".into()))?;
+        // A panic elsewhere while holding the lock leaves a store still worth serving.
+        let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
         store.update(batch, &self.config.promote, now);
         Ok(())
     }
@@ -277,9 +278,24 @@ struct Meta<'a> {
     source: &'a str,
 }
 
-#[derive(Default)]
 struct Store {
     families: BTreeMap<String, Family>,
+    expire_after: Duration,
+    last_expire: Option<Instant>,
+    max_series: usize,
+    /// Series held now.
+    series: usize,
+    /// New series dropped at `max_series`.
+    dropped_series: u64,
+    /// Points dropped because no valid page could show them (a histogram whose buckets do not
+    /// add up, a summary with a quantile outside 0..1).
+    invalid_points: u64,
+}
+
+impl Default for Store {
+    fn default() -> Self {
+        Self::new(Duration::from_secs(300), 200_000)
+    }
 }
 
 /// `[a-zA-Z0-9_:]`, not starting with a digit.
@@ -329,8 +345,48 @@ fn label_value(v: &Option<genai_collector_core::model::AnyValue>) -> String {
     v.as_ref().map(display_value).unwrap_or_default()
 }
 
+/// Whether a histogram point can be shown as a valid Prometheus histogram: bounds finite and
+/// increasing, one more count than bounds (or none), and the counts adding up to `count`.
+fn valid_histogram(bounds: &[f64], counts: &[u64], count: u64) -> bool {
+    let bounds_ok = bounds.iter().all(|b| b.is_finite()) && bounds.windows(2).all(|w| w[0] < w[1]);
+    let total = counts.iter().try_fold(0u64, |acc, c| acc.checked_add(*c));
+    bounds_ok && (counts.is_empty() || (counts.len() == bounds.len() + 1 && total == Some(count)))
+}
+
+/// Adds `key=value` to `labels`, replacing a label of the same name; keys that sanitize to
+/// nothing, and the names the format gives its own meaning, are left out.
+fn push_label(labels: &mut Vec<(String, String)>, key: &str, value: String, reserved: &str) {
+    let key = sanitize(key, false);
+    if key.is_empty() || key == reserved {
+        return;
+    }
+    labels.retain(|(k, _)| k != &key);
+    labels.push((key, value));
+}
+
 impl Store {
+    fn new(expire_after: Duration, max_series: usize) -> Self {
+        Self {
+            families: BTreeMap::new(),
+            expire_after,
+            last_expire: None,
+            max_series,
+            series: 0,
+            dropped_series: 0,
+            invalid_points: 0,
+        }
+    }
+
     fn update(&mut self, batch: &Batch, promote: &[String], now: Instant) {
+        // Expiry runs here too, not only when someone scrapes: an endpoint nobody reads must
+        // not grow for ever.
+        if self
+            .last_expire
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
+        {
+            self.expire(now, self.expire_after);
+            self.last_expire = Some(now);
+        }
         for rm in &batch.resource_metrics {
             let resource = resource_attributes(rm);
             let mut base: Vec<(String, String)> = Vec::new();
@@ -339,7 +395,7 @@ impl Store {
                     "service.name" => base.push(("job".into(), label_value(&kv.value))),
                     "service.instance.id" => base.push(("instance".into(), label_value(&kv.value))),
                     k if promote.iter().any(|p| p == k) => {
-                        base.push((sanitize(k, false), label_value(&kv.value)))
+                        push_label(&mut base, k, label_value(&kv.value), "")
                     }
                     _ => {}
                 }
@@ -350,7 +406,7 @@ impl Store {
                     if !matches!(kv.key.as_str(), "service.name" | "service.instance.id")
                         && !promote.contains(&kv.key)
                     {
-                        info_labels.push((sanitize(&kv.key, false), label_value(&kv.value)));
+                        push_label(&mut info_labels, &kv.key, label_value(&kv.value), "");
                     }
                 }
                 self.set(
@@ -367,12 +423,10 @@ impl Store {
                 );
             }
             for m in rm.scope_metrics.iter().flat_map(|s| &s.metrics) {
-                let labels = |attrs: &[KeyValue]| {
+                let labels = |attrs: &[KeyValue], reserved: &str| {
                     let mut l = base.clone();
                     for kv in attrs {
-                        let key = sanitize(&kv.key, false);
-                        l.retain(|(k, _)| k != &key);
-                        l.push((key, label_value(&kv.value)));
+                        push_label(&mut l, &kv.key, label_value(&kv.value), reserved);
                     }
                     l
                 };
@@ -401,7 +455,7 @@ impl Store {
                             self.set(
                                 &name,
                                 meta(kind),
-                                labels(&p.attributes),
+                                labels(&p.attributes, ""),
                                 Value::Number(v),
                                 ex.map(Some).into_iter().collect(),
                                 now,
@@ -414,6 +468,10 @@ impl Store {
                     Some(metric::Data::Histogram(h)) => {
                         let name = metric_name(&m.name, &m.unit, false);
                         for p in &h.data_points {
+                            if !valid_histogram(&p.explicit_bounds, &p.bucket_counts, p.count) {
+                                self.invalid_points += 1;
+                                continue;
+                            }
                             let value = Value::Histogram {
                                 bounds: p.explicit_bounds.clone(),
                                 counts: p.bucket_counts.clone(),
@@ -439,7 +497,7 @@ impl Store {
                             self.set(
                                 &name,
                                 meta(Kind::Histogram),
-                                labels(&p.attributes),
+                                labels(&p.attributes, "le"),
                                 value,
                                 by_bucket,
                                 now,
@@ -449,6 +507,14 @@ impl Store {
                     Some(metric::Data::Summary(s)) => {
                         let name = metric_name(&m.name, &m.unit, false);
                         for p in &s.data_points {
+                            if !p
+                                .quantile_values
+                                .iter()
+                                .all(|q| (0.0..=1.0).contains(&q.quantile))
+                            {
+                                self.invalid_points += 1;
+                                continue;
+                            }
                             let quantiles = p
                                 .quantile_values
                                 .iter()
@@ -462,7 +528,7 @@ impl Store {
                             self.set(
                                 &name,
                                 meta(Kind::Summary),
-                                labels(&p.attributes),
+                                labels(&p.attributes, "quantile"),
                                 value,
                                 Vec::new(),
                                 now,
@@ -486,11 +552,16 @@ impl Store {
         now: Instant,
     ) {
         let Meta { kind, help, source } = meta;
+        let full = self.series >= self.max_series;
         labels.sort();
         let key: String = labels
             .iter()
             .map(|(k, v)| format!("{k}\u{1}{v}\u{2}"))
             .collect();
+        if full && !self.families.get(name).is_some_and(|f| f.series.contains_key(&key)) {
+            self.dropped_series += 1;
+            return;
+        }
         let family = self
             .families
             .entry(name.to_owned())
@@ -520,15 +591,19 @@ impl Store {
                 }
             }
         }
-        family.series.insert(
-            key,
-            Series {
-                labels,
-                value,
-                exemplars,
-                updated: now,
-            },
-        );
+        let new = family
+            .series
+            .insert(
+                key,
+                Series {
+                    labels,
+                    value,
+                    exemplars,
+                    updated: now,
+                },
+            )
+            .is_none();
+        self.series += usize::from(new);
     }
 
     fn expire(&mut self, now: Instant, after: Duration) {
@@ -537,6 +612,18 @@ impl Store {
                 .retain(|_, s| now.duration_since(s.updated) < after);
         }
         self.families.retain(|_, f| !f.series.is_empty());
+        self.series = self.families.values().map(|f| f.series.len()).sum();
+    }
+
+    /// What the store dropped, as self-metrics on its own page.
+    fn render_own(&self, out: &mut String) {
+        let _ = write!(
+            out,
+            "# HELP genai_collector_prometheus_series Series the prometheus exporter holds.\n# TYPE genai_collector_prometheus_series gauge\ngenai_collector_prometheus_series {}\n\
+             # HELP genai_collector_prometheus_dropped_series_total New series dropped at max_series.\n# TYPE genai_collector_prometheus_dropped_series_total counter\ngenai_collector_prometheus_dropped_series_total {}\n\
+             # HELP genai_collector_prometheus_invalid_points_total Points no valid page could show (histogram buckets that do not add up, quantiles outside 0..1).\n# TYPE genai_collector_prometheus_invalid_points_total counter\ngenai_collector_prometheus_invalid_points_total {}\n",
+            self.series, self.dropped_series, self.invalid_points
+        );
     }
 
     fn render(&self, openmetrics: bool) -> String {
@@ -581,7 +668,7 @@ impl Store {
                     } => {
                         let mut cumulative = 0u64;
                         for (i, c) in counts.iter().enumerate() {
-                            cumulative += c;
+                            cumulative = cumulative.saturating_add(*c);
                             let le = bounds
                                 .get(i)
                                 .map_or_else(|| "+Inf".to_owned(), |b| fmt_float(*b));
@@ -607,13 +694,17 @@ impl Store {
                         if let Some(sum) = sum {
                             sample(&mut out, &format!("{name}_sum"), &s.labels, None, *sum);
                         }
-                        sample(
-                            &mut out,
-                            &format!("{name}_count"),
-                            &s.labels,
-                            None,
-                            *count as f64,
-                        );
+                        // OpenMetrics has `_count` and `_sum` together or neither (an OTLP
+                        // histogram may come without a sum).
+                        if sum.is_some() || !openmetrics {
+                            sample(
+                                &mut out,
+                                &format!("{name}_count"),
+                                &s.labels,
+                                None,
+                                *count as f64,
+                            );
+                        }
                     }
                     Value::Summary {
                         quantiles,
@@ -732,16 +823,14 @@ async fn serve(State(s): State<Shared>, headers: HeaderMap) -> Response {
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
     let openmetrics = accept.contains("application/openmetrics-text");
-    let mut body = match s.store.lock() {
-        Ok(mut store) => {
-            store.expire(Instant::now(), s.expire_after);
-            store.render(openmetrics)
-        }
-        Err(_) => return (StatusCode::INTERNAL_SERVER_ERROR, "store poisoned").into_response(),
-    };
+    let mut store = s.store.lock().unwrap_or_else(|p| p.into_inner());
+    store.expire(Instant::now(), s.expire_after);
+    let mut body = store.render(openmetrics);
     if let (Some(t), false) = (&s.telemetry, openmetrics) {
+        store.render_own(&mut body);
         body.push_str(&t.render_prometheus());
     }
+    drop(store);
     if openmetrics {
         body.push_str("# EOF\n");
     }
@@ -921,6 +1010,35 @@ mod tests {
         let om = format!("{}# EOF\n", store.render(true));
         assert!(om.contains("# TYPE gen_ai_server_token_usage counter\n"));
         assert!(om.contains("# TYPE target info\n"));
+    }
+
+    #[test]
+    fn series_are_capped_and_expire_without_scrapes() {
+        let gauges = |n: usize| {
+            Batch::with_resource(
+                vec![kv("service.name", "app")],
+                vec![Metric::gauge(
+                    "g",
+                    "",
+                    (0..n)
+                        .map(|i| number_point(1, 1.0, vec![kv("id", i as i64)]))
+                        .collect(),
+                )],
+            )
+        };
+        let mut store = Store::new(Duration::from_secs(60), 100);
+        let t0 = Instant::now();
+        store.update(&gauges(250), &[], t0);
+        assert_eq!(store.series, 100, "target_info and 99 of the gauges");
+        assert_eq!(store.dropped_series, 151);
+        store.update(&gauges(10), &[], t0 + Duration::from_secs(2));
+        assert_eq!(store.dropped_series, 151, "updates of held series are never dropped");
+        // Nobody scrapes: the next export expires what stopped arriving.
+        store.update(&gauges(0), &[], t0 + Duration::from_secs(61));
+        assert_eq!(store.series, 11, "the series updated at 2 s and target_info remain");
+        let mut page = String::new();
+        store.render_own(&mut page);
+        assert!(page.contains("genai_collector_prometheus_dropped_series_total 151"), "{page}");
     }
 
     #[test]

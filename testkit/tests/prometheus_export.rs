@@ -290,3 +290,97 @@ async fn exemplars_from_the_sdk_reach_a_real_prometheus() {
         );
     }
 }
+
+/// What a hostile or buggy OTLP client can send that has no valid Prometheus form.
+fn invalid_batch() -> genai_collector_core::model::Batch {
+    use genai_collector_core::model::{
+        kv, metric, number_point, Batch, Histogram, HistogramDataPoint, KeyValue, Metric,
+        MetricExt, Summary, SummaryDataPoint,
+    };
+    use opentelemetry_proto::tonic::metrics::v1::summary_data_point::ValueAtQuantile;
+    let hist = |name: &str, bounds: Vec<f64>, counts: Vec<u64>, count: u64| Metric {
+        name: name.into(),
+        data: Some(metric::Data::Histogram(Histogram {
+            data_points: vec![HistogramDataPoint {
+                explicit_bounds: bounds,
+                bucket_counts: counts,
+                count,
+                attributes: vec![kv("le", "spoofed"), kv("model", "m")],
+                ..Default::default()
+            }],
+            aggregation_temporality: 2,
+        })),
+        ..Default::default()
+    };
+    let mut empty_key = vec![kv("", "nameless"), kv("ok", "1")];
+    empty_key.push(KeyValue {
+        key: "!!!".into(),
+        ..Default::default()
+    });
+    let mut batch = Batch::with_resource(
+        vec![
+            kv("service.name", "app"),
+            kv("a.b", "1"),
+            kv("a_b", "2"),
+            kv("", "x"),
+        ],
+        vec![
+            hist("too_many_buckets", vec![1.0], vec![1, 2, 3], 6),
+            hist("unsorted", vec![2.0, 1.0], vec![1, 1, 1], 3),
+            hist("nan_bound", vec![f64::NAN], vec![1, 1], 2),
+            hist("overflow", vec![1.0], vec![u64::MAX, 1], 0),
+            hist("count_mismatch", vec![1.0], vec![1, 1], 5),
+            hist("good", vec![1.0], vec![1, 1], 2),
+            Metric::gauge("g", "", vec![number_point(1, 1.0, empty_key)]),
+            Metric {
+                name: "bad_summary".into(),
+                data: Some(metric::Data::Summary(Summary {
+                    data_points: vec![SummaryDataPoint {
+                        quantile_values: vec![ValueAtQuantile {
+                            quantile: 7.0,
+                            value: 1.0,
+                        }],
+                        ..Default::default()
+                    }],
+                })),
+                ..Default::default()
+            },
+        ],
+    );
+    batch.push_resource(vec![kv("service.name", "other")], vec![hist("good", vec![1.0], vec![0, 0], 0)]);
+    batch
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_data_never_breaks_the_page() {
+    use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient;
+    let (grpc, port) = (free_port(), free_port());
+    let yaml = format!(
+        "receivers:\n  otlp: {{ protocols: {{ grpc: {{ endpoint: \"127.0.0.1:{grpc}\" }} }} }}\nexporters:\n  prometheus: {{ endpoint: \"127.0.0.1:{port}\" }}\nservice:\n  telemetry: {{ endpoint: null }}\n  pipelines:\n    metrics: {{ receivers: [otlp], exporters: [prometheus] }}\n"
+    );
+    let run = tokio::spawn(async move { common::run_for(&yaml, 3.0).await });
+    let mut client = loop {
+        match MetricsServiceClient::connect(format!("http://127.0.0.1:{grpc}")).await {
+            Ok(c) => break c,
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    client.export(invalid_batch().into_request()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let url = format!("http://127.0.0.1:{port}/metrics");
+    let text = get(&url, "text/plain").await;
+    let om = get(&url, "application/openmetrics-text;version=1.0.0").await;
+    run.await.unwrap();
+    parse(&text, Format::Prometheus).unwrap_or_else(|e| panic!("0.0.4: {e}\n{text}"));
+    parse(&om, Format::OpenMetrics).unwrap_or_else(|e| panic!("strict OpenMetrics: {e}\n{om}"));
+    for dropped in ["too_many_buckets", "unsorted", "nan_bound", "overflow", "count_mismatch", "bad_summary"] {
+        assert!(!text.contains(dropped), "{dropped} has no valid form:\n{text}");
+    }
+    assert!(text.contains("good_bucket"), "{text}");
+    assert!(
+        text.contains("genai_collector_prometheus_invalid_points_total 6"),
+        "{text}"
+    );
+    assert!(!text.contains("{=") && !text.contains(",=\""), "no empty label names:\n{text}");
+    assert!(!text.contains("spoofed"), "a point's `le` never shadows the bucket's:\n{text}");
+}
