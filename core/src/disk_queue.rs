@@ -196,10 +196,20 @@ mod tests {
         let _ = fs::remove_dir_all(&root);
         let (first, _) = DiskQueue::open(&root, "otlp/a/b").unwrap();
         let e = DiskQueue::open(&root, "otlp/a__b").unwrap_err();
-        assert!(e.to_string().contains("is in use by another collector process"), "{e}");
-        assert!(DiskQueue::open(&root, "otlp/a/b").is_err(), "nor twice the same id");
+        assert!(
+            e.to_string()
+                .contains("is in use by another collector process"),
+            "{e}"
+        );
+        assert!(
+            DiskQueue::open(&root, "otlp/a/b").is_err(),
+            "nor twice the same id"
+        );
         drop(first);
-        assert!(DiskQueue::open(&root, "otlp/a/b").is_ok(), "free again once closed");
+        assert!(
+            DiskQueue::open(&root, "otlp/a/b").is_ok(),
+            "free again once closed"
+        );
         let _ = fs::remove_dir_all(&root);
     }
 }

@@ -26,8 +26,7 @@ pub async fn serve_telemetry(
         .route("/readyz", get(readyz))
         .with_state(telemetry);
     let task = tokio::spawn(async move {
-        let server = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned());
-        if let Err(e) = server.await {
+        if let Err(e) = crate::tls::serve(listener, app, None, stop).await {
             tracing::warn!(error = %e, "self-telemetry endpoint stopped");
         }
     });

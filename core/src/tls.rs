@@ -1,6 +1,6 @@
 //! TLS settings shared by every component: `tls:` on a server (the OTLP receiver, the
 //! Prometheus endpoint) and on a client (scrapers, the OTLP exporter), and one HTTP server loop
-//! that serves a router over TLS or plain TCP.
+//! that serves a router over TLS or plain TCP with bounded time and connections.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -162,26 +162,62 @@ impl TlsServerConfig {
     }
 }
 
-/// How long a client has to finish the TLS handshake.
+/// How long a client has to finish the TLS handshake, and to send a request's head.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one request may take, body upload included: a client dripping a body byte by
+/// byte is cut off here rather than holding the connection (and the data behind it) for ever.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Connections served at once; past it new ones wait in the listen backlog.
+const MAX_CONNECTIONS: usize = 1024;
+/// How long requests in flight get to finish once the server is told to stop; then their
+/// connections are closed, so that a stalled client never holds the shutdown hostage.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
-/// Serves `router` on `listener` until `stop`, over TLS when `tls` is set; requests in flight
-/// when `stop` comes are answered before it returns.
+async fn limit_time(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    match tokio::time::timeout(REQUEST_TIMEOUT, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => (
+            axum::http::StatusCode::REQUEST_TIMEOUT,
+            format!("the request took longer than {REQUEST_TIMEOUT:?}"),
+        )
+            .into_response(),
+    }
+}
+
+/// Serves `router` on `listener` until `stop`, over TLS when `tls` is set. Every connection
+/// has bounded time to handshake, send its request head and finish each request; at most
+/// `MAX_CONNECTIONS` are served at once. Requests in flight when `stop` comes get
+/// `SHUTDOWN_GRACE` to finish before their connections are closed.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: axum::Router,
     tls: Option<Arc<rustls::ServerConfig>>,
     stop: CancellationToken,
 ) -> std::io::Result<()> {
-    let Some(tls) = tls else {
-        return axum::serve(listener, router)
-            .with_graceful_shutdown(stop.cancelled_owned())
-            .await;
-    };
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let router = router.layer(axum::middleware::from_fn(limit_time));
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let graceful = GracefulShutdown::new();
-    let builder = Builder::new(TokioExecutor::new());
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HANDSHAKE_TIMEOUT);
+    builder
+        .http2()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .keep_alive_interval(Duration::from_secs(60))
+        .max_concurrent_streams(256);
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut connections = tokio::task::JoinSet::new();
     loop {
+        let slot = tokio::select! {
+            s = slots.clone().acquire_owned() => match s { Ok(s) => s, Err(_) => break },
+            () = stop.cancelled() => break,
+        };
         let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
@@ -194,26 +230,42 @@ pub async fn serve(
             },
             () = stop.cancelled() => break,
         };
+        let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let service = hyper_util::service::TowerToHyperService::new(router.clone());
         let builder = builder.clone();
         let watcher = graceful.watcher();
-        tokio::spawn(async move {
-            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => return debug!(%peer, error = %e, "TLS handshake failed"),
-                Err(_) => return debug!(%peer, "TLS handshake timed out"),
+        // Finished connections leave the set as new ones come.
+        while connections.try_join_next().is_some() {}
+        connections.spawn(async move {
+            let _slot = slot;
+            let result = match acceptor {
+                Some(acceptor) => {
+                    let stream =
+                        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                            Ok(Ok(s)) => s,
+                            Ok(Err(e)) => return debug!(%peer, error = %e, "TLS handshake failed"),
+                            Err(_) => return debug!(%peer, "TLS handshake timed out"),
+                        };
+                    let conn =
+                        builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                    watcher.watch(conn.into_owned()).await
+                }
+                None => {
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service);
+                    watcher.watch(conn.into_owned()).await
+                }
             };
-            let conn = builder
-                .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                .into_owned();
-            if let Err(e) = watcher.watch(conn).await {
+            if let Err(e) = result {
                 debug!(%peer, error = %e, "connection ended with an error");
             }
         });
     }
     drop(listener);
-    let _ = tokio::time::timeout(Duration::from_secs(5), graceful.shutdown()).await;
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await;
+    // What is left is stalled: closing it drops the state its requests hold (a receiver's
+    // output), so the pipelines behind can drain.
+    connections.shutdown().await;
     Ok(())
 }
 

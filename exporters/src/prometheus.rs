@@ -113,7 +113,10 @@ impl ExporterFactory for PrometheusExporterFactory {
             .map(TlsServerConfig::server_config)
             .transpose()
             .map_err(ComponentError::Config)?;
-        let store = Arc::new(Mutex::new(Store::new(config.expire_after, config.max_series)));
+        let store = Arc::new(Mutex::new(Store::new(
+            config.expire_after,
+            config.max_series,
+        )));
         let shared = Shared {
             store: store.clone(),
             token: config.bearer_token.clone().filter(|t| !t.is_empty()),
@@ -558,7 +561,12 @@ impl Store {
             .iter()
             .map(|(k, v)| format!("{k}\u{1}{v}\u{2}"))
             .collect();
-        if full && !self.families.get(name).is_some_and(|f| f.series.contains_key(&key)) {
+        if full
+            && !self
+                .families
+                .get(name)
+                .is_some_and(|f| f.series.contains_key(&key))
+        {
             self.dropped_series += 1;
             return;
         }
@@ -1032,13 +1040,22 @@ mod tests {
         assert_eq!(store.series, 100, "target_info and 99 of the gauges");
         assert_eq!(store.dropped_series, 151);
         store.update(&gauges(10), &[], t0 + Duration::from_secs(2));
-        assert_eq!(store.dropped_series, 151, "updates of held series are never dropped");
+        assert_eq!(
+            store.dropped_series, 151,
+            "updates of held series are never dropped"
+        );
         // Nobody scrapes: the next export expires what stopped arriving.
         store.update(&gauges(0), &[], t0 + Duration::from_secs(61));
-        assert_eq!(store.series, 11, "the series updated at 2 s and target_info remain");
+        assert_eq!(
+            store.series, 11,
+            "the series updated at 2 s and target_info remain"
+        );
         let mut page = String::new();
         store.render_own(&mut page);
-        assert!(page.contains("genai_collector_prometheus_dropped_series_total 151"), "{page}");
+        assert!(
+            page.contains("genai_collector_prometheus_dropped_series_total 151"),
+            "{page}"
+        );
     }
 
     #[test]

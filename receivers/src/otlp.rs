@@ -307,6 +307,9 @@ impl Refusal {
     }
 }
 
+/// How long requests in flight at shutdown get to finish.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
 /// How long a refused client is asked to wait: queues drain fast, memory more slowly.
 const FULL_RETRY: Duration = Duration::from_secs(1);
 const MEMORY_RETRY: Duration = Duration::from_secs(2);
@@ -534,10 +537,15 @@ impl Receiver for OtlpReceiver {
             };
             let stop = ctx.shutdown.clone();
             let incoming = tokio_stream_listener(listener);
-            // Requests of a few hundred kB arrive without waiting for window updates.
+            // Requests of a few hundred kB arrive without waiting for window updates; a client
+            // gets bounded streams and time.
             let mut server = tonic::transport::Server::builder()
                 .initial_stream_window_size(1 << 20)
-                .initial_connection_window_size(4 << 20);
+                .initial_connection_window_size(4 << 20)
+                .max_concurrent_streams(256)
+                .timeout(Duration::from_secs(30))
+                .http2_keepalive_interval(Some(Duration::from_secs(60)))
+                .http2_keepalive_timeout(Some(Duration::from_secs(20)));
             if let Some(tls) = &cfg.tls {
                 let pems = tls.read().map_err(ComponentError::Config)?;
                 let mut tls = tonic::transport::ServerTlsConfig::new()
@@ -583,12 +591,28 @@ impl Receiver for OtlpReceiver {
                     .map_err(|e| e.to_string())
             });
         }
-        while let Some(done) = tasks.join_next().await {
-            if let Ok(Err(e)) = done {
-                return Err(ComponentError::Config(format!("OTLP server stopped: {e}")));
+        // Requests in flight at shutdown get a grace period; a stalled client past it is cut
+        // off, so that it cannot keep the pipelines (and their queued data) from draining.
+        let cut_off = async {
+            ctx.shutdown.cancelled().await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        };
+        tokio::pin!(cut_off);
+        loop {
+            tokio::select! {
+                done = tasks.join_next() => match done {
+                    Some(Ok(Err(e))) => {
+                        return Err(ComponentError::Config(format!("OTLP server stopped: {e}")))
+                    }
+                    Some(_) => {}
+                    None => return Ok(()),
+                },
+                () = &mut cut_off => {
+                    tasks.abort_all();
+                    return Ok(());
+                }
             }
         }
-        Ok(())
     }
 }
 

@@ -240,8 +240,16 @@ service:
     svc.run(std::future::pending()).await.unwrap();
     let exp = stat(&telemetry, ComponentKind::Exporter, "capture");
     assert_eq!(capture.point_count(), 10);
-    assert_eq!(get(&exp.failed), 3, "the corrupt batch is dropped and counted");
-    assert_eq!(get(&exp.persisted), 5, "the unreadable one is kept for the next start");
+    assert_eq!(
+        get(&exp.failed),
+        3,
+        "the corrupt batch is dropped and counted"
+    );
+    assert_eq!(
+        get(&exp.persisted),
+        5,
+        "the unreadable one is kept for the next start"
+    );
     assert!(unreadable.exists());
     let _ = std::fs::remove_dir_all(&root);
 }
@@ -279,15 +287,30 @@ service:
     let down = stat(&telemetry, ComponentKind::Exporter, "fail");
     assert_eq!((get(&down.failed), get(&down.persisted)), (0, 30));
     let files = std::fs::read_dir(root.join("fail")).unwrap().filter(|e| {
-        e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".batch")
+        e.as_ref()
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .ends_with(".batch")
     });
-    assert_eq!(files.count(), 3, "a backend that is down keeps its batches on disk");
+    assert_eq!(
+        files.count(),
+        3,
+        "a backend that is down keeps its batches on disk"
+    );
     let refused = stat(&telemetry, ComponentKind::Exporter, "fail/permanent");
     assert_eq!((get(&refused.failed), get(&refused.persisted)), (30, 0));
     assert_eq!(
-        std::fs::read_dir(root.join("fail__permanent")).unwrap().filter(|e| {
-            e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".batch")
-        }).count(),
+        std::fs::read_dir(root.join("fail__permanent"))
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .ends_with(".batch")
+            })
+            .count(),
         0,
         "data a backend refuses for good is dropped, not kept forever"
     );

@@ -300,3 +300,60 @@ async fn a_bearer_token_guards_both_protocols() {
         "only the authorized gRPC push arrived"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_clients_never_hold_the_shutdown_hostage() {
+    use genai_collector_core::config::{self, Source};
+    use genai_collector_core::Service;
+    use tokio::io::AsyncWriteExt;
+
+    let (grpc, http) = (free_port(), free_port());
+    let yaml = format!(
+        "receivers:\n  otlp:\n    protocols:\n      grpc: {{ endpoint: \"127.0.0.1:{grpc}\" }}\n      http: {{ endpoint: \"127.0.0.1:{http}\" }}\nexporters:\n  capture: {{}}\nservice:\n  telemetry: {{ endpoint: null }}\n  shutdown_timeout: 30s\n  pipelines:\n    metrics: {{ receivers: [otlp], exporters: [capture] }}\n"
+    );
+    let capture = Capture::new();
+    let comps = genai_collector_testkit::components(&capture);
+    let cfg = config::load(&[Source::new("test.yaml", yaml)], &comps).unwrap();
+    let running = Service::build(cfg, &comps).unwrap().start().await.unwrap();
+    // One client stops halfway through a request head, another halfway through a body, and a
+    // third only opens an HTTP/2 connection to the gRPC port.
+    let mut head = tokio::net::TcpStream::connect(("127.0.0.1", http))
+        .await
+        .unwrap();
+    head.write_all(b"POST /v1/metrics HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let mut body = tokio::net::TcpStream::connect(("127.0.0.1", http))
+        .await
+        .unwrap();
+    body.write_all(b"POST /v1/metrics HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-protobuf\r\nContent-Length: 100000\r\n\r\n\x0a\x05")
+        .await
+        .unwrap();
+    let mut h2 = tokio::net::TcpStream::connect(("127.0.0.1", grpc))
+        .await
+        .unwrap();
+    h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    // Meanwhile a well-behaved client's points are taken.
+    common::otlp_push_summary(&[
+        "--endpoint",
+        &format!("http://127.0.0.1:{http}/v1/metrics"),
+        "--protocol",
+        "http",
+        "--series",
+        "2",
+    ])
+    .await;
+    let started = std::time::Instant::now();
+    let summary = running.run_until(async {}).await;
+    let took = started.elapsed();
+    assert!(summary.drained, "{summary:?}");
+    assert!(took < Duration::from_secs(15), "shutdown took {took:?}");
+    assert_eq!(
+        capture.point_count(),
+        12,
+        "the good client's points were delivered"
+    );
+    drop((head, body, h2));
+}

@@ -347,7 +347,10 @@ fn invalid_batch() -> genai_collector_core::model::Batch {
             },
         ],
     );
-    batch.push_resource(vec![kv("service.name", "other")], vec![hist("good", vec![1.0], vec![0, 0], 0)]);
+    batch.push_resource(
+        vec![kv("service.name", "other")],
+        vec![hist("good", vec![1.0], vec![0, 0], 0)],
+    );
     batch
 }
 
@@ -373,14 +376,30 @@ async fn invalid_data_never_breaks_the_page() {
     run.await.unwrap();
     parse(&text, Format::Prometheus).unwrap_or_else(|e| panic!("0.0.4: {e}\n{text}"));
     parse(&om, Format::OpenMetrics).unwrap_or_else(|e| panic!("strict OpenMetrics: {e}\n{om}"));
-    for dropped in ["too_many_buckets", "unsorted", "nan_bound", "overflow", "count_mismatch", "bad_summary"] {
-        assert!(!text.contains(dropped), "{dropped} has no valid form:\n{text}");
+    for dropped in [
+        "too_many_buckets",
+        "unsorted",
+        "nan_bound",
+        "overflow",
+        "count_mismatch",
+        "bad_summary",
+    ] {
+        assert!(
+            !text.contains(dropped),
+            "{dropped} has no valid form:\n{text}"
+        );
     }
     assert!(text.contains("good_bucket"), "{text}");
     assert!(
         text.contains("genai_collector_prometheus_invalid_points_total 6"),
         "{text}"
     );
-    assert!(!text.contains("{=") && !text.contains(",=\""), "no empty label names:\n{text}");
-    assert!(!text.contains("spoofed"), "a point's `le` never shadows the bucket's:\n{text}");
+    assert!(
+        !text.contains("{=") && !text.contains(",=\""),
+        "no empty label names:\n{text}"
+    );
+    assert!(
+        !text.contains("spoofed"),
+        "a point's `le` never shadows the bucket's:\n{text}"
+    );
 }

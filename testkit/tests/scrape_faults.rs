@@ -147,7 +147,11 @@ impl genai_collector_receivers::scrape::Engine for Panicky {
         _: &mut Vec<genai_collector_core::model::Metric>,
         _: u64,
     ) {
-        if self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 2 == 0 {
+        if self
+            .0
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            .is_multiple_of(2)
+        {
             panic!("enrich failed on purpose");
         }
     }
@@ -186,16 +190,23 @@ async fn a_panic_on_a_page_is_a_failed_scrape_and_the_target_keeps_its_schedule(
             .await
             .expect("the target is still scraped")
             .unwrap();
-        let up = batch.metrics().find(|m| m.name == "up").and_then(|m| match &m.data {
-            Some(metric::Data::Gauge(g)) => number_value(&g.data_points[0]),
-            _ => None,
-        });
+        let up = batch
+            .metrics()
+            .find(|m| m.name == "up")
+            .and_then(|m| match &m.data {
+                Some(metric::Data::Gauge(g)) => number_value(&g.data_points[0]),
+                _ => None,
+            });
         ups.extend(up);
     }
     stop.cancel();
     let _ = run.await;
     assert!(ups.contains(&0.0) && ups.contains(&1.0), "up {ups:?}");
-    assert!(stats.last_error().unwrap().contains("panicked"), "{:?}", stats.last_error());
+    assert!(
+        stats.last_error().unwrap().contains("panicked"),
+        "{:?}",
+        stats.last_error()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -223,7 +234,12 @@ async fn gzip_bombs_on_side_endpoints_stop_at_the_limit() {
     let ollama_up: Vec<_> = capture
         .batches()
         .iter()
-        .flat_map(|b| b.metrics().filter(|m| m.name == "up").cloned().collect::<Vec<_>>())
+        .flat_map(|b| {
+            b.metrics()
+                .filter(|m| m.name == "up")
+                .cloned()
+                .collect::<Vec<_>>()
+        })
         .collect();
     assert!(!ollama_up.is_empty());
     assert!(

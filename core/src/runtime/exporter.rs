@@ -91,7 +91,11 @@ async fn consume(w: Arc<Worker>) {
         };
         let mut keep_file = false;
         match batch {
-            Ok(batch) => keep_file = w.send(batch, item.points as usize, item.seq.is_some()).await,
+            Ok(batch) => {
+                keep_file = w
+                    .send(batch, item.points as usize, item.seq.is_some())
+                    .await
+            }
             Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
                 warn!(exporter = %w.id, seq = ?item.seq, error = %e, "corrupt batch in the persistent queue; dropping it");
                 ComponentStats::add(&w.stats.failed, item.points as usize);

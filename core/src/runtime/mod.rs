@@ -106,6 +106,7 @@ pub struct Service {
     shutdown_timeout: Duration,
     telemetry_endpoint: Option<String>,
     limiter: Option<(Arc<MemoryLimiter>, Duration)>,
+    inputs_done: CancellationToken,
 }
 
 impl Service {
@@ -202,6 +203,7 @@ impl Service {
 
         let mut pipelines = Vec::new();
         let mut inputs: Vec<PipelineInput> = Vec::new();
+        let inputs_done = CancellationToken::new();
         for (name, p) in &pipelines_cfg {
             let mut processors = Vec::new();
             for id in &p.processors {
@@ -241,6 +243,7 @@ impl Service {
                 processors,
                 exporters,
                 held: Vec::new(),
+                inputs_done: inputs_done.clone(),
             });
         }
 
@@ -284,6 +287,7 @@ impl Service {
             shutdown_timeout: config.service.shutdown_timeout,
             telemetry_endpoint: config.service.telemetry.endpoint.clone(),
             limiter: limiter.map(|l| (l, config.service.memory_limiter.check_interval)),
+            inputs_done,
         })
     }
 
@@ -372,6 +376,7 @@ impl Service {
             exporter_tasks,
             exporter_stats,
             exporter_queues,
+            inputs_done: self.inputs_done,
             shutdown_timeout: self.shutdown_timeout,
         })
     }
@@ -397,6 +402,7 @@ pub struct RunningService {
     exporter_tasks: JoinSet<()>,
     exporter_stats: Vec<(Arc<ComponentStats>, bool)>,
     exporter_queues: Vec<Arc<SendQueue>>,
+    inputs_done: CancellationToken,
     shutdown_timeout: Duration,
 }
 
@@ -425,6 +431,9 @@ impl RunningService {
         self.receivers_stop.cancel();
         let drain = async {
             while self.receiver_tasks.join_next().await.is_some() {}
+            // Receivers have stopped; a copy of their output left in a stray task (a
+            // connection a server did not close) must not keep the pipelines open.
+            self.inputs_done.cancel();
             while self.pipeline_tasks.join_next().await.is_some() {}
             // Nothing more can be queued: consumers end once their queue is empty.
             for q in &self.exporter_queues {

@@ -39,6 +39,9 @@ pub(crate) struct PipelineTask {
     pub exporters: Vec<ExporterQueue>,
     /// Acknowledgements of pushed data a processor holds until its next flush.
     pub held: Vec<Vec<Ack>>,
+    /// Cancelled once every receiver has stopped: the input takes nothing more, even from a
+    /// sender a stray task still holds, and the pipeline drains what it has.
+    pub inputs_done: tokio_util::sync::CancellationToken,
 }
 
 fn answer(acks: Vec<Ack>, result: Result<(), SendError>) {
@@ -58,11 +61,18 @@ pub(crate) async fn run_pipeline(mut task: PipelineTask) {
     for (_, stats) in &task.processors {
         stats.set_state(State::Running);
     }
+    let inputs_done = task.inputs_done.clone();
+    let mut closed = false;
     loop {
         let due = next_flush.iter().flatten().min().copied();
         let envelope = match due {
             Some(due) => tokio::select! {
                 e = task.rx.recv() => e,
+                () = inputs_done.cancelled(), if !closed => {
+                    task.rx.close();
+                    closed = true;
+                    continue;
+                }
                 () = tokio::time::sleep_until(due.into()) => {
                     let now = Instant::now();
                     let due: Vec<usize> = (0..next_flush.len())
@@ -75,7 +85,14 @@ pub(crate) async fn run_pipeline(mut task: PipelineTask) {
                     continue;
                 }
             },
-            None => task.rx.recv().await,
+            None => tokio::select! {
+                e = task.rx.recv() => e,
+                () = inputs_done.cancelled(), if !closed => {
+                    task.rx.close();
+                    closed = true;
+                    continue;
+                }
+            },
         };
         match envelope {
             Some(e) => {

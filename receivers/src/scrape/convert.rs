@@ -586,8 +586,15 @@ mod tests {
         };
         let p = &sum.data_points[0];
         assert!(p.exemplars[0].trace_id.is_empty() && p.exemplars[0].span_id.is_empty());
-        assert_eq!(p.exemplars[0].filtered_attributes.len(), 2, "kept as attributes");
-        assert_eq!(p.start_time_unix_nano, 9, "an impossible _created is ignored");
+        assert_eq!(
+            p.exemplars[0].filtered_attributes.len(),
+            2,
+            "kept as attributes"
+        );
+        assert_eq!(
+            p.start_time_unix_nano, 9,
+            "an impossible _created is ignored"
+        );
         // A 0.0.4 page that wrote nanoseconds where milliseconds belong.
         let page = parse("x 1 1700000000000000000\n", Format::Prometheus).unwrap();
         let (b, _) = Converter::new().convert(&page, 9, vec![]);

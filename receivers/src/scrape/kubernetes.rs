@@ -154,11 +154,15 @@ pub fn target_of(
     }
     let mut url = reqwest::Url::parse(&format!("{scheme}://{host}:{port}/"))
         .map_err(|e| format!("pod address `{host}:{port}`: {e}"))?;
-    let (path_only, query) = path.split_once('?').map_or((path, None), |(p, q)| (p, Some(q)));
+    let (path_only, query) = path
+        .split_once('?')
+        .map_or((path, None), |(p, q)| (p, Some(q)));
     url.set_path(path_only);
     url.set_query(query);
     if url.host_str() != Some(host.as_str()) || url.port_or_known_default() != Some(port) {
-        return Err(format!("prometheus.io/path `{path}` would change the host scraped"));
+        return Err(format!(
+            "prometheus.io/path `{path}` would change the host scraped"
+        ));
     }
     Target::parse(url.as_str(), path_only, &labels)
 }

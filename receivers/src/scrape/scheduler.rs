@@ -535,7 +535,10 @@ impl TargetLoop {
         loop {
             match tokio::spawn(self.clone().run()).await {
                 Err(e) if e.is_panic() => {
-                    let message = format!("{}: the scrape loop panicked; restarting it", self.target.url);
+                    let message = format!(
+                        "{}: the scrape loop panicked; restarting it",
+                        self.target.url
+                    );
                     tracing::error!(receiver = %self.settings.id, target = %self.target.url, "scrape loop panicked; restarting it");
                     self.output.report_error(message);
                     tokio::select! {
