@@ -269,22 +269,48 @@ fn apply(m: &mut Metric, rule: &Rule, renames: &BTreeMap<String, String>, model:
 }
 
 /// Metrics renamed to one name (input and output tokens) become one metric with all points,
-/// when their kinds agree.
+/// when their kinds agree. Linear in the metrics: a scope may hold a pushed request's
+/// hundreds of thousands.
 fn merge_same_names(sm: &mut ScopeMetrics) {
-    // A page has a few dozen metrics: a quadratic scan beats hashing (and allocating) names.
-    let mut i = 1;
-    while i < sm.metrics.len() {
-        let twin = (0..i).find(|&j| {
-            sm.metrics[j].name == sm.metrics[i].name && same_kind(&sm.metrics[j], &sm.metrics[i])
-        });
-        match twin {
-            Some(j) => {
-                let extra = sm.metrics.remove(i);
-                append_points(&mut sm.metrics[j], extra);
+    use std::hash::{BuildHasher, RandomState};
+    if sm.metrics.len() <= 32 {
+        // A page's few dozen metrics: a scan beats hashing and allocating.
+        let mut i = 1;
+        while i < sm.metrics.len() {
+            let m = &sm.metrics;
+            match (0..i).find(|&j| m[j].name == m[i].name && same_kind(&m[j], &m[i])) {
+                Some(j) => {
+                    let extra = sm.metrics.remove(i);
+                    append_points(&mut sm.metrics[j], extra);
+                }
+                None => i += 1,
             }
-            None => i += 1,
+        }
+        return;
+    }
+    let hasher = RandomState::new();
+    // Name hash → the last metric kept with it; `earlier[i]` chains to the one before.
+    let mut last: HashMap<u64, usize> = HashMap::with_capacity(sm.metrics.len());
+    let mut earlier: Vec<Option<usize>> = Vec::with_capacity(sm.metrics.len());
+    let mut kept: Vec<Metric> = Vec::with_capacity(sm.metrics.len());
+    for m in sm.metrics.drain(..) {
+        let h = hasher.hash_one(&m.name);
+        let mut at = last.get(&h).copied();
+        while let Some(j) = at {
+            if kept[j].name == m.name && same_kind(&kept[j], &m) {
+                break;
+            }
+            at = earlier[j];
+        }
+        match at {
+            Some(j) => append_points(&mut kept[j], m),
+            None => {
+                earlier.push(last.insert(h, kept.len()));
+                kept.push(m);
+            }
         }
     }
+    sm.metrics = kept;
 }
 
 fn same_kind(a: &Metric, b: &Metric) -> bool {
@@ -344,6 +370,33 @@ mod tests {
         b.metrics()
             .find(|m| m.name == name)
             .unwrap_or_else(|| panic!("no {name}"))
+    }
+
+    #[test]
+    fn a_scope_of_many_metrics_merges_in_linear_time() {
+        // 200,000 distinct names plus the two token counters that map to one name.
+        let mut metrics: Vec<Metric> = (0..200_000)
+            .map(|i| gauge(&format!("app_metric_{i}"), 1.0, vec![]))
+            .collect();
+        for name in ["vllm:prompt_tokens_total", "vllm:generation_tokens_total"] {
+            metrics.push(Metric::sum(
+                name,
+                "",
+                true,
+                vec![number_point(1, 5.0, vec![])],
+            ));
+        }
+        let mut b = Batch::with_resource(vec![kv(PROVIDER, "vllm")], metrics);
+        let started = std::time::Instant::now();
+        normalize(NormalizeConfig::default()).process(&mut b);
+        let tokens: Vec<_> = b
+            .metrics()
+            .filter(|m| m.name == "gen_ai.server.token.usage")
+            .collect();
+        assert_eq!(tokens.len(), 1, "input and output are one metric");
+        assert_eq!(tokens[0].point_count(), 2);
+        assert_eq!(b.metrics().count(), 200_001);
+        println!("200,002 metrics normalised in {:?}", started.elapsed());
     }
 
     #[test]
