@@ -247,3 +247,26 @@ async fn gzip_bombs_on_side_endpoints_stop_at_the_limit() {
         "a 1 GB answer from /info and /api/ps grew RSS by {grown:.0} MB"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_over_sample_limit_fails_its_scrape() {
+    let big = sim::start(EngineKind::VllmV1, "127.0.0.1:0").await.unwrap();
+    big.set_fault(Fault::ManySeries(5_000));
+    let yaml = format!(
+        "receivers:\n  prometheus:\n    targets: [\"{}\"]\n    interval: 300ms\n    sample_limit: 1000\nexporters:\n  capture: {{}}\nservice:\n  telemetry: {{ endpoint: null }}\n  pipelines:\n    metrics: {{ receivers: [prometheus], exporters: [capture] }}\n",
+        big.metrics_url()
+    );
+    let capture = run_for(&yaml, 1.0).await;
+    let by_target = scrapes(&capture);
+    let s = &by_target[&big.metrics_url()];
+    assert!(!s.is_empty());
+    assert!(
+        s.iter().all(|s| s.gauge("up") == Some(0.0)),
+        "over the limit: up 0"
+    );
+    assert_eq!(
+        capture.point_count(),
+        s.len() * 4,
+        "only the health series, no samples"
+    );
+}

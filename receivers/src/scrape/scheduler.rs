@@ -79,6 +79,9 @@ pub struct ScrapeConfig {
     pub max_concurrent_scrapes: usize,
     /// Largest page read, after decompression.
     pub max_response_bytes: u64,
+    /// A page with more samples fails its scrape (`up` 0), as Prometheus's `sample_limit`;
+    /// 0: no limit.
+    pub sample_limit: usize,
     pub format: TextFormat,
     /// Extra request headers.
     pub headers: BTreeMap<String, String>,
@@ -105,6 +108,7 @@ impl Default for ScrapeConfig {
             timeout: None,
             max_concurrent_scrapes: 32,
             max_response_bytes: 16 * 1024 * 1024,
+            sample_limit: 0,
             format: TextFormat::Auto,
             headers: BTreeMap::new(),
             bearer_token: None,
@@ -248,6 +252,7 @@ struct Settings {
     interval: Duration,
     timeout: Duration,
     limit: u64,
+    sample_limit: usize,
     accept: &'static str,
     headers: reqwest::header::HeaderMap,
     resource: Vec<KeyValue>,
@@ -348,6 +353,7 @@ fn prepare(
         interval,
         timeout,
         limit: config.max_response_bytes,
+        sample_limit: config.sample_limit,
         accept: config.format.accept(),
         headers,
         resource,
@@ -692,9 +698,16 @@ impl TargetLoop {
         let format = Format::from_content_type(&fetched.content_type);
         let big = fetched.body.len() > BIG_PAGE;
         let engine = self.engine.clone();
+        let sample_limit = self.settings.sample_limit;
         let work = move |mut converter: Converter| {
             let bytes = fetched.body.len();
             let result = match text::parse(&fetched.body, format) {
+                Ok(page) if sample_limit > 0 && page.sample_count() > sample_limit => {
+                    Err(ScrapeError::Parse(format!(
+                        "{} samples, over sample_limit {sample_limit}",
+                        page.sample_count()
+                    )))
+                }
                 Ok(page) => {
                     let (batch, stats) = converter.convert(&page, now, Vec::new());
                     let mut metrics: Vec<Metric> = batch

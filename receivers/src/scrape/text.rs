@@ -139,6 +139,10 @@ impl<'a> Family<'a> {
     }
 }
 
+/// Labels one sample may carry: real pages have a handful; a line of thousands is an attack on
+/// the parser, refused before it costs quadratic time.
+pub const MAX_LABELS: usize = 128;
+
 /// A parsed page: its families, and the arena that holds every sample's labels.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Page<'a> {
@@ -390,6 +394,10 @@ fn parse_labels<'a>(
         } else {
             Cow::Borrowed(raw)
         };
+        if out.len() - first >= MAX_LABELS {
+            return err(ln, format!("more than {MAX_LABELS} labels on one sample"));
+        }
+        // Bounded by MAX_LABELS: at most ~8k comparisons for one sample.
         if out[first..].iter().any(|l| l.name == name) {
             return err(ln, format!("label `{name}` appears twice"));
         }
@@ -1156,6 +1164,22 @@ mod tests {
         .unwrap();
         let ex = ok.families[0].samples[0].exemplar.as_ref().unwrap();
         assert_eq!((ex.value, ex.timestamp), (0.5, Some(123.0)));
+    }
+
+    #[test]
+    fn a_sample_with_too_many_labels_is_refused() {
+        let labels = |n: usize| {
+            (0..n)
+                .map(|i| format!("a{i}=\"\""))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let ok = format!("x{{{}}} 1\n", labels(MAX_LABELS));
+        assert!(parse(&ok, Format::Prometheus).is_ok());
+        // 200,000 labels on one line: refused at the 129th, not compared pairwise.
+        let hostile = format!("x{{{}}} 1\n", labels(200_000));
+        let e = parse(&hostile, Format::Prometheus).unwrap_err();
+        assert!(e.to_string().contains("more than 128 labels"), "{e}");
     }
 
     #[test]
