@@ -130,6 +130,19 @@ async fn each_fault_gets_a_clear_error() {
     assert!(scrape_once(&s.metrics_url(), &config).await.unwrap() > 50);
 }
 
+/// A scrape with no engine additions.
+struct Plain;
+
+#[genai_collector_core::async_trait]
+impl genai_collector_receivers::scrape::Engine for Plain {
+    fn provider(&self) -> Option<&'static str> {
+        None
+    }
+    fn default_interval(&self) -> Duration {
+        Duration::from_secs(1)
+    }
+}
+
 /// An engine whose enrichment panics on every other page: the bug of a future engine module.
 struct Panicky(std::sync::atomic::AtomicUsize);
 
@@ -269,4 +282,63 @@ async fn a_page_over_sample_limit_fails_its_scrape() {
         s.len() * 4,
         "only the health series, no samples"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_in_a_target_url_are_never_shown() {
+    use genai_collector_core::model::AttributesExt;
+    use genai_collector_core::{
+        CancellationToken, ComponentId, ComponentKind, Output, Receiver, ReceiverContext,
+    };
+    use genai_collector_receivers::scrape::{ScrapeConfig, ScrapeReceiver};
+
+    let up = sim::start(EngineKind::VllmV1, "127.0.0.1:0").await.unwrap();
+    let down = common::free_port();
+    let telemetry = genai_collector_core::telemetry::Telemetry::new();
+    let stats = telemetry.register(ComponentKind::Receiver, "vllm", None);
+    let (output, mut rx) = Output::capture(64, stats.clone());
+    let receiver = Box::new(ScrapeReceiver {
+        engine: std::sync::Arc::new(Plain),
+        config: ScrapeConfig {
+            targets: vec![
+                format!("http://scraper:s3cr3t@{}/metrics", up.addr),
+                format!("http://scraper:s3cr3t@127.0.0.1:{down}/metrics"),
+            ],
+            interval: Some(Duration::from_millis(200)),
+            timeout: Some(Duration::from_millis(150)),
+            ..Default::default()
+        },
+    });
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(receiver.run(ReceiverContext {
+        id: ComponentId::parse("vllm").unwrap(),
+        output,
+        shutdown: stop.clone(),
+    }));
+    let mut shown = Vec::new();
+    while shown.len() < 4 {
+        let batch = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        for rm in &batch.resource_metrics {
+            let attrs = &rm.resource.as_ref().unwrap().attributes;
+            shown.push(attrs.get_str("url.full").unwrap().to_owned());
+        }
+    }
+    stop.cancel();
+    let _ = run.await;
+    assert!(
+        shown
+            .iter()
+            .all(|u| !u.contains("s3cr3t") && !u.contains("scraper@")),
+        "{shown:?}"
+    );
+    let error = stats.last_error().unwrap();
+    assert!(
+        error.contains(&format!("127.0.0.1:{down}")) && !error.contains("s3cr3t"),
+        "{error}"
+    );
+    let health = telemetry.health_json();
+    assert!(!health.contains("s3cr3t"), "{health}");
 }

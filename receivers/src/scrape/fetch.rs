@@ -78,7 +78,8 @@ pub(crate) async fn fetch(
         if e.is_timeout() {
             ScrapeError::Timeout(Duration::ZERO)
         } else {
-            ScrapeError::Connect(error_chain(&e))
+            // The URL may carry credentials; the caller names the target.
+            ScrapeError::Connect(error_chain(&e.without_url()))
         }
     })?;
     let status = response.status();
@@ -113,7 +114,7 @@ pub(crate) async fn read_limited(
         Vec::with_capacity(response.content_length().unwrap_or(64 * 1024).min(limit) as usize);
     let mut stream = response.bytes_stream();
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| ScrapeError::Body(error_chain(&e)))?;
+        let chunk = chunk.map_err(|e| ScrapeError::Body(error_chain(&e.without_url())))?;
         if body.len() as u64 + chunk.len() as u64 > limit {
             return Err(ScrapeError::TooLarge(limit));
         }
@@ -149,6 +150,8 @@ pub(crate) async fn side_json<T: serde::de::DeserializeOwned>(
     let response = match client.get(url.clone()).timeout(timeout).send().await {
         Ok(r) => r,
         Err(e) => {
+            let e = e.without_url();
+            let _ = url.set_password(None);
             tracing::debug!(target = %url, error = %e, "no answer; asking again next scrape");
             return SideAnswer::Failed;
         }
@@ -165,6 +168,7 @@ pub(crate) async fn side_json<T: serde::de::DeserializeOwned>(
             Err(_) => SideAnswer::Failed,
         },
         Err(e) => {
+            let _ = url.set_password(None);
             tracing::debug!(target = %url, error = %e, "unusable answer; asking again next scrape");
             SideAnswer::Failed
         }

@@ -174,7 +174,10 @@ impl ComponentConfig for ScrapeConfig {
 /// One scrape target.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Target {
+    /// What is fetched, credentials (`user:password@`) included.
     pub url: String,
+    /// The URL without credentials: what `url.full`, logs and `/healthz` show.
+    pub shown: String,
     pub host: String,
     pub port: u16,
     /// Labels from a file_sd group, added as resource attributes.
@@ -205,8 +208,12 @@ impl Target {
             .ok_or_else(|| format!("`{raw}` has no host"))?
             .to_owned();
         let port = url.port_or_known_default().unwrap_or(80);
+        let mut shown = url.clone();
+        let _ = shown.set_username("");
+        let _ = shown.set_password(None);
         Ok(Self {
             url: url.to_string(),
+            shown: shown.to_string(),
             host,
             port,
             labels: labels.to_vec(),
@@ -543,9 +550,9 @@ impl TargetLoop {
                 Err(e) if e.is_panic() => {
                     let message = format!(
                         "{}: the scrape loop panicked; restarting it",
-                        self.target.url
+                        self.target.shown
                     );
-                    tracing::error!(receiver = %self.settings.id, target = %self.target.url, "scrape loop panicked; restarting it");
+                    tracing::error!(receiver = %self.settings.id, target = %self.target.shown, "scrape loop panicked; restarting it");
                     self.output.report_error(message);
                     tokio::select! {
                         () = tokio::time::sleep(self.settings.interval) => {}
@@ -578,7 +585,7 @@ impl TargetLoop {
             "service.instance.id",
             format!("{}:{}", self.target.host, self.target.port),
         ));
-        resource.push(kv("url.full", self.target.url.as_str()));
+        resource.push(kv("url.full", self.target.shown.as_str()));
         for (k, v) in &self.target.labels {
             // A target's own labels (a pod's pool) win over the receiver's.
             resource.retain(|a| a.key != *k);
@@ -617,17 +624,17 @@ impl TargetLoop {
             let up = error.is_none();
             if let Some(e) = &error {
                 self.output
-                    .report_error(format!("{}: {e}", self.target.url));
+                    .report_error(format!("{}: {e}", self.target.shown));
             }
             match (&error, was_up) {
                 (Some(e), Some(true) | None) => {
-                    warn!(receiver = %s.id, target = %self.target.url, error = %e, "scrape failed")
+                    warn!(receiver = %s.id, target = %self.target.shown, error = %e, "scrape failed")
                 }
                 (Some(e), Some(false)) => {
-                    debug!(receiver = %s.id, target = %self.target.url, error = %e, "scrape failed again")
+                    debug!(receiver = %s.id, target = %self.target.shown, error = %e, "scrape failed again")
                 }
                 (None, Some(false)) => {
-                    info!(receiver = %s.id, target = %self.target.url, "target is back")
+                    info!(receiver = %s.id, target = %self.target.shown, "target is back")
                 }
                 _ => {}
             }
@@ -748,7 +755,7 @@ impl TargetLoop {
         *converter = back;
         result.map(|(m, samples, bytes)| {
             let points: usize = m.iter().map(MetricExt::point_count).sum();
-            debug!(target = %self.target.url, samples, points, "scraped");
+            debug!(target = %self.target.shown, samples, points, "scraped");
             (m, samples, bytes)
         })
     }
