@@ -28,8 +28,10 @@ pub struct OllamaConfig {
     pub endpoint: String,
     #[serde(with = "duration")]
     pub interval: Duration,
-    #[serde(with = "duration")]
-    pub timeout: Duration,
+    /// Limit on one poll; by default 2 s, or less for an interval under 2.5 s (as Prometheus
+    /// clamps `scrape_timeout` to the interval).
+    #[serde(with = "duration::option")]
+    pub timeout: Option<Duration>,
     /// Total GPU memory in GiB (24 for a 24 GB card); else `GENAI_OLLAMA_MAX_VRAM_GB`, NVML,
     /// `nvidia-smi`.
     pub max_vram_gb: Option<f64>,
@@ -42,10 +44,18 @@ impl Default for OllamaConfig {
         Self {
             endpoint: "http://localhost:11434".into(),
             interval: Duration::from_secs(5),
-            timeout: Duration::from_secs(2),
+            timeout: None,
             max_vram_gb: None,
             pool: None,
         }
+    }
+}
+
+impl OllamaConfig {
+    /// The configured timeout, or the default that fits the interval.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+            .unwrap_or_else(|| Duration::from_secs(2).min(self.interval.mul_f64(0.8)))
     }
 }
 
@@ -54,10 +64,13 @@ impl ComponentConfig for OllamaConfig {
         reqwest::Url::parse(&self.endpoint).map_err(|e| {
             ValidationError::field("endpoint", format!("`{}` is not a URL: {e}", self.endpoint))
         })?;
-        if self.timeout >= self.interval {
+        if self.interval < Duration::from_millis(100) {
+            return Err(ValidationError::field("interval", "must be at least 100ms"));
+        }
+        if self.timeout.is_some_and(|t| t >= self.interval) {
             return Err(ValidationError::field(
                 "timeout",
-                "must be shorter than the interval",
+                format!("must be shorter than the interval ({:?})", self.interval),
             ));
         }
         if self.max_vram_gb.is_some_and(|g| g.is_nan() || g <= 0.0) {
@@ -137,7 +150,7 @@ impl ReceiverFactory for OllamaReceiverFactory {
     ) -> Result<Box<dyn Receiver>, ComponentError> {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let client = reqwest::Client::builder()
-            .timeout(config.timeout)
+            .timeout(config.timeout())
             .build()
             .map_err(|e| ComponentError::Config(format!("cannot build the HTTP client: {e}")))?;
         Ok(Box::new(OllamaReceiver { config, client }))
@@ -281,7 +294,7 @@ impl OllamaReceiver {
     async fn get<T: serde::de::DeserializeOwned>(&self, url: &str) -> Result<T, String> {
         let response = self.client.get(url).send().await.map_err(|e| {
             if e.is_timeout() {
-                format!("timed out after {:?}", self.config.timeout)
+                format!("timed out after {:?}", self.config.timeout())
             } else {
                 format!("cannot connect: {e}")
             }
@@ -388,6 +401,22 @@ pub fn model_metrics(
 mod tests {
     use super::*;
     use genai_collector_core::model::{metric, number_value, AttributesExt};
+
+    #[test]
+    fn the_default_timeout_follows_a_short_interval() {
+        let c = |interval: u64, timeout: Option<u64>| OllamaConfig {
+            interval: Duration::from_millis(interval),
+            timeout: timeout.map(Duration::from_millis),
+            ..Default::default()
+        };
+        assert_eq!(c(5000, None).timeout(), Duration::from_secs(2));
+        assert_eq!(c(1000, None).timeout(), Duration::from_millis(800));
+        assert!(c(1000, None).validate().is_ok());
+        assert_eq!(
+            c(1000, Some(1000)).validate().unwrap_err().field.as_deref(),
+            Some("timeout")
+        );
+    }
 
     fn fixture(name: &str) -> Ps {
         let text = std::fs::read_to_string(format!(

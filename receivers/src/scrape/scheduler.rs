@@ -178,6 +178,9 @@ pub struct Target {
     pub url: String,
     /// The URL without credentials: what `url.full`, logs and `/healthz` show.
     pub shown: String,
+    /// `service.instance.id`: `host:port`, and the path too when it is not the receiver's
+    /// default, so that two pages of one server stay two series.
+    pub instance: String,
     pub host: String,
     pub port: u16,
     /// Labels from a file_sd group, added as resource attributes.
@@ -211,9 +214,18 @@ impl Target {
         let mut shown = url.clone();
         let _ = shown.set_username("");
         let _ = shown.set_password(None);
+        let mut instance = format!("{}:{port}", url.host_str().unwrap_or_default());
+        if url.path() != default_path || url.query().is_some() {
+            instance.push_str(url.path());
+            if let Some(q) = url.query() {
+                instance.push('?');
+                instance.push_str(q);
+            }
+        }
         Ok(Self {
             url: url.to_string(),
             shown: shown.to_string(),
+            instance,
             host,
             port,
             labels: labels.to_vec(),
@@ -581,10 +593,7 @@ impl TargetLoop {
         let mut resource = s.resource.clone();
         resource.push(kv("server.address", self.target.host.as_str()));
         resource.push(kv("server.port", self.target.port));
-        resource.push(kv(
-            "service.instance.id",
-            format!("{}:{}", self.target.host, self.target.port),
-        ));
+        resource.push(kv("service.instance.id", self.target.instance.as_str()));
         resource.push(kv("url.full", self.target.shown.as_str()));
         for (k, v) in &self.target.labels {
             // A target's own labels (a pod's pool) win over the receiver's.
@@ -787,6 +796,15 @@ mod tests {
         );
         let t = Target::parse("https://vllm.example/metrics", "/metrics", &[]).unwrap();
         assert_eq!(t.port, 443);
+        assert_eq!(t.instance, "vllm.example:443");
+        // Two pages of one server are two instances; credentials are never shown.
+        let a = Target::parse("http://u:p@10.0.0.5:8000/metrics", "/metrics", &[]).unwrap();
+        let b =
+            Target::parse("http://10.0.0.5:8000/engine/2/metrics?x=1", "/metrics", &[]).unwrap();
+        assert_eq!(a.instance, "10.0.0.5:8000");
+        assert_eq!(b.instance, "10.0.0.5:8000/engine/2/metrics?x=1");
+        assert_eq!(a.shown, "http://10.0.0.5:8000/metrics");
+        assert!(a.url.contains("u:p@"), "fetched with its credentials");
         assert!(Target::parse("ftp://x/metrics", "/metrics", &[]).is_err());
         assert!(Target::parse("http://", "/metrics", &[]).is_err());
         assert_eq!(
