@@ -170,6 +170,14 @@ impl Exporter for PrometheusExporter {
     }
 }
 
+/// The page the endpoint would serve holding `batch` alone (OpenMetrics without its `# EOF`),
+/// for tests and fuzzing of the rendering.
+pub fn render_batch(batch: &Batch, promote: &[String], openmetrics: bool) -> String {
+    let mut store = Store::default();
+    store.update(batch, promote, Instant::now());
+    store.render(openmetrics)
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
     Gauge,
@@ -192,6 +200,24 @@ enum Value {
         sum: f64,
         count: u64,
     },
+}
+
+impl Value {
+    /// Whether OpenMetrics can show it: counters, counts and sums are never negative there,
+    /// except a histogram's sum when it has negative buckets. 0.0.4 shows everything.
+    fn openmetrics_valid(&self, kind: Kind) -> bool {
+        let count_like = |v: f64| v >= 0.0;
+        match self {
+            Value::Number(v) => kind != Kind::Counter || count_like(*v),
+            // With negative buckets the sum is left out; without, it must be a count's.
+            Value::Histogram { bounds, sum, .. } => {
+                bounds.first().is_some_and(|b| *b < 0.0) || sum.is_none_or(count_like)
+            }
+            Value::Summary { quantiles, sum, .. } => {
+                count_like(*sum) && quantiles.iter().all(|(_, v)| v.is_nan() || *v >= 0.0)
+            }
+        }
+    }
 }
 
 struct Series {
@@ -657,6 +683,9 @@ impl Store {
             let _ = writeln!(out, "# HELP {family_name} {}", escape_help(help));
             let _ = writeln!(out, "# TYPE {family_name} {kind}");
             for s in f.series.values() {
+                if openmetrics && !s.value.openmetrics_valid(f.kind) {
+                    continue;
+                }
                 // Exemplars exist in OpenMetrics only.
                 let exemplar = |i: usize| {
                     s.exemplars
@@ -699,11 +728,13 @@ impl Store {
                                 exemplar(bounds.len()),
                             );
                         }
-                        if let Some(sum) = sum {
-                            sample(&mut out, &format!("{name}_sum"), &s.labels, None, *sum);
-                        }
                         // OpenMetrics has `_count` and `_sum` together or neither (an OTLP
-                        // histogram may come without a sum).
+                        // histogram may come without a sum), and neither with negative buckets.
+                        let negative = bounds.first().is_some_and(|b| *b < 0.0);
+                        let sum = sum.filter(|_| !(openmetrics && negative));
+                        if let Some(sum) = sum {
+                            sample(&mut out, &format!("{name}_sum"), &s.labels, None, sum);
+                        }
                         if sum.is_some() || !openmetrics {
                             sample(
                                 &mut out,

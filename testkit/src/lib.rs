@@ -6,6 +6,7 @@
 //! serves the engines' pages from `tests/fixtures` with moving values and faults on demand.
 
 pub mod components;
+pub mod fuzz;
 pub mod sim;
 
 pub use components::{components, Capture};

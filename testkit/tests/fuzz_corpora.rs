@@ -1,0 +1,126 @@
+//! Replays every file of the committed fuzz corpora (`fuzz/corpus/<target>/`) through its
+//! target on stable, so that CI guards every input the fuzzer ever kept, findings included.
+//! `GENAI_FUZZ_SEED=1 cargo test -p genai-collector-testkit --test fuzz_corpora` writes the seed
+//! inputs (the fixtures' engine pages, encoded OTLP requests, configs) before a fuzzing run.
+
+use std::path::{Path, PathBuf};
+
+use genai_collector_testkit::fuzz::TARGETS;
+
+fn corpus(target: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../fuzz/corpus")
+        .join(target)
+}
+
+#[test]
+fn every_corpus_file_replays_without_a_panic() {
+    if std::env::var_os("GENAI_FUZZ_SEED").is_some() {
+        seed();
+    }
+    let mut total = 0;
+    for (target, run) in TARGETS {
+        let dir = corpus(target);
+        let files: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert!(!files.is_empty(), "{target}: an empty corpus guards nothing");
+        for f in &files {
+            let data = std::fs::read(f).unwrap();
+            let result = std::panic::catch_unwind(|| run(&data));
+            assert!(result.is_ok(), "{target}: {} panics", f.display());
+        }
+        println!("{target}: {} inputs", files.len());
+        total += files.len();
+    }
+    println!("{total} corpus inputs replayed");
+}
+
+/// Writes the seed inputs each target starts from.
+fn seed() {
+    use genai_collector_core::model::{kv, number_point, Batch, Metric, MetricExt};
+    use prost::Message as _;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let write = |target: &str, name: &str, data: &[u8]| {
+        std::fs::create_dir_all(corpus(target)).unwrap();
+        std::fs::write(corpus(target).join(name), data).unwrap();
+    };
+    let files = |dir: &Path| -> Vec<PathBuf> {
+        let mut v: Vec<_> = std::fs::read_dir(dir)
+            .map(|d| d.map(|e| e.unwrap().path()).collect())
+            .unwrap_or_default();
+        v.sort();
+        v
+    };
+    let fixtures = root.join("tests/fixtures");
+    for engine in ["vllm", "tgi", "llamacpp"] {
+        for f in files(&fixtures.join(engine)) {
+            if f.extension().is_some_and(|e| e == "prom" || e == "txt") {
+                let name = f.file_name().unwrap().to_string_lossy().into_owned();
+                write("scrape_page", &format!("{engine}-{name}"), &std::fs::read(&f).unwrap());
+            }
+        }
+    }
+    for f in files(&fixtures.join("openmetrics-parsers")) {
+        let input = f.join("metrics");
+        if let Ok(data) = std::fs::read(&input) {
+            let name = f.file_name().unwrap().to_string_lossy().into_owned();
+            write("scrape_page", &format!("om-{name}"), &data);
+        }
+    }
+    for f in files(&fixtures.join("ollama")) {
+        let name = f.file_name().unwrap().to_string_lossy().into_owned();
+        write("ollama_ps", &name, &std::fs::read(&f).unwrap());
+    }
+    for f in files(&root.join("tests/configs/good"))
+        .into_iter()
+        .chain(files(&root.join("tests/configs/bad")))
+        .chain([root.join("config.example.yaml")])
+    {
+        let name = f.file_name().unwrap().to_string_lossy().into_owned();
+        write("config", &name, &std::fs::read(&f).unwrap());
+    }
+    let batch = {
+        let mut b = Batch::with_resource(
+            vec![kv("service.name", "vllm"), kv("gen_ai.pool.name", "chat")],
+            vec![
+                Metric::gauge(
+                    "vllm:num_requests_running",
+                    "",
+                    vec![number_point(1, 3.0, vec![kv("model_name", "m")])],
+                ),
+                Metric::gauge("vllm:kv_cache_usage_perc", "", vec![number_point(1, 0.4, vec![])]),
+                Metric::sum(
+                    "vllm:prompt_tokens_total",
+                    "",
+                    true,
+                    vec![number_point(1, 9.0, vec![kv("model_name", "m")])],
+                ),
+            ],
+        );
+        b.push_resource(vec![kv("service.name", "app")], vec![Metric::gauge("g", "1", vec![])]);
+        b
+    };
+    write("otlp_pipeline", "vllm.pb", &batch.encode_request());
+    let json = serde_json::to_vec(&batch.clone().into_request()).unwrap();
+    write("otlp_pipeline", "vllm.json", &json);
+    write("retry_hint", "one-second", &genai_collector_core::retry_info::encode(8, "busy", std::time::Duration::from_secs(1)));
+    use genai_collector_receivers::nvml::pod_resources::{
+        ContainerDevices, ContainerResources, ListPodResourcesResponse, PodResources,
+    };
+    let list = ListPodResourcesResponse {
+        pod_resources: vec![PodResources {
+            name: "vllm-0".into(),
+            namespace: "inference".into(),
+            containers: vec![ContainerResources {
+                name: "vllm".into(),
+                devices: vec![ContainerDevices {
+                    resource_name: "nvidia.com/gpu".into(),
+                    device_ids: vec!["GPU-aaaa".into(), "GPU-bbbb::1".into()],
+                }],
+            }],
+        }],
+    };
+    write("pod_resources", "one-pod", &list.encode_to_vec());
+}
