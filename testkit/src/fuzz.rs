@@ -153,6 +153,7 @@ pub fn pod_resources(data: &[u8]) {
 pub fn retry_hint(data: &[u8]) {
     if let Some(wait) = genai_collector_core::retry_info::decode(data) {
         // Any hint, however large, gives a wait the runtime can sleep.
-        let _ = std::time::Instant::now().checked_add(wait.min(std::time::Duration::from_secs(300)));
+        let _ =
+            std::time::Instant::now().checked_add(wait.min(std::time::Duration::from_secs(300)));
     }
 }

@@ -25,7 +25,10 @@ fn every_corpus_file_replays_without_a_panic() {
             .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
             .map(|e| e.unwrap().path())
             .collect();
-        assert!(!files.is_empty(), "{target}: an empty corpus guards nothing");
+        assert!(
+            !files.is_empty(),
+            "{target}: an empty corpus guards nothing"
+        );
         for f in &files {
             let data = std::fs::read(f).unwrap();
             let result = std::panic::catch_unwind(|| run(&data));
@@ -58,7 +61,11 @@ fn seed() {
         for f in files(&fixtures.join(engine)) {
             if f.extension().is_some_and(|e| e == "prom" || e == "txt") {
                 let name = f.file_name().unwrap().to_string_lossy().into_owned();
-                write("scrape_page", &format!("{engine}-{name}"), &std::fs::read(&f).unwrap());
+                write(
+                    "scrape_page",
+                    &format!("{engine}-{name}"),
+                    &std::fs::read(&f).unwrap(),
+                );
             }
         }
     }
@@ -90,7 +97,11 @@ fn seed() {
                     "",
                     vec![number_point(1, 3.0, vec![kv("model_name", "m")])],
                 ),
-                Metric::gauge("vllm:kv_cache_usage_perc", "", vec![number_point(1, 0.4, vec![])]),
+                Metric::gauge(
+                    "vllm:kv_cache_usage_perc",
+                    "",
+                    vec![number_point(1, 0.4, vec![])],
+                ),
                 Metric::sum(
                     "vllm:prompt_tokens_total",
                     "",
@@ -99,13 +110,20 @@ fn seed() {
                 ),
             ],
         );
-        b.push_resource(vec![kv("service.name", "app")], vec![Metric::gauge("g", "1", vec![])]);
+        b.push_resource(
+            vec![kv("service.name", "app")],
+            vec![Metric::gauge("g", "1", vec![])],
+        );
         b
     };
     write("otlp_pipeline", "vllm.pb", &batch.encode_request());
     let json = serde_json::to_vec(&batch.clone().into_request()).unwrap();
     write("otlp_pipeline", "vllm.json", &json);
-    write("retry_hint", "one-second", &genai_collector_core::retry_info::encode(8, "busy", std::time::Duration::from_secs(1)));
+    write(
+        "retry_hint",
+        "one-second",
+        &genai_collector_core::retry_info::encode(8, "busy", std::time::Duration::from_secs(1)),
+    );
     use genai_collector_receivers::nvml::pod_resources::{
         ContainerDevices, ContainerResources, ListPodResourcesResponse, PodResources,
     };

@@ -8,12 +8,22 @@ use super::node::{DeError, Node};
 
 /// Parses a human duration, with an error that shows the expected form.
 pub fn parse(text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text.trim()).map_err(|e| {
+    let d = humantime::parse_duration(text.trim()).map_err(|e| {
         format!(
             "invalid duration `{text}` ({e}): expected a number and a unit, like 500ms, 5s or 1m"
         )
-    })
+    })?;
+    // Far past any sensible setting, and far enough from the clock arithmetic's limits.
+    if d > MAX {
+        return Err(format!(
+            "duration `{text}` is over the 365 days any setting may take"
+        ));
+    }
+    Ok(d)
 }
+
+/// The longest duration a setting may take.
+pub const MAX: Duration = Duration::from_secs(365 * 24 * 3600);
 
 pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let text = String::deserialize(d)?;
@@ -49,5 +59,9 @@ mod tests {
             .unwrap_err()
             .contains("expected a number and a unit"));
         assert!(parse("soon").is_err());
+        assert!(parse("18446744073s 709551616ns")
+            .unwrap_err()
+            .contains("over the 365 days"));
+        assert_eq!(parse("365days"), Ok(MAX));
     }
 }

@@ -580,7 +580,8 @@ impl TargetLoop {
         let s = &self.settings;
         let mut h = DefaultHasher::new();
         self.target.url.hash(&mut h);
-        let offset = Duration::from_nanos(h.finish() % s.interval.as_nanos().max(1) as u64);
+        let offset =
+            Duration::from_nanos((u128::from(h.finish()) % s.interval.as_nanos().max(1)) as u64);
         tokio::select! {
             () = self.stop.cancelled() => return,
             () = tokio::time::sleep(offset) => {}
