@@ -186,6 +186,24 @@ enum Kind {
     Summary,
 }
 
+impl Kind {
+    /// The names a family of this kind uses in OpenMetrics: its own and its samples'.
+    fn sample_names(self, family: &str, name: &str) -> Vec<String> {
+        let with = |suffixes: &[&str]| {
+            std::iter::once(family.to_owned())
+                .chain(suffixes.iter().map(|s| format!("{family}{s}")))
+                .collect()
+        };
+        match self {
+            Kind::Counter => with(&["_total", "_created"]),
+            Kind::Gauge if name == "target_info" => with(&["_info"]),
+            Kind::Gauge => with(&[]),
+            Kind::Histogram => with(&["_bucket", "_sum", "_count", "_created"]),
+            Kind::Summary => with(&["_sum", "_count", "_created"]),
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 enum Value {
     Number(f64),
@@ -662,6 +680,7 @@ impl Store {
 
     fn render(&self, openmetrics: bool) -> String {
         let mut out = String::with_capacity(64 * 1024);
+        let mut taken = std::collections::HashSet::new();
         for (name, f) in &self.families {
             let (family_name, kind) = match f.kind {
                 Kind::Counter if openmetrics => {
@@ -680,6 +699,15 @@ impl Store {
             } else {
                 &f.help
             };
+            if openmetrics {
+                // One name, one family: a gauge `x_sum` beside a summary `x` would make the
+                // page invalid; the family met first (in name order) keeps the name.
+                let names = f.kind.sample_names(family_name, name);
+                if names.iter().any(|n| taken.contains(n)) {
+                    continue;
+                }
+                taken.extend(names);
+            }
             let _ = writeln!(out, "# HELP {family_name} {}", escape_help(help));
             let _ = writeln!(out, "# TYPE {family_name} {kind}");
             for s in f.series.values() {

@@ -205,6 +205,11 @@ fn walk<'a>(
                 buf = rest;
                 Field::Len(payload)
             }
+            3 => {
+                // A group (a deprecated encoding prost still skips): nothing it holds is kept.
+                skip_group(&mut buf, tag, 0)?;
+                Field::Fixed
+            }
             _ => return Err(WireError("unsupported wire type")),
         };
         if tag == 0 {
@@ -213,6 +218,32 @@ fn walk<'a>(
         f(tag, field)?;
     }
     Ok(())
+}
+
+/// Skips the fields of a group started with `tag`, through its end.
+fn skip_group(buf: &mut &[u8], tag: u64, depth: u32) -> Result<(), WireError> {
+    if depth > 100 {
+        return Err(WireError("recursion limit reached"));
+    }
+    loop {
+        let key = varint(buf)?;
+        match key & 7 {
+            0 => {
+                varint(buf)?;
+            }
+            1 | 5 => {
+                let n = if key & 7 == 1 { 8 } else { 4 };
+                *buf = buf.get(n..).ok_or(WireError("buffer underflow"))?;
+            }
+            2 => {
+                let len = usize::try_from(varint(buf)?).map_err(|_| WireError("length overflow"))?;
+                *buf = buf.get(len..).ok_or(WireError("buffer underflow"))?;
+            }
+            3 => skip_group(buf, key >> 3, depth + 1)?,
+            4 if key >> 3 == tag => return Ok(()),
+            _ => return Err(WireError("unexpected end of group")),
+        }
+    }
 }
 
 fn varint(buf: &mut &[u8]) -> Result<u64, WireError> {
