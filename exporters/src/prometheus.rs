@@ -562,11 +562,15 @@ impl Store {
                                 self.invalid_points += 1;
                                 continue;
                             }
-                            let quantiles = p
+                            let mut quantiles: Vec<(f64, f64)> = p
                                 .quantile_values
                                 .iter()
                                 .map(|q| (q.quantile, q.value))
                                 .collect();
+                            // One series per quantile: a repeated one keeps its last value.
+                            quantiles.reverse();
+                            quantiles.sort_by(|a, b| a.0.total_cmp(&b.0));
+                            quantiles.dedup_by(|later, first| later.0 == first.0);
                             let value = Value::Summary {
                                 quantiles,
                                 sum: p.sum,
