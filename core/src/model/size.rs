@@ -236,7 +236,8 @@ fn skip_group(buf: &mut &[u8], tag: u64, depth: u32) -> Result<(), WireError> {
                 *buf = buf.get(n..).ok_or(WireError("buffer underflow"))?;
             }
             2 => {
-                let len = usize::try_from(varint(buf)?).map_err(|_| WireError("length overflow"))?;
+                let len =
+                    usize::try_from(varint(buf)?).map_err(|_| WireError("length overflow"))?;
                 *buf = buf.get(len..).ok_or(WireError("buffer underflow"))?;
             }
             3 => skip_group(buf, key >> 3, depth + 1)?,
