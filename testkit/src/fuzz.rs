@@ -18,8 +18,11 @@ use genai_collector_receivers::scrape::convert::Converter;
 use genai_collector_receivers::scrape::text::{parse, Format};
 use prost::Message as _;
 
+/// A fuzz target's body.
+pub type Target = fn(&[u8]);
+
 /// Every target, by the name of its corpus directory.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("scrape_page", scrape_page),
     ("otlp_pipeline", otlp_pipeline),
     ("config", config),
