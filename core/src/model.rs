@@ -22,6 +22,10 @@ pub use opentelemetry_proto::tonic::metrics::v1::{
 };
 pub use opentelemetry_proto::tonic::resource::v1::Resource;
 
+/// The gRPC path of OTLP's `MetricsService/Export`.
+pub const GRPC_EXPORT_PATH: &str =
+    "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export";
+
 /// The instrumentation scope the collector stamps on metrics it creates.
 pub const SCOPE_NAME: &str = "genai-collector";
 

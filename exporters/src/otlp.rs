@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use genai_collector_core::component::error_chain;
 use genai_collector_core::config::header_map;
+use genai_collector_core::model::GRPC_EXPORT_PATH;
 use genai_collector_core::retry_info;
 use genai_collector_core::tls::TlsClientConfig;
 use genai_collector_core::{
@@ -181,18 +182,17 @@ pub struct OtlpExporter {
     gzip: bool,
 }
 
-const EXPORT_PATH: &str = "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export";
+/// A gRPC codec that sends a request already encoded (from the borrowed batch, so the batch
+/// is never cloned into an owned message) and decodes the export response. Any OTLP client
+/// that holds encoded requests can use it.
+pub struct EncodedCodec;
 
-/// A gRPC codec that sends a request already encoded from the borrowed batch, so the batch is
-/// never cloned into an owned message, and decodes the export response.
-struct EncodedCodec;
+pub struct EncodedEncoder;
 
-struct EncodedEncoder;
-
-struct ResponseDecoder;
+pub struct ResponseDecoder;
 
 impl tonic::codec::Codec for EncodedCodec {
-    type Encode = Vec<u8>;
+    type Encode = prost::bytes::Bytes;
     type Decode = ExportMetricsServiceResponse;
     type Encoder = EncodedEncoder;
     type Decoder = ResponseDecoder;
@@ -205,11 +205,11 @@ impl tonic::codec::Codec for EncodedCodec {
 }
 
 impl tonic::codec::Encoder for EncodedEncoder {
-    type Item = Vec<u8>;
+    type Item = prost::bytes::Bytes;
     type Error = tonic::Status;
     fn encode(
         &mut self,
-        item: Vec<u8>,
+        item: prost::bytes::Bytes,
         dst: &mut tonic::codec::EncodeBuf<'_>,
     ) -> Result<(), tonic::Status> {
         prost::bytes::BufMut::put_slice(dst, &item);
@@ -255,12 +255,12 @@ impl Exporter for OtlpExporter {
             Sender::Grpc { client, metadata } => {
                 // A clone shares the channel; each request in flight needs its own handle.
                 let mut client = client.clone();
-                let mut request = tonic::Request::new(batch.encode_request());
+                let mut request = tonic::Request::new(batch.encode_request().into());
                 *request.metadata_mut() = metadata.clone();
                 client.ready().await.map_err(|e| {
                     ExportError::retryable(format!("cannot connect: {}", error_chain(&e)))
                 })?;
-                let path = tonic::codegen::http::uri::PathAndQuery::from_static(EXPORT_PATH);
+                let path = tonic::codegen::http::uri::PathAndQuery::from_static(GRPC_EXPORT_PATH);
                 client
                     .unary(request, path, EncodedCodec)
                     .await

@@ -22,7 +22,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
-use genai_collector_core::model::{approx_bytes, decoded_size, Batch};
+use genai_collector_core::model::{approx_bytes, decoded_size, Batch, GRPC_EXPORT_PATH};
 use genai_collector_core::retry_info;
 use genai_collector_core::tls::{self, TlsServerConfig};
 use genai_collector_core::{
@@ -314,24 +314,17 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 const FULL_RETRY: Duration = Duration::from_secs(1);
 const MEMORY_RETRY: Duration = Duration::from_secs(2);
 
-/// The gRPC `MetricsService`, served from the request's bytes: they are sized, checked against
-/// the pipelines' room and the memory limit, and only then decoded.
+/// The receiver's handler of `MetricsService/Export`: the request's bytes are sized, checked
+/// against the pipelines' room and the memory limit, and only then decoded.
 #[derive(Clone)]
 struct GrpcService {
     output: Output,
     expected: Option<Arc<str>>,
-    max_message: usize,
 }
-
-impl tonic::server::NamedService for GrpcService {
-    const NAME: &'static str = "opentelemetry.proto.collector.metrics.v1.MetricsService";
-}
-
-const EXPORT_PATH: &str = "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export";
 
 impl GrpcService {
     async fn export(
-        &self,
+        self,
         request: tonic::Request<Bytes>,
     ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
         let given = request
@@ -351,19 +344,54 @@ impl GrpcService {
     }
 }
 
-struct ExportCall(GrpcService);
+/// What answers an export from its undecoded bytes.
+pub type ExportFuture =
+    tonic::codegen::BoxFuture<tonic::Response<ExportMetricsServiceResponse>, tonic::Status>;
 
-impl tonic::server::UnaryService<Bytes> for ExportCall {
-    type Response = ExportMetricsServiceResponse;
-    type Future = tonic::codegen::BoxFuture<tonic::Response<Self::Response>, tonic::Status>;
+/// A gRPC `MetricsService` whose handler gets each export request's bytes undecoded (gzip
+/// already inflated, up to `max_message` bytes), so it can size, refuse or count a request
+/// before decoding it. Traces, logs and other paths answer `UNIMPLEMENTED`.
+#[derive(Clone)]
+pub struct RawExportService<H> {
+    handler: H,
+    max_message: usize,
+}
 
-    fn call(&mut self, request: tonic::Request<Bytes>) -> Self::Future {
-        let service = self.0.clone();
-        Box::pin(async move { service.export(request).await })
+impl<H> RawExportService<H>
+where
+    H: Fn(tonic::Request<Bytes>) -> ExportFuture + Clone + Send + Sync + 'static,
+{
+    pub fn new(handler: H, max_message: usize) -> Self {
+        Self {
+            handler,
+            max_message,
+        }
     }
 }
 
-impl tonic::codegen::Service<tonic::codegen::http::Request<tonic::body::Body>> for GrpcService {
+impl<H> tonic::server::NamedService for RawExportService<H> {
+    const NAME: &'static str = "opentelemetry.proto.collector.metrics.v1.MetricsService";
+}
+
+struct ExportCall<H>(H);
+
+impl<H> tonic::server::UnaryService<Bytes> for ExportCall<H>
+where
+    H: Fn(tonic::Request<Bytes>) -> ExportFuture,
+{
+    type Response = ExportMetricsServiceResponse;
+    type Future = ExportFuture;
+
+    fn call(&mut self, request: tonic::Request<Bytes>) -> Self::Future {
+        (self.0)(request)
+    }
+}
+
+impl<H> tonic::codegen::Service<tonic::codegen::http::Request<tonic::body::Body>>
+    for RawExportService<H>
+where
+    H: Fn(tonic::Request<Bytes>) -> ExportFuture + Clone + Send + Sync + 'static,
+{
     type Response = tonic::codegen::http::Response<tonic::body::Body>;
     type Error = std::convert::Infallible;
     type Future = tonic::codegen::BoxFuture<Self::Response, Self::Error>;
@@ -376,26 +404,25 @@ impl tonic::codegen::Service<tonic::codegen::http::Request<tonic::body::Body>> f
     }
 
     fn call(&mut self, req: tonic::codegen::http::Request<tonic::body::Body>) -> Self::Future {
-        if req.uri().path() != EXPORT_PATH {
-            // Traces, logs and anything else: not served here.
+        if req.uri().path() != GRPC_EXPORT_PATH {
             return Box::pin(async { Ok(tonic::Status::unimplemented("").into_http()) });
         }
-        let service = self.clone();
+        let (handler, max) = (self.handler.clone(), self.max_message);
         Box::pin(async move {
             let mut grpc = tonic::server::Grpc::new(RawCodec)
                 .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
-                .max_decoding_message_size(service.max_message);
-            Ok(grpc.unary(ExportCall(service), req).await)
+                .max_decoding_message_size(max);
+            Ok(grpc.unary(ExportCall(handler), req).await)
         })
     }
 }
 
 /// A codec that hands the handler the request's bytes undecoded and encodes the response.
-struct RawCodec;
+pub struct RawCodec;
 
-struct RawDecoder;
+pub struct RawDecoder;
 
-struct ResponseEncoder;
+pub struct ResponseEncoder;
 
 impl tonic::codec::Codec for RawCodec {
     type Encode = ExportMetricsServiceResponse;
@@ -530,11 +557,14 @@ impl Receiver for OtlpReceiver {
         if let (Some(listener), Some(cfg)) = (self.grpc, &self.config.protocols.grpc) {
             let listener = tokio::net::TcpListener::from_std(listener)?;
             info!(receiver = %ctx.id, addr = ?listener.local_addr().ok(), "OTLP/gRPC listening");
-            let service = GrpcService {
+            let grpc = GrpcService {
                 output: ctx.output.clone(),
                 expected: expected.clone(),
-                max_message: cfg.max_recv_msg_size_mib << 20,
             };
+            let service = RawExportService::new(
+                move |request| -> ExportFuture { Box::pin(grpc.clone().export(request)) },
+                cfg.max_recv_msg_size_mib << 20,
+            );
             let stop = ctx.shutdown.clone();
             let incoming = tokio_stream_listener(listener);
             // Requests of a few hundred kB arrive without waiting for window updates; a client

@@ -12,7 +12,7 @@ use std::time::Duration;
 use genai_collector_core::config::{self, Source};
 use genai_collector_core::telemetry::ComponentStats;
 use genai_collector_core::{ComponentKind, Service};
-use genai_collector_testkit::{components, Capture};
+use genai_collector_testkit::{components, status_kb, Capture};
 
 use common::{free_port, Sink};
 
@@ -126,15 +126,6 @@ fn empty_histograms(points: usize) -> Vec<u8> {
     Batch::with_resource(vec![], vec![m]).encode_request()
 }
 
-fn rss_kb(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
 fn self_metric(page: &str, name: &str) -> f64 {
     page.lines()
         .filter(|l| l.starts_with(name))
@@ -215,7 +206,7 @@ service:
             *statuses.entry(s).or_default() += 1;
         }
     }
-    let peak_mb = rss_kb(pid, "VmHWM:") / 1024;
+    let peak_mb = status_kb(pid, "VmHWM:") / 1024;
     let page = client
         .get(format!("http://127.0.0.1:{telemetry_port}/metrics"))
         .send()

@@ -22,9 +22,11 @@ use bytes::Bytes;
 use clap::Parser;
 use genai_collector_core::model::{
     decoded_size, kv, number_point, AggregationTemporality, Batch, HistogramDataPoint, Metric,
-    MetricExt,
+    MetricExt, GRPC_EXPORT_PATH,
 };
-use genai_collector_testkit::free_port;
+use genai_collector_exporters::otlp::EncodedCodec;
+use genai_collector_receivers::otlp::{ExportFuture, RawExportService};
+use genai_collector_testkit::{free_port, status_kb};
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceResponse;
 use opentelemetry_proto::tonic::metrics::v1::{metric, Histogram};
 
@@ -62,147 +64,32 @@ struct Args {
 
 /// Counts the points exported to it (read from the wire bytes, so that this process's CPU goes
 /// to the load, not to decoding); while `hang` is set it answers nothing, and what it held is
-/// refused (not counted) once it recovers: the sender has long timed out and retries.
+/// refused (not counted) once it recovers: the sender has long timed out and retries. It
+/// serves through the receiver's raw-bytes gRPC service; the clients send through the
+/// exporter's encoded-bytes codec.
 #[derive(Clone, Default)]
 struct Sink {
     delivered: Arc<AtomicU64>,
     hang: Arc<AtomicBool>,
 }
 
-impl tonic::server::NamedService for Sink {
-    const NAME: &'static str = "opentelemetry.proto.collector.metrics.v1.MetricsService";
-}
-
-impl tonic::server::UnaryService<Bytes> for Sink {
-    type Response = ExportMetricsServiceResponse;
-    type Future = tonic::codegen::BoxFuture<tonic::Response<Self::Response>, tonic::Status>;
-
-    fn call(&mut self, request: tonic::Request<Bytes>) -> Self::Future {
-        let sink = self.clone();
-        Box::pin(async move {
-            if sink.hang.load(Ordering::Relaxed) {
-                while sink.hang.load(Ordering::Relaxed) {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                return Err(tonic::Status::unavailable("was hanging"));
+impl Sink {
+    async fn export(
+        self,
+        request: tonic::Request<Bytes>,
+    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+        if self.hang.load(Ordering::Relaxed) {
+            while self.hang.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            let size = decoded_size(request.get_ref())
-                .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
-            sink.delivered.fetch_add(size.points, Ordering::Relaxed);
-            Ok(tonic::Response::new(ExportMetricsServiceResponse::default()))
-        })
+            return Err(tonic::Status::unavailable("was hanging"));
+        }
+        let size = decoded_size(request.get_ref())
+            .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
+        self.delivered.fetch_add(size.points, Ordering::Relaxed);
+        Ok(tonic::Response::new(ExportMetricsServiceResponse::default()))
     }
 }
-
-impl tonic::codegen::Service<tonic::codegen::http::Request<tonic::body::Body>> for Sink {
-    type Response = tonic::codegen::http::Response<tonic::body::Body>;
-    type Error = std::convert::Infallible;
-    type Future = tonic::codegen::BoxFuture<Self::Response, Self::Error>;
-
-    fn poll_ready(
-        &mut self,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: tonic::codegen::http::Request<tonic::body::Body>) -> Self::Future {
-        let sink = self.clone();
-        Box::pin(async move {
-            let mut grpc = tonic::server::Grpc::new(Raw)
-                .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
-                .max_decoding_message_size(64 << 20);
-            Ok(grpc.unary(sink, req).await)
-        })
-    }
-}
-
-/// Bytes in and out as they are: the clients send one request encoded once, the sink reads
-/// bytes; what each side answers or expects back is the export response.
-#[derive(Clone, Copy)]
-struct Raw;
-
-impl tonic::codec::Codec for Raw {
-    type Encode = ExportMetricsServiceResponse;
-    type Decode = Bytes;
-    type Encoder = Raw;
-    type Decoder = Raw;
-    fn encoder(&mut self) -> Raw {
-        Raw
-    }
-    fn decoder(&mut self) -> Raw {
-        Raw
-    }
-}
-
-impl tonic::codec::Decoder for Raw {
-    type Item = Bytes;
-    type Error = tonic::Status;
-    fn decode(
-        &mut self,
-        src: &mut tonic::codec::DecodeBuf<'_>,
-    ) -> Result<Option<Bytes>, tonic::Status> {
-        use bytes::Buf as _;
-        Ok(Some(src.copy_to_bytes(src.remaining())))
-    }
-}
-
-impl tonic::codec::Encoder for Raw {
-    type Item = ExportMetricsServiceResponse;
-    type Error = tonic::Status;
-    fn encode(
-        &mut self,
-        item: ExportMetricsServiceResponse,
-        dst: &mut tonic::codec::EncodeBuf<'_>,
-    ) -> Result<(), tonic::Status> {
-        prost::Message::encode(&item, dst).map_err(|e| tonic::Status::internal(e.to_string()))
-    }
-}
-
-/// The client's side: sends encoded bytes, reads the response.
-#[derive(Clone, Copy)]
-struct RawClient;
-
-impl tonic::codec::Codec for RawClient {
-    type Encode = Bytes;
-    type Decode = ExportMetricsServiceResponse;
-    type Encoder = RawClient;
-    type Decoder = RawClient;
-    fn encoder(&mut self) -> RawClient {
-        RawClient
-    }
-    fn decoder(&mut self) -> RawClient {
-        RawClient
-    }
-}
-
-impl tonic::codec::Encoder for RawClient {
-    type Item = Bytes;
-    type Error = tonic::Status;
-    fn encode(
-        &mut self,
-        item: Bytes,
-        dst: &mut tonic::codec::EncodeBuf<'_>,
-    ) -> Result<(), tonic::Status> {
-        bytes::BufMut::put_slice(dst, &item);
-        Ok(())
-    }
-}
-
-impl tonic::codec::Decoder for RawClient {
-    type Item = ExportMetricsServiceResponse;
-    type Error = tonic::Status;
-    fn decode(
-        &mut self,
-        src: &mut tonic::codec::DecodeBuf<'_>,
-    ) -> Result<Option<ExportMetricsServiceResponse>, tonic::Status> {
-        prost::Message::decode(src)
-            .map(Some)
-            .map_err(|e| tonic::Status::internal(e.to_string()))
-    }
-}
-
-const EXPORT_PATH: &str = "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export";
 
 /// What a vLLM server's OTLP push looks like: gauges, counters and a TTFT histogram per model.
 fn request(servers: usize, histograms: bool) -> Batch {
@@ -310,15 +197,6 @@ struct Run {
     peak_rss: Arc<AtomicU64>,
 }
 
-fn rss_kb(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
 async fn start(
     name: &str,
     command: &mut std::process::Command,
@@ -327,9 +205,14 @@ async fn start(
     sink_port: u16,
     args: &Args,
 ) -> Result<Run, Box<dyn std::error::Error>> {
+    let handler = sink.clone();
+    let service = RawExportService::new(
+        move |request| -> ExportFuture { Box::pin(handler.clone().export(request)) },
+        64 << 20,
+    );
     tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(sink.clone())
+            .add_service(service)
             .serve(([127, 0, 0, 1], sink_port).into()),
     );
     let child = command
@@ -365,12 +248,12 @@ async fn start(
         let req = req.clone();
         let (acked, refused, stop) = (acked.clone(), refused.clone(), stop.clone());
         clients.push(tokio::spawn(async move {
-            let path = tonic::codegen::http::uri::PathAndQuery::from_static(EXPORT_PATH);
+            let path = tonic::codegen::http::uri::PathAndQuery::from_static(GRPC_EXPORT_PATH);
             while !stop.load(Ordering::Relaxed) {
                 let sent = match client.ready().await {
                     Ok(()) => {
                         client
-                            .unary(tonic::Request::new(req.clone()), path.clone(), RawClient)
+                            .unary(tonic::Request::new(req.clone()), path.clone(), EncodedCodec)
                             .await
                     }
                     Err(e) => Err(tonic::Status::unavailable(e.to_string())),
@@ -392,7 +275,7 @@ async fn start(
     let (pid, peak, stopped) = (child.id(), peak_rss.clone(), stop.clone());
     tokio::spawn(async move {
         while !stopped.load(Ordering::Relaxed) {
-            peak.fetch_max(rss_kb(pid, "VmRSS:"), Ordering::Relaxed);
+            peak.fetch_max(status_kb(pid, "VmRSS:"), Ordering::Relaxed);
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     });
@@ -463,7 +346,7 @@ async fn finish(mut run: Run, drain: Duration) -> (u64, u64, u64, f64) {
     }
     // A moment more: anything still arriving would be a duplicate, counted too.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let hwm = rss_kb(run.child.id(), "VmHWM:");
+    let hwm = status_kb(run.child.id(), "VmHWM:");
     let peak = run.peak_rss.load(Ordering::Relaxed).max(hwm) as f64 / 1024.0;
     let _ = run.child.kill();
     let _ = run.child.wait();
@@ -613,7 +496,7 @@ async fn fault_run(
     let report = |phase: &str, run: &Run| {
         println!(
             "  {phase:>9}: RSS {:6.1} MB (peak so far {:6.1}), {:>10} acknowledged, {:>10} delivered, {:>6} pushes refused",
-            rss_kb(pid, "VmRSS:") as f64 / 1024.0,
+            status_kb(pid, "VmRSS:") as f64 / 1024.0,
             run.peak_rss.load(Ordering::Relaxed) as f64 / 1024.0,
             run.acked.load(Ordering::Relaxed),
             run.sink.delivered.load(Ordering::Relaxed),
