@@ -460,7 +460,8 @@ pub async fn run(
         if !changed {
             continue;
         }
-        let wanted: Vec<Target> = static_targets
+        // A set: with thousands of discovered pods, every pod event reconciles in linear time.
+        let wanted: std::collections::HashSet<Target> = static_targets
             .iter()
             .cloned()
             .chain(from_files.values().flatten().cloned())
@@ -469,7 +470,7 @@ pub async fn run(
         running.retain(|t, stop| {
             let keep = wanted.contains(t);
             if !keep {
-                info!(receiver = %settings.id, target = %t.url, "target removed");
+                info!(receiver = %settings.id, target = %t.shown, "target removed");
                 stop.cancel();
             }
             keep
@@ -610,7 +611,7 @@ impl TargetLoop {
             if !self.output.admit_round() {
                 continue;
             }
-            let Ok(_permit) = self.scrapes.acquire().await else {
+            let Ok(permit) = self.scrapes.acquire().await else {
                 return;
             };
             if discovered.is_none() {
@@ -627,6 +628,9 @@ impl TargetLoop {
                 Err(e) => Err(e),
             };
             let elapsed = started.elapsed().as_secs_f64();
+            // The slot is for fetching and parsing; waiting on a full pipeline must not keep
+            // the receiver's other targets from their scrapes.
+            drop(permit);
             let (mut metrics, samples, bytes, error) = match scraped {
                 Ok((metrics, samples, bytes)) => (metrics, samples, bytes, None),
                 Err(e) => (Vec::new(), 0, 0, Some(e)),
