@@ -38,6 +38,9 @@ pub struct PoolConfig {
     #[serde(with = "duration")]
     pub stale_after: Duration,
     pub compat: Option<Compat>,
+    /// Servers tracked at most, across pools; new ones past it are ignored (counted in
+    /// `ignored_servers`) until others go stale.
+    pub max_servers: usize,
 }
 
 impl Default for PoolConfig {
@@ -46,6 +49,7 @@ impl Default for PoolConfig {
             interval: Duration::from_secs(10),
             stale_after: Duration::from_secs(60),
             compat: None,
+            max_servers: 10_000,
         }
     }
 }
@@ -146,6 +150,12 @@ pub fn aggregate<'a>(servers: impl Iterator<Item = (&'a String, &'a Server)>) ->
 pub struct PoolAggregate {
     config: PoolConfig,
     pools: BTreeMap<String, BTreeMap<String, Server>>,
+    /// Servers tracked now, across pools.
+    servers: usize,
+    /// Batches of new servers ignored at `max_servers`.
+    pub ignored_servers: u64,
+    /// How many of those the log has told of.
+    reported: u64,
 }
 
 fn values(rm_metrics: &[&Metric], name: &str) -> Vec<f64> {
@@ -187,11 +197,20 @@ impl PoolAggregate {
         Self {
             config,
             pools: BTreeMap::new(),
+            servers: 0,
+            ignored_servers: 0,
+            reported: 0,
         }
     }
 
     /// Folds one server's batch into its state, at `now`.
     pub fn observe(&mut self, pool: &str, server: &str, metrics: &[&Metric], now: Instant) {
+        // Any client that can push can name pools and servers: their number is bounded.
+        let known = self.pools.get(pool).is_some_and(|s| s.contains_key(server));
+        if !known && self.servers >= self.config.max_servers {
+            self.ignored_servers += 1;
+            return;
+        }
         // Look up before inserting: a known server costs no key allocation.
         if !self.pools.contains_key(pool) {
             self.pools.insert(pool.to_owned(), BTreeMap::new());
@@ -199,6 +218,7 @@ impl PoolAggregate {
         let servers = self.pools.get_mut(pool).expect("inserted above");
         if !servers.contains_key(server) {
             servers.insert(server.to_owned(), Server::default());
+            self.servers += 1;
         }
         let s = servers.get_mut(server).expect("inserted above");
         s.last_seen = Some(now);
@@ -229,6 +249,7 @@ impl PoolAggregate {
             servers.retain(|_, s| s.last_seen.is_some_and(|t| now.duration_since(t) < stale));
         }
         self.pools.retain(|_, servers| !servers.is_empty());
+        self.servers = self.pools.values().map(BTreeMap::len).sum();
     }
 
     /// The aggregates of every pool with servers.
@@ -368,6 +389,14 @@ impl Processor for PoolAggregate {
     }
 
     fn flush(&mut self) -> Option<Batch> {
+        if self.ignored_servers > self.reported {
+            tracing::warn!(
+                ignored = self.ignored_servers - self.reported,
+                max_servers = self.config.max_servers,
+                "pool_aggregate is tracking max_servers servers: batches of new servers were ignored"
+            );
+            self.reported = self.ignored_servers;
+        }
         self.expire(Instant::now());
         let batch = self.emit(now_unix_nanos());
         (!batch.is_empty()).then_some(batch)
@@ -483,6 +512,35 @@ mod tests {
         // Nothing heard for longer than stale_after: the pool disappears.
         p.expire(Instant::now() + Duration::from_secs(3600));
         assert!(p.emit(1).is_empty());
+    }
+
+    #[test]
+    fn servers_are_capped_across_pools() {
+        let mut p = PoolAggregate::new(PoolConfig {
+            max_servers: 3,
+            ..Default::default()
+        });
+        for (pool, id) in [
+            ("chat", "a"),
+            ("chat", "b"),
+            ("edge", "c"),
+            ("edge", "d"),
+            ("x", "e"),
+        ] {
+            p.process(&mut server_batch(pool, id, 1.0, 10.0, 1.0, 0.0));
+        }
+        assert_eq!(p.ignored_servers, 2, "the 4th and 5th server are ignored");
+        p.process(&mut server_batch("chat", "a", 1.0, 20.0, 1.0, 0.0));
+        assert_eq!(p.ignored_servers, 2, "a known server is always updated");
+        let out = p.flush().unwrap();
+        assert_eq!(value(&out, "edge", "gen_ai.pool.servers.ready"), Some(1.0));
+        assert_eq!(value(&out, "x", "gen_ai.pool.servers.ready"), None);
+        p.expire(Instant::now() + Duration::from_secs(3600));
+        p.process(&mut server_batch("x", "e", 1.0, 10.0, 1.0, 0.0));
+        assert_eq!(
+            p.ignored_servers, 2,
+            "room again once the others went stale"
+        );
     }
 
     /// One scrape as the brute force sees it: up, KV usage, running, waiting.
