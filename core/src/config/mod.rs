@@ -164,6 +164,9 @@ pub struct QueueSettings {
     /// A directory for the persistent queue: queued batches are written there and survive a
     /// restart or a kill; none keeps the queue in memory only.
     pub storage: Option<std::path::PathBuf>,
+    /// With `storage`: flush each batch's file and the directory to the disk before the batch
+    /// counts as queued, so that a power cut loses nothing acknowledged (slower writes).
+    pub fsync: bool,
     /// Batches with more points are split into requests of at most this many; 0 sends
     /// batches as they come.
     pub max_batch_points: usize,
@@ -201,6 +204,7 @@ impl Default for QueueSettings {
             num_consumers: 10,
             block_on_overflow: false,
             storage: None,
+            fsync: false,
             max_batch_points: 0,
         }
     }

@@ -159,8 +159,8 @@ impl Service {
                     .store(queue.capacity(), Ordering::Relaxed);
                 let (disk, recovered) = match &q.storage {
                     Some(root) => {
-                        let (disk, recovered) =
-                            DiskQueue::open(root, &id.to_string()).map_err(|e| BuildError {
+                        let (disk, recovered) = DiskQueue::open(root, &id.to_string(), q.fsync)
+                            .map_err(|e| BuildError {
                                 kind: ComponentKind::Exporter,
                                 id: id.to_string(),
                                 source: ComponentError::Config(format!(
