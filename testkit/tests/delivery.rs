@@ -316,3 +316,52 @@ service:
     );
     let _ = std::fs::remove_dir_all(&root);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_during_an_outage_leaves_disk_batches_for_the_next_start_at_once() {
+    let capture = Capture::new();
+    let root = std::env::temp_dir().join(format!("delivery-stop-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let svc = service(
+        &format!(
+            r#"
+receivers:
+  generator: {{ batches: 5, points: 10, interval: 10ms }}
+exporters:
+  fail:
+    mode: retryable
+    retry_on_failure: {{ initial_interval: 1s, max_elapsed_time: 0s }}
+    sending_queue: {{ storage: "{}" }}
+service:
+  telemetry: {{ endpoint: null }}
+  shutdown_timeout: 30s
+  pipelines:
+    metrics: {{ receivers: [generator], exporters: [fail] }}
+"#,
+            root.display()
+        ),
+        &capture,
+    );
+    let telemetry = svc.telemetry().clone();
+    let running = svc.start().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = std::time::Instant::now();
+    let summary = running.run_until(async {}).await;
+    assert!(summary.drained, "{summary:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "retries of batches on disk end with the shutdown, not with shutdown_timeout: {:?}",
+        started.elapsed()
+    );
+    let down = stat(&telemetry, ComponentKind::Exporter, "fail");
+    assert_eq!((get(&down.failed), get(&down.persisted)), (0, 50));
+    let files = std::fs::read_dir(root.join("fail")).unwrap().filter(|e| {
+        e.as_ref()
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .ends_with(".batch")
+    });
+    assert_eq!(files.count(), 5);
+    let _ = std::fs::remove_dir_all(&root);
+}

@@ -25,6 +25,8 @@ pub(crate) struct ExporterTask {
     pub disk: Option<Arc<DiskQueue>>,
     /// Batches a previous run left in the persistent queue, sent before new ones.
     pub recovered: Vec<Stored>,
+    /// Cancelled when shutdown begins: batches on disk stop retrying and stay there.
+    pub stopping: tokio_util::sync::CancellationToken,
 }
 
 /// What every consumer of one exporter shares.
@@ -35,6 +37,7 @@ struct Worker {
     settings: ExporterSettings,
     stats: Arc<ComponentStats>,
     disk: Option<Arc<DiskQueue>>,
+    stopping: tokio_util::sync::CancellationToken,
 }
 
 pub(crate) async fn run_exporter(task: ExporterTask) -> Result<(), ComponentError> {
@@ -56,6 +59,7 @@ pub(crate) async fn run_exporter(task: ExporterTask) -> Result<(), ComponentErro
         settings: task.settings,
         stats: task.stats,
         disk: task.disk,
+        stopping: task.stopping,
     });
     let mut consumers = JoinSet::new();
     for _ in 0..worker.settings.sending_queue.num_consumers.max(1) {
@@ -117,8 +121,10 @@ impl Worker {
     async fn send(&self, batch: Arc<Batch>, points: usize, on_disk: bool) -> bool {
         let max = self.settings.sending_queue.max_batch_points;
         let (exporter, settings, stats) = (&*self.exporter, &self.settings, &self.stats);
+        // A batch on disk waits for no retry once shutdown begins: the next start sends it.
+        let stopping = on_disk.then_some(&self.stopping);
         if max == 0 || points <= max {
-            let outcome = deliver(exporter, &batch, points, settings, stats, on_disk).await;
+            let outcome = deliver(exporter, &batch, points, settings, stats, stopping).await;
             return outcome == Outcome::Kept;
         }
         let owned = Arc::try_unwrap(batch).unwrap_or_else(|shared| (*shared).clone());
@@ -126,7 +132,7 @@ impl Worker {
         for part in owned.split(max) {
             let n = part.point_count();
             // Parts already sent would be sent again with the file: at-least-once.
-            keep |= deliver(exporter, &part, n, settings, stats, on_disk).await == Outcome::Kept;
+            keep |= deliver(exporter, &part, n, settings, stats, stopping).await == Outcome::Kept;
         }
         keep
     }
@@ -162,16 +168,17 @@ enum Outcome {
 }
 
 /// Exports one batch, retrying retryable failures with exponential backoff and jitter. A batch
-/// on disk (`on_disk`) is never given up on for a backend that is down: it stays for the next
-/// start instead.
+/// on disk (`stopping` given) is never given up on for a backend that is down: it stays for
+/// the next start instead, at once when shutdown begins.
 async fn deliver(
     exporter: &dyn Exporter,
     batch: &Batch,
     points: usize,
     settings: &ExporterSettings,
     stats: &ComponentStats,
-    on_disk: bool,
+    stopping: Option<&tokio_util::sync::CancellationToken>,
 ) -> Outcome {
+    let on_disk = stopping.is_some();
     let started = Instant::now();
     let mut backoff = settings.retry_on_failure.initial_interval;
     loop {
@@ -200,16 +207,26 @@ async fn deliver(
             ),
             ExportError::Permanent(_) => None,
         };
+        let keep = || {
+            ComponentStats::add(&stats.persisted, points);
+            Outcome::Kept
+        };
         match wait {
             Some(wait) => {
                 debug!(exporter = %stats.id, error = %error, ?wait, "export failed; retrying");
-                tokio::time::sleep(wait).await;
+                match stopping {
+                    Some(stop) if stop.is_cancelled() => return keep(),
+                    Some(stop) => tokio::select! {
+                        () = tokio::time::sleep(wait) => {}
+                        () = stop.cancelled() => return keep(),
+                    },
+                    None => tokio::time::sleep(wait).await,
+                }
                 backoff = (backoff * 2).min(settings.retry_on_failure.max_interval);
             }
             None if on_disk && matches!(error, ExportError::Retryable { .. }) => {
-                ComponentStats::add(&stats.persisted, points);
                 warn!(exporter = %stats.id, error = %error, points, "export still failing after retry_on_failure.max_elapsed_time; the batch stays in the persistent queue for the next start");
-                return Outcome::Kept;
+                return keep();
             }
             None => {
                 ComponentStats::add(&stats.failed, points);

@@ -107,6 +107,7 @@ pub struct Service {
     telemetry_endpoint: Option<String>,
     limiter: Option<(Arc<MemoryLimiter>, Duration)>,
     inputs_done: CancellationToken,
+    stopping: CancellationToken,
 }
 
 impl Service {
@@ -130,6 +131,7 @@ impl Service {
 
         let mut exporters = Vec::new();
         let mut queues: Vec<(ComponentId, ExporterQueue)> = Vec::new();
+        let stopping = CancellationToken::new();
         for p in pipelines_cfg.values() {
             for id in &p.exporters {
                 if queues.iter().any(|(q, _)| q == id) {
@@ -197,6 +199,7 @@ impl Service {
                     stats,
                     disk,
                     recovered,
+                    stopping: stopping.clone(),
                 });
             }
         }
@@ -288,6 +291,7 @@ impl Service {
             telemetry_endpoint: config.service.telemetry.endpoint.clone(),
             limiter: limiter.map(|l| (l, config.service.memory_limiter.check_interval)),
             inputs_done,
+            stopping,
         })
     }
 
@@ -377,6 +381,7 @@ impl Service {
             exporter_stats,
             exporter_queues,
             inputs_done: self.inputs_done,
+            stopping: self.stopping,
             shutdown_timeout: self.shutdown_timeout,
         })
     }
@@ -403,6 +408,7 @@ pub struct RunningService {
     exporter_stats: Vec<(Arc<ComponentStats>, bool)>,
     exporter_queues: Vec<Arc<SendQueue>>,
     inputs_done: CancellationToken,
+    stopping: CancellationToken,
     shutdown_timeout: Duration,
 }
 
@@ -429,6 +435,7 @@ impl RunningService {
         }
         self.telemetry.set_ready(false);
         self.receivers_stop.cancel();
+        self.stopping.cancel();
         let drain = async {
             while self.receiver_tasks.join_next().await.is_some() {}
             // Receivers have stopped; a copy of their output left in a stray task (a
