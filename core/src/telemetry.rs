@@ -116,7 +116,7 @@ impl ComponentStats {
     }
 
     /// Reads an exporter queue's fill into the gauges.
-    pub(crate) fn update_queue(&self, q: &crate::runtime::SendQueueRef) {
+    pub(crate) fn update_queue(&self, q: &crate::runtime::queue::SendQueue) {
         self.queue_used.store(q.used(), Ordering::Relaxed);
         self.queue_batches.store(q.len() as u64, Ordering::Relaxed);
     }

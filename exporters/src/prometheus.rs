@@ -120,7 +120,6 @@ impl ExporterFactory for PrometheusExporterFactory {
         let shared = Shared {
             store: store.clone(),
             token: config.bearer_token.clone().filter(|t| !t.is_empty()),
-            expire_after: config.expire_after,
             telemetry: config.self_metrics.then(|| ctx.telemetry.clone()),
         };
         let stop = CancellationToken::new();
@@ -431,7 +430,7 @@ impl Store {
             .last_expire
             .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
         {
-            self.expire(now, self.expire_after);
+            self.expire(now);
             self.last_expire = Some(now);
         }
         for rm in &batch.resource_metrics {
@@ -662,7 +661,9 @@ impl Store {
         self.series += usize::from(new);
     }
 
-    fn expire(&mut self, now: Instant, after: Duration) {
+    /// Drops the series not updated for `expire_after`.
+    fn expire(&mut self, now: Instant) {
+        let after = self.expire_after;
         for f in self.families.values_mut() {
             f.series
                 .retain(|_, s| now.duration_since(s.updated) < after);
@@ -878,7 +879,6 @@ fn sample(
 struct Shared {
     store: Arc<Mutex<Store>>,
     token: Option<String>,
-    expire_after: Duration,
     telemetry: Option<Telemetry>,
 }
 
@@ -895,7 +895,7 @@ async fn serve(State(s): State<Shared>, headers: HeaderMap) -> Response {
         .unwrap_or("");
     let openmetrics = accept.contains("application/openmetrics-text");
     let mut store = s.store.lock().unwrap_or_else(|p| p.into_inner());
-    store.expire(Instant::now(), s.expire_after);
+    store.expire(Instant::now());
     let mut body = store.render(openmetrics);
     if let (Some(t), false) = (&s.telemetry, openmetrics) {
         store.render_own(&mut body);
@@ -1123,12 +1123,12 @@ mod tests {
 
     #[test]
     fn series_expire() {
-        let mut store = Store::default();
+        let mut store = Store::new(Duration::from_secs(60), 200_000);
         let t0 = Instant::now();
         store.update(&batch(), &[], t0);
-        store.expire(t0 + Duration::from_secs(10), Duration::from_secs(60));
+        store.expire(t0 + Duration::from_secs(10));
         assert!(!store.families.is_empty());
-        store.expire(t0 + Duration::from_secs(61), Duration::from_secs(60));
+        store.expire(t0 + Duration::from_secs(61));
         assert!(
             store.families.is_empty(),
             "series that stop arriving go away"

@@ -179,8 +179,7 @@ impl OtlpReceiver {
 }
 
 /// Splits off metrics that carry no data; returns how many metrics were rejected.
-fn accept(request: ExportMetricsServiceRequest) -> (Batch, i64) {
-    let mut batch = Batch::from_request(request);
+fn accept(mut batch: Batch) -> (Batch, i64) {
     let mut rejected_metrics = 0;
     batch.retain_metrics(|m| {
         let ok = m.data.is_some() && !m.name.is_empty();
@@ -216,7 +215,7 @@ enum Refusal {
 /// every exporter has queued it. A request is refused before it is decoded when the pipelines
 /// are full or its decoded size does not fit under the memory limit.
 async fn take(output: &Output, body: Body<'_>) -> Result<ExportMetricsServiceResponse, Refusal> {
-    let (request, points, _reserved) = match body {
+    let (batch, _reserved) = match body {
         Body::Protobuf(bytes) => {
             let size = decoded_size(bytes).map_err(|e| Refusal::Malformed(e.to_string()))?;
             let refuse = |e: SendError| {
@@ -228,23 +227,21 @@ async fn take(output: &Output, body: Body<'_>) -> Result<ExportMetricsServiceRes
             output.ready().map_err(refuse)?;
             let request = ExportMetricsServiceRequest::decode(bytes)
                 .map_err(|e| Refusal::Malformed(e.to_string()))?;
-            (request, size.points, reserved)
+            (Batch::from_request(request), reserved)
         }
         Body::Json(bytes) => {
             output.ready().map_err(Refusal::Send)?;
             let request = serde_json::from_slice::<ExportMetricsServiceRequest>(bytes)
                 .map_err(|e| Refusal::Malformed(e.to_string()))?;
             let batch = Batch::from_request(request);
-            let points = batch.point_count() as u64;
             let reserved = output.reserve_memory(approx_bytes(&batch)).map_err(|e| {
-                output.refused(points as usize, e);
+                output.refused(batch.point_count(), e);
                 Refusal::Send(e)
             })?;
-            (batch.into_request(), points, reserved)
+            (batch, reserved)
         }
     };
-    let _ = points;
-    let (batch, rejected) = accept(request);
+    let (batch, rejected) = accept(batch);
     output.push(batch).await.map_err(Refusal::Send)?;
     Ok(ExportMetricsServiceResponse {
         partial_success: partial(rejected),
@@ -677,10 +674,7 @@ mod tests {
                 name: "empty".into(),
                 ..Default::default()
             });
-        let request = ExportMetricsServiceRequest {
-            resource_metrics: batch.resource_metrics.clone(),
-        };
-        let (accepted, rejected) = accept(request);
+        let (accepted, rejected) = accept(batch.clone());
         assert_eq!((rejected, accepted.point_count()), (1, 1));
         assert_eq!(
             accepted

@@ -27,6 +27,20 @@ fn get(c: &AtomicU64) -> u64 {
     ComponentStats::get(c)
 }
 
+/// Batches an exporter's persistent queue directory holds.
+fn batch_files(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "batch")
+        })
+        .count()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_push_is_queued_in_every_exporter_or_in_none() {
     let capture = Capture::new();
@@ -286,31 +300,15 @@ service:
     svc.run(std::future::pending()).await.unwrap();
     let down = stat(&telemetry, ComponentKind::Exporter, "fail");
     assert_eq!((get(&down.failed), get(&down.persisted)), (0, 30));
-    let files = std::fs::read_dir(root.join("fail")).unwrap().filter(|e| {
-        e.as_ref()
-            .unwrap()
-            .file_name()
-            .to_string_lossy()
-            .ends_with(".batch")
-    });
     assert_eq!(
-        files.count(),
+        batch_files(&root.join("fail")),
         3,
         "a backend that is down keeps its batches on disk"
     );
     let refused = stat(&telemetry, ComponentKind::Exporter, "fail/permanent");
     assert_eq!((get(&refused.failed), get(&refused.persisted)), (30, 0));
     assert_eq!(
-        std::fs::read_dir(root.join("fail__permanent"))
-            .unwrap()
-            .filter(|e| {
-                e.as_ref()
-                    .unwrap()
-                    .file_name()
-                    .to_string_lossy()
-                    .ends_with(".batch")
-            })
-            .count(),
+        batch_files(&root.join("fail__permanent")),
         0,
         "data a backend refuses for good is dropped, not kept forever"
     );
@@ -355,13 +353,6 @@ service:
     );
     let down = stat(&telemetry, ComponentKind::Exporter, "fail");
     assert_eq!((get(&down.failed), get(&down.persisted)), (0, 50));
-    let files = std::fs::read_dir(root.join("fail")).unwrap().filter(|e| {
-        e.as_ref()
-            .unwrap()
-            .file_name()
-            .to_string_lossy()
-            .ends_with(".batch")
-    });
-    assert_eq!(files.count(), 5);
+    assert_eq!(batch_files(&root.join("fail")), 5);
     let _ = std::fs::remove_dir_all(&root);
 }

@@ -8,7 +8,7 @@
 mod exporter;
 mod output;
 mod pipeline;
-mod queue;
+pub(crate) mod queue;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -32,9 +32,6 @@ pub use output::{Captured, Output, SendError};
 use output::{Envelope, PipelineInput};
 use pipeline::{run_pipeline, ExporterQueue, PipelineTask};
 use queue::SendQueue;
-
-/// An exporter's queue, as self-telemetry reads it.
-pub(crate) type SendQueueRef = SendQueue;
 
 /// Batches a pipeline's input channel holds before receivers wait.
 pub const PIPELINE_QUEUE_BATCHES: usize = 64;
@@ -243,9 +240,9 @@ impl Service {
             pipelines.push(PipelineTask {
                 name: name.clone(),
                 rx,
+                held: processors.iter().map(|_| Vec::new()).collect(),
                 processors,
                 exporters,
-                held: Vec::new(),
                 inputs_done: inputs_done.clone(),
             });
         }

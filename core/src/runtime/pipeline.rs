@@ -37,7 +37,8 @@ pub(crate) struct PipelineTask {
     pub rx: mpsc::Receiver<Envelope>,
     pub processors: Vec<(Box<dyn Processor>, Arc<ComponentStats>)>,
     pub exporters: Vec<ExporterQueue>,
-    /// Acknowledgements of pushed data a processor holds until its next flush.
+    /// Acknowledgements of pushed data a processor holds until its next flush, one list per
+    /// processor.
     pub held: Vec<Vec<Ack>>,
     /// Cancelled once every receiver has stopped: the input takes nothing more, even from a
     /// sender a stray task still holds, and the pipeline drains what it has.
@@ -57,7 +58,6 @@ pub(crate) async fn run_pipeline(mut task: PipelineTask) {
         .iter()
         .map(|(p, _)| p.flush_interval().map(|i| start + i))
         .collect();
-    task.held = task.processors.iter().map(|_| Vec::new()).collect();
     for (_, stats) in &task.processors {
         stats.set_state(State::Running);
     }
