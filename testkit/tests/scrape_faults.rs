@@ -342,3 +342,107 @@ async fn credentials_in_a_target_url_are_never_shown() {
     let health = telemetry.health_json();
     assert!(!health.contains("s3cr3t"), "{health}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hung_targets_back_off_and_leave_the_scrape_slot_to_healthy_ones() {
+    let healthy = sim::start(EngineKind::VllmV1, "127.0.0.1:0").await.unwrap();
+    let mut hung = Vec::new();
+    for _ in 0..8 {
+        let s = sim::start(EngineKind::VllmV1, "127.0.0.1:0").await.unwrap();
+        s.set_fault(Fault::Hang);
+        hung.push(s);
+    }
+    let mut targets = vec![format!("\"{}\"", healthy.metrics_url())];
+    targets.extend(hung.iter().map(|s| format!("\"{}\"", s.metrics_url())));
+    // One slot, eight targets that hold it for the whole timeout: without backing off they
+    // would need 400 ms of slot per 200 ms interval.
+    let yaml = format!(
+        "receivers:\n  prometheus:\n    targets: [{}]\n    interval: 200ms\n    timeout: 50ms\n    max_concurrent_scrapes: 1\nexporters:\n  capture: {{}}\nservice:\n  telemetry: {{ endpoint: null }}\n  pipelines:\n    metrics: {{ receivers: [prometheus], exporters: [capture] }}\n",
+        targets.join(", ")
+    );
+    let capture = run_for(&yaml, 4.0).await;
+    let by_target = scrapes(&capture);
+    let ok = &by_target[&healthy.metrics_url()];
+    let asked: Vec<u64> = hung.iter().map(|s| s.requests()).collect();
+    eprintln!("healthy scrapes {}, requests to hung targets {asked:?}", ok.len());
+    assert!(
+        ok.len() >= 14 && ok.iter().all(|s| s.gauge("up") == Some(1.0)),
+        "the healthy target kept most of its 20 ticks: {}",
+        ok.len()
+    );
+    for s in &hung {
+        let reports = &by_target[&s.metrics_url()];
+        assert!(
+            reports.len() >= 12 && reports.iter().all(|r| r.gauge("up") == Some(0.0)),
+            "a hung target still reports up 0 on its schedule: {} reports",
+            reports.len()
+        );
+        assert!(
+            s.requests() <= 7,
+            "a hung target is asked less and less often: {} requests in 20 ticks",
+            s.requests()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn label_limits_fail_the_scrape_with_a_clear_error() {
+    use genai_collector_receivers::scrape::{scrape_once, ScrapeConfig};
+    let s = sim::start(EngineKind::VllmV1, "127.0.0.1:0").await.unwrap();
+    let base = ScrapeConfig::default();
+    assert!(scrape_once(&s.metrics_url(), &base).await.is_ok());
+    // The captured vLLM page has samples with 5+ labels and names over 20 bytes.
+    for (config, expected) in [
+        (
+            ScrapeConfig {
+                label_limit: 2,
+                ..base.clone()
+            },
+            "over label_limit 2",
+        ),
+        (
+            ScrapeConfig {
+                label_name_length_limit: 5,
+                ..base.clone()
+            },
+            "over label_name_length_limit 5",
+        ),
+        (
+            ScrapeConfig {
+                label_value_length_limit: 20,
+                ..base.clone()
+            },
+            "over label_value_length_limit 20",
+        ),
+    ] {
+        let err = scrape_once(&s.metrics_url(), &config)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(expected), "`{err}` should say `{expected}`");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovered_targets_past_max_targets_are_not_scraped() {
+    let mut servers = Vec::new();
+    for _ in 0..5 {
+        servers.push(sim::start(EngineKind::VllmV1, "127.0.0.1:0").await.unwrap());
+    }
+    let file = std::env::temp_dir().join(format!("max-targets-{}.yaml", std::process::id()));
+    let listed: Vec<String> = servers
+        .iter()
+        .map(|s| format!("- \"{}\"\n", s.metrics_url()))
+        .collect();
+    std::fs::write(&file, listed.concat()).unwrap();
+    let yaml = format!(
+        "receivers:\n  prometheus:\n    file_targets: [\"{}\"]\n    interval: 200ms\n    max_targets: 3\nexporters:\n  capture: {{}}\nservice:\n  telemetry: {{ endpoint: null }}\n  pipelines:\n    metrics: {{ receivers: [prometheus], exporters: [capture] }}\n",
+        file.display()
+    );
+    let capture = run_for(&yaml, 1.0).await;
+    let _ = std::fs::remove_file(&file);
+    let by_target = scrapes(&capture);
+    assert_eq!(by_target.len(), 3, "{:?}", by_target.keys());
+    let asked = servers.iter().filter(|s| s.requests() > 0).count();
+    assert_eq!(asked, 3, "the other two are never fetched");
+}

@@ -27,6 +27,10 @@ pub enum ScrapeError {
     NotUtf8,
     #[error("malformed page: {0}")]
     Parse(String),
+    #[error("{0}")]
+    Limit(String),
+    #[error("not scraped: {0} scrapes in a row timed out; backing off")]
+    BackingOff(u32),
 }
 
 /// A page as received: the body (decompressed) and its `Content-Type`.

@@ -82,6 +82,16 @@ pub struct ScrapeConfig {
     /// A page with more samples fails its scrape (`up` 0), as Prometheus's `sample_limit`;
     /// 0: no limit.
     pub sample_limit: usize,
+    /// A sample with more labels fails the scrape (Prometheus's `label_limit`); 0: no limit
+    /// beyond the parser's 128.
+    pub label_limit: usize,
+    /// A label name longer than this many bytes fails the scrape; 0: no limit.
+    pub label_name_length_limit: usize,
+    /// A label value longer than this many bytes fails the scrape; 0: no limit.
+    pub label_value_length_limit: usize,
+    /// Targets scraped at once by this receiver; discovered targets past it are ignored
+    /// (logged and reported on `/healthz`) until others go away.
+    pub max_targets: usize,
     pub format: TextFormat,
     /// Extra request headers.
     pub headers: BTreeMap<String, String>,
@@ -109,6 +119,10 @@ impl Default for ScrapeConfig {
             max_concurrent_scrapes: 32,
             max_response_bytes: 16 * 1024 * 1024,
             sample_limit: 0,
+            label_limit: 0,
+            label_name_length_limit: 0,
+            label_value_length_limit: 0,
+            max_targets: 10_000,
             format: TextFormat::Auto,
             headers: BTreeMap::new(),
             bearer_token: None,
@@ -149,6 +163,19 @@ impl ComponentConfig for ScrapeConfig {
             .is_some_and(|i| i < Duration::from_millis(100))
         {
             return Err(ValidationError::field("interval", "must be at least 100ms"));
+        }
+        if self.max_targets == 0 {
+            return Err(ValidationError::field("max_targets", "must be at least 1"));
+        }
+        if self.targets.len() > self.max_targets {
+            return Err(ValidationError::field(
+                "targets",
+                format!(
+                    "{} targets, more than max_targets ({})",
+                    self.targets.len(),
+                    self.max_targets
+                ),
+            ));
         }
         if self.max_concurrent_scrapes == 0 {
             return Err(ValidationError::field(
@@ -263,6 +290,72 @@ pub struct Discovered {
     pub gauges: Vec<(&'static str, &'static str, f64)>,
 }
 
+/// Prometheus's per-scrape limits; 0 turns one off. A page past any of them fails its scrape
+/// whole, as in Prometheus: a partial page would make sums and ratios lie.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PageLimits {
+    pub samples: usize,
+    pub labels: usize,
+    pub name_length: usize,
+    pub value_length: usize,
+}
+
+impl PageLimits {
+    pub fn check(&self, page: &text::Page<'_>) -> Result<(), String> {
+        let over = |limit: usize, n: usize| limit > 0 && n > limit;
+        let samples = page.sample_count();
+        if over(self.samples, samples) {
+            return Err(format!(
+                "{samples} samples, over sample_limit {}",
+                self.samples
+            ));
+        }
+        if self.labels == 0 && self.name_length == 0 && self.value_length == 0 {
+            return Ok(());
+        }
+        for sample in page.families.iter().flat_map(|f| &f.samples) {
+            // As in Prometheus, the name counts as the value of `__name__`.
+            if over(self.value_length, sample.name.len()) {
+                return Err(format!(
+                    "line {}: a metric name of {} bytes, over label_value_length_limit {}",
+                    sample.line,
+                    sample.name.len(),
+                    self.value_length
+                ));
+            }
+            let labels = page.labels_of(sample);
+            if over(self.labels, labels.len()) {
+                return Err(format!(
+                    "line {}: {} labels, over label_limit {}",
+                    sample.line,
+                    labels.len(),
+                    self.labels
+                ));
+            }
+            for l in labels {
+                if over(self.name_length, l.name.len()) {
+                    return Err(format!(
+                        "line {}: a label name of {} bytes, over label_name_length_limit {}",
+                        sample.line,
+                        l.name.len(),
+                        self.name_length
+                    ));
+                }
+                if over(self.value_length, l.value.len()) {
+                    return Err(format!(
+                        "line {}: label `{}` has a value of {} bytes, over label_value_length_limit {}",
+                        sample.line,
+                        l.name,
+                        l.value.len(),
+                        self.value_length
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Pages above this size are parsed on a blocking thread.
 const BIG_PAGE: usize = 1 << 20;
 
@@ -271,7 +364,7 @@ struct Settings {
     interval: Duration,
     timeout: Duration,
     limit: u64,
-    sample_limit: usize,
+    page_limits: PageLimits,
     accept: &'static str,
     headers: reqwest::header::HeaderMap,
     resource: Vec<KeyValue>,
@@ -282,16 +375,30 @@ async fn get(
     client: &reqwest::Client,
     url: &str,
     s: &Settings,
+    timeout: Duration,
 ) -> Result<super::fetch::Fetched, ScrapeError> {
+    if timeout.is_zero() {
+        return Err(ScrapeError::Timeout(s.timeout));
+    }
     let request = client
         .get(url)
         .headers(s.headers.clone())
         .header(reqwest::header::ACCEPT, s.accept)
-        .timeout(s.timeout);
-    match tokio::time::timeout(s.timeout, fetch(request, s.limit)).await {
+        .timeout(timeout);
+    match tokio::time::timeout(timeout, fetch(request, s.limit)).await {
         Ok(Ok(f)) => Ok(f),
         Ok(Err(ScrapeError::Timeout(_))) | Err(_) => Err(ScrapeError::Timeout(s.timeout)),
         Ok(Err(e)) => Err(e),
+    }
+}
+
+/// Ticks a target skips after `timeouts` scrapes in a row timed out: none after the first,
+/// then 1, 2, 4, up to 8, so that hung targets stop filling the receiver's scrape slots while
+/// one that recovers is seen again within nine intervals.
+fn backoff_ticks(timeouts: u32) -> u32 {
+    match timeouts {
+        0 | 1 => 0,
+        n => 1 << (n - 2).min(3),
     }
 }
 
@@ -310,12 +417,16 @@ pub async fn scrape_once(target: &str, config: &ScrapeConfig) -> Result<usize, S
     let (client, settings) =
         prepare(config, &Plain, "scrape_once").map_err(|e| ScrapeError::Connect(e.to_string()))?;
     let t = Target::parse(target, "/metrics", &[]).map_err(ScrapeError::Connect)?;
-    let fetched = get(&client, &t.url, &settings).await?;
+    let fetched = get(&client, &t.url, &settings, settings.timeout).await?;
     let page = text::parse(
         &fetched.body,
         Format::from_content_type(&fetched.content_type),
     )
     .map_err(|e| ScrapeError::Parse(e.to_string()))?;
+    settings
+        .page_limits
+        .check(&page)
+        .map_err(ScrapeError::Limit)?;
     Ok(page.sample_count())
 }
 
@@ -372,7 +483,12 @@ fn prepare(
         interval,
         timeout,
         limit: config.max_response_bytes,
-        sample_limit: config.sample_limit,
+        page_limits: PageLimits {
+            samples: config.sample_limit,
+            labels: config.label_limit,
+            name_length: config.label_name_length_limit,
+            value_length: config.label_value_length_limit,
+        },
         accept: config.format.accept(),
         headers,
         resource,
@@ -475,10 +591,24 @@ pub async fn run(
             }
             keep
         });
+        let mut ignored = 0usize;
         for t in wanted {
-            if !running.contains_key(&t) {
-                start_target(t, &mut running);
+            if running.contains_key(&t) {
+                continue;
             }
+            if running.len() >= config.max_targets {
+                ignored += 1;
+                continue;
+            }
+            start_target(t, &mut running);
+        }
+        if ignored > 0 {
+            let message = format!(
+                "{ignored} discovered targets not scraped: max_targets ({}) reached",
+                config.max_targets
+            );
+            warn!(receiver = %settings.id, ignored, max_targets = config.max_targets, "max_targets reached; ignoring discovered targets");
+            ctx.output.report_error(message);
         }
         ctx.output.set_targets(running.len());
     }
@@ -592,6 +722,9 @@ impl TargetLoop {
         let mut converter = Converter::new();
         let mut discovered: Option<Discovered> = None;
         let mut was_up: Option<bool> = None;
+        // Consecutive timed-out scrapes, and the ticks still to skip because of them.
+        let mut timeouts = 0u32;
+        let mut skip = 0u32;
         let mut resource = s.resource.clone();
         resource.push(kv("server.address", self.target.host.as_str()));
         resource.push(kv("server.port", self.target.port));
@@ -611,26 +744,41 @@ impl TargetLoop {
             if !self.output.admit_round() {
                 continue;
             }
-            let Ok(permit) = self.scrapes.acquire().await else {
-                return;
-            };
-            if discovered.is_none() {
-                discovered = self
-                    .engine
-                    .discover(&self.client, &self.target, s.timeout)
-                    .await;
-            }
             let started = Instant::now();
             let now = now_unix_nanos();
-            let fetched = get(&self.client, &self.target.url, s).await;
-            let scraped = match fetched {
-                Ok(f) => self.convert(f, &mut converter, now).await,
-                Err(e) => Err(e),
+            let scraped = if skip > 0 {
+                // A hung target still reports `up` 0 on schedule, without taking a slot.
+                skip -= 1;
+                Err(ScrapeError::BackingOff(timeouts))
+            } else {
+                let Ok(permit) = self.scrapes.acquire().await else {
+                    return;
+                };
+                // One deadline covers the side endpoint and the page.
+                let deadline = Instant::now() + s.timeout;
+                if discovered.is_none() {
+                    discovered = self
+                        .engine
+                        .discover(&self.client, &self.target, s.timeout)
+                        .await;
+                }
+                let left = deadline.saturating_duration_since(Instant::now());
+                let scraped = match get(&self.client, &self.target.url, s, left).await {
+                    Ok(f) => self.convert(f, &mut converter, now).await,
+                    Err(e) => Err(e),
+                };
+                // The slot is for fetching and parsing; waiting on a full pipeline must not
+                // keep the receiver's other targets from their scrapes.
+                drop(permit);
+                if matches!(scraped, Err(ScrapeError::Timeout(_))) {
+                    timeouts = timeouts.saturating_add(1);
+                    skip = backoff_ticks(timeouts);
+                } else {
+                    timeouts = 0;
+                }
+                scraped
             };
             let elapsed = started.elapsed().as_secs_f64();
-            // The slot is for fetching and parsing; waiting on a full pipeline must not keep
-            // the receiver's other targets from their scrapes.
-            drop(permit);
             let (mut metrics, samples, bytes, error) = match scraped {
                 Ok((metrics, samples, bytes)) => (metrics, samples, bytes, None),
                 Err(e) => (Vec::new(), 0, 0, Some(e)),
@@ -719,27 +867,24 @@ impl TargetLoop {
         let format = Format::from_content_type(&fetched.content_type);
         let big = fetched.body.len() > BIG_PAGE;
         let engine = self.engine.clone();
-        let sample_limit = self.settings.sample_limit;
+        let limits = self.settings.page_limits;
         let work = move |mut converter: Converter| {
             let bytes = fetched.body.len();
             let result = match text::parse(&fetched.body, format) {
-                Ok(page) if sample_limit > 0 && page.sample_count() > sample_limit => {
-                    Err(ScrapeError::Parse(format!(
-                        "{} samples, over sample_limit {sample_limit}",
-                        page.sample_count()
-                    )))
-                }
-                Ok(page) => {
-                    let (batch, stats) = converter.convert(&page, now, Vec::new());
-                    let mut metrics: Vec<Metric> = batch
-                        .resource_metrics
-                        .into_iter()
-                        .flat_map(|rm| rm.scope_metrics)
-                        .flat_map(|sm| sm.metrics)
-                        .collect();
-                    engine.enrich(&page, &mut metrics, now);
-                    Ok((metrics, stats.samples, bytes))
-                }
+                Ok(page) => match limits.check(&page) {
+                    Err(e) => Err(ScrapeError::Limit(e)),
+                    Ok(()) => {
+                        let (batch, stats) = converter.convert(&page, now, Vec::new());
+                        let mut metrics: Vec<Metric> = batch
+                            .resource_metrics
+                            .into_iter()
+                            .flat_map(|rm| rm.scope_metrics)
+                            .flat_map(|sm| sm.metrics)
+                            .collect();
+                        engine.enrich(&page, &mut metrics, now);
+                        Ok((metrics, stats.samples, bytes))
+                    }
+                },
                 Err(e) => Err(ScrapeError::Parse(e.to_string())),
             };
             (converter, result)
@@ -817,6 +962,63 @@ mod tests {
             "QWxhZGRpbjpvcGVuIHNlc2FtZQ=="
         );
         assert_eq!(base64("ab"), "YWI=");
+    }
+
+    #[test]
+    fn page_limits() {
+        let page = "a{x=\"1\",yy=\"22\"} 1\nlong_metric_name 2\n";
+        let page = text::parse(page, Format::Prometheus).unwrap();
+        let check = |l: PageLimits| l.check(&page);
+        assert!(check(PageLimits::default()).is_ok());
+        let at = PageLimits {
+            samples: 2,
+            labels: 2,
+            name_length: 2,
+            value_length: 16,
+        };
+        assert!(check(at).is_ok(), "limits are inclusive");
+        let cases = [
+            (
+                PageLimits { samples: 1, ..at },
+                "2 samples, over sample_limit 1",
+            ),
+            (
+                PageLimits { labels: 1, ..at },
+                "line 1: 2 labels, over label_limit 1",
+            ),
+            (
+                PageLimits {
+                    name_length: 1,
+                    ..at
+                },
+                "line 1: a label name of 2 bytes, over label_name_length_limit 1",
+            ),
+            (
+                PageLimits {
+                    value_length: 1,
+                    ..at
+                },
+                "line 1: label `yy` has a value of 2 bytes, over label_value_length_limit 1",
+            ),
+            (
+                PageLimits {
+                    value_length: 15,
+                    ..at
+                },
+                "line 2: a metric name of 16 bytes, over label_value_length_limit 15",
+            ),
+        ];
+        for (limits, expected) in cases {
+            let e = check(limits).unwrap_err();
+            assert!(e.starts_with(expected), "{e}");
+        }
+    }
+
+    #[test]
+    fn hung_targets_back_off_to_every_ninth_tick() {
+        let skips: Vec<u32> = (0..8).map(backoff_ticks).collect();
+        assert_eq!(skips, [0, 0, 1, 2, 4, 8, 8, 8]);
+        assert_eq!(backoff_ticks(u32::MAX), 8);
     }
 
     #[test]
