@@ -7,8 +7,14 @@
 //! so a kill mid-write leaves a `.tmp` the next start removes, never half a batch. A killed
 //! process loses nothing the kernel holds. With `fsync`, each file and then the directory are
 //! flushed before the batch counts as queued, so a power cut loses nothing acknowledged; without
-//! it, a power cut may lose the last batches, and a file it left empty or short is detected by
-//! its point count and dropped as corrupt, never counted as sent.
+//! it, a power cut may lose the last batches. Each file starts with a header (magic, length,
+//! CRC-32 of the payload), so a file a power cut left empty, short or garbled is detected and
+//! dropped as corrupt, never counted as sent.
+//!
+//! The files of one directory, those left by earlier runs included, never take more than
+//! `limit` bytes: a batch that would pass it is kept in memory only (the caller counts it), so
+//! a crash loop during an outage cannot fill the volume. Files are private to the collector's
+//! user (directory 0700, files 0600).
 
 use std::fs;
 use std::io;
@@ -16,15 +22,24 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use prost::Message as _;
 
 use crate::model::Batch;
+
+/// Starts every batch file: the format's name and version.
+const MAGIC: &[u8; 4] = b"GCQ1";
+/// Magic, payload length (u64 LE), CRC-32 of the payload (u32 LE).
+const HEADER: usize = 4 + 8 + 4;
 
 /// One exporter's directory of queued batches, `<storage>/<exporter id>/`.
 #[derive(Debug)]
 pub struct DiskQueue {
     dir: PathBuf,
     next: AtomicU64,
+    /// Bytes of the batch files in the directory.
+    bytes: AtomicU64,
+    limit: u64,
     /// Flush each file and the directory to the disk before the batch counts as queued.
     fsync: bool,
     /// Held open with an exclusive lock for as long as the queue lives.
@@ -36,6 +51,8 @@ pub struct DiskQueue {
 pub struct Stored {
     pub seq: u64,
     pub points: u64,
+    /// The file's size.
+    pub bytes: u64,
     /// Unix milliseconds.
     pub queued_at_ms: u64,
 }
@@ -43,9 +60,14 @@ pub struct Stored {
 impl DiskQueue {
     /// Opens (creating) the directory for `exporter` under `root`, removes what an interrupted
     /// write left, and returns the batches waiting there, oldest first.
-    pub fn open(root: &Path, exporter: &str, fsync: bool) -> io::Result<(Self, Vec<Stored>)> {
+    pub fn open(
+        root: &Path,
+        exporter: &str,
+        fsync: bool,
+        limit: u64,
+    ) -> io::Result<(Self, Vec<Stored>)> {
         let dir = root.join(exporter.replace('/', "__"));
-        fs::create_dir_all(&dir)
+        private_dir(&dir)
             .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", dir.display())))?;
         // Two writers would take each other's sequence numbers and delete each other's files.
         let lock = fs::OpenOptions::new()
@@ -74,23 +96,27 @@ impl DiskQueue {
             let Some((seq, points)) = parse_name(name) else {
                 continue;
             };
-            let queued_at_ms = entry
-                .metadata()
-                .and_then(|m| m.modified())
-                .map(unix_ms)
-                .unwrap_or(0);
+            let meta = entry.metadata().ok();
+            let queued_at_ms = meta
+                .as_ref()
+                .and_then(|m| m.modified().ok())
+                .map_or(0, unix_ms);
             stored.push(Stored {
                 seq,
                 points,
+                bytes: meta.map_or(0, |m| m.len()),
                 queued_at_ms,
             });
         }
         stored.sort_by_key(|s| s.seq);
         let next = stored.last().map_or(1, |s| s.seq.saturating_add(1));
+        let bytes = stored.iter().fold(0u64, |n, s| n.saturating_add(s.bytes));
         Ok((
             Self {
                 dir,
                 next: AtomicU64::new(next),
+                bytes: AtomicU64::new(bytes),
+                limit,
                 fsync,
                 _lock: lock,
             },
@@ -102,13 +128,37 @@ impl DiskQueue {
         &self.dir
     }
 
-    /// Writes `batch` and returns its sequence number.
+    /// Bytes of the batch files in the directory.
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Writes `batch` and returns its sequence number; `StorageFull` when the directory's
+    /// `limit` would be passed.
     pub fn write(&self, batch: &Batch) -> io::Result<u64> {
+        let payload = batch.encode_request();
+        let size = (HEADER + payload.len()) as u64;
+        let before = self.bytes.fetch_add(size, Ordering::Relaxed);
+        if before.saturating_add(size) > self.limit {
+            self.bytes.fetch_sub(size, Ordering::Relaxed);
+            return Err(io::Error::new(
+                io::ErrorKind::StorageFull,
+                format!(
+                    "storage_limit reached ({} of {} bytes used)",
+                    before, self.limit
+                ),
+            ));
+        }
         let seq = self.next.fetch_add(1, Ordering::Relaxed);
         let tmp = self.dir.join(format!("{seq:020}.tmp"));
         let result = (|| {
-            let mut file = fs::File::create(&tmp)?;
-            io::Write::write_all(&mut file, &batch.encode_request())?;
+            let mut file = private_file(&tmp)?;
+            let mut header = [0u8; HEADER];
+            header[..4].copy_from_slice(MAGIC);
+            header[4..12].copy_from_slice(&(payload.len() as u64).to_le_bytes());
+            header[12..].copy_from_slice(&crc32(&payload).to_le_bytes());
+            io::Write::write_all(&mut file, &header)?;
+            io::Write::write_all(&mut file, &payload)?;
             if self.fsync {
                 // The data first, then the name: after a power cut a file is whole or absent.
                 file.sync_all()?;
@@ -122,24 +172,20 @@ impl DiskQueue {
         if result.is_err() {
             // A full disk leaves no half file behind to fill it further.
             let _ = fs::remove_file(&tmp);
+            self.bytes.fetch_sub(size, Ordering::Relaxed);
         }
         result.map(|()| seq)
     }
 
     pub fn read(&self, stored: &Stored) -> io::Result<Batch> {
         let bytes = fs::read(self.path(stored.seq, stored.points))?;
-        let request =
-            opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest::decode(
-                &bytes[..],
-            )
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-        let batch = Batch::from_request(request);
-        // A file cut short (a power cut without fsync can leave it empty) is not a batch sent.
+        let batch = decode_file(&bytes)?;
+        // A name that promises other points than the file holds is not a batch to send.
         if batch.point_count() as u64 != stored.points {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!(
-                    "holds {} points, its name says {}: truncated",
+                    "holds {} points, its name says {}: truncated or renamed",
                     batch.point_count(),
                     stored.points
                 ),
@@ -149,7 +195,15 @@ impl DiskQueue {
     }
 
     pub fn remove(&self, seq: u64, points: u64) -> io::Result<()> {
-        fs::remove_file(self.path(seq, points))
+        let path = self.path(seq, points);
+        let size = fs::metadata(&path).map_or(0, |m| m.len());
+        fs::remove_file(path)?;
+        let _ = self
+            .bytes
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                Some(b.saturating_sub(size))
+            });
+        Ok(())
     }
 
     fn path(&self, seq: u64, points: u64) -> PathBuf {
@@ -157,7 +211,59 @@ impl DiskQueue {
     }
 }
 
-fn parse_name(name: &str) -> Option<(u64, u64)> {
+/// A batch file's contents back to its batch; `InvalidData` for anything but a whole file.
+pub fn decode_file(bytes: &[u8]) -> io::Result<Batch> {
+    let corrupt = |why: String| io::Error::new(io::ErrorKind::InvalidData, why);
+    if bytes.get(..4) != Some(MAGIC) {
+        // Written before the header existed: the point count in the name is its only check.
+        return ExportMetricsServiceRequest::decode(bytes)
+            .map(Batch::from_request)
+            .map_err(|e| corrupt(format!("not a batch file ({} bytes): {e}", bytes.len())));
+    }
+    if bytes.len() < HEADER {
+        return Err(corrupt(format!(
+            "{} bytes, a header cut short",
+            bytes.len()
+        )));
+    }
+    let len = u64::from_le_bytes(bytes[4..12].try_into().unwrap_or_default());
+    let crc = u32::from_le_bytes(bytes[12..16].try_into().unwrap_or_default());
+    let payload = &bytes[HEADER..];
+    if payload.len() as u64 != len {
+        return Err(corrupt(format!(
+            "holds {} bytes, its header says {len}: truncated",
+            payload.len()
+        )));
+    }
+    if crc32(payload) != crc {
+        return Err(corrupt("checksum mismatch: the file is damaged".into()));
+    }
+    let request =
+        ExportMetricsServiceRequest::decode(payload).map_err(|e| corrupt(e.to_string()))?;
+    Ok(Batch::from_request(request))
+}
+
+fn crc32(data: &[u8]) -> u32 {
+    crc32fast::hash(data)
+}
+
+fn private_dir(dir: &Path) -> io::Result<()> {
+    let mut builder = fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir)
+}
+
+fn private_file(path: &Path) -> io::Result<fs::File> {
+    let mut options = fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options.open(path)
+}
+
+pub fn parse_name(name: &str) -> Option<(u64, u64)> {
     let (seq, points) = name.strip_suffix(".batch")?.split_once('-')?;
     Some((seq.parse().ok()?, points.parse().ok()?))
 }
@@ -186,7 +292,7 @@ mod tests {
     fn batches_survive_a_reopen_in_order_and_half_writes_are_dropped() {
         let root = std::env::temp_dir().join(format!("dq-{}", std::process::id()));
         let _ = fs::remove_dir_all(&root);
-        let (q, waiting) = DiskQueue::open(&root, "otlp/gw", false).unwrap();
+        let (q, waiting) = DiskQueue::open(&root, "otlp/gw", false, u64::MAX).unwrap();
         assert!(waiting.is_empty());
         let (a, b, c) = (batch(1.0, 3), batch(10.0, 2), batch(20.0, 1));
         let sa = q.write(&a).unwrap();
@@ -197,7 +303,7 @@ mod tests {
         fs::write(q.dir().join("notes.txt"), b"not ours").unwrap();
         drop(q);
 
-        let (q, waiting) = DiskQueue::open(&root, "otlp/gw", false).unwrap();
+        let (q, waiting) = DiskQueue::open(&root, "otlp/gw", false, u64::MAX).unwrap();
         assert_eq!(
             waiting
                 .iter()
@@ -217,7 +323,7 @@ mod tests {
 
         fs::write(q.dir().join(format!("{:020}-5.batch", sc + 2)), b"\xff\xff").unwrap();
         drop(q);
-        let (q, waiting) = DiskQueue::open(&root, "otlp/gw", false).unwrap();
+        let (q, waiting) = DiskQueue::open(&root, "otlp/gw", false, u64::MAX).unwrap();
         let err = q.read(waiting.last().unwrap()).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
         let _ = fs::remove_dir_all(&root);
@@ -227,36 +333,93 @@ mod tests {
     fn a_file_a_power_cut_left_empty_is_corrupt_not_sent() {
         let root = std::env::temp_dir().join(format!("dq-cut-{}", std::process::id()));
         let _ = fs::remove_dir_all(&root);
-        let (q, _) = DiskQueue::open(&root, "otlp", true).unwrap();
+        let (q, _) = DiskQueue::open(&root, "otlp", true, u64::MAX).unwrap();
         let seq = q.write(&batch(1.0, 4)).unwrap();
         // What a power cut without fsync can leave: the name, not the data.
         fs::write(q.dir().join(format!("{seq:020}-4.batch")), b"").unwrap();
         drop(q);
-        let (q, waiting) = DiskQueue::open(&root, "otlp", true).unwrap();
+        let (q, waiting) = DiskQueue::open(&root, "otlp", true, u64::MAX).unwrap();
         let err = q.read(&waiting[0]).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
         assert!(err.to_string().contains("truncated"), "{err}");
+        // Cut mid-payload, or one byte flipped: caught by the length and the checksum.
+        let seq = q.write(&batch(2.0, 4)).unwrap();
+        let path = q.dir().join(format!("{seq:020}-4.batch"));
+        let whole = fs::read(&path).unwrap();
+        assert_eq!(decode_file(&whole).unwrap(), batch(2.0, 4));
+        let e = decode_file(&whole[..whole.len() - 3]).unwrap_err();
+        assert!(e.to_string().contains("truncated"), "{e}");
+        let mut flipped = whole.clone();
+        *flipped.last_mut().unwrap() ^= 1;
+        let e = decode_file(&flipped).unwrap_err();
+        assert!(e.to_string().contains("checksum"), "{e}");
         let _ = fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn the_directory_never_passes_its_limit_across_restarts() {
+        let root = std::env::temp_dir().join(format!("dq-limit-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        let one = batch(1.0, 10);
+        let size = (HEADER + one.encode_request().len()) as u64;
+        let limit = size * 3;
+        // Each "run" writes as much as it can, as a crash loop during an outage would.
+        for _run in 0..3 {
+            let (q, _) = DiskQueue::open(&root, "otlp", false, limit).unwrap();
+            while q.write(&one).is_ok() {}
+            let e = q.write(&one).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::StorageFull);
+            assert!(e.to_string().contains("storage_limit"), "{e}");
+            assert_eq!(q.bytes(), size * 3);
+        }
+        let (q, waiting) = DiskQueue::open(&root, "otlp", false, limit).unwrap();
+        assert_eq!(
+            waiting.len(),
+            3,
+            "earlier runs' files count against the limit"
+        );
+        q.remove(waiting[0].seq, waiting[0].points).unwrap();
+        assert_eq!(q.bytes(), size * 2);
+        assert!(q.write(&one).is_ok(), "room again once a batch is sent");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode(q.dir()), 0o700);
+            let file = fs::read_dir(q.dir())
+                .unwrap()
+                .flatten()
+                .find(|e| e.file_name().to_string_lossy().ends_with(".batch"))
+                .unwrap();
+            assert_eq!(mode(&file.path()), 0o600, "queued metrics are private");
+        }
+        let _ = fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn crc32_is_the_ieee_one() {
+        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
+        assert_eq!(crc32(b""), 0);
     }
 
     #[test]
     fn one_writer_per_directory() {
         let root = std::env::temp_dir().join(format!("dq-lock-{}", std::process::id()));
         let _ = fs::remove_dir_all(&root);
-        let (first, _) = DiskQueue::open(&root, "otlp/a/b", true).unwrap();
-        let e = DiskQueue::open(&root, "otlp/a__b", false).unwrap_err();
+        let (first, _) = DiskQueue::open(&root, "otlp/a/b", true, u64::MAX).unwrap();
+        let e = DiskQueue::open(&root, "otlp/a__b", false, u64::MAX).unwrap_err();
         assert!(
             e.to_string()
                 .contains("is in use by another collector process"),
             "{e}"
         );
         assert!(
-            DiskQueue::open(&root, "otlp/a/b", true).is_err(),
+            DiskQueue::open(&root, "otlp/a/b", true, u64::MAX).is_err(),
             "nor twice the same id"
         );
         drop(first);
         assert!(
-            DiskQueue::open(&root, "otlp/a/b", true).is_ok(),
+            DiskQueue::open(&root, "otlp/a/b", true, u64::MAX).is_ok(),
             "free again once closed"
         );
         let _ = fs::remove_dir_all(&root);

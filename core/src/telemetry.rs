@@ -75,6 +75,11 @@ pub struct ComponentStats {
     pub queue_oldest_ms: AtomicU64,
     /// Exporter: points kept in the persistent queue at shutdown, to be sent after a restart.
     pub persisted: AtomicU64,
+    /// Exporter: bytes of its persistent queue's files.
+    pub disk_bytes: AtomicU64,
+    /// Exporter: points queued in memory only, because the persistent queue was full
+    /// (`storage_limit`) or could not be written.
+    pub disk_skipped: AtomicU64,
     /// Pull receiver: targets it scrapes now; `u64::MAX` for receivers without targets.
     pub targets: AtomicU64,
     state: AtomicU8,
@@ -101,6 +106,8 @@ impl ComponentStats {
             queue_bytes: AtomicU64::new(0),
             queue_oldest_ms: AtomicU64::new(0),
             persisted: AtomicU64::new(0),
+            disk_bytes: AtomicU64::new(0),
+            disk_skipped: AtomicU64::new(0),
             targets: AtomicU64::new(u64::MAX),
             state: AtomicU8::new(State::Starting as u8),
             last_error: Mutex::new(None),
@@ -440,7 +447,7 @@ impl Series {
     }
 }
 
-const SERIES: [Series; 18] = [
+const SERIES: [Series; 20] = [
     Series {
         kind: ComponentKind::Receiver,
         name: "genai_collector_receiver_accepted_points",
@@ -588,6 +595,22 @@ const SERIES: [Series; 18] = [
         unit: "{point}",
         help: "Points left in the persistent queue at shutdown, sent after the restart.",
         value: |c| ComponentStats::get(&c.persisted) as f64,
+    },
+    Series {
+        kind: ComponentKind::Exporter,
+        name: "genai_collector_exporter_persistent_queue_bytes",
+        counter: false,
+        unit: "By",
+        help: "Bytes of an exporter's persistent queue files, those of earlier runs included.",
+        value: |c| ComponentStats::get(&c.disk_bytes) as f64,
+    },
+    Series {
+        kind: ComponentKind::Exporter,
+        name: "genai_collector_exporter_persistent_queue_skipped_points",
+        counter: true,
+        unit: "{point}",
+        help: "Points queued in memory only: the persistent queue was at storage_limit or could not be written.",
+        value: |c| ComponentStats::get(&c.disk_skipped) as f64,
     },
 ];
 

@@ -356,3 +356,50 @@ service:
     assert_eq!(batch_files(&root.join("fail")), 5);
     let _ = std::fs::remove_dir_all(&root);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_persistent_queue_stops_at_storage_limit_and_counts_what_stays_in_memory() {
+    let capture = Capture::new();
+    let root = std::env::temp_dir().join(format!("delivery-limit-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let svc = service(
+        &format!(
+            r#"
+receivers:
+  generator: {{ batches: 20, points: 5000 }}
+exporters:
+  fail:
+    mode: retryable
+    retry_on_failure: {{ initial_interval: 5ms, max_interval: 10ms, max_elapsed_time: 50ms }}
+    sending_queue: {{ storage: "{}", storage_limit: 1MiB, queue_size: 256MiB }}
+service:
+  telemetry: {{ endpoint: null }}
+  pipelines:
+    metrics: {{ receivers: [generator], exporters: [fail] }}
+"#,
+            root.display()
+        ),
+        &capture,
+    );
+    let telemetry = svc.telemetry().clone();
+    svc.run(std::future::pending()).await.unwrap();
+    let down = stat(&telemetry, ComponentKind::Exporter, "fail");
+    let on_disk: u64 = std::fs::read_dir(root.join("fail"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".batch"))
+        .map(|e| e.metadata().unwrap().len())
+        .sum();
+    let (persisted, skipped, failed) = (
+        get(&down.persisted),
+        get(&down.disk_skipped),
+        get(&down.failed),
+    );
+    eprintln!("{on_disk} bytes on disk; points kept {persisted}, memory only {skipped}");
+    assert!(on_disk <= 1 << 20, "{on_disk} bytes on disk");
+    assert_eq!(get(&down.disk_bytes), on_disk);
+    assert!(persisted > 0 && skipped > 0);
+    assert_eq!(persisted + skipped, 100_000, "every point is on disk or counted");
+    assert_eq!(failed, skipped, "what was in memory only is lost with the outage");
+    let _ = std::fs::remove_dir_all(&root);
+}

@@ -364,7 +364,10 @@ async fn hung_targets_back_off_and_leave_the_scrape_slot_to_healthy_ones() {
     let by_target = scrapes(&capture);
     let ok = &by_target[&healthy.metrics_url()];
     let asked: Vec<u64> = hung.iter().map(|s| s.requests()).collect();
-    eprintln!("healthy scrapes {}, requests to hung targets {asked:?}", ok.len());
+    eprintln!(
+        "healthy scrapes {}, requests to hung targets {asked:?}",
+        ok.len()
+    );
     assert!(
         ok.len() >= 14 && ok.iter().all(|s| s.gauge("up") == Some(1.0)),
         "the healthy target kept most of its 20 ticks: {}",

@@ -167,6 +167,11 @@ pub struct QueueSettings {
     /// With `storage`: flush each batch's file and the directory to the disk before the batch
     /// counts as queued, so that a power cut loses nothing acknowledged (slower writes).
     pub fsync: bool,
+    /// With `storage`: the most the exporter's directory holds, files left by earlier runs
+    /// included (`1GiB`); past it, batches are queued in memory only, counted in
+    /// `genai_collector_exporter_persistent_queue_skipped_points`.
+    #[serde(deserialize_with = "size::deserialize")]
+    pub storage_limit: u64,
     /// Batches with more points are split into requests of at most this many; 0 sends
     /// batches as they come.
     pub max_batch_points: usize,
@@ -185,6 +190,12 @@ impl QueueSettings {
     fn validate(&self) -> Result<(), String> {
         if self.num_consumers == 0 {
             return Err("`sending_queue.num_consumers` must be at least 1".into());
+        }
+        if self.storage_limit < 1 << 20 {
+            return Err(format!(
+                "`sending_queue.storage_limit` {} is counted in bytes and holds almost nothing: give a size like `1GiB`",
+                self.storage_limit
+            ));
         }
         match self.queue_size {
             Some(0) => Err("`sending_queue.queue_size` must be at least 1".into()),
@@ -205,6 +216,7 @@ impl Default for QueueSettings {
             block_on_overflow: false,
             storage: None,
             fsync: false,
+            storage_limit: 1 << 30,
             max_batch_points: 0,
         }
     }

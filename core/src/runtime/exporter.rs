@@ -85,13 +85,13 @@ async fn consume(w: Arc<Worker>) {
         w.stats
             .queue_oldest_ms
             .store(item.queued_at_ms.max(1), Ordering::Relaxed);
-        let batch = match &item.payload {
-            Payload::Memory(b) => Ok(b.clone()),
-            Payload::Disk(stored) => match w.disk.as_ref().map(|d| d.read(stored)) {
-                Some(Ok(b)) => Ok(Arc::new(b)),
-                Some(Err(e)) => Err(e),
-                None => Err(std::io::ErrorKind::NotFound.into()),
-            },
+        let batch = match (&item.payload, &w.disk) {
+            (Payload::Memory(b), _) => Ok(b.clone()),
+            (Payload::Disk(stored), Some(disk)) => {
+                let (disk, stored) = (disk.clone(), stored.clone());
+                blocking(move || disk.read(&stored)).await.map(Arc::new)
+            }
+            (Payload::Disk(_), None) => Err(std::io::ErrorKind::NotFound.into()),
         };
         let mut keep_file = false;
         match batch {
@@ -111,8 +111,17 @@ async fn consume(w: Arc<Worker>) {
                 keep_file = true;
             }
         }
-        w.done(&item, keep_file);
+        w.done(&item, keep_file).await;
     }
+}
+
+/// File I/O off the runtime's workers: a stalled volume stalls this consumer alone.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> std::io::Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())))
 }
 
 impl Worker {
@@ -139,11 +148,13 @@ impl Worker {
 
     /// Marks a batch handled, delivered or given up on: off the disk, out of the counts, and
     /// its room in the queue given back.
-    fn done(&self, item: &Item, keep_file: bool) {
+    async fn done(&self, item: &Item, keep_file: bool) {
         if let (Some(disk), Some(seq), false) = (&self.disk, item.seq, keep_file) {
-            if let Err(e) = disk.remove(seq, item.points) {
+            let (d, points) = (disk.clone(), item.points);
+            if let Err(e) = blocking(move || d.remove(seq, points)).await {
                 warn!(exporter = %self.id, seq, error = %e, "cannot remove a sent batch from the persistent queue; it will be sent again after a restart");
             }
+            self.stats.disk_bytes.store(disk.bytes(), Ordering::Relaxed);
         }
         self.stats.queued.fetch_sub(item.points, Ordering::Relaxed);
         self.stats

@@ -158,17 +158,21 @@ impl Service {
                     .store(queue.capacity(), Ordering::Relaxed);
                 let (disk, recovered) = match &q.storage {
                     Some(root) => {
-                        let (disk, recovered) = DiskQueue::open(root, &id.to_string(), q.fsync)
-                            .map_err(|e| BuildError {
-                                kind: ComponentKind::Exporter,
-                                id: id.to_string(),
-                                source: ComponentError::Config(format!(
-                                    "sending_queue.storage: {e}"
-                                )),
-                            })?;
+                        let (disk, recovered) =
+                            DiskQueue::open(root, &id.to_string(), q.fsync, q.storage_limit)
+                                .map_err(|e| BuildError {
+                                    kind: ComponentKind::Exporter,
+                                    id: id.to_string(),
+                                    source: ComponentError::Config(format!(
+                                        "sending_queue.storage: {e}"
+                                    )),
+                                })?;
                         log_recovered(id, disk.dir(), &recovered);
-                        let points: u64 = recovered.iter().map(|s| s.points).sum();
+                        let points = recovered
+                            .iter()
+                            .fold(0u64, |n, s| n.saturating_add(s.points));
                         stats.queued.fetch_add(points, Ordering::Relaxed);
+                        stats.disk_bytes.store(disk.bytes(), Ordering::Relaxed);
                         if let Some(first) = recovered.first() {
                             stats
                                 .queue_oldest_ms
@@ -186,6 +190,7 @@ impl Service {
                         block: q.block_on_overflow,
                         disk: disk.clone(),
                         drop_log: Default::default(),
+                        disk_log: Default::default(),
                     },
                 ));
                 exporters.push(ExporterTask {

@@ -30,6 +30,8 @@ pub(crate) struct ExporterQueue {
     pub block: bool,
     pub disk: Option<Arc<DiskQueue>>,
     pub drop_log: Arc<LogEvery>,
+    /// Batches the persistent queue could not take.
+    pub disk_log: Arc<LogEvery>,
 }
 
 pub(crate) struct PipelineTask {
@@ -178,7 +180,7 @@ async fn fan_out(
     if !all_or_none {
         for q in exporters {
             match q.reserve(cost).await {
-                Some(r) => q.enqueue(r, &batch, cost),
+                Some(r) => q.enqueue(r, &batch, cost).await,
                 None => q.drop_full(pipeline, cost.points),
             }
         }
@@ -193,7 +195,7 @@ async fn fan_out(
         }
     }
     for (q, r) in exporters.iter().zip(reserved) {
-        q.enqueue(r, &batch, cost);
+        q.enqueue(r, &batch, cost).await;
     }
     Ok(())
 }
@@ -208,15 +210,12 @@ impl ExporterQueue {
         }
     }
 
-    fn enqueue(&self, room: Reservation<'_>, batch: &Arc<Batch>, cost: Cost) {
+    async fn enqueue(&self, room: Reservation<'_>, batch: &Arc<Batch>, cost: Cost) {
         // Written before it is queued, so a batch a consumer sees is always on disk.
-        let seq = self.disk.as_ref().and_then(|d| match d.write(batch) {
-            Ok(seq) => Some(seq),
-            Err(e) => {
-                warn!(exporter = %self.stats.id, error = %e, "cannot write to the persistent queue; this batch is queued in memory only");
-                None
-            }
-        });
+        let seq = match &self.disk {
+            Some(disk) => self.write(disk, batch, cost.points).await,
+            None => None,
+        };
         let queued_at_ms = unix_ms(SystemTime::now());
         let _ = self.stats.queue_oldest_ms.compare_exchange(
             0,
@@ -238,6 +237,26 @@ impl ExporterQueue {
             size: 0,
         });
         self.stats.update_queue(&self.queue);
+    }
+
+    /// Writes `batch` to the persistent queue on a blocking thread (a stalled volume must
+    /// not stall a runtime worker); `None` when it stays in memory only, counted and logged.
+    async fn write(&self, disk: &Arc<DiskQueue>, batch: &Arc<Batch>, points: u64) -> Option<u64> {
+        let (d, b) = (disk.clone(), batch.clone());
+        let written = tokio::task::spawn_blocking(move || d.write(&b))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+        self.stats.disk_bytes.store(disk.bytes(), Ordering::Relaxed);
+        match written {
+            Ok(seq) => Some(seq),
+            Err(e) => {
+                ComponentStats::add(&self.stats.disk_skipped, points as usize);
+                if let Some(n) = self.disk_log.hit(points) {
+                    warn!(exporter = %self.stats.id, error = %e, points = n, "cannot write to the persistent queue; these points are queued in memory only (counted in genai_collector_exporter_persistent_queue_skipped_points)");
+                }
+                None
+            }
+        }
     }
 
     /// Counts scraped points a full queue could not take; logs at most once a minute.
