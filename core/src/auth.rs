@@ -7,7 +7,12 @@ pub fn bearer_matches(expected: Option<&str>, given: Option<&str>) -> bool {
     let Some(token) = expected else {
         return true;
     };
-    let Some(given) = given.and_then(|g| g.strip_prefix("Bearer ")) else {
+    // The scheme is case-insensitive (RFC 9110 §11.1): clients send `bearer` too.
+    let Some(given) = given
+        .and_then(|g| g.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token)
+    else {
         return false;
     };
     let (a, b) = (token.as_bytes(), given.as_bytes());
@@ -26,6 +31,9 @@ mod tests {
         assert!(!bearer_matches(Some("t0k"), Some("Bearer t0x")));
         assert!(!bearer_matches(Some("t0k"), Some("Bearer t0k2")));
         assert!(!bearer_matches(Some("t0k"), Some("t0k")));
+        assert!(bearer_matches(Some("t0k"), Some("bearer t0k")));
+        assert!(bearer_matches(Some("t0k"), Some("BEARER t0k")));
+        assert!(!bearer_matches(Some("t0k"), Some("Basic t0k")));
         assert!(!bearer_matches(Some("t0k"), None));
     }
 }

@@ -263,9 +263,14 @@ fn private_file(path: &Path) -> io::Result<fs::File> {
     options.open(path)
 }
 
+/// The sequence number and point count a batch file's name holds; `None` for a name this
+/// queue did not write. Numbers past 2^63 are never written (one a nanosecond would take three
+/// centuries), so such a name is foreign, and numbering can never wrap around.
 pub fn parse_name(name: &str) -> Option<(u64, u64)> {
     let (seq, points) = name.strip_suffix(".batch")?.split_once('-')?;
-    Some((seq.parse().ok()?, points.parse().ok()?))
+    let seq: u64 = seq.parse().ok()?;
+    (seq <= i64::MAX as u64).then_some(())?;
+    Some((seq, points.parse().ok()?))
 }
 
 pub(crate) fn unix_ms(t: SystemTime) -> u64 {

@@ -939,6 +939,27 @@ mod tests {
         kv, number_point, Histogram, HistogramDataPoint, Metric, MetricExt as _,
     };
 
+    fn valid_name(s: &str) -> bool {
+        let mut chars = s.chars();
+        chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':')
+            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+    }
+
+    proptest::proptest! {
+        /// Whatever an OTLP client names a metric or an attribute, what we render is a valid
+        /// Prometheus name; an empty one is dropped before rendering (M4).
+        #[test]
+        fn rendered_names_are_always_valid(name in "\\PC{0,24}", unit in "\\PC{0,4}", counter: bool) {
+            if !name.is_empty() {
+                let label = sanitize(&name, false);
+                proptest::prop_assert!(valid_name(&label) && !label.contains(':'), "{label}");
+                proptest::prop_assert!(valid_name(&metric_name(&name, &unit, counter)));
+            }
+        }
+    }
+
     fn batch() -> Batch {
         let hist = Metric {
             name: "gen_ai.server.request.duration".into(),

@@ -474,6 +474,20 @@ fn too_large(limit: usize) -> Response {
         .into_response()
 }
 
+/// OTLP/HTTP's `POST /v1/metrics` into `output`: bodies up to `limit` bytes, compressed and
+/// inflated alike; a bearer token when `expected` names one.
+pub fn http_router(output: Output, limit: usize, expected: Option<Arc<str>>) -> Router {
+    Router::new()
+        .route("/v1/metrics", post(http_export))
+        // The body extractor's own limit covers the compressed body.
+        .layer(axum::extract::DefaultBodyLimit::max(limit))
+        .with_state(Http {
+            output,
+            limit,
+            expected,
+        })
+}
+
 async fn http_export(State(h): State<Http>, headers: HeaderMap, body: Bytes) -> Response {
     let given = headers
         .get(header::AUTHORIZATION)
@@ -596,15 +610,7 @@ impl Receiver for OtlpReceiver {
             let listener = tokio::net::TcpListener::from_std(listener)?;
             info!(receiver = %ctx.id, addr = ?listener.local_addr().ok(), "OTLP/HTTP listening");
             let limit = cfg.max_request_body_size_mib << 20;
-            let app = Router::new()
-                .route("/v1/metrics", post(http_export))
-                // The body extractor's own limit covers the compressed body.
-                .layer(axum::extract::DefaultBodyLimit::max(limit))
-                .with_state(Http {
-                    output: ctx.output.clone(),
-                    limit,
-                    expected: expected.clone(),
-                });
+            let app = http_router(ctx.output.clone(), limit, expected.clone());
             let stop = ctx.shutdown.clone();
             let tls = cfg
                 .tls

@@ -29,6 +29,8 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("ollama_ps", ollama_ps),
     ("pod_resources", pod_resources),
     ("retry_hint", retry_hint),
+    ("otlp_http", otlp_http),
+    ("disk_queue", disk_queue),
 ];
 
 /// A scraped page in both formats: parse, convert (twice, as consecutive scrapes), render.
@@ -38,11 +40,90 @@ pub fn scrape_page(data: &[u8]) {
     };
     for format in [Format::Prometheus, Format::OpenMetrics] {
         if let Ok(page) = parse(text, format) {
+            if format == Format::Prometheus {
+                differential(text, &page);
+            }
             let mut converter = Converter::new();
             let (first, _) = converter.convert(&page, 1_700_000_000_000_000_000, Vec::new());
             let (second, _) = converter.convert(&page, 1_700_000_001_000_000_000, Vec::new());
             check_render(&first);
             check_render(&second);
+        }
+    }
+}
+
+/// Every sample line of a 0.0.4 page we accept reads the same with the reference parser
+/// (`prometheus-parse`), where that parser's regular expressions can read it at all: plain
+/// names, no whitespace or escapes inside braces, integer millisecond timestamps.
+fn differential(text: &str, page: &genai_collector_receivers::scrape::text::Page<'_>) {
+    use prometheus_parse::LineInfo;
+    let lines: Vec<&str> = text.lines().collect();
+    let plain =
+        |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    for family in &page.families {
+        for sample in &family.samples {
+            let Some(raw) = lines.get(sample.line as usize - 1) else {
+                continue;
+            };
+            let labels = page.labels_of(sample);
+            let readable = plain(sample.name)
+                && !raw.starts_with(char::is_whitespace)
+                && labels.iter().all(|l| plain(l.name) && plain(&l.value))
+                && raw
+                    .split('}')
+                    .next()
+                    .is_some_and(|head| !head.contains(char::is_whitespace))
+                // Its expression wants at least one character between braces.
+                && !raw.contains("{}");
+            if !readable {
+                continue;
+            }
+            let LineInfo::Sample {
+                metric_name,
+                labels: theirs,
+                value,
+                timestamp,
+            } = LineInfo::parse(raw)
+            else {
+                panic!(
+                    "line {}: the reference parser reads no sample in {raw:?}",
+                    sample.line
+                );
+            };
+            assert_eq!(metric_name, sample.name, "line {}: name", sample.line);
+            let their_labels: Vec<(&str, &str)> = theirs
+                .map(|t| {
+                    t.split(',')
+                        .filter(|kv| !kv.is_empty())
+                        .filter_map(|kv| kv.split_once('='))
+                        .map(|(k, v)| (k, v.trim_matches('"')))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let ours: Vec<(&str, &str)> = labels.iter().map(|l| (l.name, &*l.value)).collect();
+            assert_eq!(
+                their_labels, ours,
+                "line {}: labels of {raw:?}",
+                sample.line
+            );
+            if let Ok(v) = value.to_lowercase().parse::<f64>() {
+                assert!(
+                    v == sample.value || (v.is_nan() && sample.value.is_nan()),
+                    "line {}: value {v} vs ours {} in {raw:?}",
+                    sample.line,
+                    sample.value
+                );
+            }
+            if let (Some(ms), Some(ours)) = (
+                timestamp.and_then(|t| t.parse::<i64>().ok()),
+                sample.timestamp,
+            ) {
+                assert!(
+                    ((ms as f64) / 1000.0 - ours).abs() <= ours.abs() * 1e-12 + 1e-9,
+                    "line {}: timestamp {ms} ms vs ours {ours} s",
+                    sample.line
+                );
+            }
         }
     }
 }
@@ -159,4 +240,197 @@ pub fn retry_hint(data: &[u8]) {
         let _ =
             std::time::Instant::now().checked_add(wait.min(std::time::Duration::from_secs(300)));
     }
+}
+
+/// An OTLP/HTTP request with arbitrary headers and body. The first byte picks the
+/// `Content-Type`, the `Content-Encoding` (gzip of the body, or a body that only claims to be
+/// gzip) and the `Authorization`; the rest is the body. The answer is one of the statuses the
+/// protocol allows, a protobuf body that decodes is taken (200) and one that does not is a 400.
+pub fn otlp_http(data: &[u8]) {
+    use std::io::Write as _;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    use tower::ServiceExt as _;
+
+    struct Server {
+        runtime: tokio::runtime::Runtime,
+        router: axum::Router,
+        points: Arc<AtomicU64>,
+    }
+    thread_local! {
+        static SERVER: Server = {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime");
+            let stats = genai_collector_core::telemetry::Telemetry::new().register(
+                genai_collector_core::ComponentKind::Receiver,
+                "otlp",
+                None,
+            );
+            let (output, mut captured) = genai_collector_core::Output::capture(16, stats);
+            let points = Arc::new(AtomicU64::new(0));
+            let counted = points.clone();
+            runtime.spawn(async move {
+                while let Some(b) = captured.recv().await {
+                    counted.fetch_add(b.point_count() as u64, Ordering::Relaxed);
+                }
+            });
+            let router = genai_collector_receivers::otlp::http_router(
+                output,
+                1 << 20,
+                Some(Arc::from("fuzz-token")),
+            );
+            Server { runtime, router, points }
+        };
+    }
+    let Some((&flags, body)) = data.split_first() else {
+        return;
+    };
+    let content_type = [
+        "application/x-protobuf",
+        "application/json",
+        "text/plain",
+        "",
+    ][usize::from(flags & 3)];
+    let encoding = (flags >> 2) & 3;
+    let auth = ["Bearer fuzz-token", "bearer fuzz-token", "Bearer wrong", ""]
+        [usize::from((flags >> 4) & 3)];
+    let payload = if encoding == 1 {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        let _ = gz.write_all(body);
+        gz.finish().unwrap_or_default()
+    } else {
+        body.to_vec()
+    };
+    let mut request = axum::http::Request::post("/v1/metrics");
+    if !content_type.is_empty() {
+        request = request.header("content-type", content_type);
+    }
+    match encoding {
+        1 | 2 => request = request.header("content-encoding", "gzip"),
+        3 => request = request.header("content-encoding", "br"),
+        _ => {}
+    }
+    if !auth.is_empty() {
+        request = request.header("authorization", auth);
+    }
+    let request = request
+        .body(axum::body::Body::from(payload))
+        .expect("a request");
+    SERVER.with(|server| {
+        let before = server.points.load(Ordering::Relaxed);
+        let response = server
+            .runtime
+            .block_on(server.router.clone().oneshot(request))
+            .expect("the router never fails");
+        let status = response.status().as_u16();
+        assert!(
+            matches!(status, 200 | 400 | 401 | 413 | 415 | 429 | 503),
+            "status {status}"
+        );
+        let authorized = auth.eq_ignore_ascii_case("bearer fuzz-token");
+        if !authorized {
+            assert_eq!(status, 401, "no valid token, no entry");
+            return;
+        }
+        let plain_protobuf = content_type != "application/json"
+            && !content_type.starts_with("application/json")
+            && matches!(encoding, 0 | 1);
+        if plain_protobuf && status != 429 && status != 503 {
+            match ExportMetricsServiceRequest::decode(body) {
+                Ok(r) => {
+                    assert_eq!(status, 200, "a request that decodes is taken");
+                    // Let the receiving task count what the pipeline got.
+                    server.runtime.block_on(tokio::task::yield_now());
+                    let taken = server.points.load(Ordering::Relaxed) - before;
+                    let sent = Batch::from_request(r).point_count() as u64;
+                    assert!(taken <= sent, "took {taken} of {sent} points");
+                }
+                Err(_) => assert_eq!(status, 400, "a body that does not decode is a 400"),
+            }
+        }
+    });
+}
+
+/// A persistent-queue directory with arbitrary files: entries of (name length, name, content
+/// length (2 bytes), content). Opening never panics, lists only names this queue writes, in
+/// order; a file that reads back holds the points its name says; numbering goes on after
+/// every file found.
+pub fn disk_queue(data: &[u8]) {
+    use genai_collector_core::disk_queue::{DiskQueue, Stored};
+    use genai_collector_core::model::{number_point, Metric, MetricExt as _};
+    thread_local! {
+        static ROOT: std::path::PathBuf = std::env::temp_dir()
+            .join(format!("fuzz-disk-queue-{}-{:?}", std::process::id(), std::thread::current().id()));
+    }
+    ROOT.with(|root| {
+        let _ = std::fs::remove_dir_all(root);
+        let dir = root.join("otlp");
+        std::fs::create_dir_all(&dir).expect("a temporary directory");
+        let mut rest = data;
+        while let Some((&n, tail)) = rest.split_first() {
+            let (name, tail) = tail.split_at(usize::from(n).min(tail.len()));
+            let Some(len) = tail
+                .get(..2)
+                .map(|l| usize::from(u16::from_le_bytes([l[0], l[1]])))
+            else {
+                break;
+            };
+            let (content, tail) = tail[2..].split_at(len.min(tail.len() - 2));
+            rest = tail;
+            let Ok(name) = std::str::from_utf8(name) else {
+                continue;
+            };
+            if name.is_empty()
+                || name.contains(['/', '\0'])
+                || name == "."
+                || name == ".."
+                || name == ".lock"
+            {
+                continue;
+            }
+            let _ = std::fs::write(dir.join(name), content);
+        }
+        let limit = 1 << 20;
+        let Ok((queue, stored)) = DiskQueue::open(root, "otlp", false, limit) else {
+            return;
+        };
+        assert!(
+            stored.windows(2).all(|w| w[0].seq <= w[1].seq),
+            "oldest first"
+        );
+        let listed: u64 = stored.iter().map(|s| s.bytes).sum();
+        assert_eq!(
+            queue.bytes(),
+            listed,
+            "the directory's size is what it lists"
+        );
+        for s in &stored {
+            if let Ok(batch) = queue.read(s) {
+                assert_eq!(batch.point_count() as u64, s.points, "points as named");
+            }
+        }
+        let batch = Batch::with_resource(
+            vec![],
+            vec![Metric::gauge("g", "1", vec![number_point(1, 1.0, vec![])])],
+        );
+        if let Ok(seq) = queue.write(&batch) {
+            assert!(
+                stored.iter().all(|s| s.seq < seq),
+                "numbering goes on after the last"
+            );
+            let back = queue
+                .read(&Stored {
+                    seq,
+                    points: 1,
+                    bytes: 0,
+                    queued_at_ms: 0,
+                })
+                .expect("what we wrote reads back");
+            assert_eq!(back, batch);
+        } else {
+            assert!(listed + 64 > limit, "only a full directory refuses a write");
+        }
+    });
 }

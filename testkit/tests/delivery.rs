@@ -399,7 +399,14 @@ service:
     assert!(on_disk <= 1 << 20, "{on_disk} bytes on disk");
     assert_eq!(get(&down.disk_bytes), on_disk);
     assert!(persisted > 0 && skipped > 0);
-    assert_eq!(persisted + skipped, 100_000, "every point is on disk or counted");
-    assert_eq!(failed, skipped, "what was in memory only is lost with the outage");
+    assert_eq!(
+        persisted + skipped,
+        100_000,
+        "every point is on disk or counted"
+    );
+    assert_eq!(
+        failed, skipped,
+        "what was in memory only is lost with the outage"
+    );
     let _ = std::fs::remove_dir_all(&root);
 }

@@ -35,6 +35,8 @@ exporters:
   otlp:
     endpoint: "http://127.0.0.1:{sink_grpc}"
     sending_queue: {{ queue_size: 2, sizer: requests, num_consumers: 2 }}
+    # The slow sink must not be mistaken for a dead one: no timeouts, so no retried duplicates.
+    timeout: 30s
 service:
   telemetry: {{ endpoint: null }}
   pipelines:
@@ -92,20 +94,25 @@ service:
         m
     });
     let expected = 3 * series * (rounds + 1);
+    let exporter = telemetry.find(ComponentKind::Exporter, "otlp").unwrap();
+    let (sent, retried) = (
+        ComponentStats::get(&exporter.sent),
+        ComponentStats::get(&exporter.attempt_failures),
+    );
     for s in &summaries {
         let service = s["service"].as_str().unwrap();
-        assert_eq!(
-            per_service.get(service).copied(),
-            Some(expected),
-            "{service}: every export the SDK was told OK for arrived ({refused} points refused and retried)"
+        let got = per_service.get(service).copied().unwrap_or(0);
+        // At-least-once: a retried export may arrive twice, and only then.
+        let ok = if retried == 0 {
+            got == expected
+        } else {
+            got >= expected
+        };
+        assert!(
+            ok,
+            "{service}: {got} points arrived of {expected} the SDK was told OK for ({refused} points refused and retried by the SDKs; the exporter sent {sent}, {retried} attempts failed); all services: {per_service:?}"
         );
     }
-    let sent = ComponentStats::get(
-        &telemetry
-            .find(ComponentKind::Exporter, "otlp")
-            .unwrap()
-            .sent,
-    );
     assert_eq!(sent as usize, 4 * expected);
     println!("4 SDK clients: {refused} points refused and retried, {sent} delivered");
     let _ = std::fs::remove_dir_all(&dir);

@@ -130,6 +130,41 @@ fn seed() {
     write("otlp_pipeline", "vllm.pb", &batch.encode_request());
     let json = serde_json::to_vec(&batch.clone().into_request()).unwrap();
     write("otlp_pipeline", "vllm.json", &json);
+    // otlp_http: a flags byte (content type, encoding, token), then the body.
+    for (name, flags, body) in [
+        ("protobuf", 0u8, batch.encode_request()),
+        ("json", 1, json.clone()),
+        ("gzip", 4, batch.encode_request()),
+        ("claims-gzip", 8, batch.encode_request()),
+        ("wrong-token", 0x20, batch.encode_request()),
+    ] {
+        write("otlp_http", name, &[&[flags][..], &body].concat());
+    }
+    // disk_queue: (name length, name, content length as 2 bytes LE, content) entries.
+    let entry = |name: &str, content: &[u8]| {
+        let len = (content.len() as u16).to_le_bytes();
+        [&[name.len() as u8][..], name.as_bytes(), &len, content].concat()
+    };
+    let dir = std::env::temp_dir().join(format!("fuzz-seed-{}", std::process::id()));
+    let (q, _) =
+        genai_collector_core::disk_queue::DiskQueue::open(&dir, "s", false, 1 << 30).unwrap();
+    let seq = q.write(&batch).unwrap();
+    let name = format!("{seq:020}-{}.batch", batch.point_count());
+    let file = std::fs::read(q.dir().join(&name)).unwrap();
+    drop(q);
+    let _ = std::fs::remove_dir_all(&dir);
+    write("disk_queue", "one-batch", &entry(&name, &file));
+    write(
+        "disk_queue",
+        "mixed",
+        &[
+            entry(&name, &file),
+            entry("00000000000000000002-9.batch", &file),
+            entry("00000000000000000003.tmp", b"half"),
+            entry("notes.txt", b"not ours"),
+        ]
+        .concat(),
+    );
     write(
         "retry_hint",
         "one-second",

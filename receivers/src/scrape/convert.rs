@@ -454,6 +454,18 @@ mod tests {
     use crate::scrape::text::{parse, Format};
     use genai_collector_core::model::{number_value, AttributesExt};
 
+    proptest::proptest! {
+        /// Any timestamp a page may carry converts or is refused; it never overflows (S2).
+        #[test]
+        fn seconds_to_nanoseconds_never_overflows(seconds in proptest::num::f64::ANY) {
+            if let Some(n) = ns(seconds) {
+                proptest::prop_assert!(seconds > 0.0);
+                let back = n as f64 / 1e9;
+                proptest::prop_assert!((back - seconds).abs() <= seconds * 1e-9 + 1e-9);
+            }
+        }
+    }
+
     fn one(batch: &Batch, name: &str) -> Metric {
         batch
             .metrics()

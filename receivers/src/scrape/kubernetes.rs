@@ -360,6 +360,40 @@ mod watch {
 mod tests {
     use super::*;
 
+    proptest::proptest! {
+        /// Whatever a pod's annotations say, a target is scraped on the pod's own IP (S7).
+        #[test]
+        fn annotations_never_move_the_host(
+            ip in "(10\\.[0-9]{1,3}\\.[0-9]{1,3}\\.[0-9]{1,3})|(fd00::[0-9a-f]{1,4})",
+            path in "\\PC{0,40}",
+            port in "\\PC{0,8}",
+            scheme in "\\PC{0,8}",
+        ) {
+            let annotations = map(&[
+                ("prometheus.io/path", &path),
+                ("prometheus.io/port", &port),
+                ("prometheus.io/scheme", &scheme),
+            ]);
+            let pod = PodView {
+                name: "p",
+                namespace: "n",
+                uid: "u",
+                phase: Some("Running"),
+                ip: Some(&ip),
+                annotations: Some(&annotations),
+                ..Default::default()
+            };
+            let config = KubernetesConfig { port: Some(8000), ..Default::default() };
+            if let Ok(t) = target_of(&pod, &config, "/metrics") {
+                let url = reqwest::Url::parse(&t.url).unwrap();
+                let host = url.host_str().unwrap().trim_matches(['[', ']']);
+                proptest::prop_assert_eq!(host, ip.as_str(), "{}", t.url);
+                proptest::prop_assert_eq!(t.host.trim_matches(['[', ']']), ip.as_str());
+                proptest::prop_assert!(url.username().is_empty() && url.password().is_none());
+            }
+        }
+    }
+
     fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs
             .iter()

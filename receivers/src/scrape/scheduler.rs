@@ -937,6 +937,24 @@ impl genai_collector_core::Receiver for ScrapeReceiver {
 mod tests {
     use super::*;
 
+    proptest::proptest! {
+        /// A target URL's credentials never reach what is shown (`url.full`, logs, healthz).
+        #[test]
+        fn credentials_are_never_shown(
+            user in "[a-zA-Z0-9%]{1,8}",
+            password in "[a-zA-Z0-9%]{0,8}",
+            host in "[a-z]{1,8}(\\.[a-z]{1,5})?",
+            rest in "\\PC{0,24}",
+        ) {
+            let raw = format!("http://{user}:{password}@{host}:9000/{rest}");
+            if let Ok(t) = Target::parse(&raw, "/metrics", &[]) {
+                let shown = reqwest::Url::parse(&t.shown).unwrap();
+                proptest::prop_assert!(shown.username().is_empty() && shown.password().is_none(), "{}", t.shown);
+                proptest::prop_assert!(!t.instance.contains('@') || rest.contains('@'), "{}", t.instance);
+            }
+        }
+    }
+
     #[test]
     fn targets_and_auth() {
         let t = Target::parse("10.0.0.5:8000", "/metrics", &[]).unwrap();
