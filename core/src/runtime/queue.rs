@@ -55,6 +55,11 @@ impl Cost {
 
 struct State {
     items: VecDeque<Item>,
+    /// Batches an earlier run left on disk: taken in turn with fresh ones, so that fresh data
+    /// keeps flowing while a backlog drains, and the backlog drains under steady fresh load.
+    backlog: VecDeque<Item>,
+    /// Whether the next pop prefers the backlog.
+    backlog_turn: bool,
     /// Capacity held by queued items, items being sent and open reservations.
     used: u64,
     closed: bool,
@@ -81,6 +86,8 @@ impl SendQueue {
         Self {
             state: Mutex::new(State {
                 items: VecDeque::new(),
+                backlog: VecDeque::new(),
+                backlog_turn: false,
                 used: 0,
                 closed: false,
             }),
@@ -107,7 +114,8 @@ impl SendQueue {
 
     /// Batches waiting to be taken by a consumer.
     pub fn len(&self) -> usize {
-        self.lock().items.len()
+        let s = self.lock();
+        s.items.len() + s.backlog.len()
     }
 
     /// No room left for anything: a push receiver can refuse before decoding a request.
@@ -148,7 +156,7 @@ impl SendQueue {
 
     /// Queues an item that takes no capacity (a batch already on disk from a previous run).
     pub fn push_recovered(&self, item: Item) {
-        self.lock().items.push_back(item);
+        self.lock().backlog.push_back(item);
         self.items.notify_one();
     }
 
@@ -160,8 +168,15 @@ impl SendQueue {
             ready.as_mut().enable();
             {
                 let mut s = self.lock();
-                if let Some(item) = s.items.pop_front() {
-                    let more = !s.items.is_empty();
+                let backlog_first = s.backlog_turn || s.items.is_empty();
+                let next = if backlog_first {
+                    s.backlog.pop_front().or_else(|| s.items.pop_front())
+                } else {
+                    s.items.pop_front()
+                };
+                if let Some(item) = next {
+                    s.backlog_turn = !backlog_first;
+                    let more = !s.items.is_empty() || !s.backlog.is_empty();
                     drop(s);
                     if more {
                         // Another consumer may be waiting for the rest.
@@ -246,6 +261,22 @@ mod tests {
             .expect("an empty queue takes one oversized batch");
         assert!(q.try_reserve(1).is_none());
         drop(big);
+    }
+
+    #[tokio::test]
+    async fn fresh_batches_take_turns_with_a_backlog_from_disk() {
+        let q = SendQueue::new(100, Sizer::Items);
+        for n in [1, 2, 3] {
+            q.push_recovered(item(n));
+        }
+        for n in [10, 20, 30, 40] {
+            q.try_reserve(n).unwrap().commit(item(n));
+        }
+        let mut order = Vec::new();
+        while q.len() > 0 {
+            order.push(q.pop().await.unwrap().points);
+        }
+        assert_eq!(order, [10, 1, 20, 2, 30, 3, 40]);
     }
 
     #[tokio::test]
