@@ -22,6 +22,12 @@ pub use opentelemetry_proto::tonic::metrics::v1::{
 };
 pub use opentelemetry_proto::tonic::resource::v1::Resource;
 
+/// Metric metadata the scrape receivers set on histograms and summaries: whether the page
+/// writes whole `le` / `quantile` values with `.0` (`le="1.0"`, as Python's client library
+/// does) or without (`le="1"`, Go's). Prometheus 2 keeps such a label's text as it is, so the
+/// Prometheus exporter writes them back the same way to keep each series' identity.
+pub const WHOLE_FLOATS_WITH_DOT_ZERO: &str = "prometheus.whole_floats_with_dot_zero";
+
 /// The gRPC path of OTLP's `MetricsService/Export`.
 pub const GRPC_EXPORT_PATH: &str =
     "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export";

@@ -230,9 +230,19 @@ impl tonic::codec::Decoder for ResponseDecoder {
     }
 }
 
+/// A backend's own words, cut to what a log line and `/healthz` need: a hostile or broken
+/// backend must not fill them.
+fn excerpt(text: &str) -> String {
+    const MAX: usize = 256;
+    match text.char_indices().nth(MAX) {
+        Some((end, _)) => format!("{}… ({} bytes)", &text[..end], text.len()),
+        None => text.to_owned(),
+    }
+}
+
 fn grpc_error(status: tonic::Status) -> ExportError {
     use tonic::Code;
-    let message = format!("gRPC {:?}: {}", status.code(), status.message());
+    let message = format!("gRPC {:?}: {}", status.code(), excerpt(status.message()));
     match status.code() {
         Code::Unavailable
         | Code::ResourceExhausted
@@ -315,6 +325,17 @@ impl Exporter for OtlpExporter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_backends_message_is_quoted_in_part() {
+        let long = "é".repeat(10_000);
+        let e = grpc_error(tonic::Status::unavailable(long));
+        let text = e.to_string();
+        assert!(text.chars().count() < 320, "{} chars", text.chars().count());
+        assert!(text.contains("(20000 bytes)"), "{text}");
+        let short = grpc_error(tonic::Status::unavailable("busy")).to_string();
+        assert!(short.ends_with("gRPC Unavailable: busy"), "{short}");
+    }
 
     #[test]
     fn grpc_codes_sort_into_retryable_and_permanent() {

@@ -22,7 +22,8 @@ use axum::routing::get;
 use axum::Router;
 use genai_collector_core::config::duration;
 use genai_collector_core::model::{
-    display_value, metric, number_value, resource_attributes, KeyValue,
+    any_value, display_value, metric, number_value, resource_attributes, KeyValue,
+    WHOLE_FLOATS_WITH_DOT_ZERO,
 };
 use genai_collector_core::telemetry::Telemetry;
 use genai_collector_core::tls::{self, TlsServerConfig};
@@ -211,11 +212,15 @@ enum Value {
         counts: Vec<u64>,
         sum: Option<f64>,
         count: u64,
+        /// How the scraped source wrote whole bounds: `1.0` (true) or `1`; `None` when the
+        /// data was not scraped.
+        dot_zero: Option<bool>,
     },
     Summary {
         quantiles: Vec<(f64, f64)>,
         sum: f64,
         count: u64,
+        dot_zero: Option<bool>,
     },
 }
 
@@ -510,6 +515,14 @@ impl Store {
                     }
                     continue;
                 }
+                let dot_zero = m
+                    .metadata
+                    .iter()
+                    .find(|kv| kv.key == WHOLE_FLOATS_WITH_DOT_ZERO)
+                    .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
+                        any_value::Value::BoolValue(b) => Some(*b),
+                        _ => None,
+                    });
                 match &m.data {
                     Some(metric::Data::Histogram(h)) => {
                         let name = metric_name(&m.name, &m.unit, false);
@@ -523,6 +536,7 @@ impl Store {
                                 counts: p.bucket_counts.clone(),
                                 sum: p.sum,
                                 count: p.count,
+                                dot_zero,
                             };
                             // Each exemplar goes with the bucket its value falls in; the
                             // latest wins.
@@ -574,6 +588,7 @@ impl Store {
                                 quantiles,
                                 sum: p.sum,
                                 count: p.count,
+                                dot_zero,
                             };
                             self.set(
                                 &name,
@@ -687,7 +702,7 @@ impl Store {
         let mut out = String::with_capacity(64 * 1024);
         let mut taken = std::collections::HashSet::new();
         for (name, f) in &self.families {
-            let (family_name, kind) = match f.kind {
+            let (mut family_name, mut kind) = match f.kind {
                 Kind::Counter if openmetrics => {
                     (name.strip_suffix("_total").unwrap_or(name), "counter")
                 }
@@ -706,13 +721,22 @@ impl Store {
             };
             if openmetrics {
                 // One name, one family: a gauge `x_sum` beside a summary `x` would make the
-                // page invalid; the family met first (in name order) keeps the name.
+                // page invalid; the family met first (in name order) keeps the name. A
+                // counter `x_total` beside a gauge `x` (Go's `go_memstats_alloc_bytes`) is
+                // written as an `unknown` family of its full name instead: its series keep
+                // their name, only the type is lost.
                 let names = f.kind.sample_names(family_name, name);
                 if names.iter().any(|n| taken.contains(n)) {
-                    continue;
+                    if f.kind != Kind::Counter || taken.contains(name) {
+                        continue;
+                    }
+                    (family_name, kind) = (name.as_str(), "unknown");
+                    taken.insert(name.clone());
+                } else {
+                    taken.extend(names);
                 }
-                taken.extend(names);
             }
+            let typed = kind != "unknown";
             let _ = writeln!(out, "# HELP {family_name} {}", escape_help(help));
             let _ = writeln!(out, "# TYPE {family_name} {kind}");
             for s in f.series.values() {
@@ -724,7 +748,7 @@ impl Store {
                     s.exemplars
                         .get(i)
                         .and_then(Option::as_ref)
-                        .filter(|_| openmetrics)
+                        .filter(|_| openmetrics && typed)
                 };
                 match &s.value {
                     Value::Number(v) => {
@@ -735,13 +759,15 @@ impl Store {
                         counts,
                         sum,
                         count,
+                        dot_zero,
                     } => {
                         let mut cumulative = 0u64;
                         for (i, c) in counts.iter().enumerate() {
                             cumulative = cumulative.saturating_add(*c);
-                            let le = bounds
-                                .get(i)
-                                .map_or_else(|| "+Inf".to_owned(), |b| fmt_float(*b));
+                            let le = bounds.get(i).map_or_else(
+                                || "+Inf".to_owned(),
+                                |b| label_float(*b, openmetrics, *dot_zero),
+                            );
                             sample_with(
                                 &mut out,
                                 &format!("{name}_bucket"),
@@ -782,13 +808,14 @@ impl Store {
                         quantiles,
                         sum,
                         count,
+                        dot_zero,
                     } => {
                         for (q, v) in quantiles {
                             sample(
                                 &mut out,
                                 name,
                                 &s.labels,
-                                Some(("quantile", &fmt_float(*q))),
+                                Some(("quantile", &label_float(*q, openmetrics, *dot_zero))),
                                 *v,
                             );
                         }
@@ -805,6 +832,29 @@ impl Store {
             }
         }
         out
+    }
+}
+
+/// A float as a label value (`le`, `quantile`). Prometheus 2 keeps such a label's text as it
+/// is, so a scraped series keeps the identity a direct scrape gives it only if its values are
+/// written as its source wrote them (`style`): as Go's client libraries do
+/// (`strconv.FormatFloat(v, 'g', -1, 64)`: `0`, `0.25`, `1e-05`, `1e+06`), or with whole
+/// numbers as `1.0` (Python's client). Data that was not scraped is written as Go does in
+/// 0.0.4 and in OpenMetrics' canonical `1.0` form.
+fn label_float(v: f64, openmetrics: bool, style: Option<bool>) -> String {
+    if !v.is_finite() || (openmetrics && style.is_none()) {
+        return fmt_float(v);
+    }
+    let dot_zero = style.unwrap_or(false);
+    let e = format!("{v:e}");
+    let (mantissa, exp) = e.split_once('e').unwrap_or((&e, "0"));
+    let exp: i32 = exp.parse().unwrap_or(0);
+    if v == 0.0 || (-4..6).contains(&exp) {
+        let whole = v.fract() == 0.0;
+        format!("{v}{}", if whole && dot_zero { ".0" } else { "" })
+    } else {
+        let sign = if exp < 0 { '-' } else { '+' };
+        format!("{mantissa}e{sign}{:02}", exp.unsigned_abs())
     }
 }
 
@@ -938,6 +988,48 @@ mod tests {
     use genai_collector_core::model::{
         kv, number_point, Histogram, HistogramDataPoint, Metric, MetricExt as _,
     };
+
+    #[test]
+    fn label_floats_as_go_writes_them_in_0_0_4() {
+        let cases = [
+            (0.0, "0"),
+            (1.0, "1"),
+            (0.25, "0.25"),
+            (0.99, "0.99"),
+            (0.005, "0.005"),
+            (0.0001, "0.0001"),
+            (1e-5, "1e-05"),
+            (2.5e-7, "2.5e-07"),
+            (10.0, "10"),
+            (123456.0, "123456"),
+            (1e6, "1e+06"),
+            (1234567.0, "1.234567e+06"),
+            (-2.5, "-2.5"),
+        ];
+        for (v, go) in cases {
+            assert_eq!(label_float(v, false, None), go, "{v}");
+            assert_eq!(
+                label_float(v, true, Some(false)),
+                go,
+                "{v}: a Go page in OpenMetrics"
+            );
+        }
+        assert_eq!(label_float(0.0, true, None), "0.0");
+        assert_eq!(label_float(1.0, true, None), "1.0");
+        assert_eq!(label_float(f64::INFINITY, false, None), "+Inf");
+        // As Python's client writes them.
+        for (v, python) in [
+            (0.0, "0.0"),
+            (1.0, "1.0"),
+            (2560.0, "2560.0"),
+            (0.005, "0.005"),
+            (1e6, "1e+06"),
+            (1e-5, "1e-05"),
+        ] {
+            assert_eq!(label_float(v, false, Some(true)), python, "{v}");
+            assert_eq!(label_float(v, true, Some(true)), python, "{v}");
+        }
+    }
 
     fn valid_name(s: &str) -> bool {
         let mut chars = s.chars();
@@ -1096,7 +1188,8 @@ mod tests {
         let text = store.render(false);
         assert!(text.contains("gen_ai_server_kv_cache_usage_percent{gen_ai_pool_name=\"chat\",gen_ai_request_model=\"llama\",instance=\"10.0.0.5:8000\",job=\"vllm/chat\"} 43.75"), "{text}");
         assert!(text.contains("# TYPE gen_ai_server_token_usage_total counter"));
-        assert!(text.contains("gen_ai_server_request_duration_seconds_bucket{gen_ai_pool_name=\"chat\",gen_ai_request_model=\"llama\",instance=\"10.0.0.5:8000\",job=\"vllm/chat\",le=\"1.0\"} 3"));
+        // Not scraped: whole bounds as Go writes them in 0.0.4.
+        assert!(text.contains("gen_ai_server_request_duration_seconds_bucket{gen_ai_pool_name=\"chat\",gen_ai_request_model=\"llama\",instance=\"10.0.0.5:8000\",job=\"vllm/chat\",le=\"1\"} 3"), "{text}");
         assert!(text.contains("le=\"+Inf\"} 6"));
         assert!(text.contains("target_info{gen_ai_pool_name=\"chat\",instance=\"10.0.0.5:8000\",job=\"vllm/chat\",url_full=\"http://10.0.0.5:8000/metrics\"} 1"));
         let om = format!("{}# EOF\n", store.render(true));

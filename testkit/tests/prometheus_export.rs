@@ -403,3 +403,28 @@ async fn invalid_data_never_breaks_the_page() {
         "a point's `le` never shadows the bucket's:\n{text}"
     );
 }
+
+/// Whole `le` / `quantile` values come back as the scraped page wrote them, `1.0` (Python's
+/// client: vLLM, SGLang) or `1` (Go's), in both formats, so that a Prometheus 2 scraping the
+/// collector stores the series under the name a direct scrape gives it.
+#[test]
+fn whole_bounds_come_back_as_the_page_wrote_them() {
+    use genai_collector_exporters::prometheus::render_batch;
+    use genai_collector_receivers::scrape::convert::Converter;
+    let python = "# TYPE h histogram\nh_bucket{le=\"0.5\"} 1\nh_bucket{le=\"1.0\"} 2\nh_bucket{le=\"+Inf\"} 3\nh_count 3\nh_sum 4\n# TYPE s summary\ns{quantile=\"0.0\"} 1\ns{quantile=\"1.0\"} 2\ns_sum 3\ns_count 2\n";
+    let go = python.replace("1.0\"", "1\"").replace("0.0\"", "0\"");
+    for (page, bound, quantile) in [
+        (python, "le=\"1.0\"", "quantile=\"0.0\""),
+        (go.as_str(), "le=\"1\"", "quantile=\"0\""),
+    ] {
+        let parsed = parse(page, Format::Prometheus).unwrap();
+        let (batch, _) = Converter::new().convert(&parsed, 1, Vec::new());
+        for openmetrics in [false, true] {
+            let text = render_batch(&batch, &[], openmetrics);
+            assert!(
+                text.contains(bound) && text.contains(quantile) && text.contains("le=\"0.5\""),
+                "{bound}, {quantile} (OpenMetrics: {openmetrics}):\n{text}"
+            );
+        }
+    }
+}

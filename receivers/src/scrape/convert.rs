@@ -14,6 +14,7 @@ use std::hash::{Hash, Hasher};
 use genai_collector_core::model::{
     exemplar, kv, metric, summary_data_point, AggregationTemporality, Batch, Exemplar, Histogram,
     HistogramDataPoint, KeyValue, Metric, MetricExt, NumberDataPoint, Summary, SummaryDataPoint,
+    WHOLE_FLOATS_WITH_DOT_ZERO,
 };
 
 use super::text::{Family, Kind, Label, Page, Sample};
@@ -57,7 +58,10 @@ fn ns(seconds: f64) -> Option<u64> {
 fn series_hash(name: &str, labels: &[Label<'_>], skip: &str) -> u64 {
     let mut h = DefaultHasher::new();
     name.hash(&mut h);
-    for l in labels.iter().filter(|l| l.name != skip) {
+    for l in labels
+        .iter()
+        .filter(|l| l.name != skip && !l.value.is_empty())
+    {
         l.name.hash(&mut h);
         l.value.hash(&mut h);
     }
@@ -99,10 +103,11 @@ fn exemplar(e: &super::text::Exemplar<'_>, now: u64) -> Exemplar {
     out
 }
 
+/// A label with an empty value is no label, as in Prometheus: `x{model=""}` is `x`.
 fn attrs(labels: &[Label<'_>], skip: &str) -> Vec<KeyValue> {
     labels
         .iter()
-        .filter(|l| l.name != skip)
+        .filter(|l| l.name != skip && !l.value.is_empty())
         .map(|l| kv(l.name, l.value.as_ref()))
         .collect()
 }
@@ -307,6 +312,7 @@ impl Converter {
                 data_points: points,
                 aggregation_temporality: AggregationTemporality::Cumulative as i32,
             })),
+            metadata: float_style(page, f, "le"),
             ..Default::default()
         })
     }
@@ -372,9 +378,26 @@ impl Converter {
             data: Some(metric::Data::Summary(Summary {
                 data_points: points,
             })),
+            metadata: float_style(page, f, "quantile"),
             ..Default::default()
         })
     }
+}
+
+/// How the page writes whole values of `label` (`le`, `quantile`), for the metric's metadata:
+/// with `.0` (`1.0`, Python's client) or without (`1`, Go's clients), so that the Prometheus
+/// exporter writes them the same way again.
+fn float_style(page: &Page<'_>, f: &Family<'_>, label: &str) -> Vec<KeyValue> {
+    let dot_zero = |v: &str| {
+        v.strip_suffix(".0")
+            .is_some_and(|whole| !whole.is_empty() && whole.bytes().all(|b| b.is_ascii_digit()))
+    };
+    let written = f.samples.iter().any(|s| {
+        page.labels_of(s)
+            .iter()
+            .any(|l| l.name == label && dot_zero(&l.value))
+    });
+    vec![kv(WHOLE_FLOATS_WITH_DOT_ZERO, written)]
 }
 
 /// A family's samples folded per series (labels without `skip`), in first-seen order: in
