@@ -40,6 +40,7 @@ fn emitted() -> BTreeSet<String> {
         ("gen_ai.server.request.duration", "s"),
         ("gen_ai.server.time_to_first_token", "s"),
         ("gen_ai.server.time_per_output_token", "s"),
+        ("gen_ai.server.inter_token_latency", "s"),
         ("gen_ai.pool.servers.ready", "{server}"),
         ("gen_ai.pool.capacity.usage", "%"),
         ("gen_ai.pool.queue.size.average", "{request}"),

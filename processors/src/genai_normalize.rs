@@ -221,21 +221,28 @@ impl Processor for GenaiNormalize {
             for sm in &mut rm.scope_metrics {
                 let mut renamed = false;
                 let unmapped = self.unmapped;
+                // Each kept metric's rank: its rule's place (table, row) for a renamed one.
+                let mut ranks: Vec<(usize, usize)> = Vec::with_capacity(sm.metrics.len());
                 sm.metrics.retain_mut(|m| {
                     let hit = tables
                         .iter()
                         .find_map(|&t| self.tables[t].rules.get(&m.name).map(|&r| (t, r)));
                     let Some((t, r)) = hit else {
-                        return unmapped == Unmapped::Keep || kept_when_unmapped(&m.name);
+                        let keep = unmapped == Unmapped::Keep || kept_when_unmapped(&m.name);
+                        if keep {
+                            ranks.push((usize::MAX, usize::MAX));
+                        }
+                        return keep;
                     };
                     let table = &self.tables[t].table;
                     apply(m, &table.metrics[r], &table.attributes, model.as_deref());
                     engine.get_or_insert_with(|| table.engine.clone());
                     renamed = true;
+                    ranks.push((t, r));
                     true
                 });
                 if renamed {
-                    merge_same_names(sm);
+                    merge_same_names(sm, &ranks);
                 }
             }
             if let (Some(e), Some(res)) = (engine, rm.resource.as_mut()) {
@@ -269,19 +276,25 @@ fn apply(m: &mut Metric, rule: &Rule, renames: &BTreeMap<String, String>, model:
 }
 
 /// Metrics renamed to one name (input and output tokens) become one metric with all points,
-/// when their kinds agree. Linear in the metrics: a scope may hold a pushed request's
-/// hundreds of thousands.
-fn merge_same_names(sm: &mut ScopeMetrics) {
+/// when their kinds agree. Where two carry a point with the same attributes (an engine that
+/// emits an old and a new name side by side), the one whose rule comes first (`ranks`, one
+/// per metric) wins: one series is never counted twice. Linear in the metrics: a scope may
+/// hold a pushed request's hundreds of thousands.
+fn merge_same_names(sm: &mut ScopeMetrics, ranks: &[(usize, usize)]) {
     use std::hash::{BuildHasher, RandomState};
     if sm.metrics.len() <= 32 {
         // A page's few dozen metrics: a scan beats hashing and allocating.
+        let mut ranks = ranks.to_vec();
         let mut i = 1;
         while i < sm.metrics.len() {
             let m = &sm.metrics;
             match (0..i).find(|&j| m[j].name == m[i].name && same_kind(&m[j], &m[i])) {
                 Some(j) => {
                     let extra = sm.metrics.remove(i);
-                    append_points(&mut sm.metrics[j], extra);
+                    let extra_rank = ranks.remove(i);
+                    let first = ranks[j] <= extra_rank;
+                    ranks[j] = ranks[j].min(extra_rank);
+                    merge_points(&mut sm.metrics[j], extra, first);
                 }
                 None => i += 1,
             }
@@ -293,7 +306,8 @@ fn merge_same_names(sm: &mut ScopeMetrics) {
     let mut last: HashMap<u64, usize> = HashMap::with_capacity(sm.metrics.len());
     let mut earlier: Vec<Option<usize>> = Vec::with_capacity(sm.metrics.len());
     let mut kept: Vec<Metric> = Vec::with_capacity(sm.metrics.len());
-    for m in sm.metrics.drain(..) {
+    let mut kept_ranks: Vec<(usize, usize)> = Vec::with_capacity(sm.metrics.len());
+    for (m, rank) in sm.metrics.drain(..).zip(ranks.iter().copied()) {
         let h = hasher.hash_one(&m.name);
         let mut at = last.get(&h).copied();
         while let Some(j) = at {
@@ -303,10 +317,15 @@ fn merge_same_names(sm: &mut ScopeMetrics) {
             at = earlier[j];
         }
         match at {
-            Some(j) => append_points(&mut kept[j], m),
+            Some(j) => {
+                let first = kept_ranks[j] <= rank;
+                kept_ranks[j] = kept_ranks[j].min(rank);
+                merge_points(&mut kept[j], m, first);
+            }
             None => {
                 earlier.push(last.insert(h, kept.len()));
                 kept.push(m);
+                kept_ranks.push(rank);
             }
         }
     }
@@ -326,24 +345,65 @@ fn same_kind(a: &Metric, b: &Metric) -> bool {
     }
 }
 
-fn append_points(into: &mut Metric, from: Metric) {
+/// Adds `from`'s points to `into`'s. A point whose attributes `into` already has is one
+/// series reported twice: the earlier rule's point stays (`into_first`: `into`'s).
+fn merge_points(into: &mut Metric, from: Metric, into_first: bool) {
+    fn merge<P>(a: &mut Vec<P>, b: Vec<P>, attrs: fn(&P) -> &[KeyValue], a_first: bool) {
+        let key = |p: &P| {
+            let mut kv: Vec<String> = attrs(p)
+                .iter()
+                .map(|kv| format!("{}\u{1}{:?}", kv.key, kv.value))
+                .collect();
+            kv.sort_unstable();
+            kv.join("\u{2}")
+        };
+        let mut have: HashMap<String, usize> =
+            a.iter().enumerate().map(|(i, p)| (key(p), i)).collect();
+        for p in b {
+            match have.get(&key(&p)) {
+                Some(_) if a_first => {}
+                Some(&i) => a[i] = p,
+                None => {
+                    have.insert(key(&p), a.len());
+                    a.push(p);
+                }
+            }
+        }
+    }
     match (&mut into.data, from.data) {
-        (Some(metric::Data::Gauge(a)), Some(metric::Data::Gauge(b))) => {
-            a.data_points.extend(b.data_points)
-        }
-        (Some(metric::Data::Sum(a)), Some(metric::Data::Sum(b))) => {
-            a.data_points.extend(b.data_points)
-        }
-        (Some(metric::Data::Histogram(a)), Some(metric::Data::Histogram(b))) => {
-            a.data_points.extend(b.data_points)
-        }
-        (Some(metric::Data::Summary(a)), Some(metric::Data::Summary(b))) => {
-            a.data_points.extend(b.data_points)
-        }
+        (Some(metric::Data::Gauge(a)), Some(metric::Data::Gauge(b))) => merge(
+            &mut a.data_points,
+            b.data_points,
+            |p| &p.attributes,
+            into_first,
+        ),
+        (Some(metric::Data::Sum(a)), Some(metric::Data::Sum(b))) => merge(
+            &mut a.data_points,
+            b.data_points,
+            |p| &p.attributes,
+            into_first,
+        ),
+        (Some(metric::Data::Histogram(a)), Some(metric::Data::Histogram(b))) => merge(
+            &mut a.data_points,
+            b.data_points,
+            |p| &p.attributes,
+            into_first,
+        ),
+        (Some(metric::Data::Summary(a)), Some(metric::Data::Summary(b))) => merge(
+            &mut a.data_points,
+            b.data_points,
+            |p| &p.attributes,
+            into_first,
+        ),
         (
             Some(metric::Data::ExponentialHistogram(a)),
             Some(metric::Data::ExponentialHistogram(b)),
-        ) => a.data_points.extend(b.data_points),
+        ) => merge(
+            &mut a.data_points,
+            b.data_points,
+            |p| &p.attributes,
+            into_first,
+        ),
         _ => {}
     }
 }
@@ -370,6 +430,51 @@ mod tests {
         b.metrics()
             .find(|m| m.name == name)
             .unwrap_or_else(|| panic!("no {name}"))
+    }
+
+    #[test]
+    fn an_old_and_a_new_name_side_by_side_count_once() {
+        let model = || vec![kv("model_name", "m")];
+        // vLLM 0.9.2-0.10.x emits both KV names; the page order must not matter.
+        for old_first in [false, true] {
+            let mut metrics = vec![
+                gauge("vllm:kv_cache_usage_perc", 0.5, model()),
+                gauge("vllm:gpu_cache_usage_perc", 0.25, model()),
+                gauge(
+                    "vllm:gpu_cache_usage_perc",
+                    0.75,
+                    vec![kv("model_name", "other")],
+                ),
+            ];
+            if old_first {
+                metrics.reverse();
+            }
+            let mut batch = Batch::with_resource(vec![kv("gen_ai.provider.name", "vllm")], metrics);
+            normalize(NormalizeConfig::default()).process(&mut batch);
+            let usage = find(&batch, "gen_ai.server.kv_cache.usage");
+            let Some(metric::Data::Gauge(g)) = &usage.data else {
+                panic!("gauge")
+            };
+            let values: Vec<(Option<&str>, f64)> = g
+                .data_points
+                .iter()
+                .map(|p| {
+                    (
+                        p.attributes.get_str("gen_ai.request.model"),
+                        number_value(p).unwrap(),
+                    )
+                })
+                .collect();
+            assert_eq!(values.len(), 2, "one point per model: {values:?}");
+            assert!(
+                values.contains(&(Some("m"), 50.0)),
+                "the current name wins: {values:?}"
+            );
+            assert!(
+                values.contains(&(Some("other"), 75.0)),
+                "the old name still serves where it is alone: {values:?}"
+            );
+        }
     }
 
     #[test]

@@ -210,7 +210,8 @@ async fn scraped_pages_come_out_normalised() {
         "gen_ai.server.requests.waiting",
         "gen_ai.server.request.duration",
         "gen_ai.server.time_to_first_token",
-        "gen_ai.server.time_per_output_token",
+        // The composed V1 page predates vLLM's per-request time per output token.
+        "gen_ai.server.inter_token_latency",
     ] {
         assert!(v.metrics.contains_key(name), "vLLM V1 gives {name}");
     }
@@ -315,4 +316,89 @@ async fn llama_cpp_gets_its_model_and_slots_from_props() {
     for p in &tokens.data_points {
         assert_eq!(p.attributes.get_str("gen_ai.request.model"), Some(model));
     }
+}
+
+/// Datadog's vLLM fixture has old and new names side by side (both KV gauges; the per-step
+/// latency as `time_per_output_token` and `inter_token_latency`) and the per-request time per
+/// output token: after `genai_normalize` each series is there once, OTel's time per output
+/// token comes from the per-request histogram and the per-step one is its own metric.
+#[test]
+fn old_and_new_vllm_names_on_one_page_count_once() {
+    use genai_collector_core::model::{kv, AttributesExt};
+    use genai_collector_core::{BuildContext, ComponentId, ProcessorFactory};
+    use genai_collector_processors::GenaiNormalizeFactory;
+    use genai_collector_receivers::scrape::convert::Converter;
+    use genai_collector_receivers::scrape::text::{parse, Format};
+
+    let text = std::fs::read_to_string(
+        sim::fixtures_dir().join("vllm/datadog-integrations-core-vllm_metrics.txt"),
+    )
+    .unwrap();
+    let page = parse(&text, Format::Prometheus).unwrap();
+    let (mut batch, _) =
+        Converter::new().convert(&page, 1, vec![kv("gen_ai.provider.name", "vllm")]);
+    let ctx = BuildContext {
+        id: ComponentId::parse("genai_normalize").unwrap(),
+        pipeline: Some("metrics".into()),
+        telemetry: Default::default(),
+    };
+    let mut normalize = GenaiNormalizeFactory
+        .build(&Default::default(), &ctx)
+        .unwrap();
+    normalize.process(&mut batch);
+    let metric = |name: &str| {
+        batch
+            .metrics()
+            .find(|m| m.name == name)
+            .unwrap_or_else(|| panic!("no {name}"))
+            .clone()
+    };
+    for m in batch.metrics() {
+        let mut seen = std::collections::HashSet::new();
+        let attrs: Vec<String> = match &m.data {
+            Some(metric::Data::Gauge(g)) => g
+                .data_points
+                .iter()
+                .map(|p| format!("{:?}", p.attributes))
+                .collect(),
+            Some(metric::Data::Sum(s)) => s
+                .data_points
+                .iter()
+                .map(|p| format!("{:?}", p.attributes))
+                .collect(),
+            Some(metric::Data::Histogram(h)) => h
+                .data_points
+                .iter()
+                .map(|p| format!("{:?}", p.attributes))
+                .collect(),
+            _ => Vec::new(),
+        };
+        for a in attrs {
+            assert!(seen.insert(a.clone()), "{}: {a} twice", m.name);
+        }
+    }
+    let histogram_count = |name: &str| match &metric(name).data {
+        Some(metric::Data::Histogram(h)) => h.data_points.iter().map(|p| p.count).sum::<u64>(),
+        _ => panic!("{name} is a histogram"),
+    };
+    assert_eq!(
+        histogram_count("gen_ai.server.time_per_output_token"),
+        6,
+        "one observation per request"
+    );
+    assert_eq!(
+        histogram_count("gen_ai.server.inter_token_latency"),
+        144,
+        "per step, from inter_token_latency alone"
+    );
+    let Some(metric::Data::Gauge(kv_usage)) = &metric("gen_ai.server.kv_cache.usage").data else {
+        panic!("gauge")
+    };
+    assert_eq!(kv_usage.data_points.len(), 1);
+    assert_eq!(
+        kv_usage.data_points[0]
+            .attributes
+            .get_str("gen_ai.request.model"),
+        Some("facebook/opt-125m")
+    );
 }
