@@ -235,7 +235,7 @@ impl Processor for GenaiNormalize {
                         return keep;
                     };
                     let table = &self.tables[t].table;
-                    apply(m, &table.metrics[r], &table.attributes, model.as_deref());
+                    apply(m, &table.metrics[r], table, model.as_deref());
                     engine.get_or_insert_with(|| table.engine.clone());
                     renamed = true;
                     ranks.push((t, r));
@@ -254,7 +254,10 @@ impl Processor for GenaiNormalize {
     }
 }
 
-fn apply(m: &mut Metric, rule: &Rule, renames: &BTreeMap<String, String>, model: Option<&str>) {
+/// Renames and rescales `m` by `rule`; every point gets the model and, as the conventions
+/// require on each point, the provider.
+fn apply(m: &mut Metric, rule: &Rule, table: &Table, model: Option<&str>) {
+    let renames = &table.attributes;
     m.rename(&rule.to);
     if rule.scale != 1.0 {
         m.scale(rule.scale);
@@ -271,6 +274,9 @@ fn apply(m: &mut Metric, rule: &Rule, renames: &BTreeMap<String, String>, model:
         }
         if let (Some(model), None) = (model, attrs.get_attr(MODEL)) {
             attrs.set_attr(MODEL, model);
+        }
+        if attrs.get_attr(PROVIDER).is_none() {
+            attrs.set_attr(PROVIDER, table.engine.as_str());
         }
     });
 }
@@ -466,6 +472,12 @@ mod tests {
                 })
                 .collect();
             assert_eq!(values.len(), 2, "one point per model: {values:?}");
+            assert!(
+                g.data_points
+                    .iter()
+                    .all(|p| p.attributes.get_str("gen_ai.provider.name") == Some("vllm")),
+                "the provider on every point, as the conventions require"
+            );
             assert!(
                 values.contains(&(Some("m"), 50.0)),
                 "the current name wins: {values:?}"

@@ -366,7 +366,10 @@ pub fn model_metrics(
             Some(t) if t > 0 => m.size_vram as f64 / t as f64 * 100.0,
             _ => own_share,
         };
-        kv_cache.push(number_point(now, usage, attrs()));
+        // The conventions want the provider on every point of a `gen_ai.*` metric.
+        let mut gen_ai_attrs = attrs();
+        gen_ai_attrs.push(kv("gen_ai.provider.name", "ollama"));
+        kv_cache.push(number_point(now, usage, gen_ai_attrs));
         if let Some(c) = m.context_length {
             context.push(number_point(now, c as f64, attrs()));
         }
