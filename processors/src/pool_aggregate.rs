@@ -158,19 +158,43 @@ pub struct PoolAggregate {
     reported: u64,
 }
 
+/// Point attributes that tell replicas of one scheduler apart: SGLang with
+/// `--enable-metrics-for-all-schedulers` exports the same gauges from every tensor-, pipeline-
+/// and expert-parallel rank. Data-parallel ranks (`dp_rank`, vLLM's `engine`) are schedulers of
+/// their own and add up.
+const REPLICA_RANKS: [&str; 3] = ["tp_rank", "pp_rank", "moe_ep_rank"];
+
+/// A server's values of `name`: one per scheduler, replicas counted once.
 fn values(rm_metrics: &[&Metric], name: &str) -> Vec<f64> {
-    rm_metrics
+    let points = rm_metrics
         .iter()
         .filter(|m| m.name == name)
         .flat_map(|m| match &m.data {
-            Some(metric::Data::Gauge(g)) => g
-                .data_points
-                .iter()
-                .filter_map(number_value)
-                .collect::<Vec<_>>(),
-            Some(metric::Data::Sum(s)) => s.data_points.iter().filter_map(number_value).collect(),
+            Some(metric::Data::Gauge(g)) => g.data_points.iter().collect::<Vec<_>>(),
+            Some(metric::Data::Sum(s)) => s.data_points.iter().collect(),
             _ => Vec::new(),
+        });
+    let mut seen = std::collections::HashSet::new();
+    points
+        .filter(|p| {
+            if !p
+                .attributes
+                .iter()
+                .any(|a| REPLICA_RANKS.contains(&a.key.as_str()))
+            {
+                return true;
+            }
+            // The first replica of each scheduler stands for all of them.
+            let mut scheduler: Vec<String> = p
+                .attributes
+                .iter()
+                .filter(|a| !REPLICA_RANKS.contains(&a.key.as_str()))
+                .map(|a| format!("{}={:?}", a.key, a.value))
+                .collect();
+            scheduler.sort_unstable();
+            seen.insert(scheduler)
         })
+        .filter_map(number_value)
         .collect()
 }
 
@@ -488,6 +512,60 @@ mod tests {
             .find(|m| m.name == "inference_pool_per_pod_queue_size")
             .unwrap();
         assert_eq!(per_pod.point_count(), 2);
+    }
+
+    #[test]
+    fn tensor_parallel_replicas_count_once_data_parallel_ranks_add_up() {
+        // SGLang with metrics from every scheduler: TP ranks repeat their DP rank's numbers.
+        let ranks = |v: [f64; 4]| {
+            let points = [("0", "0"), ("1", "0"), ("0", "1"), ("1", "1")]
+                .iter()
+                .zip(v)
+                .map(|((tp, dp), v)| {
+                    number_point(1, v, vec![kv("tp_rank", *tp), kv("dp_rank", *dp)])
+                })
+                .collect();
+            points
+        };
+        let mut batch = Batch::with_resource(
+            vec![
+                kv("gen_ai.pool.name", "chat"),
+                kv("service.instance.id", "s:30000"),
+            ],
+            vec![
+                Metric::gauge("up", "", vec![number_point(1, 1.0, vec![])]),
+                Metric::gauge(
+                    "gen_ai.server.requests.running",
+                    "",
+                    ranks([3.0, 3.0, 2.0, 2.0]),
+                ),
+                Metric::gauge(
+                    "gen_ai.server.requests.waiting",
+                    "",
+                    ranks([1.0, 1.0, 0.0, 0.0]),
+                ),
+                Metric::gauge(
+                    "gen_ai.server.kv_cache.usage",
+                    "",
+                    ranks([40.0, 40.0, 60.0, 60.0]),
+                ),
+            ],
+        );
+        let mut p = PoolAggregate::new(PoolConfig::default());
+        p.process(&mut batch);
+        let out = p.flush().unwrap();
+        assert_eq!(
+            value(&out, "chat", "gen_ai.pool.requests.running"),
+            Some(5.0)
+        );
+        assert_eq!(
+            value(&out, "chat", "gen_ai.pool.queue.size.average"),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(&out, "chat", "gen_ai.pool.kv_cache.usage.average"),
+            Some(50.0)
+        );
     }
 
     #[test]
