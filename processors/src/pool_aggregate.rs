@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use genai_collector_core::config::duration;
 use genai_collector_core::model::{
     kv, metric, now_unix_nanos, number_point, number_value, AttributesExt, Batch, KeyValue, Metric,
-    MetricExt,
+    MetricExt, NumberDataPoint,
 };
 use genai_collector_core::{
     BuildContext, ComponentConfig, ComponentError, Processor, ProcessorFactory, ValidationError,
@@ -166,6 +166,15 @@ const REPLICA_RANKS: [&str; 3] = ["tp_rank", "pp_rank", "moe_ep_rank"];
 
 /// A server's values of `name`: one per scheduler, replicas counted once.
 fn values(rm_metrics: &[&Metric], name: &str) -> Vec<f64> {
+    values_where(rm_metrics, name, |_| true)
+}
+
+/// [`values`] of the points `keep` takes.
+fn values_where(
+    rm_metrics: &[&Metric],
+    name: &str,
+    keep: impl Fn(&NumberDataPoint) -> bool,
+) -> Vec<f64> {
     let points = rm_metrics
         .iter()
         .filter(|m| m.name == name)
@@ -173,7 +182,8 @@ fn values(rm_metrics: &[&Metric], name: &str) -> Vec<f64> {
             Some(metric::Data::Gauge(g)) => g.data_points.iter().collect::<Vec<_>>(),
             Some(metric::Data::Sum(s)) => s.data_points.iter().collect(),
             _ => Vec::new(),
-        });
+        })
+        .filter(|p| keep(p));
     let mut seen = std::collections::HashSet::new();
     points
         .filter(|p| {
@@ -251,7 +261,12 @@ impl PoolAggregate {
             s.misses += 1;
             return;
         }
-        let kv = values(metrics, "gen_ai.server.kv_cache.usage");
+        // Ollama's figure is a VRAM allocation, not a KV cache's fill: it is no KV usage here.
+        let kv = values_where(metrics, "gen_ai.server.kv_cache.usage", |p| {
+            !p.attributes
+                .iter()
+                .any(|a| a.key == "gen_ai.server.kv_cache.basis")
+        });
         let running = values(metrics, "gen_ai.server.requests.running");
         let waiting = values(metrics, "gen_ai.server.requests.waiting");
         let max = values(metrics, "gen_ai.server.requests.max");
@@ -565,6 +580,28 @@ mod tests {
         assert_eq!(
             value(&out, "chat", "gen_ai.pool.kv_cache.usage.average"),
             Some(50.0)
+        );
+    }
+
+    #[test]
+    fn ollamas_vram_allocation_is_no_kv_usage() {
+        let mut batch = server_batch("local", "ollama:11434", 1.0, 0.0, 1.0, 0.0);
+        batch.for_each_metric_mut(|_, m| {
+            if let (true, Some(metric::Data::Gauge(g))) =
+                (m.name == "gen_ai.server.kv_cache.usage", &mut m.data)
+            {
+                g.data_points[0].attributes =
+                    vec![kv("gen_ai.server.kv_cache.basis", "vram_allocation")];
+            }
+        });
+        let mut p = PoolAggregate::new(PoolConfig::default());
+        p.process(&mut batch);
+        let out = p.flush().unwrap();
+        assert_eq!(value(&out, "local", "gen_ai.pool.servers.ready"), Some(1.0));
+        assert_eq!(
+            value(&out, "local", "gen_ai.pool.kv_cache.usage.average"),
+            None,
+            "no KV average from a VRAM allocation"
         );
     }
 

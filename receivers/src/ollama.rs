@@ -1,11 +1,14 @@
 //! `ollama`: polls Ollama's `GET /api/ps` for the models it has loaded.
 //!
-//! Per model: its size, the part in VRAM and that share (below 100 % means partly offloaded to
-//! the CPU), context length, seconds until Ollama unloads it, and
+//! Per model: its size (with its parameter count and quantization), the part in VRAM and that
+//! share, the share offloaded to the CPU, context length, seconds until Ollama unloads it, and
 //! `gen_ai.server.kv_cache.usage`: the model's VRAM as a percentage of the GPUs' total VRAM.
-//! That total comes from, in order: `max_vram_gb` in config or `GENAI_OLLAMA_MAX_VRAM_GB` (GiB,
-//! as GPUs are sold: 24 for a 24 GB card), NVML, `nvidia-smi`; with none of them the usage falls
-//! back to the model's VRAM share of its own size, and a log line says so.
+//! That is a static allocation, not how full a KV cache is: its points say so
+//! (`gen_ai.server.kv_cache.basis` = `vram_allocation`), and the KV alert and pool averages
+//! leave them out. The total comes from, in order: `max_vram_gb` in config or
+//! `GENAI_OLLAMA_MAX_VRAM_GB` (GiB, as GPUs are sold: 24 for a 24 GB card), NVML,
+//! `nvidia-smi`; with none of them there is no usage figure (a model's share of its own size is
+//! 100 % whenever it is fully loaded, which says nothing of use), and a log line says so.
 
 use std::time::Duration;
 
@@ -181,7 +184,23 @@ pub struct LoadedModel {
     pub context_length: Option<u64>,
     #[serde(default)]
     pub expires_at: Option<String>,
+    #[serde(default)]
+    pub details: Option<ModelDetails>,
 }
+
+/// What `/api/ps` says of a model's make.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct ModelDetails {
+    /// `8.0B`, `4.3B`.
+    #[serde(default)]
+    pub parameter_size: Option<String>,
+    /// `Q4_K_M`, `F16`.
+    #[serde(default)]
+    pub quantization_level: Option<String>,
+}
+
+/// On Ollama's `gen_ai.server.kv_cache.usage` points: the figure is a VRAM allocation.
+pub const KV_CACHE_BASIS: &str = "gen_ai.server.kv_cache.basis";
 
 #[derive(Deserialize)]
 struct Version {
@@ -210,7 +229,7 @@ impl Receiver for OllamaReceiver {
                 info!(receiver = %ctx.id, source = ?source, total_vram_gib = b as f64 / GIB, "KV-cache usage is VRAM over the GPUs' total")
             }
             None => {
-                info!(receiver = %ctx.id, "no VRAM total (max_vram_gb, GENAI_OLLAMA_MAX_VRAM_GB, NVML, nvidia-smi): KV-cache usage falls back to each model's VRAM share of its own size")
+                info!(receiver = %ctx.id, "no VRAM total (max_vram_gb, GENAI_OLLAMA_MAX_VRAM_GB, NVML, nvidia-smi): no gen_ai.server.kv_cache.usage; ollama.model.vram.share and cpu_offload still come")
             }
         }
         let base = c.endpoint.trim_end_matches('/').to_owned();
@@ -344,6 +363,7 @@ pub fn model_metrics(
     let mut size = Vec::new();
     let mut vram = Vec::new();
     let mut share = Vec::new();
+    let mut offload = Vec::new();
     let mut kv_cache = Vec::new();
     let mut context = Vec::new();
     let mut expires = Vec::new();
@@ -354,22 +374,29 @@ pub fn model_metrics(
                 m.model.as_deref().unwrap_or(&m.name),
             )]
         };
-        size.push(number_point(now, m.size as f64, attrs()));
+        let mut make = attrs();
+        let details = m.details.clone().unwrap_or_default();
+        if let Some(p) = details.parameter_size {
+            make.push(kv("ollama.model.parameter_size", p));
+        }
+        if let Some(q) = details.quantization_level {
+            make.push(kv("ollama.model.quantization_level", q));
+        }
+        size.push(number_point(now, m.size as f64, make));
         vram.push(number_point(now, m.size_vram as f64, attrs()));
-        let own_share = if m.size > 0 {
-            m.size_vram as f64 / m.size as f64 * 100.0
-        } else {
-            0.0
-        };
-        share.push(number_point(now, own_share, attrs()));
-        let usage = match total_vram {
-            Some(t) if t > 0 => m.size_vram as f64 / t as f64 * 100.0,
-            _ => own_share,
-        };
-        // The conventions want the provider on every point of a `gen_ai.*` metric.
-        let mut gen_ai_attrs = attrs();
-        gen_ai_attrs.push(kv("gen_ai.provider.name", "ollama"));
-        kv_cache.push(number_point(now, usage, gen_ai_attrs));
+        if m.size > 0 {
+            let own_share = (m.size_vram as f64 / m.size as f64 * 100.0).min(100.0);
+            share.push(number_point(now, own_share, attrs()));
+            offload.push(number_point(now, 100.0 - own_share, attrs()));
+        }
+        if let Some(t) = total_vram.filter(|t| *t > 0) {
+            // The conventions want the provider on every point of a `gen_ai.*` metric.
+            let mut gen_ai_attrs = attrs();
+            gen_ai_attrs.push(kv("gen_ai.provider.name", "ollama"));
+            gen_ai_attrs.push(kv(KV_CACHE_BASIS, "vram_allocation"));
+            let usage = m.size_vram as f64 / t as f64 * 100.0;
+            kv_cache.push(number_point(now, usage, gen_ai_attrs));
+        }
         if let Some(c) = m.context_length {
             context.push(number_point(now, c as f64, attrs()));
         }
@@ -389,6 +416,7 @@ pub fn model_metrics(
         ("ollama.model.size", "By", size),
         ("ollama.model.vram.usage", "By", vram),
         ("ollama.model.vram.share", "%", share),
+        ("ollama.model.cpu_offload", "%", offload),
         ("gen_ai.server.kv_cache.usage", "%", kv_cache),
         ("ollama.model.context_length", "{token}", context),
         ("ollama.model.expires_in", "s", expires),
@@ -472,8 +500,33 @@ mod tests {
             (share[1].1 - 14010000000.0 / 23345103872.0 * 100.0).abs() < 1e-9,
             "partly offloaded: {share:?}"
         );
+        let make = m
+            .iter()
+            .find(|x| x.name == "ollama.model.size")
+            .map(|x| match &x.data {
+                Some(metric::Data::Gauge(g)) => g.data_points[1].attributes.clone(),
+                _ => Vec::new(),
+            })
+            .unwrap();
+        assert_eq!(make.get_str("ollama.model.parameter_size"), Some("32.8B"));
+        assert_eq!(
+            make.get_str("ollama.model.quantization_level"),
+            Some("Q4_K_M")
+        );
+        let offload = values(&m, "ollama.model.cpu_offload");
+        assert!((offload[1].1 - (100.0 - 14010000000.0 / 23345103872.0 * 100.0)).abs() < 1e-9);
         let usage = values(&m, "gen_ai.server.kv_cache.usage");
         assert!((usage[0].1 - 6654289920.0 / total * 100.0).abs() < 1e-9);
+        let kv_point = m
+            .iter()
+            .find(|x| x.name == "gen_ai.server.kv_cache.usage")
+            .map(|x| match &x.data {
+                Some(metric::Data::Gauge(g)) => g.data_points[0].attributes.clone(),
+                _ => Vec::new(),
+            })
+            .unwrap();
+        assert_eq!(kv_point.get_str(KV_CACHE_BASIS), Some("vram_allocation"));
+        assert_eq!(kv_point.get_str("gen_ai.provider.name"), Some("ollama"));
         assert_eq!(
             values(&m, "ollama.model.context_length")[1],
             ("qwen2.5:32b".into(), 4096.0)
@@ -487,10 +540,17 @@ mod tests {
     fn older_ollama_and_empty_answers() {
         let ps = fixture("ps-real-nirmato-issue13.json");
         let m = model_metrics(&ps.models, None, 0, true);
+        assert!(
+            !m.iter().any(|x| x.name == "gen_ai.server.kv_cache.usage"),
+            "no VRAM total, no usage figure (a share of its own size is no usage)"
+        );
         assert_eq!(
-            values(&m, "gen_ai.server.kv_cache.usage"),
-            vec![("gemma3:latest".into(), 100.0)],
-            "fallback: share of its own size"
+            values(&m, "ollama.model.vram.share"),
+            vec![("gemma3:latest".into(), 100.0)]
+        );
+        assert_eq!(
+            values(&m, "ollama.model.cpu_offload"),
+            vec![("gemma3:latest".into(), 0.0)]
         );
         assert!(
             !m.iter().any(|x| x.name == "ollama.model.context_length"),
