@@ -11,7 +11,8 @@ use crate::scrape::{Engine, ScrapeConfig, ScrapeReceiver};
 
 pub struct VllmReceiverFactory;
 
-struct Vllm;
+/// vLLM's additions to plain scraping (public for the fuzz targets).
+pub struct Vllm;
 
 impl Engine for Vllm {
     fn provider(&self) -> Option<&'static str> {

@@ -48,6 +48,15 @@ pub fn scrape_page(data: &[u8]) {
             let (second, _) = converter.convert(&page, 1_700_000_001_000_000_000, Vec::new());
             check_render(&first);
             check_render(&second);
+            // vLLM's engine facts from the same page (cache config and LoRA labels).
+            let mut metrics: Vec<_> = second.metrics().cloned().collect();
+            genai_collector_receivers::scrape::Engine::enrich(
+                &genai_collector_receivers::vllm::Vllm,
+                &page,
+                &mut metrics,
+                1_700_000_001_000_000_000,
+            );
+            check_render(&Batch::with_resource(vec![], metrics));
         }
     }
 }

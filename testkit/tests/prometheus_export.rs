@@ -82,7 +82,7 @@ async fn promtool_our_parser_and_a_real_prometheus() {
         Err(_) => eprintln!("promtool not installed: `apt-get install prometheus` (CI does)"),
     }
 
-    let Some(prom) = Prometheus::start("prom-e2e", port, &[]) else {
+    let Some(prom) = common::Prometheus::start("prom-e2e", port, &[]) else {
         eprintln!("prometheus not installed: skipping the scrape by a real Prometheus");
         run.await.unwrap();
         return;
@@ -152,51 +152,6 @@ async fn promtool_our_parser_and_a_real_prometheus() {
     );
 }
 
-/// Prometheus on a free port scraping `target` every second, until dropped.
-struct Prometheus {
-    child: std::process::Child,
-    port: u16,
-    dir: std::path::PathBuf,
-}
-
-impl Prometheus {
-    fn start(name: &str, target: u16, extra: &[&str]) -> Option<Prometheus> {
-        Command::new("prometheus").arg("--version").output().ok()?;
-        let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let port = free_port();
-        std::fs::write(
-            dir.join("prometheus.yml"),
-            format!("global: {{ scrape_interval: 1s, scrape_timeout: 900ms }}\nscrape_configs:\n  - job_name: collector\n    honor_labels: true\n    static_configs: [{{ targets: [\"127.0.0.1:{target}\"] }}]\n"),
-        )
-        .unwrap();
-        let child = Command::new("prometheus")
-            .arg(format!(
-                "--config.file={}",
-                dir.join("prometheus.yml").display()
-            ))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.join("data").display()
-            ))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        Some(Prometheus { child, port, dir })
-    }
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 /// The OpenTelemetry SDK records inside spans and pushes OTLP; the OpenMetrics answer carries
 /// its exemplars on the counter and on the bucket each value fell in, our strict parser accepts
 /// them, and a real Prometheus with exemplar storage answers `query_exemplars` with the SDK's
@@ -251,7 +206,7 @@ async fn exemplars_from_the_sdk_reach_a_real_prometheus() {
     let text = get(&url, "text/plain").await;
     assert!(!text.contains(" # {"), "no exemplars in 0.0.4");
 
-    let Some(prom) = Prometheus::start(
+    let Some(prom) = common::Prometheus::start(
         "prom-exemplars",
         port,
         &["--enable-feature=exemplar-storage"],

@@ -13,15 +13,12 @@ use std::time::Duration;
 
 use common::free_port;
 
-struct Child(std::process::Child, Option<std::path::PathBuf>);
+struct Child(std::process::Child);
 
 impl Drop for Child {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
-        if let Some(dir) = &self.1 {
-            let _ = std::fs::remove_dir_all(dir);
-        }
     }
 }
 
@@ -108,9 +105,7 @@ async fn series_through_the_collector_keep_the_identity_a_direct_scrape_gives_th
         eprintln!("prometheus or prometheus-node-exporter not installed: skipped");
         return;
     }
-    let dir = std::env::temp_dir().join(format!("parity-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let (node, prom, exporter) = (free_port(), free_port(), free_port());
+    let (node, exporter) = (free_port(), free_port());
     let _node = Child(
         Command::new("prometheus-node-exporter")
             .arg(format!("--web.listen-address=127.0.0.1:{node}"))
@@ -118,34 +113,14 @@ async fn series_through_the_collector_keep_the_identity_a_direct_scrape_gives_th
             .stderr(Stdio::null())
             .spawn()
             .unwrap(),
-        None,
     );
-    let direct = [node, prom].map(|p| format!("\"127.0.0.1:{p}\""));
-    std::fs::write(
-        dir.join("prometheus.yml"),
-        format!(
-            "global: {{ scrape_interval: 1s, scrape_timeout: 900ms }}\nscrape_configs:\n  - job_name: direct\n    static_configs: [{{ targets: [{}] }}]\n  - job_name: collector\n    honor_labels: true\n    static_configs: [{{ targets: [\"127.0.0.1:{exporter}\"] }}]\n",
-            direct.join(", ")
-        ),
-    )
-    .unwrap();
-    let _prom = Child(
-        Command::new("prometheus")
-            .arg(format!(
-                "--config.file={}",
-                dir.join("prometheus.yml").display()
-            ))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.join("data").display()
-            ))
-            .arg(format!("--web.listen-address=127.0.0.1:{prom}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-        Some(dir.clone()),
+    // Prometheus scrapes node_exporter and itself directly, and the collector's endpoint.
+    let own = free_port();
+    let jobs = format!(
+        "  - job_name: direct\n    static_configs: [{{ targets: [\"127.0.0.1:{node}\", \"127.0.0.1:{own}\"] }}]\n  - job_name: collector\n    honor_labels: true\n    static_configs: [{{ targets: [\"127.0.0.1:{exporter}\"] }}]\n"
     );
+    let prom_handle = common::Prometheus::with_jobs("parity", own, &jobs, &[]).unwrap();
+    let prom = prom_handle.port;
     // The collector scrapes both pages with the same `job` label Prometheus gives them, so
     // its re-exposed series differ from the direct ones by nothing but where they came from.
     let yaml = format!(
@@ -177,4 +152,5 @@ async fn series_through_the_collector_keep_the_identity_a_direct_scrape_gives_th
         );
     }
     run.await.unwrap();
+    drop(prom_handle);
 }

@@ -263,3 +263,65 @@ pub use genai_collector_testkit::free_port;
 pub fn install_tls_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
+
+/// A real Prometheus on a free port with `scrape_configs` (YAML, indented under the key),
+/// scraping every second, until dropped; `None` when it is not installed.
+pub struct Prometheus {
+    child: std::process::Child,
+    pub port: u16,
+    dir: std::path::PathBuf,
+}
+
+impl Prometheus {
+    /// Scrapes `target` (a local port) as job `collector`, with `honor_labels`.
+    pub fn start(name: &str, target: u16, extra: &[&str]) -> Option<Prometheus> {
+        Self::with_jobs(
+            name,
+            free_port(),
+            &format!("  - job_name: collector\n    honor_labels: true\n    static_configs: [{{ targets: [\"127.0.0.1:{target}\"] }}]\n"),
+            extra,
+        )
+    }
+
+    /// Listens on `port`, so that a job can name Prometheus itself.
+    pub fn with_jobs(
+        name: &str,
+        port: u16,
+        scrape_configs: &str,
+        extra: &[&str],
+    ) -> Option<Prometheus> {
+        use std::process::{Command, Stdio};
+        Command::new("prometheus").arg("--version").output().ok()?;
+        let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("prometheus.yml"),
+            format!("global: {{ scrape_interval: 1s, scrape_timeout: 900ms }}\nscrape_configs:\n{scrape_configs}"),
+        )
+        .unwrap();
+        let child = Command::new("prometheus")
+            .arg(format!(
+                "--config.file={}",
+                dir.join("prometheus.yml").display()
+            ))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        Some(Prometheus { child, port, dir })
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
