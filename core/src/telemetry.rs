@@ -75,6 +75,9 @@ pub struct ComponentStats {
     pub queue_oldest_ms: AtomicU64,
     /// Exporter: points kept in the persistent queue at shutdown, to be sent after a restart.
     pub persisted: AtomicU64,
+    /// Processor (`genai_normalize`): scraped targets whose page lacks a core metric its
+    /// engine's table maps (running, waiting, KV cache).
+    pub incomplete_targets: AtomicU64,
     /// Exporter: bytes of its persistent queue's files.
     pub disk_bytes: AtomicU64,
     /// Exporter: points queued in memory only, because the persistent queue was full
@@ -106,6 +109,7 @@ impl ComponentStats {
             queue_bytes: AtomicU64::new(0),
             queue_oldest_ms: AtomicU64::new(0),
             persisted: AtomicU64::new(0),
+            incomplete_targets: AtomicU64::new(0),
             disk_bytes: AtomicU64::new(0),
             disk_skipped: AtomicU64::new(0),
             targets: AtomicU64::new(u64::MAX),
@@ -226,6 +230,16 @@ impl Telemetry {
         self.components()
             .into_iter()
             .find(|c| c.kind == kind && c.id == id)
+    }
+
+    /// The stats of the processor `id` in `pipeline`: registered before the processor is
+    /// built, so that it can report on itself.
+    pub fn find_processor(&self, id: &str, pipeline: &str) -> Option<Arc<ComponentStats>> {
+        self.components().into_iter().find(|c| {
+            c.kind == ComponentKind::Processor
+                && c.id == id
+                && c.pipeline.as_deref() == Some(pipeline)
+        })
     }
 
     /// The memory limiter whose readings `/metrics` shows.
@@ -447,7 +461,7 @@ impl Series {
     }
 }
 
-const SERIES: [Series; 20] = [
+const SERIES: [Series; 21] = [
     Series {
         kind: ComponentKind::Receiver,
         name: "genai_collector_receiver_accepted_points",
@@ -595,6 +609,14 @@ const SERIES: [Series; 20] = [
         unit: "{point}",
         help: "Points left in the persistent queue at shutdown, sent after the restart.",
         value: |c| ComponentStats::get(&c.persisted) as f64,
+    },
+    Series {
+        kind: ComponentKind::Processor,
+        name: "genai_collector_processor_incomplete_targets",
+        counter: false,
+        unit: "{target}",
+        help: "Scraped targets whose page lacks a core metric (running, waiting, KV cache) their engine's table maps: an engine version the tables do not know.",
+        value: |c| ComponentStats::get(&c.incomplete_targets) as f64,
     },
     Series {
         kind: ComponentKind::Exporter,

@@ -109,7 +109,7 @@ impl ProcessorFactory for GenaiNormalizeFactory {
     fn build(
         &self,
         config: &NormalizeConfig,
-        _: &BuildContext,
+        ctx: &BuildContext,
     ) -> Result<Box<dyn Processor>, ComponentError> {
         let mut tables = Vec::new();
         for path in &config.tables {
@@ -130,7 +130,12 @@ impl ProcessorFactory for GenaiNormalizeFactory {
                 );
             }
         }
-        Ok(Box::new(GenaiNormalize::new(tables, config.unmapped)))
+        let mut normalize = GenaiNormalize::new(tables, config.unmapped);
+        normalize.stats = ctx
+            .pipeline
+            .as_deref()
+            .and_then(|p| ctx.telemetry.find_processor(&ctx.id.to_string(), p));
+        Ok(Box::new(normalize))
     }
 }
 
@@ -156,7 +161,22 @@ struct Compiled {
 pub struct GenaiNormalize {
     tables: Vec<Compiled>,
     unmapped: Unmapped,
+    /// Per scraped target (`service.instance.id`): what its last page matched, as a
+    /// fingerprint, and whether a core metric was missing. Bounded: see [`MAX_TARGETS`].
+    targets: HashMap<String, (u64, bool)>,
+    stats: Option<std::sync::Arc<genai_collector_core::telemetry::ComponentStats>>,
 }
+
+/// Targets whose table matches are remembered; past it the memory starts afresh (each target
+/// is then described once more).
+const MAX_TARGETS: usize = 10_000;
+
+/// What every engine's page should give when its table maps it.
+const CORE: [&str; 3] = [
+    "gen_ai.server.requests.running",
+    "gen_ai.server.requests.waiting",
+    "gen_ai.server.kv_cache.usage",
+];
 
 const MODEL: &str = "gen_ai.request.model";
 const PROVIDER: &str = "gen_ai.provider.name";
@@ -182,7 +202,83 @@ impl GenaiNormalize {
                 Compiled { table, rules }
             })
             .collect();
-        Self { tables, unmapped }
+        Self {
+            tables,
+            unmapped,
+            targets: HashMap::new(),
+            stats: None,
+        }
+    }
+
+    /// Says, once per change, which table rows a scraped target's page matched, and warns
+    /// when a core metric its engine's table maps is missing from it (an engine version the
+    /// tables do not know): a log line, the processor's `/healthz` error and
+    /// `genai_collector_processor_incomplete_targets`.
+    fn describe(
+        &mut self,
+        rm: &genai_collector_core::model::ResourceMetrics,
+        matched: &[(usize, usize)],
+    ) {
+        use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+        let metrics = || rm.scope_metrics.iter().flat_map(|s| &s.metrics);
+        // Only a whole page can lack a metric: scrapes carry `up`, pushes do not.
+        if !metrics().any(|m| m.name == "up") {
+            return;
+        }
+        let none = Vec::new();
+        let attrs = rm.resource.as_ref().map_or(&none, |r| &r.attributes);
+        let Some(target) = attrs
+            .get_str("service.instance.id")
+            .or_else(|| attrs.get_str("url.full"))
+        else {
+            return;
+        };
+        let (table, _) = matched[0];
+        let table = &self.tables[table].table;
+        let missing: Vec<&str> = CORE
+            .into_iter()
+            .filter(|c| table.metrics.iter().any(|r| r.to == *c))
+            .filter(|c| !metrics().any(|m| m.name == *c))
+            .collect();
+        let mut rows: Vec<&str> = matched
+            .iter()
+            .map(|&(t, r)| self.tables[t].table.metrics[r].from.as_str())
+            .collect();
+        rows.sort_unstable();
+        rows.dedup();
+        let fingerprint =
+            BuildHasherDefault::<DefaultHasher>::default().hash_one((&rows, &missing));
+        if self.targets.get(target).map(|t| t.0) == Some(fingerprint) {
+            return;
+        }
+        if self.targets.len() >= MAX_TARGETS {
+            self.targets.clear();
+        }
+        self.targets
+            .insert(target.to_owned(), (fingerprint, !missing.is_empty()));
+        let version = attrs
+            .get_str("service.version")
+            .unwrap_or("version unknown");
+        let engine = table.engine.as_str();
+        tracing::info!(target_instance = target, engine, version, rows = rows.len(), of = table.metrics.len(), matched = %rows.join(", "), "table rows this target's page matches");
+        if !missing.is_empty() {
+            let message = format!(
+                "{target} ({engine} {version}): its page has no {} (matched {} of the {engine} table's {} rows); an engine version the table does not know?",
+                missing.join(", "),
+                rows.len(),
+                table.metrics.len()
+            );
+            tracing::warn!("{message}");
+            if let Some(stats) = &self.stats {
+                stats.set_error(message);
+            }
+        }
+        if let Some(stats) = &self.stats {
+            let incomplete = self.targets.values().filter(|t| t.1).count() as u64;
+            stats
+                .incomplete_targets
+                .store(incomplete, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 
     /// The tables that may apply to a resource with these attributes.
@@ -218,6 +314,8 @@ impl Processor for GenaiNormalize {
             let tables = self.applicable(resource.map_or(&[][..], |a| &a[..]));
             let model = resource.and_then(|a| a.get_str(MODEL)).map(str::to_owned);
             let mut engine: Option<String> = None;
+            // The rules (table, row) this resource's metrics matched.
+            let mut matched: Vec<(usize, usize)> = Vec::new();
             for sm in &mut rm.scope_metrics {
                 let mut renamed = false;
                 let unmapped = self.unmapped;
@@ -242,8 +340,12 @@ impl Processor for GenaiNormalize {
                     true
                 });
                 if renamed {
+                    matched.extend(ranks.iter().filter(|r| r.0 != usize::MAX));
                     merge_same_names(sm, &ranks);
                 }
+            }
+            if !matched.is_empty() {
+                self.describe(rm, &matched);
             }
             if let (Some(e), Some(res)) = (engine, rm.resource.as_mut()) {
                 if res.attributes.get_str(PROVIDER).is_none() {
@@ -418,6 +520,7 @@ fn merge_points(into: &mut Metric, from: Metric, into_first: bool) {
 mod tests {
     use super::*;
     use genai_collector_core::model::{kv, number_point, number_value};
+    use genai_collector_core::telemetry::ComponentStats;
 
     fn normalize(config: NormalizeConfig) -> Box<dyn Processor> {
         let ctx = BuildContext {
@@ -436,6 +539,56 @@ mod tests {
         b.metrics()
             .find(|m| m.name == name)
             .unwrap_or_else(|| panic!("no {name}"))
+    }
+
+    #[test]
+    fn a_page_without_a_core_metric_is_reported() {
+        let telemetry = genai_collector_core::telemetry::Telemetry::new();
+        let stats = telemetry.register(
+            genai_collector_core::ComponentKind::Processor,
+            "genai_normalize",
+            Some("metrics"),
+        );
+        let ctx = BuildContext {
+            id: genai_collector_core::ComponentId::parse("genai_normalize").unwrap(),
+            pipeline: Some("metrics".into()),
+            telemetry,
+        };
+        let mut p = GenaiNormalizeFactory
+            .build(&NormalizeConfig::default(), &ctx)
+            .unwrap();
+        let page = |with_kv: bool, up: bool| {
+            let mut metrics = vec![
+                gauge("vllm:num_requests_running", 1.0, vec![]),
+                gauge("vllm:num_requests_waiting", 0.0, vec![]),
+            ];
+            if with_kv {
+                metrics.push(gauge("vllm:kv_cache_usage_perc", 0.5, vec![]));
+            }
+            if up {
+                metrics.push(gauge("up", 1.0, vec![]));
+            }
+            Batch::with_resource(
+                vec![
+                    kv("gen_ai.provider.name", "vllm"),
+                    kv("service.instance.id", "10.0.0.5:8000"),
+                    kv("service.version", "0.13.0"),
+                ],
+                metrics,
+            )
+        };
+        let incomplete = || ComponentStats::get(&stats.incomplete_targets);
+        p.process(&mut page(false, false));
+        assert_eq!(incomplete(), 0, "a push is no whole page");
+        p.process(&mut page(false, true));
+        assert_eq!(incomplete(), 1);
+        let e = stats.last_error().unwrap();
+        assert!(
+            e.contains("10.0.0.5:8000 (vllm 0.13.0): its page has no gen_ai.server.kv_cache.usage"),
+            "{e}"
+        );
+        p.process(&mut page(true, true));
+        assert_eq!(incomplete(), 0, "the next whole page has it");
     }
 
     #[test]

@@ -225,11 +225,12 @@ impl Service {
                     pipeline: Some(name.clone()),
                     telemetry: telemetry.clone(),
                 };
+                // Registered first, so that a processor can find and report on its own stats.
+                let stats =
+                    telemetry.register(ComponentKind::Processor, &id.to_string(), Some(name));
                 let processor = factory
                     .build(&mut entry.config, &ctx)
                     .map_err(fail(ComponentKind::Processor, id))?;
-                let stats =
-                    telemetry.register(ComponentKind::Processor, &id.to_string(), Some(name));
                 processors.push((processor, stats));
             }
             let (tx, rx) = mpsc::channel::<Envelope>(PIPELINE_QUEUE_BATCHES);
