@@ -576,30 +576,14 @@ pub async fn run(
         if !changed {
             continue;
         }
-        // A set: with thousands of discovered pods, every pod event reconciles in linear time.
         let wanted: std::collections::HashSet<Target> = static_targets
             .iter()
             .cloned()
             .chain(from_files.values().flatten().cloned())
             .chain(pods_rx.borrow_and_update().iter().cloned())
             .collect();
-        running.retain(|t, stop| {
-            let keep = wanted.contains(t);
-            if !keep {
-                info!(receiver = %settings.id, target = %t.shown, "target removed");
-                stop.cancel();
-            }
-            keep
-        });
-        let mut ignored = 0usize;
-        for t in wanted {
-            if running.contains_key(&t) {
-                continue;
-            }
-            if running.len() >= config.max_targets {
-                ignored += 1;
-                continue;
-            }
+        let (new, ignored) = reconcile(&mut running, wanted, config.max_targets, &settings.id);
+        for t in new {
             start_target(t, &mut running);
         }
         if ignored > 0 {
@@ -616,6 +600,33 @@ pub async fn run(
         stop.cancel();
     }
     Ok(())
+}
+
+/// Stops the running targets no longer `wanted` and returns the wanted ones to start, as many
+/// as `max` running targets allow, with how many that left out. Linear in the targets: a
+/// cluster-wide pod watch republishes thousands of them on every pod event.
+fn reconcile(
+    running: &mut HashMap<Target, CancellationToken>,
+    wanted: std::collections::HashSet<Target>,
+    max: usize,
+    receiver: &str,
+) -> (Vec<Target>, usize) {
+    running.retain(|t, stop| {
+        let keep = wanted.contains(t);
+        if !keep {
+            info!(receiver, target = %t.shown, "target removed");
+            stop.cancel();
+        }
+        keep
+    });
+    let room = max.saturating_sub(running.len());
+    let mut new: Vec<Target> = wanted
+        .into_iter()
+        .filter(|t| !running.contains_key(t))
+        .collect();
+    let ignored = new.len().saturating_sub(room);
+    new.truncate(room);
+    (new, ignored)
 }
 
 fn read_secret(path: &PathBuf) -> Result<String, ComponentError> {
@@ -1030,6 +1041,39 @@ mod tests {
             let e = check(limits).unwrap_err();
             assert!(e.starts_with(expected), "{e}");
         }
+    }
+
+    #[test]
+    fn reconcile_is_linear_and_keeps_to_max_targets() {
+        let pod = |i: usize| {
+            Target::parse(
+                &format!(
+                    "http://10.{}.{}.{}:8000/metrics",
+                    i >> 16,
+                    (i >> 8) & 255,
+                    i & 255
+                ),
+                "/metrics",
+                &[("k8s.pod.name".into(), format!("vllm-{i}"))],
+            )
+            .unwrap()
+        };
+        let mut running: HashMap<Target, CancellationToken> = (0..10_000)
+            .map(|i| (pod(i), CancellationToken::new()))
+            .collect();
+        let gone = running[&pod(0)].clone();
+        // A pod event in a 10,000-pod watch: one pod replaced by another.
+        let wanted = (1..10_001).map(pod).collect();
+        let started = std::time::Instant::now();
+        let (new, ignored) = reconcile(&mut running, wanted, 10_000, "vllm");
+        println!("10,000 targets reconciled in {:?}", started.elapsed());
+        assert_eq!((new, ignored), (vec![pod(10_000)], 0));
+        assert!(gone.is_cancelled(), "the replaced pod's loop stops");
+        assert_eq!(running.len(), 9_999);
+        // Twice as many pods as max_targets: the rest are left out and counted.
+        let wanted = (0..20_000).map(pod).collect();
+        let (new, ignored) = reconcile(&mut running, wanted, 10_000, "vllm");
+        assert_eq!((new.len(), ignored), (1, 10_000), "one place was left");
     }
 
     #[test]
