@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use tokio::task::JoinSet;
 use tracing::{debug, error, info, warn};
 
+use super::blocking;
 use super::queue::{Item, Payload, SendQueue};
 use crate::component::{ComponentError, ComponentId, ExportError, Exporter};
 use crate::config::{ExporterSettings, RetrySettings};
@@ -113,15 +114,6 @@ async fn consume(w: Arc<Worker>) {
         }
         w.done(&item, keep_file).await;
     }
-}
-
-/// File I/O off the runtime's workers: a stalled volume stalls this consumer alone.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
-) -> std::io::Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())))
 }
 
 impl Worker {

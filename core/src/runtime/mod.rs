@@ -36,6 +36,16 @@ use queue::SendQueue;
 /// Batches a pipeline's input channel holds before receivers wait.
 pub const PIPELINE_QUEUE_BATCHES: usize = 64;
 
+/// Persistent-queue file I/O off the runtime's workers: a stalled volume stalls the task that
+/// waits for it, never a worker thread.
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> std::io::Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())))
+}
+
 /// Counts events and says when to log them: at most once a minute, with the count since.
 #[derive(Debug, Default)]
 pub(crate) struct LogEvery {

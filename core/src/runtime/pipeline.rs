@@ -16,7 +16,7 @@ use tracing::{debug, error, warn};
 
 use super::output::{Ack, Envelope, SendError};
 use super::queue::{Cost, Item, Payload, Reservation, SendQueue};
-use super::LogEvery;
+use super::{blocking, LogEvery};
 use crate::component::Processor;
 use crate::disk_queue::{unix_ms, DiskQueue};
 use crate::model::{approx_bytes, Batch};
@@ -67,34 +67,24 @@ pub(crate) async fn run_pipeline(mut task: PipelineTask) {
     let mut closed = false;
     loop {
         let due = next_flush.iter().flatten().min().copied();
-        let envelope = match due {
-            Some(due) => tokio::select! {
-                e = task.rx.recv() => e,
-                () = inputs_done.cancelled(), if !closed => {
-                    task.rx.close();
-                    closed = true;
-                    continue;
+        let envelope = tokio::select! {
+            e = task.rx.recv() => e,
+            () = inputs_done.cancelled(), if !closed => {
+                task.rx.close();
+                closed = true;
+                continue;
+            }
+            () = tokio::time::sleep_until(due.unwrap_or(start).into()), if due.is_some() => {
+                let now = Instant::now();
+                let due: Vec<usize> = (0..next_flush.len())
+                    .filter(|&i| next_flush[i].is_some_and(|t| t <= now))
+                    .collect();
+                for i in due {
+                    next_flush[i] = task.processors[i].0.flush_interval().map(|d| now + d);
+                    task.flush(i).await;
                 }
-                () = tokio::time::sleep_until(due.into()) => {
-                    let now = Instant::now();
-                    let due: Vec<usize> = (0..next_flush.len())
-                        .filter(|&i| next_flush[i].is_some_and(|t| t <= now))
-                        .collect();
-                    for i in due {
-                        next_flush[i] = task.processors[i].0.flush_interval().map(|d| now + d);
-                        task.flush(i).await;
-                    }
-                    continue;
-                }
-            },
-            None => tokio::select! {
-                e = task.rx.recv() => e,
-                () = inputs_done.cancelled(), if !closed => {
-                    task.rx.close();
-                    closed = true;
-                    continue;
-                }
-            },
+                continue;
+            }
         };
         match envelope {
             Some(e) => {
@@ -243,9 +233,7 @@ impl ExporterQueue {
     /// not stall a runtime worker); `None` when it stays in memory only, counted and logged.
     async fn write(&self, disk: &Arc<DiskQueue>, batch: &Arc<Batch>, points: u64) -> Option<u64> {
         let (d, b) = (disk.clone(), batch.clone());
-        let written = tokio::task::spawn_blocking(move || d.write(&b))
-            .await
-            .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+        let written = blocking(move || d.write(&b)).await;
         self.stats.disk_bytes.store(disk.bytes(), Ordering::Relaxed);
         match written {
             Ok(seq) => Some(seq),

@@ -755,12 +755,11 @@ impl TargetLoop {
             if !self.output.admit_round() {
                 continue;
             }
-            let started = Instant::now();
-            let now = now_unix_nanos();
-            let scraped = if skip > 0 {
+            let (scraped, started, now) = if skip > 0 {
                 // A hung target still reports `up` 0 on schedule, without taking a slot.
                 skip -= 1;
-                Err(ScrapeError::BackingOff(timeouts))
+                let error = Err(ScrapeError::BackingOff(timeouts));
+                (error, Instant::now(), now_unix_nanos())
             } else {
                 let Ok(permit) = self.scrapes.acquire().await else {
                     return;
@@ -773,7 +772,10 @@ impl TargetLoop {
                         .discover(&self.client, &self.target, s.timeout)
                         .await;
                 }
-                let left = deadline.saturating_duration_since(Instant::now());
+                // The scrape's duration and time, as before the side endpoint shared its
+                // deadline: from the page's request on, never the wait for a slot.
+                let (started, now) = (Instant::now(), now_unix_nanos());
+                let left = deadline.saturating_duration_since(started);
                 let scraped = match get(&self.client, &self.target.url, s, left).await {
                     Ok(f) => self.convert(f, &mut converter, now).await,
                     Err(e) => Err(e),
@@ -787,7 +789,7 @@ impl TargetLoop {
                 } else {
                     timeouts = 0;
                 }
-                scraped
+                (scraped, started, now)
             };
             let elapsed = started.elapsed().as_secs_f64();
             let (mut metrics, samples, bytes, error) = match scraped {
