@@ -7,27 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-/// The Prometheus name of an OTel metric: dots to underscores, the unit as a suffix unless the
-/// name has it, `_total` on counters. (The rules of the OpenTelemetry specification's
-/// Prometheus compatibility section, for the units we use.)
-fn prometheus_name(name: &str, unit: &str, counter: bool) -> String {
-    let mut n = name.replace(['.', '-'], "_");
-    let suffix = match unit {
-        "%" => "percent",
-        "s" => "seconds",
-        "By" => "bytes",
-        "W" => "watts",
-        "1" => "ratio",
-        _ => "",
-    };
-    if !suffix.is_empty() && !n.ends_with(suffix) {
-        n = format!("{n}_{suffix}");
-    }
-    if counter {
-        n.push_str("_total");
-    }
-    n
-}
+use genai_collector_exporters::prometheus::{metric_name, Instrument};
 
 /// What the collector emits that dashboards and alerts may use.
 fn emitted() -> BTreeSet<String> {
@@ -45,23 +25,38 @@ fn emitted() -> BTreeSet<String> {
         ("gen_ai.pool.capacity.usage", "%"),
         ("gen_ai.pool.queue.size.average", "{request}"),
         ("gen_ai.pool.kv_cache.usage.average", "%"),
-        ("hw.gpu.memory.usage.percent", "%"),
-        ("hw.gpu.memory.usage", "By"),
+        ("hw.gpu.memory.utilization", "1"),
         ("hw.gpu.utilization", "1"),
-        ("hw.gpu.power.draw", "W"),
+        ("hw.power", "W"),
         ("hw.gpu.power.limit", "W"),
+        ("hw.temperature", "Cel"),
         ("up", ""),
+    ];
+    let up_down = [
+        ("hw.gpu.memory.usage", "By"),
+        ("hw.gpu.memory.limit", "By"),
+        ("hw.status", "1"),
     ];
     let counters = [
         ("gen_ai.server.token.usage", "{token}"),
+        ("hw.energy", "J"),
+        ("hw.errors", "{error}"),
         ("tgi_request_failure", ""),
         ("tgi_request_count", ""),
     ];
-    gauges
-        .iter()
-        .map(|(n, u)| prometheus_name(n, u, false))
-        .chain(counters.iter().map(|(n, u)| prometheus_name(n, u, true)))
-        .collect()
+    let named = |list: &[(&str, &str)], instrument| -> Vec<String> {
+        list.iter()
+            .map(|(n, u)| metric_name(n, u, instrument))
+            .collect()
+    };
+    [
+        named(&gauges, Instrument::Gauge),
+        named(&up_down, Instrument::Other),
+        named(&counters, Instrument::Counter),
+    ]
+    .concat()
+    .into_iter()
+    .collect()
 }
 
 /// Metric names in a PromQL expression: identifiers outside `{...}` and `by (...)`.
@@ -159,19 +154,7 @@ fn dashboard_and_alerts_use_emitted_series() {
 }
 
 #[test]
-fn name_translation() {
-    assert_eq!(
-        prometheus_name("gen_ai.server.kv_cache.usage", "%", false),
-        "gen_ai_server_kv_cache_usage_percent"
-    );
-    assert_eq!(
-        prometheus_name("gen_ai.server.token.usage", "{token}", true),
-        "gen_ai_server_token_usage_total"
-    );
-    assert_eq!(
-        prometheus_name("hw.gpu.memory.usage.percent", "%", false),
-        "hw_gpu_memory_usage_percent"
-    );
+fn metric_names_in_promql() {
     assert_eq!(metric_names("histogram_quantile(0.99, sum by (le, gen_ai_request_model) (rate(gen_ai_server_request_duration_seconds_bucket{a=\"b\"}[5m])))"), vec!["gen_ai_server_request_duration_seconds"]);
 }
 

@@ -367,8 +367,19 @@ pub fn sanitize(name: &str, colons: bool) -> String {
     out
 }
 
-/// The Prometheus name of a metric with `unit`; counters end in `_total`.
-pub fn metric_name(name: &str, unit: &str, counter: bool) -> String {
+/// What an OpenTelemetry metric is, as far as its Prometheus name goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Instrument {
+    Gauge,
+    /// A monotonic sum.
+    Counter,
+    /// A non-monotonic sum (UpDownCounter), a histogram or a summary.
+    Other,
+}
+
+/// The Prometheus name of a metric with `unit`, by the OpenTelemetry specification's rules:
+/// counters end in `_total`, and only gauges of unit `1` in `_ratio`.
+pub fn metric_name(name: &str, unit: &str, instrument: Instrument) -> String {
     let mut n = sanitize(name, true);
     let suffix = match unit {
         "%" => "percent",
@@ -380,13 +391,13 @@ pub fn metric_name(name: &str, unit: &str, counter: bool) -> String {
         "J" => "joules",
         "Cel" => "celsius",
         "MHz" => "megahertz",
-        "1" => "ratio",
+        "1" if instrument == Instrument::Gauge => "ratio",
         _ => "",
     };
     if !suffix.is_empty() && !n.ends_with(suffix) && !n.contains(&format!("_{suffix}_")) {
         n = format!("{n}_{suffix}");
     }
-    if counter && !n.ends_with("_total") {
+    if instrument == Instrument::Counter && !n.ends_with("_total") {
         n.push_str("_total");
     }
     n
@@ -487,15 +498,19 @@ impl Store {
                     source: &m.name,
                 };
                 let numbers = match &m.data {
-                    Some(metric::Data::Gauge(g)) => Some((Kind::Gauge, &g.data_points)),
-                    Some(metric::Data::Sum(s)) if s.is_monotonic => {
-                        Some((Kind::Counter, &s.data_points))
+                    Some(metric::Data::Gauge(g)) => {
+                        Some((Kind::Gauge, Instrument::Gauge, &g.data_points))
                     }
-                    Some(metric::Data::Sum(s)) => Some((Kind::Gauge, &s.data_points)),
+                    Some(metric::Data::Sum(s)) if s.is_monotonic => {
+                        Some((Kind::Counter, Instrument::Counter, &s.data_points))
+                    }
+                    Some(metric::Data::Sum(s)) => {
+                        Some((Kind::Gauge, Instrument::Other, &s.data_points))
+                    }
                     _ => None,
                 };
-                if let Some((kind, points)) = numbers {
-                    let name = metric_name(&m.name, &m.unit, kind == Kind::Counter);
+                if let Some((kind, instrument, points)) = numbers {
+                    let name = metric_name(&m.name, &m.unit, instrument);
                     for p in points {
                         if let Some(v) = number_value(p) {
                             // Only counters carry exemplars in OpenMetrics.
@@ -525,7 +540,7 @@ impl Store {
                     });
                 match &m.data {
                     Some(metric::Data::Histogram(h)) => {
-                        let name = metric_name(&m.name, &m.unit, false);
+                        let name = metric_name(&m.name, &m.unit, Instrument::Other);
                         for p in &h.data_points {
                             if !valid_histogram(&p.explicit_bounds, &p.bucket_counts, p.count) {
                                 self.invalid_points += 1;
@@ -565,7 +580,7 @@ impl Store {
                         }
                     }
                     Some(metric::Data::Summary(s)) => {
-                        let name = metric_name(&m.name, &m.unit, false);
+                        let name = metric_name(&m.name, &m.unit, Instrument::Other);
                         for p in &s.data_points {
                             if !p
                                 .quantile_values
@@ -1044,10 +1059,11 @@ mod tests {
         /// Prometheus name; an empty one is dropped before rendering (M4).
         #[test]
         fn rendered_names_are_always_valid(name in "\\PC{0,24}", unit in "\\PC{0,4}", counter: bool) {
+            let instrument = if counter { Instrument::Counter } else { Instrument::Gauge };
             if !name.is_empty() {
                 let label = sanitize(&name, false);
                 proptest::prop_assert!(valid_name(&label) && !label.contains(':'), "{label}");
-                proptest::prop_assert!(valid_name(&metric_name(&name, &unit, counter)));
+                proptest::prop_assert!(valid_name(&metric_name(&name, &unit, instrument)));
             }
         }
     }
@@ -1104,26 +1120,40 @@ mod tests {
 
     #[test]
     fn names_follow_the_specification() {
-        assert_eq!(
-            metric_name("gen_ai.server.kv_cache.usage", "%", false),
-            "gen_ai_server_kv_cache_usage_percent"
-        );
-        assert_eq!(
-            metric_name("gen_ai.server.token.usage", "{token}", true),
-            "gen_ai_server_token_usage_total"
-        );
-        assert_eq!(
-            metric_name("vllm:prompt_tokens_total", "", true),
-            "vllm:prompt_tokens_total"
-        );
-        assert_eq!(
-            metric_name("hw.gpu.memory.usage.percent", "%", false),
-            "hw_gpu_memory_usage_percent"
-        );
-        assert_eq!(
-            metric_name("hw.gpu.utilization", "1", false),
-            "hw_gpu_utilization_ratio"
-        );
+        use Instrument::*;
+        let cases = [
+            (
+                "gen_ai.server.kv_cache.usage",
+                "%",
+                Gauge,
+                "gen_ai_server_kv_cache_usage_percent",
+            ),
+            (
+                "gen_ai.server.token.usage",
+                "{token}",
+                Counter,
+                "gen_ai_server_token_usage_total",
+            ),
+            (
+                "vllm:prompt_tokens_total",
+                "",
+                Counter,
+                "vllm:prompt_tokens_total",
+            ),
+            (
+                "hw.gpu.memory.usage",
+                "By",
+                Other,
+                "hw_gpu_memory_usage_bytes",
+            ),
+            ("hw.gpu.utilization", "1", Gauge, "hw_gpu_utilization_ratio"),
+            ("hw.energy", "J", Counter, "hw_energy_joules_total"),
+            // `_ratio` is for gauges only: an UpDownCounter of unit 1 keeps its name.
+            ("hw.status", "1", Other, "hw_status"),
+        ];
+        for (name, unit, instrument, want) in cases {
+            assert_eq!(metric_name(name, unit, instrument), want);
+        }
         assert_eq!(sanitize("9lives", false), "key_9lives");
     }
 

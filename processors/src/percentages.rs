@@ -3,9 +3,8 @@
 //! Built in: KV-cache usage from blocks (`gen_ai.server.kv_cache.blocks.used` / `.total`) where
 //! the engine gives no percentage, capacity utilisation (`gen_ai.server.requests.running` /
 //! `gen_ai.server.requests.max`, which the configured `max_requests` supplies where the engine
-//! reports none), GPU memory used
-//! (`hw.gpu.memory.usage` / `hw.gpu.memory.limit`) and Ollama's VRAM share; plus any ratio the
-//! config defines. A derived metric the batch already carries is left alone. Numerator and
+//! reports none) and Ollama's VRAM share; plus any ratio the config defines. GPU memory has
+//! none: the `nvml` receiver emits the hardware conventions' `hw.gpu.memory.utilization` (0..1). A derived metric the batch already carries is left alone. Numerator and
 //! denominator points pair up by equal attributes; a denominator without attributes applies to
 //! every numerator point.
 
@@ -101,11 +100,6 @@ impl ProcessorFactory for PercentagesFactory {
                 "gen_ai.server.capacity.usage",
                 "gen_ai.server.requests.running",
                 "gen_ai.server.requests.max",
-            ),
-            ratio(
-                "hw.gpu.memory.usage.percent",
-                "hw.gpu.memory.usage",
-                "hw.gpu.memory.limit",
             ),
             ratio(
                 "ollama.model.vram.share",
@@ -331,12 +325,11 @@ mod tests {
             .map(|rm| Batch {
                 resource_metrics: vec![rm.clone()],
             })
-            .map(|one| {
-                value(&one, "gen_ai.server.capacity.usage")
-                    .or(value(&one, "hw.gpu.memory.usage.percent"))
-            })
+            .map(|one| value(&one, "gen_ai.server.capacity.usage"))
             .collect();
-        assert_eq!(per, vec![Some(75.0), Some(25.0), Some(25.0)]);
+        assert_eq!(per, vec![Some(75.0), Some(25.0), None]);
+        // GPU memory gets no percentage beside the receiver's `hw.gpu.memory.utilization`.
+        assert!(b.metrics().all(|m| m.name != "hw.gpu.memory.usage.percent"));
         assert_eq!(
             value(
                 &Batch {
@@ -440,7 +433,15 @@ mod tests {
                 g("hw.gpu.memory.limit", 0.0, vec![]),
             ],
         );
-        build(PercentagesConfig::default()).process(&mut zero);
+        build(PercentagesConfig {
+            ratios: vec![super::ratio(
+                "hw.gpu.memory.usage.percent",
+                "hw.gpu.memory.usage",
+                "hw.gpu.memory.limit",
+            )],
+            ..Default::default()
+        })
+        .process(&mut zero);
         assert_eq!(
             value(&zero, "hw.gpu.memory.usage.percent"),
             None,

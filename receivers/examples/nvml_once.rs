@@ -27,7 +27,7 @@ fn main() {
     let batch = to_batch(
         &gpus,
         backend.driver_version().as_deref(),
-        true,
+        &Default::default(),
         &Default::default(),
         0,
     );

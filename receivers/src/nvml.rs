@@ -36,6 +36,9 @@ pub struct GpuReading {
     pub memory: Option<(u64, u64, u64)>,
     /// Percent: GPU busy, memory controller busy.
     pub utilization: Option<(u32, u32)>,
+    /// Percent busy of the video encoder and decoder.
+    pub encoder_utilization: Option<u32>,
+    pub decoder_utilization: Option<u32>,
     pub temperature_c: Option<u32>,
     pub power_mw: Option<u32>,
     pub power_limit_mw: Option<u32>,
@@ -50,6 +53,74 @@ pub struct GpuReading {
     pub throttle: Option<Vec<String>>,
     /// (pid, used bytes) of compute processes.
     pub processes: Vec<(u32, u64)>,
+    /// Row remapping (Ampere and later): a remap waits for a reset, a remap failed.
+    pub row_remap: Option<RowRemap>,
+    /// Page retirement (before Ampere): pages wait for a reset to be retired.
+    pub pages_pending_retirement: Option<bool>,
+}
+
+/// NVML's row-remapper state: memory rows replaced after uncorrectable errors.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct RowRemap {
+    pub pending: bool,
+    pub failed: bool,
+}
+
+/// A GPU's `hw.status`, from what NVML tells of its health.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GpuState {
+    Ok,
+    Degraded,
+    Failed,
+}
+
+impl GpuState {
+    pub const ALL: [GpuState; 3] = [GpuState::Ok, GpuState::Degraded, GpuState::Failed];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GpuState::Ok => "ok",
+            GpuState::Degraded => "degraded",
+            GpuState::Failed => "failed",
+        }
+    }
+}
+
+/// Clock slowdowns the hardware imposes (overheating, power brake, a failing supply): unlike
+/// the software power cap or an idle clock, they mean something is wrong.
+const HARDWARE_SLOWDOWNS: [&str; 3] = [
+    "hw_slowdown",
+    "hw_thermal_slowdown",
+    "hw_power_brake_slowdown",
+];
+
+impl GpuReading {
+    /// The state and why, or `None` when NVML gave none of the readings health is judged by.
+    /// A failed row remap means the GPU needs replacing (NVIDIA's guidance); a pending remap or
+    /// page retirement leaves memory unusable until a reset, and a hardware slowdown cuts clocks.
+    pub fn health(&self) -> Option<(GpuState, &'static str)> {
+        if self.row_remap.is_some_and(|r| r.failed) {
+            return Some((GpuState::Failed, "row remapping failed"));
+        }
+        if self.row_remap.is_some_and(|r| r.pending) {
+            return Some((GpuState::Degraded, "row remap pending a GPU reset"));
+        }
+        if self.pages_pending_retirement == Some(true) {
+            return Some((GpuState::Degraded, "page retirement pending a GPU reset"));
+        }
+        if let Some(r) = self
+            .throttle
+            .iter()
+            .flatten()
+            .find_map(|r| HARDWARE_SLOWDOWNS.iter().find(|h| **h == r.as_str()))
+        {
+            return Some((GpuState::Degraded, r));
+        }
+        let known = self.row_remap.is_some()
+            || self.pages_pending_retirement.is_some()
+            || self.throttle.is_some();
+        known.then_some((GpuState::Ok, "ok"))
+    }
 }
 
 /// Where readings come from: NVML on a real machine, fixtures in tests.
@@ -84,6 +155,8 @@ impl NvmlBackend {
             parent_uuid: parent.map(str::to_owned),
             memory: dev.memory_info().ok().map(|m| (m.total, m.used, m.free)),
             utilization: dev.utilization_rates().ok().map(|u| (u.gpu, u.memory)),
+            encoder_utilization: dev.encoder_utilization().ok().map(|u| u.utilization),
+            decoder_utilization: dev.decoder_utilization().ok().map(|u| u.utilization),
             temperature_c: dev.temperature(TemperatureSensor::Gpu).ok(),
             power_mw: dev.power_usage().ok(),
             power_limit_mw: dev.enforced_power_limit().ok(),
@@ -111,8 +184,31 @@ impl NvmlBackend {
                         .collect()
                 })
                 .unwrap_or_default(),
+            row_remap: remapped_rows(dev),
+            pages_pending_retirement: dev.are_pages_pending_retired().ok(),
         }
     }
+}
+
+/// `nvmlDeviceGetRemappedRows`, which nvml-wrapper resolves but does not wrap.
+fn remapped_rows(dev: &nvml_wrapper::Device<'_>) -> Option<RowRemap> {
+    let f = dev.nvml().lib().nvmlDeviceGetRemappedRows.as_ref().ok()?;
+    let (mut corrected, mut uncorrected, mut pending, mut failed) = (0, 0, 0, 0);
+    // SAFETY: the handle belongs to the live `Nvml` that `dev` borrows, and the four pointers
+    // are to locals the call fills in.
+    let rc = unsafe {
+        f(
+            dev.handle(),
+            &mut corrected,
+            &mut uncorrected,
+            &mut pending,
+            &mut failed,
+        )
+    };
+    (rc == 0).then_some(RowRemap {
+        pending: pending != 0,
+        failed: failed != 0,
+    })
 }
 
 impl GpuBackend for NvmlBackend {
@@ -173,6 +269,10 @@ pub struct NvmlConfig {
     /// The kubelet's pod-resources socket: each GPU's resource gets the namespace, pod and
     /// container it is allocated to.
     pub pod_resources_socket: Option<PathBuf>,
+    /// Also emit power, energy and temperature under OpenLIT's GPU collector names
+    /// (`hw.gpu.power.draw`, `hw.gpu.energy.consumed`, `hw.gpu.temperature`), for dashboards
+    /// built on them.
+    pub openlit_names: bool,
 }
 
 impl Default for NvmlConfig {
@@ -182,6 +282,7 @@ impl Default for NvmlConfig {
             required: false,
             processes: true,
             pod_resources_socket: None,
+            openlit_names: false,
         }
     }
 }
@@ -260,6 +361,7 @@ impl Receiver for NvmlReceiver {
                 PodResourcesClient::new(s, self.config.interval.min(Duration::from_secs(2)))
             });
         let mut pods_failing = false;
+        let mut health = HealthLog::default();
         let mut tick = tokio::time::interval(self.config.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -288,10 +390,11 @@ impl Receiver for NvmlReceiver {
             };
             match backend.read_all() {
                 Ok(gpus) => {
+                    health.observe(&gpus);
                     let mut batch = to_batch(
                         &gpus,
                         driver.as_deref(),
-                        self.config.processes,
+                        &self.config,
                         &allocations,
                         now_unix_nanos(),
                     );
@@ -315,13 +418,35 @@ impl Receiver for NvmlReceiver {
     }
 }
 
+/// Logs each change of a GPU's `hw.status`, with its reason, so that the metric's moves have
+/// an explanation in the logs.
+#[derive(Default)]
+struct HealthLog(std::collections::HashMap<String, GpuState>);
+
+impl HealthLog {
+    fn observe(&mut self, gpus: &[GpuReading]) {
+        for g in gpus {
+            let Some((state, reason)) = g.health() else {
+                continue;
+            };
+            let before = self.0.insert(g.uuid.clone(), state);
+            let changed = before.map_or(state != GpuState::Ok, |b| b != state);
+            match state {
+                _ if !changed => {}
+                GpuState::Ok => info!(gpu = %g.uuid, state = "ok", "GPU health"),
+                _ => warn!(gpu = %g.uuid, state = state.as_str(), reason, "GPU health"),
+            }
+        }
+    }
+}
+
 /// The batch for one poll: one resource per GPU, carrying its identity and, where the kubelet
 /// allocated it to exactly one container, that container's namespace, pod and name (a GPU
 /// time-sliced among several keeps none: no one pod owns its readings).
 pub fn to_batch(
     gpus: &[GpuReading],
     driver: Option<&str>,
-    processes: bool,
+    config: &NvmlConfig,
     pods: &Allocations,
     now: u64,
 ) -> Batch {
@@ -348,149 +473,166 @@ pub fn to_batch(
                 kv("k8s.container.name", holder.container.as_str()),
             ]);
         }
-        // `hw.id` on every point, as the hardware conventions require: GPUs of one node (or of
-        // every node, at a gateway) stay apart where only point attributes label a series.
-        let id = || kv("hw.id", g.uuid.as_str());
-        let point = |v: f64| vec![number_point(now, v, vec![id()])];
-        let mut m = Vec::new();
-        if let Some((total, used, free)) = g.memory {
-            m.push(Metric::gauge(
-                "hw.gpu.memory.limit",
-                "By",
-                point(total as f64),
-            ));
-            m.push(Metric::gauge(
-                "hw.gpu.memory.usage",
-                "By",
-                point(used as f64),
-            ));
-            m.push(Metric::gauge(
-                "hw.gpu.memory.free",
-                "By",
-                point(free as f64),
-            ));
-            if total > 0 {
-                m.push(Metric::gauge(
-                    "hw.gpu.memory.utilization",
-                    "1",
-                    point(used as f64 / total as f64),
-                ));
-            }
-        }
-        if let Some((gpu, mem)) = g.utilization {
-            m.push(Metric::gauge(
-                "hw.gpu.utilization",
-                "1",
-                point(f64::from(gpu) / 100.0),
-            ));
-            m.push(Metric::gauge(
-                "hw.gpu.memory_controller.utilization",
-                "1",
-                point(f64::from(mem) / 100.0),
-            ));
-        }
-        let mut opt = |name: &str, unit: &str, v: Option<f64>| {
-            if let Some(v) = v {
-                m.push(Metric::gauge(name, unit, point(v)));
-            }
-        };
-        opt("hw.gpu.temperature", "Cel", g.temperature_c.map(f64::from));
-        opt(
-            "hw.gpu.power.draw",
-            "W",
-            g.power_mw.map(|mw| f64::from(mw) / 1000.0),
-        );
-        opt(
-            "hw.gpu.power.limit",
-            "W",
-            g.power_limit_mw.map(|mw| f64::from(mw) / 1000.0),
-        );
-        opt(
-            "hw.gpu.clock.graphics",
-            "MHz",
-            g.clock_sm_mhz.map(f64::from),
-        );
-        opt("hw.gpu.clock.memory", "MHz", g.clock_mem_mhz.map(f64::from));
-        if let Some(mj) = g.energy_mj {
-            m.push(Metric::sum(
-                "hw.gpu.energy.consumed",
-                "J",
-                true,
-                point(mj as f64 / 1000.0),
-            ));
-        }
-        if let Some((corrected, uncorrected)) = g.ecc {
-            let p = |v: u64, t: &str| {
-                number_point(
-                    now,
-                    v as f64,
-                    vec![id(), kv("hw.type", "gpu"), kv("error.type", t)],
-                )
-            };
-            m.push(Metric::sum(
-                "hw.errors",
-                "{error}",
-                true,
-                vec![
-                    p(corrected, "corrected_ecc"),
-                    p(uncorrected, "uncorrected_ecc"),
-                ],
-            ));
-        }
-        if let Some((tx, rx)) = g.pcie_kbs {
-            let p = |kbs: u32, d: &str| {
-                number_point(
-                    now,
-                    f64::from(kbs) * 1000.0,
-                    vec![id(), kv("network.io.direction", d)],
-                )
-            };
-            m.push(Metric::gauge(
-                "hw.gpu.pcie.throughput",
-                "By/s",
-                vec![p(tx, "transmit"), p(rx, "receive")],
-            ));
-        }
-        if let Some(reasons) = &g.throttle {
-            let points: Vec<NumberDataPoint> = reasons
-                .iter()
-                .map(|r| {
-                    number_point(
-                        now,
-                        1.0,
-                        vec![id(), kv("hw.gpu.throttle.reason", r.as_str())],
-                    )
-                })
-                .collect();
-            m.push(Metric::gauge(
-                "hw.gpu.throttled",
-                "",
-                if points.is_empty() {
-                    vec![number_point(
-                        now,
-                        0.0,
-                        vec![id(), kv("hw.gpu.throttle.reason", "none")],
-                    )]
-                } else {
-                    points
-                },
-            ));
-        }
-        if processes && !g.processes.is_empty() {
-            let points = g
-                .processes
-                .iter()
-                .map(|(pid, bytes)| {
-                    let mut attrs = process_attrs(*pid);
-                    attrs.insert(0, id());
-                    number_point(now, *bytes as f64, attrs)
-                })
-                .collect();
-            m.push(Metric::gauge("hw.gpu.process.memory.usage", "By", points));
-        }
-        batch.push_resource(resource, m);
+        batch.push_resource(resource, gpu_metrics(g, config, now));
     }
     batch
+}
+
+/// One GPU's metrics. `hw.id` is on every point, as the hardware conventions require: GPUs of
+/// one node (or of every node, at a gateway) stay apart where only point attributes label a
+/// series. The generic `hw.*` metrics (power, energy, temperature, errors, status) also carry
+/// `hw.type`, which they require.
+fn gpu_metrics(g: &GpuReading, config: &NvmlConfig, now: u64) -> Vec<Metric> {
+    let id = || kv("hw.id", g.uuid.as_str());
+    let with = |v: f64, extra: Vec<KeyValue>| {
+        let mut attrs = vec![id()];
+        attrs.extend(extra);
+        number_point(now, v, attrs)
+    };
+    let point = |v: f64| vec![with(v, vec![])];
+    let generic = |v: f64| vec![with(v, vec![kv("hw.type", "gpu")])];
+    let mut m = Vec::new();
+    if let Some((total, used, free)) = g.memory {
+        m.push(Metric::sum(
+            "hw.gpu.memory.limit",
+            "By",
+            false,
+            point(total as f64),
+        ));
+        m.push(Metric::sum(
+            "hw.gpu.memory.usage",
+            "By",
+            false,
+            point(used as f64),
+        ));
+        m.push(Metric::sum(
+            "hw.gpu.memory.free",
+            "By",
+            false,
+            point(free as f64),
+        ));
+        if total > 0 {
+            m.push(Metric::gauge(
+                "hw.gpu.memory.utilization",
+                "1",
+                point(used as f64 / total as f64),
+            ));
+        }
+    }
+    let tasks: Vec<NumberDataPoint> = [
+        ("general", g.utilization.map(|u| u.0)),
+        ("encoder", g.encoder_utilization),
+        ("decoder", g.decoder_utilization),
+    ]
+    .into_iter()
+    .filter_map(|(task, pct)| {
+        pct.map(|p| with(f64::from(p) / 100.0, vec![kv("hw.gpu.task", task)]))
+    })
+    .collect();
+    if !tasks.is_empty() {
+        m.push(Metric::gauge("hw.gpu.utilization", "1", tasks));
+    }
+    if let Some((_, mem)) = g.utilization {
+        m.push(Metric::gauge(
+            "hw.gpu.memory_controller.utilization",
+            "1",
+            point(f64::from(mem) / 100.0),
+        ));
+    }
+    let watts = g.power_mw.map(|mw| f64::from(mw) / 1000.0);
+    let joules = g.energy_mj.map(|mj| mj as f64 / 1000.0);
+    let celsius = g.temperature_c.map(f64::from);
+    if let Some(w) = watts {
+        m.push(Metric::gauge("hw.power", "W", generic(w)));
+    }
+    if let Some(j) = joules {
+        m.push(Metric::sum("hw.energy", "J", true, generic(j)));
+    }
+    if let Some(c) = celsius {
+        m.push(Metric::gauge("hw.temperature", "Cel", generic(c)));
+    }
+    if config.openlit_names {
+        if let Some(w) = watts {
+            m.push(Metric::gauge("hw.gpu.power.draw", "W", point(w)));
+        }
+        if let Some(j) = joules {
+            m.push(Metric::sum("hw.gpu.energy.consumed", "J", true, point(j)));
+        }
+        if let Some(c) = celsius {
+            m.push(Metric::gauge("hw.gpu.temperature", "Cel", point(c)));
+        }
+    }
+    let mut opt = |name: &str, unit: &str, v: Option<f64>| {
+        if let Some(v) = v {
+            m.push(Metric::gauge(name, unit, point(v)));
+        }
+    };
+    opt(
+        "hw.gpu.power.limit",
+        "W",
+        g.power_limit_mw.map(|mw| f64::from(mw) / 1000.0),
+    );
+    opt(
+        "hw.gpu.clock.graphics",
+        "MHz",
+        g.clock_sm_mhz.map(f64::from),
+    );
+    opt("hw.gpu.clock.memory", "MHz", g.clock_mem_mhz.map(f64::from));
+    if let Some((corrected, uncorrected)) = g.ecc {
+        let p = |v: u64, t: &str| with(v as f64, vec![kv("hw.type", "gpu"), kv("error.type", t)]);
+        m.push(Metric::sum(
+            "hw.errors",
+            "{error}",
+            true,
+            vec![p(corrected, "corrected"), p(uncorrected, "uncorrected")],
+        ));
+    }
+    if let Some((state, _)) = g.health() {
+        let points = GpuState::ALL
+            .iter()
+            .map(|s| {
+                with(
+                    f64::from(u8::from(*s == state)),
+                    vec![kv("hw.type", "gpu"), kv("hw.state", s.as_str())],
+                )
+            })
+            .collect();
+        m.push(Metric::sum("hw.status", "1", false, points));
+    }
+    if let Some((tx, rx)) = g.pcie_kbs {
+        // NVML's KB are 1000 bytes; the rate is sampled over 20 ms, so no byte counter
+        // (`hw.gpu.io`) can be built from it.
+        let p =
+            |kbs: u32, d: &str| with(f64::from(kbs) * 1000.0, vec![kv("network.io.direction", d)]);
+        m.push(Metric::gauge(
+            "hw.gpu.pcie.throughput",
+            "By/s",
+            vec![p(tx, "transmit"), p(rx, "receive")],
+        ));
+    }
+    if let Some(reasons) = &g.throttle {
+        let mut points: Vec<NumberDataPoint> = reasons
+            .iter()
+            .map(|r| with(1.0, vec![kv("hw.gpu.throttle.reason", r.as_str())]))
+            .collect();
+        if points.is_empty() {
+            points.push(with(0.0, vec![kv("hw.gpu.throttle.reason", "none")]));
+        }
+        m.push(Metric::gauge("hw.gpu.throttled", "", points));
+    }
+    if config.processes && !g.processes.is_empty() {
+        let points = g
+            .processes
+            .iter()
+            .map(|(pid, bytes)| {
+                let mut attrs = process_attrs(*pid);
+                attrs.insert(0, id());
+                number_point(now, *bytes as f64, attrs)
+            })
+            .collect();
+        m.push(Metric::gauge("hw.gpu.process.memory.usage", "By", points));
+    }
+    m
 }
 
 /// `process.pid`, and the container and pod read from the process's cgroup when visible.
@@ -595,6 +737,13 @@ pub(crate) mod tests {
                 (it.next().unwrap(), it.next().unwrap())
             };
             let util = pair("util ");
+            let q = fixture("nvidia-smi-q-loaded.xml");
+            let xml = |tag: &str| {
+                let open = format!("<{tag}>");
+                let at = q.find(&open).unwrap_or_else(|| panic!("{tag}")) + open.len();
+                q[at..at + q[at..].find('<').unwrap()].to_owned()
+            };
+            let percent = |tag: &str| xml(tag).trim_end_matches(" %").parse().ok();
             Ok(vec![GpuReading {
                 index: 0,
                 uuid: "GPU-00000000-1111-2222-3333-555555555555".into(),
@@ -602,6 +751,8 @@ pub(crate) mod tests {
                 parent_uuid: None,
                 memory: Some((mib(2), mib(3), mib(4))),
                 utilization: Some((util.0 as u32, util.1 as u32)),
+                encoder_utilization: percent("encoder_util"),
+                decoder_utilization: percent("decoder_util"),
                 temperature_c: Some(num(7) as u32),
                 power_mw: Some((num(8) * 1000.0) as u32),
                 power_limit_mw: Some((num(9) * 1000.0) as u32),
@@ -614,6 +765,14 @@ pub(crate) mod tests {
                     .trim_start_matches("ThrottleReasons(")
                     .to_ascii_lowercase()]),
                 processes,
+                row_remap: Some(RowRemap {
+                    pending: xml("remapped_row_pending") == "Yes",
+                    failed: xml("remapped_row_failure") == "Yes",
+                }),
+                pages_pending_retirement: match xml("pending_retirement").as_str() {
+                    "N/A" => None,
+                    v => Some(v == "Yes"),
+                },
             }])
         }
     }
@@ -630,13 +789,29 @@ pub(crate) mod tests {
         }
     }
 
+    fn points<'a>(batch: &'a Batch, name: &str) -> &'a [NumberDataPoint] {
+        match &batch.metrics().find(|m| m.name == name).unwrap().data {
+            Some(metric::Data::Gauge(g)) => &g.data_points,
+            Some(metric::Data::Sum(s)) => &s.data_points,
+            _ => panic!("{name}"),
+        }
+    }
+
+    fn point(batch: &Batch, name: &str, key: &str, value: &str) -> f64 {
+        let p = points(batch, name)
+            .iter()
+            .find(|p| p.attributes.get_str(key) == Some(value))
+            .unwrap_or_else(|| panic!("no {name} with {key}={value}"));
+        number_value(p).unwrap()
+    }
+
     #[test]
     fn readings_match_nvidia_smi_on_the_loaded_h100() {
         let gpus = FixtureGpu.read_all().unwrap();
         let b = to_batch(
             &gpus,
             FixtureGpu.driver_version().as_deref(),
-            true,
+            &NvmlConfig::default(),
             &Allocations::new(),
             1,
         );
@@ -651,12 +826,59 @@ pub(crate) mod tests {
         assert_eq!(gauge(&b, "hw.gpu.memory.limit"), 81559.0 * 1048576.0);
         assert_eq!(gauge(&b, "hw.gpu.memory.usage"), 1011.0 * 1048576.0);
         assert!((gauge(&b, "hw.gpu.memory.utilization") - 1011.0 / 81559.0).abs() < 1e-9);
-        assert_eq!(gauge(&b, "hw.gpu.utilization"), 1.0);
-        assert_eq!(gauge(&b, "hw.gpu.temperature"), 61.0);
-        assert!((gauge(&b, "hw.gpu.power.draw") - 696.09).abs() < 1e-9);
+        assert_eq!(
+            point(&b, "hw.gpu.utilization", "hw.gpu.task", "general"),
+            1.0
+        );
+        assert_eq!(
+            point(&b, "hw.gpu.utilization", "hw.gpu.task", "encoder"),
+            0.0
+        );
+        assert_eq!(
+            point(&b, "hw.gpu.utilization", "hw.gpu.task", "decoder"),
+            0.0
+        );
+        // The nvml-wrapper probe, a moment after nvidia-smi's 30 %.
+        assert_eq!(gauge(&b, "hw.gpu.memory_controller.utilization"), 0.31);
+        assert_eq!(gauge(&b, "hw.temperature"), 61.0);
+        assert!((gauge(&b, "hw.power") - 696.09).abs() < 1e-9);
         assert_eq!(gauge(&b, "hw.gpu.power.limit"), 700.0);
         assert_eq!(gauge(&b, "hw.gpu.clock.graphics"), 1305.0);
-        assert_eq!(gauge(&b, "hw.gpu.energy.consumed"), 7495.83);
+        assert_eq!(gauge(&b, "hw.energy"), 7495.83);
+        assert_eq!(point(&b, "hw.errors", "error.type", "corrected"), 0.0);
+        assert_eq!(point(&b, "hw.errors", "error.type", "uncorrected"), 0.0);
+        // nvidia-smi: no row remap pending or failed, only the software power cap.
+        assert_eq!(point(&b, "hw.status", "hw.state", "ok"), 1.0);
+        assert_eq!(point(&b, "hw.status", "hw.state", "degraded"), 0.0);
+        assert_eq!(point(&b, "hw.status", "hw.state", "failed"), 0.0);
+        for name in [
+            "hw.power",
+            "hw.energy",
+            "hw.temperature",
+            "hw.errors",
+            "hw.status",
+        ] {
+            for p in points(&b, name) {
+                assert_eq!(p.attributes.get_str("hw.type"), Some("gpu"), "{name}");
+            }
+        }
+        // Memory is an UpDownCounter, energy a counter; the OpenLIT names only on request.
+        for (name, monotonic) in [("hw.gpu.memory.usage", false), ("hw.energy", true)] {
+            let m = b.metrics().find(|m| m.name == name).unwrap();
+            let Some(metric::Data::Sum(s)) = &m.data else {
+                panic!("{name} is not a sum")
+            };
+            assert_eq!(s.is_monotonic, monotonic, "{name}");
+        }
+        assert!(b.metrics().all(|m| m.name != "hw.gpu.power.draw"));
+        let openlit = NvmlConfig {
+            openlit_names: true,
+            ..Default::default()
+        };
+        let aliased = to_batch(&gpus, None, &openlit, &Allocations::new(), 1);
+        assert_eq!(gauge(&aliased, "hw.gpu.power.draw"), gauge(&b, "hw.power"));
+        assert_eq!(gauge(&aliased, "hw.gpu.energy.consumed"), 7495.83);
+        assert_eq!(gauge(&aliased, "hw.gpu.temperature"), 61.0);
         let throttled = b.metrics().find(|m| m.name == "hw.gpu.throttled").unwrap();
         let Some(metric::Data::Gauge(g)) = &throttled.data else {
             panic!()
@@ -682,7 +904,7 @@ pub(crate) mod tests {
         second.index = 1;
         second.uuid = "GPU-second".into();
         gpus.push(second);
-        let b = to_batch(&gpus, None, true, &Allocations::new(), 1);
+        let b = to_batch(&gpus, None, &NvmlConfig::default(), &Allocations::new(), 1);
         for rm in &b.resource_metrics {
             let gpu = rm.resource.as_ref().unwrap().attributes.get_str("hw.id");
             for m in rm.scope_metrics.iter().flat_map(|s| &s.metrics) {
@@ -707,7 +929,7 @@ pub(crate) mod tests {
             memory: Some((100, 10, 90)),
             ..Default::default()
         };
-        let b = to_batch(&[g], None, true, &Allocations::new(), 1);
+        let b = to_batch(&[g], None, &NvmlConfig::default(), &Allocations::new(), 1);
         let names: Vec<&str> = b.metrics().map(|m| m.name.as_str()).collect();
         assert_eq!(
             names,
@@ -718,6 +940,58 @@ pub(crate) mod tests {
                 "hw.gpu.memory.utilization"
             ]
         );
+    }
+
+    #[test]
+    fn health_from_row_remapping_page_retirement_and_hardware_slowdowns() {
+        let healthy = GpuReading {
+            row_remap: Some(RowRemap::default()),
+            throttle: Some(vec!["sw_power_cap".into()]),
+            ..Default::default()
+        };
+        assert_eq!(healthy.health(), Some((GpuState::Ok, "ok")));
+        let state = |g: GpuReading| g.health().map(|h| h.0);
+        let slowed = GpuReading {
+            throttle: Some(vec!["gpu_idle".into(), "hw_thermal_slowdown".into()]),
+            ..healthy.clone()
+        };
+        assert_eq!(
+            slowed.health(),
+            Some((GpuState::Degraded, "hw_thermal_slowdown"))
+        );
+        let pending = GpuReading {
+            row_remap: Some(RowRemap {
+                pending: true,
+                failed: false,
+            }),
+            ..healthy.clone()
+        };
+        assert_eq!(state(pending), Some(GpuState::Degraded));
+        let retiring = GpuReading {
+            row_remap: None,
+            pages_pending_retirement: Some(true),
+            ..healthy.clone()
+        };
+        assert_eq!(state(retiring), Some(GpuState::Degraded));
+        let failed = GpuReading {
+            row_remap: Some(RowRemap {
+                pending: true,
+                failed: true,
+            }),
+            ..slowed
+        };
+        assert_eq!(state(failed.clone()), Some(GpuState::Failed));
+        let b = to_batch(
+            &[failed],
+            None,
+            &NvmlConfig::default(),
+            &Allocations::new(),
+            1,
+        );
+        assert_eq!(point(&b, "hw.status", "hw.state", "failed"), 1.0);
+        assert_eq!(point(&b, "hw.status", "hw.state", "ok"), 0.0);
+        // Nothing known, nothing claimed.
+        assert_eq!(GpuReading::default().health(), None);
     }
 
     #[test]

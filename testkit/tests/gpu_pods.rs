@@ -256,7 +256,7 @@ async fn every_gpu_is_its_own_series_on_the_prometheus_endpoint() {
             Ok(r) => r.text().await.unwrap_or_default(),
             Err(_) => String::new(),
         };
-        if page.contains("hw_gpu_memory_usage_percent{") || Instant::now() > deadline {
+        if page.contains("hw_gpu_memory_utilization_ratio{") || Instant::now() > deadline {
             break page;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -267,7 +267,7 @@ async fn every_gpu_is_its_own_series_on_the_prometheus_endpoint() {
     for name in [
         "hw_gpu_utilization_ratio",
         "hw_gpu_memory_usage_bytes",
-        "hw_gpu_memory_usage_percent",
+        "hw_gpu_memory_utilization_ratio",
     ] {
         let series = by_gpu(&page, name);
         assert_eq!(
@@ -277,6 +277,15 @@ async fn every_gpu_is_its_own_series_on_the_prometheus_endpoint() {
         );
     }
     assert_eq!(by_gpu(&page, "hw_gpu_utilization_ratio")["GPU-bbbb"], "0.5");
+    assert_eq!(
+        by_gpu(&page, "hw_gpu_memory_utilization_ratio")["GPU-bbbb"],
+        "0.75"
+    );
+    assert!(
+        page.lines()
+            .all(|l| !l.starts_with("hw_gpu_memory_usage_percent")),
+        "no percentage beside the hardware conventions' ratio"
+    );
     assert!(
         page.lines()
             .any(|l| l.starts_with("hw_gpu_utilization_ratio{") && l.contains("job=\"nvml\"")),
