@@ -21,6 +21,7 @@ fn emitted() -> BTreeSet<String> {
         ("gen_ai.server.time_to_first_token", "s"),
         ("gen_ai.server.time_per_output_token", "s"),
         ("gen_ai.server.inter_token_latency", "s"),
+        ("gen_ai.server.request.queue.duration", "s"),
         ("gen_ai.pool.servers.ready", "{server}"),
         ("gen_ai.pool.capacity.usage", "%"),
         ("gen_ai.pool.queue.size.average", "{request}"),
@@ -41,8 +42,11 @@ fn emitted() -> BTreeSet<String> {
         ("gen_ai.server.token.usage", "{token}"),
         ("hw.energy", "J"),
         ("hw.errors", "{error}"),
-        ("tgi_request_failure", ""),
-        ("tgi_request_count", ""),
+        ("gen_ai.server.requests.finished", "{request}"),
+        ("gen_ai.server.requests.failed", "{request}"),
+        ("gen_ai.server.preemptions", "{preemption}"),
+        ("gen_ai.server.prefix_cache.hits", "{token}"),
+        ("gen_ai.server.prefix_cache.queries", "{token}"),
     ];
     let named = |list: &[(&str, &str)], instrument| -> Vec<String> {
         list.iter()

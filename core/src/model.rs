@@ -390,6 +390,8 @@ pub trait MetricExt {
     fn scale(&mut self, factor: f64);
     /// Calls `f` with the attributes of every data point.
     fn for_each_point_attrs(&mut self, f: impl FnMut(&mut Vec<KeyValue>));
+    /// Keeps the points whose attributes `keep` accepts, whatever the metric's kind.
+    fn retain_points(&mut self, keep: impl FnMut(&Vec<KeyValue>) -> bool);
     /// The kind as a word: gauge, sum, histogram, exponential_histogram, summary, empty.
     fn kind_name(&self) -> &'static str;
 }
@@ -495,6 +497,19 @@ impl MetricExt for Metric {
             Some(metric::Data::Summary(s)) => {
                 s.data_points.iter_mut().for_each(|p| f(&mut p.attributes))
             }
+            None => {}
+        }
+    }
+
+    fn retain_points(&mut self, mut keep: impl FnMut(&Vec<KeyValue>) -> bool) {
+        match &mut self.data {
+            Some(metric::Data::Gauge(g)) => g.data_points.retain(|p| keep(&p.attributes)),
+            Some(metric::Data::Sum(s)) => s.data_points.retain(|p| keep(&p.attributes)),
+            Some(metric::Data::Histogram(h)) => h.data_points.retain(|p| keep(&p.attributes)),
+            Some(metric::Data::ExponentialHistogram(h)) => {
+                h.data_points.retain(|p| keep(&p.attributes))
+            }
+            Some(metric::Data::Summary(s)) => s.data_points.retain(|p| keep(&p.attributes)),
             None => {}
         }
     }

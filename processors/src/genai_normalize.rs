@@ -55,6 +55,20 @@ pub struct Rule {
     /// Attributes set on every point.
     #[serde(default)]
     pub attributes: BTreeMap<String, String>,
+    /// Only the points whose labels (the engine's names, before renames) have these values;
+    /// the others are left to the source's other rows.
+    #[serde(default, rename = "where")]
+    pub where_attrs: BTreeMap<String, String>,
+    /// For a histogram or summary: a counter of each point's sum (TGI's token counts exist
+    /// only as the sums of its length histograms) or count.
+    pub take: Option<Take>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Take {
+    Sum,
+    Count,
 }
 
 fn one() -> f64 {
@@ -155,7 +169,8 @@ pub fn parse_table(text: &str) -> Result<Table, String> {
 
 struct Compiled {
     table: Table,
-    rules: HashMap<String, usize>,
+    /// Source name → its rows, in table order: one source may feed several names.
+    rules: HashMap<String, Vec<usize>>,
 }
 
 pub struct GenaiNormalize {
@@ -193,12 +208,10 @@ impl GenaiNormalize {
         let tables = tables
             .into_iter()
             .map(|table| {
-                let rules = table
-                    .metrics
-                    .iter()
-                    .enumerate()
-                    .map(|(i, r)| (r.from.clone(), i))
-                    .collect();
+                let mut rules: HashMap<String, Vec<usize>> = HashMap::new();
+                for (i, r) in table.metrics.iter().enumerate() {
+                    rules.entry(r.from.clone()).or_default().push(i);
+                }
                 Compiled { table, rules }
             })
             .collect();
@@ -321,11 +334,13 @@ impl Processor for GenaiNormalize {
                 let unmapped = self.unmapped;
                 // Each kept metric's rank: its rule's place (table, row) for a renamed one.
                 let mut ranks: Vec<(usize, usize)> = Vec::with_capacity(sm.metrics.len());
+                // Metrics a source's other rows derive from it, with their ranks.
+                let mut derived: Vec<(Metric, (usize, usize))> = Vec::new();
                 sm.metrics.retain_mut(|m| {
                     let hit = tables
                         .iter()
-                        .find_map(|&t| self.tables[t].rules.get(&m.name).map(|&r| (t, r)));
-                    let Some((t, r)) = hit else {
+                        .find_map(|&t| self.tables[t].rules.get(&m.name).map(|rows| (t, rows)));
+                    let Some((t, rows)) = hit else {
                         let keep = unmapped == Unmapped::Keep || kept_when_unmapped(&m.name);
                         if keep {
                             ranks.push((usize::MAX, usize::MAX));
@@ -333,12 +348,29 @@ impl Processor for GenaiNormalize {
                         return keep;
                     };
                     let table = &self.tables[t].table;
-                    apply(m, &table.metrics[r], table, model.as_deref());
                     engine.get_or_insert_with(|| table.engine.clone());
                     renamed = true;
-                    ranks.push((t, r));
-                    true
+                    let (&last, others) = rows.split_last().expect("a row per entry");
+                    for &r in others {
+                        if let Some(mut d) = shape(m.clone(), &table.metrics[r]) {
+                            apply(&mut d, &table.metrics[r], table, model.as_deref());
+                            derived.push((d, (t, r)));
+                        }
+                    }
+                    match shape(std::mem::take(m), &table.metrics[last]) {
+                        Some(shaped) => {
+                            *m = shaped;
+                            apply(m, &table.metrics[last], table, model.as_deref());
+                            ranks.push((t, last));
+                            true
+                        }
+                        None => false,
+                    }
                 });
+                for (d, rank) in derived {
+                    sm.metrics.push(d);
+                    ranks.push(rank);
+                }
                 if renamed {
                     matched.extend(ranks.iter().filter(|r| r.0 != usize::MAX));
                     merge_same_names(sm, &ranks);
@@ -354,6 +386,67 @@ impl Processor for GenaiNormalize {
             }
         }
     }
+}
+
+/// `m` as `rule` takes it: only the points its `where` selects, and for `take` a counter of
+/// each histogram or summary point's sum or count. `None` when no point is left.
+fn shape(mut m: Metric, rule: &Rule) -> Option<Metric> {
+    if let Some(take) = rule.take {
+        m = take_part(m, take)?;
+    }
+    if !rule.where_attrs.is_empty() {
+        m.retain_points(|attrs| {
+            rule.where_attrs
+                .iter()
+                .all(|(k, v)| attrs.get_str(k) == Some(v.as_str()))
+        });
+    }
+    (m.point_count() > 0).then_some(m)
+}
+
+/// A monotonic cumulative sum of each histogram or summary point's sum or count.
+fn take_part(m: Metric, take: Take) -> Option<Metric> {
+    use genai_collector_core::model::{number_data_point, NumberDataPoint};
+    let point = |attributes, start, time, value| NumberDataPoint {
+        attributes,
+        start_time_unix_nano: start,
+        time_unix_nano: time,
+        value: Some(number_data_point::Value::AsDouble(value)),
+        ..Default::default()
+    };
+    let points: Vec<NumberDataPoint> = match m.data? {
+        metric::Data::Histogram(h) => h
+            .data_points
+            .into_iter()
+            .filter_map(|p| {
+                let v = match take {
+                    Take::Sum => p.sum?,
+                    Take::Count => p.count as f64,
+                };
+                Some(point(
+                    p.attributes,
+                    p.start_time_unix_nano,
+                    p.time_unix_nano,
+                    v,
+                ))
+            })
+            .collect(),
+        metric::Data::Summary(s) => s
+            .data_points
+            .into_iter()
+            .map(|p| {
+                let v = match take {
+                    Take::Sum => p.sum,
+                    Take::Count => p.count as f64,
+                };
+                point(p.attributes, p.start_time_unix_nano, p.time_unix_nano, v)
+            })
+            .collect(),
+        _ => return None,
+    };
+    let mut out = Metric::sum(&m.name, &m.unit, true, points);
+    out.description = m.description;
+    Some(out)
 }
 
 /// Renames and rescales `m` by `rule`; every point gets the model and, as the conventions
@@ -702,7 +795,7 @@ mod tests {
                     true,
                     vec![number_point(1, 40.0, vec![kv("model_name", "llama")])],
                 ),
-                gauge("vllm:num_preemptions_total", 1.0, vec![]),
+                gauge("vllm:mm_cache_queries_total", 1.0, vec![]),
             ],
         );
         normalize(NormalizeConfig::default()).process(&mut b);
@@ -735,9 +828,93 @@ mod tests {
             1
         );
         assert!(
-            b.metrics().any(|m| m.name == "vllm:num_preemptions_total"),
+            b.metrics().any(|m| m.name == "vllm:mm_cache_queries_total"),
             "unmapped metrics are kept"
         );
+    }
+
+    #[test]
+    fn one_source_feeds_several_rows_by_where_and_take() {
+        let table = parse_table(
+            r#"
+engine: custom
+attributes: { outcome: gen_ai.response.finish_reason }
+metrics:
+  - { from: requests_total, to: finished }
+  - { from: requests_total, to: failed, where: { outcome: error }, attributes: { error.type: _OTHER } }
+  - { from: requests_total, to: timed_out, where: { outcome: timeout } }
+  - { from: prompt_length, to: input_tokens, take: sum }
+  - { from: prompt_length, to: requests_seen, take: count }
+  - { from: prompt_length, to: prompt_length_histogram }
+"#,
+        )
+        .unwrap();
+        let histogram = Metric {
+            name: "prompt_length".into(),
+            data: Some(metric::Data::Histogram(
+                genai_collector_core::model::Histogram {
+                    data_points: vec![genai_collector_core::model::HistogramDataPoint {
+                        count: 4,
+                        sum: Some(900.0),
+                        bucket_counts: vec![1, 3],
+                        explicit_bounds: vec![100.0],
+                        ..Default::default()
+                    }],
+                    aggregation_temporality: 2,
+                },
+            )),
+            ..Default::default()
+        };
+        let mut b = Batch::with_resource(
+            vec![kv(PROVIDER, "custom")],
+            vec![
+                Metric::sum(
+                    "requests_total",
+                    "",
+                    true,
+                    vec![
+                        number_point(1, 10.0, vec![kv("outcome", "stop")]),
+                        number_point(1, 2.0, vec![kv("outcome", "error")]),
+                    ],
+                ),
+                histogram,
+            ],
+        );
+        GenaiNormalize::new(vec![table], Unmapped::Keep).process(&mut b);
+        let points = |name: &str| match &find(&b, name).data {
+            Some(metric::Data::Sum(s)) => s
+                .data_points
+                .iter()
+                .map(|p| number_value(p).unwrap())
+                .collect::<Vec<_>>(),
+            other => panic!("{name}: {other:?}"),
+        };
+        assert_eq!(points("finished"), [10.0, 2.0]);
+        assert_eq!(points("failed"), [2.0], "only the points `where` selects");
+        let failed = find(&b, "failed");
+        let Some(metric::Data::Sum(s)) = &failed.data else {
+            panic!()
+        };
+        let attrs = &s.data_points[0].attributes;
+        assert_eq!(
+            attrs.get_str("gen_ai.response.finish_reason"),
+            Some("error")
+        );
+        assert_eq!(attrs.get_str("error.type"), Some("_OTHER"));
+        assert!(
+            b.metrics().all(|m| m.name != "timed_out"),
+            "no point, no metric"
+        );
+        assert_eq!(points("input_tokens"), [900.0]);
+        assert_eq!(points("requests_seen"), [4.0]);
+        assert!(s.is_monotonic);
+        assert!(matches!(
+            find(&b, "prompt_length_histogram").data,
+            Some(metric::Data::Histogram(_))
+        ));
+        assert!(b
+            .metrics()
+            .all(|m| m.name != "requests_total" && m.name != "prompt_length"));
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! `percentages`: the derived gauges operators alert on, computed per resource.
 //!
-//! Built in: KV-cache usage from blocks (`gen_ai.server.kv_cache.blocks.used` / `.total`) where
-//! the engine gives no percentage, capacity utilisation (`gen_ai.server.requests.running` /
+//! Built in: KV-cache usage from blocks (`gen_ai.server.kv_cache.blocks.used` / `.total`) or
+//! tokens (`gen_ai.server.kv_cache.tokens.usage` / `.limit`) where the engine gives no percentage, capacity utilisation (`gen_ai.server.requests.running` /
 //! `gen_ai.server.requests.max`, which the configured `max_requests` supplies where the engine
 //! reports none) and Ollama's VRAM share; plus any ratio the config defines. GPU memory has
 //! none: the `nvml` receiver emits the hardware conventions' `hw.gpu.memory.utilization` (0..1). A derived metric the batch already carries is left alone. Numerator and
@@ -95,6 +95,12 @@ impl ProcessorFactory for PercentagesFactory {
                 "gen_ai.server.kv_cache.usage",
                 "gen_ai.server.kv_cache.blocks.used",
                 "gen_ai.server.kv_cache.blocks.total",
+            ),
+            // TGI's stand-in: the tokens its running batch may reach, of its budget.
+            ratio(
+                "gen_ai.server.kv_cache.usage",
+                "gen_ai.server.kv_cache.tokens.usage",
+                "gen_ai.server.kv_cache.tokens.limit",
             ),
             ratio(
                 "gen_ai.server.capacity.usage",

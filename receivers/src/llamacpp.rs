@@ -10,7 +10,7 @@ pub struct LlamaCppReceiverFactory;
 
 /// `/props`: `model_alias`, `build_info`, `total_slots`. A router (several models, `/metrics`
 /// wants `?model=`) answers a placeholder model without `?model=`: only its build counts.
-fn identity(props: &serde_json::Value) -> Identity {
+pub fn identity(props: &serde_json::Value) -> Identity {
     if props["role"] == "router" {
         return Identity {
             version: props["build_info"].as_str().map(str::to_owned),

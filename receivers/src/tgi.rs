@@ -7,12 +7,17 @@ use crate::scrape::{IdentifiedEngine, Identity, ScrapeConfig};
 
 pub struct TgiReceiverFactory;
 
-/// `/info`: `model_id` and `version`.
-fn identity(info: &serde_json::Value) -> Identity {
+/// `/info`: `model_id`, `version`, and `max_batch_total_tokens` (the tokens the router lets
+/// a batch hold, TGI's KV budget; absent from its page).
+pub fn identity(info: &serde_json::Value) -> Identity {
     Identity {
         model: info["model_id"].as_str().map(str::to_owned),
         version: info["version"].as_str().map(str::to_owned),
-        gauges: Vec::new(),
+        gauges: info["max_batch_total_tokens"]
+            .as_f64()
+            .map(|t| ("tgi_info_max_batch_total_tokens", "{token}", t))
+            .into_iter()
+            .collect(),
     }
 }
 

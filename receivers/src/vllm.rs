@@ -25,7 +25,8 @@ impl Engine for Vllm {
 
     /// `vllm:cache_config_info` carries the KV cache's size as labels, and
     /// `vllm:lora_requests_info` the adapters in use as a comma-separated label: both become
-    /// plain gauges (`vllm:num_gpu_blocks`, `vllm:block_size`, `vllm:lora_adapters_running`).
+    /// plain gauges (`vllm:num_gpu_blocks`, `vllm:block_size`, their product
+    /// `vllm:kv_cache_max_tokens`, `vllm:lora_adapters_running`, `vllm:lora_adapters_max`).
     fn enrich(&self, page: &Page<'_>, metrics: &mut Vec<Metric>, now: u64) {
         for f in &page.families {
             match f.name {
@@ -36,14 +37,23 @@ impl Engine for Vllm {
                             .iter()
                             .find(|l| l.name == "model_name")
                             .map(|l| l.value.as_ref());
-                        for (label, name, unit) in [
-                            ("num_gpu_blocks", "vllm:num_gpu_blocks", "{block}"),
-                            ("block_size", "vllm:block_size", "{token}"),
-                        ] {
-                            let value = labels
+                        let number = |label: &str| {
+                            labels
                                 .iter()
                                 .find(|l| l.name == label)
-                                .and_then(|l| l.value.parse::<f64>().ok());
+                                .and_then(|l| l.value.parse::<f64>().ok())
+                        };
+                        let (blocks, block_size) = (number("num_gpu_blocks"), number("block_size"));
+                        for (name, unit, value) in [
+                            ("vllm:num_gpu_blocks", "{block}", blocks),
+                            ("vllm:block_size", "{token}", block_size),
+                            // The KV cache's capacity in tokens.
+                            (
+                                "vllm:kv_cache_max_tokens",
+                                "{token}",
+                                blocks.zip(block_size).map(|(b, s)| b * s),
+                            ),
+                        ] {
                             if let Some(v) = value {
                                 let attrs =
                                     model.map(|m| vec![kv("model_name", m)]).unwrap_or_default();
@@ -141,6 +151,10 @@ mod tests {
         Vllm.enrich(&page, &mut metrics, 1);
         assert!(gauge(&metrics, "vllm:num_gpu_blocks") > 0.0);
         assert!(gauge(&metrics, "vllm:block_size") > 0.0);
+        assert_eq!(
+            gauge(&metrics, "vllm:kv_cache_max_tokens"),
+            gauge(&metrics, "vllm:num_gpu_blocks") * gauge(&metrics, "vllm:block_size")
+        );
         assert!(metrics
             .iter()
             .any(|m| m.name == "vllm:lora_adapters_running"));

@@ -47,6 +47,8 @@ impl EngineKind {
 
 /// llama-server's `/props`, captured from the same server as its page.
 const LLAMACPP_PROPS: &str = "llamacpp/props-0c1e570-tiny-random.json";
+/// TGI's `/info`, served by the TGI simulator.
+const TGI_INFO: &str = "tgi/info-composed.json";
 
 /// What a simulator does wrong, switchable while it runs.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -393,8 +395,10 @@ async fn info(State(sim): State<Arc<Sim>>) -> Response {
     if let Some(bomb) = side_bomb(&sim) {
         return bomb;
     }
-    let body = r#"{"model_id":"meta-llama/Llama-3.1-8B-Instruct","model_dtype":"torch.float16","max_concurrent_requests":128,"max_batch_total_tokens":16384,"version":"3.0.1"}"#;
-    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+    match std::fs::read_to_string(fixtures_dir().join(TGI_INFO)) {
+        Ok(body) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
 }
 
 async fn props(State(sim): State<Arc<Sim>>) -> Response {

@@ -188,7 +188,7 @@ async fn scraped_pages_come_out_normalised() {
     let v1 = sim::start(EngineKind::VllmV1, "127.0.0.1:0").await.unwrap();
     let tgi = sim::start(EngineKind::Tgi, "127.0.0.1:0").await.unwrap();
     let yaml = format!(
-        "receivers:\n  vllm: {{ targets: [\"{}\"], interval: 200ms }}\n  tgi: {{ targets: [\"{}\"], interval: 200ms }}\nprocessors:\n  genai_normalize: {{}}\nexporters:\n  capture: {{}}\nservice:\n  telemetry: {{ endpoint: null }}\n  pipelines:\n    metrics: {{ receivers: [vllm, tgi], processors: [genai_normalize], exporters: [capture] }}\n",
+        "receivers:\n  vllm: {{ targets: [\"{}\"], interval: 200ms }}\n  tgi: {{ targets: [\"{}\"], interval: 200ms }}\nprocessors:\n  genai_normalize: {{}}\n  percentages: {{}}\nexporters:\n  capture: {{}}\nservice:\n  telemetry: {{ endpoint: null }}\n  pipelines:\n    metrics: {{ receivers: [vllm, tgi], processors: [genai_normalize, percentages], exporters: [capture] }}\n",
         v1.metrics_url(),
         tgi.metrics_url()
     );
@@ -226,6 +226,17 @@ async fn scraped_pages_come_out_normalised() {
             .get_str("gen_ai.request.model"),
         Some("meta-llama/Llama-3.1-8B-Instruct"),
         "TGI's model from /info on every point"
+    );
+    // TGI's KV stand-in: the running batch's token ceiling over /info's max_batch_total_tokens.
+    let limit = t.gauge("gen_ai.server.kv_cache.tokens.limit").unwrap();
+    assert_eq!(
+        limit, 196608.0,
+        "from tests/fixtures/tgi/info-composed.json"
+    );
+    let used = t.gauge("gen_ai.server.kv_cache.tokens.usage").unwrap();
+    assert_eq!(
+        t.gauge("gen_ai.server.kv_cache.usage"),
+        Some(used / limit * 100.0)
     );
 }
 
