@@ -163,6 +163,13 @@ impl ComponentStats {
         }
     }
 
+    /// Forgets the last error, for a condition that has passed (not for events).
+    pub fn clear_error(&self) {
+        if let Ok(mut e) = self.last_error.lock() {
+            *e = None;
+        }
+    }
+
     pub fn last_error(&self) -> Option<String> {
         self.last_error.lock().ok().and_then(|e| e.clone())
     }

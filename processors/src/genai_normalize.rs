@@ -291,6 +291,10 @@ impl GenaiNormalize {
             stats
                 .incomplete_targets
                 .store(incomplete, std::sync::atomic::Ordering::Relaxed);
+            // The message describes a state: once every page is whole again, /healthz drops it.
+            if incomplete == 0 {
+                stats.clear_error();
+            }
         }
     }
 
@@ -682,6 +686,7 @@ mod tests {
         );
         p.process(&mut page(true, true));
         assert_eq!(incomplete(), 0, "the next whole page has it");
+        assert_eq!(stats.last_error(), None, "/healthz no longer names it");
     }
 
     #[test]

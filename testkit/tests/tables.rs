@@ -19,16 +19,10 @@ use genai_collector_receivers::{llamacpp, tgi, vllm};
 use genai_collector_testkit::sim;
 
 /// Rows no page here has, and why.
-const UNEXERCISED: &[(&str, &str)] = &[
-    (
-        "llamacpp:kv_cache_usage_ratio",
-        "published by llama.cpp servers before the unified KV cache; no page of one is kept",
-    ),
-    (
-        "sglang:time_per_output_token_seconds",
-        "SGLang before 0.5 (per token, like inter_token_latency); no page of one is kept",
-    ),
-];
+const UNEXERCISED: &[(&str, &str)] = &[(
+    "llamacpp:kv_cache_usage_ratio",
+    "published by llama.cpp servers before the unified KV cache; no page of one is kept",
+)];
 
 /// (engine, page, side endpoint answer) for every engine page in tests/fixtures.
 const PAGES: &[(&str, &str, Option<&str>)] = &[
@@ -41,6 +35,7 @@ const PAGES: &[(&str, &str, Option<&str>)] = &[
         None,
     ),
     ("sglang", "sglang/v0.5.23-collector.prom", None),
+    ("sglang", "sglang/v0.4.3-collector.prom", None),
     ("tgi", "tgi/composed.prom", Some("tgi/info-composed.json")),
     (
         "tgi",

@@ -34,7 +34,9 @@ FILES = [
 
 wheel = zipfile.ZipFile(WHEEL)
 version = next(
-    n.split("-")[1] for n in wheel.namelist() if n.endswith(".dist-info/METADATA")
+    n.split("/")[0].removesuffix(".dist-info").split("-")[1]
+    for n in wheel.namelist()
+    if n.endswith(".dist-info/METADATA")
 )
 
 
