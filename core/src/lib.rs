@@ -9,6 +9,7 @@ pub mod disk_queue;
 mod http;
 pub mod memory;
 pub mod model;
+pub mod poll;
 pub mod retry_info;
 pub mod runtime;
 pub mod telemetry;

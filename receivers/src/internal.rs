@@ -3,9 +3,10 @@
 use std::time::Duration;
 
 use genai_collector_core::config::duration;
+use genai_collector_core::poll::{self, Poll, PollError, Schedule};
 use genai_collector_core::telemetry::Telemetry;
 use genai_collector_core::{
-    async_trait, BuildContext, ComponentConfig, ComponentError, Receiver, ReceiverContext,
+    async_trait, Batch, BuildContext, ComponentConfig, ComponentError, Receiver, ReceiverContext,
     ReceiverFactory, ValidationError,
 };
 use serde::Deserialize;
@@ -68,17 +69,20 @@ struct InternalReceiver {
 #[async_trait]
 impl Receiver for InternalReceiver {
     async fn run(self: Box<Self>, ctx: ReceiverContext) -> Result<(), ComponentError> {
-        let mut ticker = tokio::time::interval(self.interval);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                () = ctx.shutdown.cancelled() => return Ok(()),
-                _ = ticker.tick() => {
-                    if ctx.output.send(self.telemetry.to_batch()).await.is_err() {
-                        return Ok(());
-                    }
-                }
-            }
-        }
+        poll::run(
+            SelfMetrics(self.telemetry),
+            Schedule::every(self.interval),
+            ctx,
+        )
+        .await
+    }
+}
+
+struct SelfMetrics(Telemetry);
+
+#[async_trait]
+impl Poll for SelfMetrics {
+    async fn poll(&mut self) -> Result<Batch, PollError> {
+        Ok(self.0.to_batch())
     }
 }

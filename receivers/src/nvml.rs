@@ -15,6 +15,7 @@ use genai_collector_core::config::duration;
 use genai_collector_core::model::{
     kv, now_unix_nanos, number_point, Batch, KeyValue, Metric, MetricExt, NumberDataPoint,
 };
+use genai_collector_core::poll::{self, Poll, PollError, Schedule};
 use genai_collector_core::{
     async_trait, BuildContext, ComponentConfig, ComponentError, Receiver, ReceiverContext,
     ReceiverFactory, ValidationError,
@@ -355,65 +356,69 @@ impl Receiver for NvmlReceiver {
             ctx.shutdown.cancelled().await;
             return Ok(());
         };
-        let driver = backend.driver_version();
-        let mut pods =
-            self.config.pod_resources_socket.as_deref().map(|s| {
-                PodResourcesClient::new(s, self.config.interval.min(Duration::from_secs(2)))
-            });
-        let mut pods_failing = false;
-        let mut health = HealthLog::default();
-        let mut tick = tokio::time::interval(self.config.interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                () = ctx.shutdown.cancelled() => return Ok(()),
-                _ = tick.tick() => {}
-            }
-            // Without an answer the GPUs go out unattributed rather than with a stale pod.
-            let allocations = match &mut pods {
-                Some(client) => match client.list().await {
-                    Ok(a) => {
-                        if std::mem::take(&mut pods_failing) {
-                            info!("the kubelet's pod-resources API answers again");
-                        }
-                        a
-                    }
-                    Err(e) => {
-                        if !std::mem::replace(&mut pods_failing, true) {
-                            warn!(error = %e, "GPUs go out without their pods");
-                        }
-                        ctx.output.report_error(e.to_string());
-                        Allocations::new()
-                    }
-                },
-                None => Allocations::new(),
-            };
-            match backend.read_all() {
-                Ok(gpus) => {
-                    health.observe(&gpus);
-                    let mut batch = to_batch(
-                        &gpus,
-                        driver.as_deref(),
-                        &self.config,
-                        &allocations,
-                        now_unix_nanos(),
-                    );
-                    for r in batch
-                        .resource_metrics
-                        .iter_mut()
-                        .filter_map(|rm| rm.resource.as_mut())
-                    {
-                        r.attributes.push(kv("service.name", ctx.id.to_string()));
-                    }
-                    if ctx.output.send(batch).await.is_err() {
-                        return Ok(());
-                    }
-                }
-                Err(e) => {
-                    warn!(error = %e, "cannot read the GPUs");
-                    ctx.output.report_error(e);
-                }
-            }
+        let config = self.config;
+        let pods = config
+            .pod_resources_socket
+            .as_deref()
+            .map(|s| PodResourcesClient::new(s, config.interval.min(Duration::from_secs(2))));
+        let schedule = Schedule::every(config.interval);
+        let poller = GpuPoll {
+            driver: backend.driver_version(),
+            backend,
+            pods,
+            health: HealthLog::default(),
+            service: ctx.id.to_string(),
+            config,
+        };
+        poll::run(poller, schedule, ctx).await
+    }
+}
+
+struct GpuPoll {
+    config: NvmlConfig,
+    backend: Box<dyn GpuBackend>,
+    driver: Option<String>,
+    pods: Option<PodResourcesClient>,
+    health: HealthLog,
+    service: String,
+}
+
+#[async_trait]
+impl Poll for GpuPoll {
+    async fn poll(&mut self) -> Result<Batch, PollError> {
+        // Without an answer the GPUs go out unattributed rather than with a stale pod.
+        let (allocations, kubelet) = match &mut self.pods {
+            Some(client) => match client.list().await {
+                Ok(a) => (a, None),
+                Err(e) => (
+                    Allocations::new(),
+                    Some(format!("{e}; GPUs go out without their pods")),
+                ),
+            },
+            None => (Allocations::new(), None),
+        };
+        let gpus = self
+            .backend
+            .read_all()
+            .map_err(|e| PollError::new(format!("cannot read the GPUs: {e}")))?;
+        self.health.observe(&gpus);
+        let mut batch = to_batch(
+            &gpus,
+            self.driver.as_deref(),
+            &self.config,
+            &allocations,
+            now_unix_nanos(),
+        );
+        for r in batch
+            .resource_metrics
+            .iter_mut()
+            .filter_map(|rm| rm.resource.as_mut())
+        {
+            r.attributes.push(kv("service.name", self.service.as_str()));
+        }
+        match kubelet {
+            Some(e) => Err(PollError::new(e).with_batch(batch)),
+            None => Ok(batch),
         }
     }
 }

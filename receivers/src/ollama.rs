@@ -16,12 +16,13 @@ use genai_collector_core::config::duration;
 use genai_collector_core::model::{
     kv, now_unix_nanos, number_point, Batch, KeyValue, Metric, MetricExt,
 };
+use genai_collector_core::poll::{self, Poll, PollError, Schedule};
 use genai_collector_core::{
     async_trait, BuildContext, ComponentConfig, ComponentError, Receiver, ReceiverContext,
     ReceiverFactory, ValidationError,
 };
 use serde::Deserialize;
-use tracing::{debug, info, warn};
+use tracing::info;
 
 const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
 
@@ -250,61 +251,65 @@ impl Receiver for OllamaReceiver {
         if let Some(p) = &c.pool {
             resource.push(kv("gen_ai.pool.name", p.as_str()));
         }
-        let mut version: Option<String> = None;
-        let mut was_up: Option<bool> = None;
-        let mut tick = tokio::time::interval(c.interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                () = ctx.shutdown.cancelled() => return Ok(()),
-                _ = tick.tick() => {}
-            }
-            let now = now_unix_nanos();
-            let polled = self.get::<Ps>(&format!("{base}/api/ps")).await;
-            let up = polled.is_ok();
-            match (&polled, was_up) {
-                (Err(e), Some(true) | None) => {
-                    warn!(receiver = %ctx.id, endpoint = %base, error = %e, "Ollama did not answer")
-                }
-                (Err(e), Some(false)) => {
-                    debug!(receiver = %ctx.id, error = %e, "Ollama still down")
-                }
-                (Ok(_), Some(false)) => {
-                    info!(receiver = %ctx.id, endpoint = %base, "Ollama is back")
-                }
-                _ => {}
-            }
-            if let Err(e) = &polled {
-                ctx.output.report_error(format!("{base}: {e}"));
-            }
-            // The version once per connection: after a start and after every outage.
-            if up && was_up != Some(true) {
-                version = self
-                    .get::<Version>(&format!("{base}/api/version"))
-                    .await
-                    .ok()
-                    .map(|v| v.version);
-            }
-            was_up = Some(up);
-            let mut attrs = resource.clone();
-            if let (true, Some(v)) = (up, &version) {
-                attrs.push(kv("service.version", v.as_str()));
-            }
-            let models = polled.map(|p| p.models).unwrap_or_default();
-            let mut metrics = model_metrics(&models, total, now, up);
-            metrics.push(Metric::gauge(
-                "up",
-                "",
-                vec![number_point(now, if up { 1.0 } else { 0.0 }, Vec::new())],
-            ));
-            if ctx
-                .output
-                .send(Batch::with_resource(attrs, metrics))
+        let schedule = Schedule::every(c.interval);
+        let poller = OllamaPoll {
+            receiver: *self,
+            base,
+            resource,
+            total,
+            version: None,
+            was_up: false,
+        };
+        poll::run(poller, schedule, ctx).await
+    }
+}
+
+/// One `/api/ps` per tick; the version once per connection (after a start and after every
+/// outage).
+struct OllamaPoll {
+    receiver: OllamaReceiver,
+    base: String,
+    resource: Vec<KeyValue>,
+    total: Option<u64>,
+    version: Option<String>,
+    was_up: bool,
+}
+
+#[async_trait]
+impl Poll for OllamaPoll {
+    async fn poll(&mut self) -> Result<Batch, PollError> {
+        let now = now_unix_nanos();
+        let base = &self.base;
+        let polled = self.receiver.get::<Ps>(&format!("{base}/api/ps")).await;
+        let up = polled.is_ok();
+        if up && !self.was_up {
+            self.version = self
+                .receiver
+                .get::<Version>(&format!("{base}/api/version"))
                 .await
-                .is_err()
-            {
-                return Ok(());
-            }
+                .ok()
+                .map(|v| v.version);
+        }
+        self.was_up = up;
+        let mut attrs = self.resource.clone();
+        if let (true, Some(v)) = (up, &self.version) {
+            attrs.push(kv("service.version", v.as_str()));
+        }
+        let (models, error) = match polled {
+            Ok(p) => (p.models, None),
+            Err(e) => (Vec::new(), Some(format!("{base}: {e}"))),
+        };
+        let mut metrics = model_metrics(&models, self.total, now, up);
+        metrics.push(Metric::gauge(
+            "up",
+            "",
+            vec![number_point(now, if up { 1.0 } else { 0.0 }, Vec::new())],
+        ));
+        // Down, the batch still goes out: `up` 0 and no per-model series.
+        let batch = Batch::with_resource(attrs, metrics);
+        match error {
+            Some(e) => Err(PollError::new(e).with_batch(batch)),
+            None => Ok(batch),
         }
     }
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use genai_collector_core::config::duration;
 use genai_collector_core::model::{kv, now_unix_nanos, number_point, Metric, MetricExt};
+use genai_collector_core::poll::{self, Poll, PollError, Schedule};
 use genai_collector_core::{
     async_trait, Batch, BuildContext, ComponentConfig, ComponentError, Receiver, ReceiverContext,
     ReceiverFactory, ValidationError,
@@ -63,25 +64,22 @@ struct TextfileReceiver(TextfileConfig);
 #[async_trait]
 impl Receiver for TextfileReceiver {
     async fn run(self: Box<Self>, ctx: ReceiverContext) -> Result<(), ComponentError> {
-        let mut tick = tokio::time::interval(self.0.interval);
-        loop {
-            tokio::select! {
-                () = ctx.shutdown.cancelled() => return Ok(()),
-                _ = tick.tick() => {}
-            }
-            // A missing or unreadable file is logged and retried next tick, never fatal.
-            let text = match tokio::fs::read_to_string(&self.0.path).await {
-                Ok(t) => t,
-                Err(e) => {
-                    eprintln!("textfile: cannot read {}: {e}", self.0.path.display());
-                    continue;
-                }
-            };
-            let batch = parse(&text, &self.0.path.display().to_string());
-            if ctx.output.send(batch).await.is_err() {
-                return Ok(());
-            }
-        }
+        // The core's polling loop: the interval, a deadline, logging and `/healthz` errors.
+        let schedule = Schedule::every(self.0.interval);
+        poll::run(TextfilePoll(self.0.path), schedule, ctx).await
+    }
+}
+
+struct TextfilePoll(PathBuf);
+
+#[async_trait]
+impl Poll for TextfilePoll {
+    /// A missing or unreadable file fails this poll only; the next tick reads it again.
+    async fn poll(&mut self) -> Result<Batch, PollError> {
+        let text = tokio::fs::read_to_string(&self.0)
+            .await
+            .map_err(|e| PollError::new(format!("cannot read {}: {e}", self.0.display())))?;
+        Ok(parse(&text, &self.0.display().to_string()))
     }
 }
 
