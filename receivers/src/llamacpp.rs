@@ -1,6 +1,7 @@
 //! `llamacpp`: scrapes llama.cpp's `llama-server --metrics`. Its page has no labels at all, so
 //! what identifies the server comes from its `/props`: the model (`--alias`, else the path given
-//! to `-m`), the build, and the number of slots (`--parallel`), the requests it runs at once.
+//! to `-m`), the build, and the number of slots (`--parallel`), the requests it runs at once;
+//! `/slots`, asked on every scrape, the tokens the slots hold in the KV cache.
 
 use genai_collector_core::{BuildContext, ComponentError, Receiver, ReceiverFactory};
 
@@ -28,6 +29,22 @@ pub fn identity(props: &serde_json::Value) -> Identity {
     }
 }
 
+/// `/slots`, on every scrape: the tokens each slot holds in the KV cache (`n_prompt_tokens`: its
+/// prompt and what it generated, kept after the request for reuse), summed. Servers that no
+/// longer publish `llamacpp:kv_cache_usage_ratio` still answer it (unless `--no-slots`). The
+/// cache's size is not to be had from the API: with `--kv-unified` (the default without
+/// `--parallel`) every slot reports the whole context as its `n_ctx`.
+pub fn slots(answer: &serde_json::Value) -> Vec<(&'static str, &'static str, f64)> {
+    let Some(slots) = answer.as_array() else {
+        return Vec::new();
+    };
+    let tokens: f64 = slots
+        .iter()
+        .filter_map(|s| s["n_prompt_tokens"].as_f64())
+        .sum();
+    vec![("llamacpp:slots_kv_tokens", "{token}", tokens)]
+}
+
 impl ReceiverFactory for LlamaCppReceiverFactory {
     type Config = ScrapeConfig;
 
@@ -36,7 +53,7 @@ impl ReceiverFactory for LlamaCppReceiverFactory {
     }
 
     fn description(&self) -> &'static str {
-        "scrapes llama.cpp's llama-server /metrics; the model, build and slots from its /props"
+        "scrapes llama.cpp's llama-server /metrics; the model, build and slots from its /props, KV tokens from /slots"
     }
 
     fn build(
@@ -44,10 +61,11 @@ impl ReceiverFactory for LlamaCppReceiverFactory {
         config: ScrapeConfig,
         _: &BuildContext,
     ) -> Result<Box<dyn Receiver>, ComponentError> {
-        Ok(IdentifiedEngine::receiver(
+        Ok(IdentifiedEngine::with_live(
             "llama.cpp",
             "/props",
             identity,
+            Some(("/slots", slots)),
             config,
         ))
     }
@@ -56,6 +74,24 @@ impl ReceiverFactory for LlamaCppReceiverFactory {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kv_tokens_from_a_real_slots_answer() {
+        let answer: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../tests/fixtures/llamacpp/slots-0c1e570-tiny-random.json"
+            ))
+            .unwrap(),
+        )
+        .unwrap();
+        // Two slots served a request each (61 and 49 tokens cached), two never did.
+        assert_eq!(
+            slots(&answer),
+            vec![("llamacpp:slots_kv_tokens", "{token}", 110.0)]
+        );
+        assert!(slots(&serde_json::json!({"error": "slots disabled"})).is_empty());
+    }
 
     #[test]
     fn a_router_without_a_model_names_none() {

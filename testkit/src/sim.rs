@@ -47,6 +47,8 @@ impl EngineKind {
 
 /// llama-server's `/props`, captured from the same server as its page.
 const LLAMACPP_PROPS: &str = "llamacpp/props-0c1e570-tiny-random.json";
+/// llama.cpp's `/slots` after two requests, from the server `LLAMACPP_PROPS` comes from.
+const LLAMACPP_SLOTS: &str = "llamacpp/slots-0c1e570-tiny-random.json";
 /// TGI's `/info`, served by the TGI simulator.
 const TGI_INFO: &str = "tgi/info-composed.json";
 
@@ -171,6 +173,7 @@ pub async fn start(kind: EngineKind, addr: &str) -> std::io::Result<SimHandle> {
         .route("/metrics", get(metrics))
         .route("/info", get(info))
         .route("/props", get(props))
+        .route("/slots", get(slots))
         .route("/api/ps", get(ollama_ps))
         .route(
             "/api/version",
@@ -396,6 +399,16 @@ async fn info(State(sim): State<Arc<Sim>>) -> Response {
         return bomb;
     }
     match std::fs::read_to_string(fixtures_dir().join(TGI_INFO)) {
+        Ok(body) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+async fn slots(State(sim): State<Arc<Sim>>) -> Response {
+    if sim.kind != EngineKind::LlamaCpp {
+        return StatusCode::NOT_FOUND.into_response();
+    }
+    match std::fs::read_to_string(fixtures_dir().join(LLAMACPP_SLOTS)) {
         Ok(body) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }

@@ -286,7 +286,8 @@ async fn pools_from_scraped_servers() {
 
 /// llama.cpp's real page carries no labels: the `llamacpp` receiver adds the model and build
 /// from `/props` (both captured from the same llama-server) and its slots as the maximum, so
-/// the page normalises like any engine's and gets a capacity percentage.
+/// the page normalises like any engine's and gets a capacity percentage; `/slots` (captured
+/// from that server too) gives the tokens held in the KV cache on every scrape.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn llama_cpp_gets_its_model_and_slots_from_props() {
     let server = sim::start(EngineKind::LlamaCpp, "127.0.0.1:0")
@@ -319,6 +320,8 @@ async fn llama_cpp_gets_its_model_and_slots_from_props() {
     assert!((0.0..=slots).contains(&running), "{running} of {slots}");
     let capacity = s.gauge("gen_ai.server.capacity.usage").unwrap();
     assert!((capacity - running / slots * 100.0).abs() < 1e-9);
+    // /slots on every scrape: the tokens the slots hold in the KV cache (61 + 49).
+    assert_eq!(s.gauge("gen_ai.server.kv_cache.tokens.usage"), Some(110.0));
     use genai_collector_core::model::AttributesExt;
     let Some(metric::Data::Sum(tokens)) = &s.metrics["gen_ai.server.token.usage"].data else {
         panic!("sum")

@@ -1,6 +1,6 @@
 //! The built-in mapping tables against the engine pages in tests/fixtures, taken the way the
 //! receivers take them (parsed, converted, the vLLM receiver's extra gauges, the values TGI's
-//! `/info` and llama.cpp's `/props` add): every table row maps something on some page of its
+//! `/info` and llama.cpp's `/props` and `/slots` add): every table row maps something on some page of its
 //! engine, and what it maps comes out under the row's name, with no series twice. A row no page
 //! exercises fails the test unless it is in `UNEXERCISED`, with the reason.
 
@@ -76,6 +76,19 @@ fn scraped(engine: &str, page: &str, side: Option<&str>) -> Batch {
         }
         if let Some(model) = identity.model {
             resource.push(kv("gen_ai.request.model", model));
+        }
+    }
+    if engine == "llama.cpp" {
+        let slots: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("llamacpp/slots-0c1e570-tiny-random.json")).unwrap(),
+        )
+        .unwrap();
+        for (name, unit, value) in llamacpp::slots(&slots) {
+            extra.push(Metric::gauge(
+                name,
+                unit,
+                vec![number_point(1, value, vec![])],
+            ));
         }
     }
     let rm = &mut batch.resource_metrics[0];

@@ -24,7 +24,12 @@ pub struct IdentifiedEngine {
     /// The config names the model; the endpoint's is then ignored.
     pub model_configured: bool,
     pub read: fn(&serde_json::Value) -> Identity,
+    /// A second endpoint asked on every scrape, and the gauges read from its answer.
+    pub live: Option<(&'static str, Live)>,
 }
+
+/// Gauges read from a JSON answer: (name, unit, value).
+pub type Live = fn(&serde_json::Value) -> Vec<(&'static str, &'static str, f64)>;
 
 impl IdentifiedEngine {
     /// A scrape receiver for `config` whose targets identify themselves at `path`.
@@ -34,12 +39,24 @@ impl IdentifiedEngine {
         read: fn(&serde_json::Value) -> Identity,
         config: ScrapeConfig,
     ) -> Box<dyn genai_collector_core::Receiver> {
+        Self::with_live(provider, path, read, None, config)
+    }
+
+    /// As [`IdentifiedEngine::receiver`], and with gauges from `live`'s endpoint on every scrape.
+    pub fn with_live(
+        provider: &'static str,
+        path: &'static str,
+        read: fn(&serde_json::Value) -> Identity,
+        live: Option<(&'static str, Live)>,
+        config: ScrapeConfig,
+    ) -> Box<dyn genai_collector_core::Receiver> {
         Box::new(ScrapeReceiver {
             engine: std::sync::Arc::new(IdentifiedEngine {
                 provider,
                 path,
                 model_configured: config.model.is_some(),
                 read,
+                live,
             }),
             config,
         })
@@ -79,5 +96,20 @@ impl Engine for IdentifiedEngine {
             found.resource.push(kv("service.version", v));
         }
         Some(found)
+    }
+
+    async fn every_scrape(
+        &self,
+        client: &reqwest::Client,
+        target: &Target,
+        timeout: Duration,
+    ) -> Vec<(&'static str, &'static str, f64)> {
+        let Some((path, read)) = self.live else {
+            return Vec::new();
+        };
+        match side_json(client, &target.url, path, timeout).await {
+            SideAnswer::Json(v) => read(&v),
+            SideAnswer::NotFound | SideAnswer::Failed => Vec::new(),
+        }
     }
 }

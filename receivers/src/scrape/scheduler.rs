@@ -277,6 +277,16 @@ pub trait Engine: Send + Sync + 'static {
     ) -> Option<Discovered> {
         Some(Discovered::default())
     }
+    /// Readings a side endpoint gives on every scrape (llama.cpp's `/slots`), as gauges sent
+    /// with the page; none when it does not answer in time, which fails nothing.
+    async fn every_scrape(
+        &self,
+        _client: &reqwest::Client,
+        _target: &Target,
+        _timeout: Duration,
+    ) -> Vec<(&'static str, &'static str, f64)> {
+        Vec::new()
+    }
     /// Engine facts derived from the page (vLLM's cache config, LoRA adapters).
     fn enrich(&self, _page: &Page<'_>, _metrics: &mut Vec<Metric>, _now: u64) {}
 }
@@ -732,6 +742,8 @@ impl TargetLoop {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut converter = Converter::new();
         let mut discovered: Option<Discovered> = None;
+        // What the engine's every-scrape side endpoint said on this tick.
+        let mut live: Vec<(&'static str, &'static str, f64)> = Vec::new();
         let mut was_up: Option<bool> = None;
         // Consecutive timed-out scrapes, and the ticks still to skip because of them.
         let mut timeouts = 0u32;
@@ -772,6 +784,15 @@ impl TargetLoop {
                         .discover(&self.client, &self.target, s.timeout)
                         .await;
                 }
+                // At most half of what is left, so that the page keeps its time.
+                live = self
+                    .engine
+                    .every_scrape(
+                        &self.client,
+                        &self.target,
+                        deadline.saturating_duration_since(Instant::now()) / 2,
+                    )
+                    .await;
                 // The scrape's duration and time, as before the side endpoint shared its
                 // deadline: from the page's request on, never the wait for a slot.
                 let (started, now) = (Instant::now(), now_unix_nanos());
@@ -815,7 +836,8 @@ impl TargetLoop {
             }
             was_up = Some(up);
             if up {
-                for (name, unit, value) in discovered.iter().flat_map(|d| &d.gauges) {
+                let fixed = discovered.iter().flat_map(|d| &d.gauges);
+                for (name, unit, value) in fixed.chain(&live) {
                     metrics.push(Metric::gauge(
                         name,
                         unit,
