@@ -1,8 +1,9 @@
 //! The collector binary's real NVML path (dlopen of `libnvidia-ml.so.1`, symbol lookup, struct
 //! layouts) against the stand-in driver in tests/peers/fake-nvml, built here with `cc`: the
 //! hardware conventions' names reach the Prometheus endpoint, the energy counter moves as the
-//! integral of the power the driver reports, and a GPU whose row remapper waits for a reset is
-//! `degraded` in `hw.status`.
+//! integral of the power the driver reports, a GPU whose row remapper waits for a reset is
+//! `degraded` in `hw.status`, and a critical XID error the driver reports as an event is counted
+//! and degrades its GPU.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -102,6 +103,8 @@ fn the_binary_reads_a_driver_through_nvml() {
             .env("LD_LIBRARY_PATH", &dir)
             .env("FAKE_NVML_GPUS", "2")
             .env("FAKE_NVML_ROW_REMAP", "1:pending")
+            // XID 79 on GPU 0, after the first readings went out healthy.
+            .env("FAKE_NVML_XID", "0:79@2.5")
             .stdout(Stdio::null())
             .spawn()
             .unwrap(),
@@ -176,10 +179,30 @@ fn the_binary_reads_a_driver_through_nvml() {
             &[gpu, &format!(r#"hw_state="{s}""#), r#"hw_type="gpu""#],
         )
     };
-    assert_eq!(state("000000000000", "ok"), 1.0);
     assert_eq!(state("000000000001", "ok"), 0.0);
     assert_eq!(state("000000000001", "degraded"), 1.0);
     assert_eq!(state("000000000001", "failed"), 0.0);
+    // GPU 0 was ok before its XID, and degraded once the event came.
+    assert!(!first.contains("hw_gpu_xid_errors"), "no XID yet:\n{first}");
+    let xid = scrape(&|p| p.contains("hw_gpu_xid_errors_total{"));
+    assert_eq!(
+        value(
+            &xid,
+            "hw_gpu_xid_errors_total",
+            &["000000000000", r#"hw_gpu_xid="79""#]
+        ),
+        1.0
+    );
+    let g0 = |page: &str, s: &str| {
+        value(
+            page,
+            "hw_status",
+            &["000000000000", &format!(r#"hw_state="{s}""#)],
+        )
+    };
+    assert_eq!(g0(&first, "ok"), 1.0);
+    assert_eq!(g0(&xid, "ok"), 0.0);
+    assert_eq!(g0(&xid, "degraded"), 1.0);
     assert!(
         !later.contains("hw_gpu_power_draw") && !later.contains("hw_gpu_energy_consumed"),
         "the OpenLIT names only on request"

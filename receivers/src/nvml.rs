@@ -58,7 +58,17 @@ pub struct GpuReading {
     pub row_remap: Option<RowRemap>,
     /// Page retirement (before Ampere): pages wait for a reset to be retired.
     pub pages_pending_retirement: Option<bool>,
+    /// Critical XID errors the driver reported since the last reading, by code.
+    pub xid_errors: Vec<u64>,
+    /// The receiver's tally: each XID code seen since it started, and how often.
+    pub xid_totals: Vec<(u64, u64)>,
+    /// The latest critical XID error, when one came within [`XID_DEGRADES_FOR`].
+    pub recent_xid: Option<u64>,
 }
+
+/// How long a critical XID error keeps a GPU `degraded`: one event, not a state, so the
+/// status holds long enough for an alert's `for:` to see it.
+pub const XID_DEGRADES_FOR: Duration = Duration::from_secs(300);
 
 /// NVML's row-remapper state: memory rows replaced after uncorrectable errors.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -109,6 +119,12 @@ impl GpuReading {
         if self.pages_pending_retirement == Some(true) {
             return Some((GpuState::Degraded, "page retirement pending a GPU reset"));
         }
+        if self.recent_xid.is_some() {
+            return Some((
+                GpuState::Degraded,
+                "a critical XID error in the last 5 minutes",
+            ));
+        }
         if let Some(r) = self
             .throttle
             .iter()
@@ -130,17 +146,60 @@ pub trait GpuBackend: Send {
     fn read_all(&self) -> Result<Vec<GpuReading>, String>;
 }
 
+/// NVML, loaded once per process: receivers and Ollama's VRAM total share it, and an event set
+/// can borrow it for as long as the process runs.
+fn nvml() -> Result<&'static nvml_wrapper::Nvml, String> {
+    static NVML: std::sync::OnceLock<Result<nvml_wrapper::Nvml, String>> =
+        std::sync::OnceLock::new();
+    NVML.get_or_init(|| nvml_wrapper::Nvml::init().map_err(|e| e.to_string()))
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
 /// NVML through `nvml-wrapper`, which opens the driver library at run time.
 pub struct NvmlBackend {
-    nvml: nvml_wrapper::Nvml,
+    nvml: &'static nvml_wrapper::Nvml,
+    /// Critical XID errors of the GPUs that report them; `None` where none can.
+    xids: Option<nvml_wrapper::EventSet<'static>>,
 }
 
 impl NvmlBackend {
-    /// Loads the driver library; an error when there is none.
+    /// Loads the driver library and listens for critical XID errors; an error when there is
+    /// no driver.
     pub fn init() -> Result<Self, String> {
-        nvml_wrapper::Nvml::init()
-            .map(|nvml| Self { nvml })
-            .map_err(|e| e.to_string())
+        let nvml = nvml()?;
+        Ok(Self {
+            nvml,
+            xids: xid_events(nvml),
+        })
+    }
+
+    /// Without the XID listener: for one-off readings beside a receiver's.
+    fn readings_only() -> Result<Self, String> {
+        Ok(Self {
+            nvml: nvml()?,
+            xids: None,
+        })
+    }
+
+    /// The critical XID errors since the last call, by GPU UUID.
+    fn drain_xids(&self) -> std::collections::HashMap<String, Vec<u64>> {
+        use nvml_wrapper::enums::event::XidError;
+        let mut out: std::collections::HashMap<String, Vec<u64>> = Default::default();
+        let Some(set) = &self.xids else {
+            return out;
+        };
+        // Bounded: a GPU in an error storm must not hold up the poll.
+        for _ in 0..1024 {
+            let Ok(event) = set.wait(0) else {
+                break;
+            };
+            if let (Some(XidError::Value(xid)), Ok(uuid)) = (event.event_data, event.device.uuid())
+            {
+                out.entry(uuid).or_default().push(xid);
+            }
+        }
+        out
     }
 
     fn read(dev: &nvml_wrapper::Device<'_>, index: u32, parent: Option<&str>) -> GpuReading {
@@ -187,6 +246,7 @@ impl NvmlBackend {
                 .unwrap_or_default(),
             row_remap: remapped_rows(dev),
             pages_pending_retirement: dev.are_pages_pending_retired().ok(),
+            ..Default::default()
         }
     }
 }
@@ -218,6 +278,7 @@ impl GpuBackend for NvmlBackend {
     }
 
     fn read_all(&self) -> Result<Vec<GpuReading>, String> {
+        let mut xids = self.drain_xids();
         let count = self.nvml.device_count().map_err(|e| e.to_string())?;
         let mut out = Vec::with_capacity(count as usize);
         for i in 0..count {
@@ -228,7 +289,8 @@ impl GpuBackend for NvmlBackend {
                     continue;
                 }
             };
-            let reading = Self::read(&dev, i, None);
+            let mut reading = Self::read(&dev, i, None);
+            reading.xid_errors = xids.remove(&reading.uuid).unwrap_or_default();
             // With MIG enabled, each instance is a device of its own.
             if dev.mig_mode().is_ok_and(|m| m.current == 1) {
                 for m in 0..7 {
@@ -244,9 +306,39 @@ impl GpuBackend for NvmlBackend {
     }
 }
 
+/// An event set with every GPU that can report critical XID errors; `None` where none can.
+fn xid_events(nvml: &'static nvml_wrapper::Nvml) -> Option<nvml_wrapper::EventSet<'static>> {
+    use nvml_wrapper::bitmasks::event::EventTypes;
+    let mut set = nvml.create_event_set().ok()?;
+    let mut registered = 0;
+    for i in 0..nvml.device_count().ok()? {
+        let Ok(dev) = nvml.device_by_index(i) else {
+            continue;
+        };
+        let supported = dev
+            .supported_event_types()
+            .is_ok_and(|t| t.contains(EventTypes::CRITICAL_XID_ERROR));
+        if !supported {
+            continue;
+        }
+        // A failed registration releases the set: no XIDs then, the readings still come.
+        match dev.register_events(EventTypes::CRITICAL_XID_ERROR, set) {
+            Ok(s) => {
+                set = s;
+                registered += 1;
+            }
+            Err(e) => {
+                warn!(gpu = i, error = %e, "cannot listen for XID errors");
+                return None;
+            }
+        }
+    }
+    (registered > 0).then_some(set)
+}
+
 /// The sum of every GPU's memory on this host, if NVML can say (for Ollama's percentages).
 pub fn total_gpu_memory() -> Option<u64> {
-    let backend = NvmlBackend::init().ok()?;
+    let backend = NvmlBackend::readings_only().ok()?;
     let total: u64 = backend
         .read_all()
         .ok()?
@@ -367,6 +459,7 @@ impl Receiver for NvmlReceiver {
             backend,
             pods,
             health: HealthLog::default(),
+            xids: XidTally::default(),
             service: ctx.id.to_string(),
             config,
         };
@@ -380,7 +473,41 @@ struct GpuPoll {
     driver: Option<String>,
     pods: Option<PodResourcesClient>,
     health: HealthLog,
+    xids: XidTally,
     service: String,
+}
+
+/// Critical XID errors per GPU since the receiver started.
+#[derive(Default)]
+struct XidTally(std::collections::HashMap<String, GpuXids>);
+
+#[derive(Default)]
+struct GpuXids {
+    /// Code → how often.
+    totals: std::collections::BTreeMap<u64, u64>,
+    latest: Option<(u64, std::time::Instant)>,
+}
+
+impl XidTally {
+    fn observe(&mut self, gpus: &mut [GpuReading]) {
+        let now = std::time::Instant::now();
+        for g in gpus.iter_mut() {
+            if g.xid_errors.is_empty() && !self.0.contains_key(&g.uuid) {
+                continue;
+            }
+            let seen = self.0.entry(g.uuid.clone()).or_default();
+            for xid in &g.xid_errors {
+                *seen.totals.entry(*xid).or_default() += 1;
+                seen.latest = Some((*xid, now));
+                warn!(gpu = %g.uuid, xid, "critical XID error");
+            }
+            g.xid_totals = seen.totals.iter().map(|(x, n)| (*x, *n)).collect();
+            g.recent_xid = seen
+                .latest
+                .filter(|(_, at)| now.duration_since(*at) < XID_DEGRADES_FOR)
+                .map(|(x, _)| x);
+        }
+    }
 }
 
 #[async_trait]
@@ -397,10 +524,11 @@ impl Poll for GpuPoll {
             },
             None => (Allocations::new(), None),
         };
-        let gpus = self
+        let mut gpus = self
             .backend
             .read_all()
             .map_err(|e| PollError::new(format!("cannot read the GPUs: {e}")))?;
+        self.xids.observe(&mut gpus);
         self.health.observe(&gpus);
         let mut batch = to_batch(
             &gpus,
@@ -592,6 +720,14 @@ fn gpu_metrics(g: &GpuReading, config: &NvmlConfig, now: u64) -> Vec<Metric> {
             vec![p(corrected, "corrected"), p(uncorrected, "uncorrected")],
         ));
     }
+    if !g.xid_totals.is_empty() {
+        let points = g
+            .xid_totals
+            .iter()
+            .map(|(xid, n)| with(*n as f64, vec![kv("hw.gpu.xid", *xid as i64)]))
+            .collect();
+        m.push(Metric::sum("hw.gpu.xid_errors", "{error}", true, points));
+    }
     if let Some((state, _)) = g.health() {
         let points = GpuState::ALL
             .iter()
@@ -778,6 +914,7 @@ pub(crate) mod tests {
                     "N/A" => None,
                     v => Some(v == "Yes"),
                 },
+                ..Default::default()
             }])
         }
     }
@@ -978,6 +1115,11 @@ pub(crate) mod tests {
             ..healthy.clone()
         };
         assert_eq!(state(retiring), Some(GpuState::Degraded));
+        let xid = GpuReading {
+            recent_xid: Some(79),
+            ..healthy.clone()
+        };
+        assert_eq!(state(xid), Some(GpuState::Degraded));
         let failed = GpuReading {
             row_remap: Some(RowRemap {
                 pending: true,
@@ -997,6 +1139,43 @@ pub(crate) mod tests {
         assert_eq!(point(&b, "hw.status", "hw.state", "ok"), 0.0);
         // Nothing known, nothing claimed.
         assert_eq!(GpuReading::default().health(), None);
+    }
+
+    #[test]
+    fn xid_errors_are_counted_and_degrade_for_a_while() {
+        let mut tally = XidTally::default();
+        let gpu = |xids: Vec<u64>| GpuReading {
+            uuid: "GPU-x".into(),
+            xid_errors: xids,
+            ..Default::default()
+        };
+        let mut quiet = [gpu(vec![])];
+        tally.observe(&mut quiet);
+        assert_eq!((quiet[0].recent_xid, quiet[0].xid_totals.len()), (None, 0));
+        let mut burst = [gpu(vec![79, 48, 79])];
+        tally.observe(&mut burst);
+        assert_eq!(burst[0].xid_totals, [(48, 1), (79, 2)]);
+        assert_eq!(burst[0].recent_xid, Some(79));
+        // The next poll has no new event: the totals stay, and so does the degradation.
+        let mut after = [gpu(vec![])];
+        tally.observe(&mut after);
+        assert_eq!(after[0].xid_totals, [(48, 1), (79, 2)]);
+        assert_eq!(after[0].health().map(|h| h.0), Some(GpuState::Degraded));
+        let b = to_batch(&after, None, &NvmlConfig::default(), &Allocations::new(), 1);
+        let counts: Vec<(String, f64)> = points(&b, "hw.gpu.xid_errors")
+            .iter()
+            .map(|p| {
+                let xid = genai_collector_core::model::display_attrs(&p.attributes, ",");
+                (xid, number_value(p).unwrap())
+            })
+            .collect();
+        assert_eq!(counts.len(), 2);
+        assert!(
+            counts
+                .iter()
+                .any(|(a, v)| a.contains("hw.gpu.xid=79") && *v == 2.0),
+            "{counts:?}"
+        );
     }
 
     #[test]

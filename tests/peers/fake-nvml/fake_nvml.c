@@ -2,7 +2,9 @@
  * code path (dlopen, symbols, structs) runs in the bars. H100-like readings that move with time:
  * utilization follows a 60 s sine, power follows utilization, the energy counter integrates power.
  * Environment: FAKE_NVML_GPUS (default 2); FAKE_NVML_PROCS "gpu:pid:bytes,..." (compute processes);
- * FAKE_NVML_ROW_REMAP "gpu:pending,gpu:failed,..." (row-remapper state, read on every call).
+ * FAKE_NVML_ROW_REMAP "gpu:pending,gpu:failed,..." (row-remapper state, read on every call);
+ * FAKE_NVML_XID "gpu:xid@seconds,..." (a critical XID error each, delivered once to an event
+ * set the GPU is registered with, `seconds` after nvmlInit_v2).
  * Build: gcc -O2 -shared -fPIC -o libnvidia-ml.so.1 fake_nvml.c -lm */
 #include <math.h>
 #include <stdio.h>
@@ -11,7 +13,7 @@
 #include <time.h>
 
 typedef int ret_t;
-enum { OK = 0, UNINIT = 1, INVALID = 2, NOT_SUPPORTED = 3, NOT_FOUND = 6, INSUFFICIENT = 7 };
+enum { OK = 0, UNINIT = 1, INVALID = 2, NOT_SUPPORTED = 3, NOT_FOUND = 6, INSUFFICIENT = 7, TIMEOUT = 10 };
 typedef struct dev { unsigned idx; } dev_t_;
 typedef dev_t_ *nvmlDevice_t;
 typedef struct { unsigned version; unsigned long long total, reserved, free, used; } mem_v2_t;
@@ -96,6 +98,34 @@ ret_t nvmlDeviceGetRemappedRows(nvmlDevice_t d, unsigned *corr, unsigned *unc, u
     }
   }
   return OK;
+}
+
+/* Events: one set at a time is enough for the collector; only critical XID errors (0x8). */
+typedef struct { nvmlDevice_t device; unsigned long long type, data; unsigned gi, ci; } event_t;
+static int the_set, registered[16], delivered[32];
+ret_t nvmlEventSetCreate(void **set) { if (!inited) return UNINIT; *set = &the_set; return OK; }
+ret_t nvmlEventSetFree(void *set) { (void)set; return OK; }
+ret_t nvmlDeviceGetSupportedEventTypes(nvmlDevice_t d, unsigned long long *t) { if (!valid(d)) return INVALID; *t = 0x8; return OK; }
+ret_t nvmlDeviceRegisterEvents(nvmlDevice_t d, unsigned long long t, void *set) {
+  if (!valid(d) || set != &the_set || t != 0x8) return INVALID;
+  registered[d->idx] = 1; return OK;
+}
+ret_t nvmlEventSetWait_v2(void *set, event_t *out, unsigned timeout_ms) {
+  (void)timeout_ms;
+  if (set != &the_set) return INVALID;
+  const char *e = getenv("FAKE_NVML_XID");
+  if (!e) return TIMEOUT;
+  char buf[256]; snprintf(buf, sizeof buf, "%s", e);
+  int i = 0;
+  for (char *tok = strtok(buf, ","); tok && i < 32; tok = strtok(NULL, ","), i++) {
+    unsigned g; unsigned long long xid; double at;
+    if (sscanf(tok, "%u:%llu@%lf", &g, &xid, &at) == 3 && g < ngpus() && registered[g] && !delivered[i] && now() - t0 >= at) {
+      delivered[i] = 1;
+      out->device = &devs[g]; out->type = 0x8; out->data = xid; out->gi = out->ci = 0xFFFFFFFF;
+      return OK;
+    }
+  }
+  return TIMEOUT;
 }
 
 ret_t nvmlDeviceGetComputeRunningProcesses_v3(nvmlDevice_t d, unsigned *count, proc_t *out) {
