@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 /// Which engine a simulator plays.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum EngineKind {
-    /// vLLM V1 engine (`tests/fixtures/vllm/v1-composed.prom`).
+    /// vLLM V1 engine (`tests/fixtures/vllm/v0.33.0-loggers.prom`, from vLLM's own metrics code).
     VllmV1,
     /// vLLM V0 engine (`tests/fixtures/vllm/v0-composed.prom`).
     VllmV0,
@@ -36,7 +36,7 @@ pub enum EngineKind {
 impl EngineKind {
     fn fixture(self) -> &'static str {
         match self {
-            Self::VllmV1 => "vllm/v1-composed.prom",
+            Self::VllmV1 => "vllm/v0.33.0-loggers.prom",
             Self::VllmV0 => "vllm/v0-composed.prom",
             Self::Tgi => "tgi/composed.prom",
             Self::Ollama => "ollama/ps-two-models.json",

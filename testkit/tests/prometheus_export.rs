@@ -62,7 +62,13 @@ async fn promtool_our_parser_and_a_real_prometheus() {
             // vLLM's own names keep their `:`, which promtool's linter flags by design.
             let ours: String = text
                 .lines()
-                .filter(|l| !l.contains("vllm:"))
+                .filter(|l| {
+                    let family = match l.strip_prefix("# ") {
+                        Some(meta) => meta.split(' ').nth(1).unwrap_or(""),
+                        None => l,
+                    };
+                    !family.starts_with("vllm:")
+                })
                 .map(|l| format!("{l}\n"))
                 .collect();
             child
@@ -97,6 +103,15 @@ async fn promtool_our_parser_and_a_real_prometheus() {
                 .replace(' ', "%20")
         )
     };
+    // The engine fact as the simulated page gives it in `vllm:cache_config_info`.
+    let page =
+        std::fs::read_to_string(sim::fixtures_dir().join("vllm/v0.33.0-loggers.prom")).unwrap();
+    let blocks = page
+        .split("num_gpu_blocks=\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .unwrap()
+        .to_owned();
     let mut answer = String::new();
     for _ in 0..40 {
         tokio::time::sleep(Duration::from_millis(250)).await;
@@ -104,7 +119,7 @@ async fn promtool_our_parser_and_a_real_prometheus() {
             Ok(r) => r.text().await.unwrap_or_default(),
             Err(_) => String::new(),
         };
-        if answer.contains("27910") {
+        if answer.contains(&blocks) {
             break;
         }
     }
@@ -135,7 +150,7 @@ async fn promtool_our_parser_and_a_real_prometheus() {
     drop(prom);
     run.await.unwrap();
     assert!(
-        answer.contains("\"27910\""),
+        answer.contains(&format!("\"{blocks}\"")),
         "Prometheus scraped the engine fact: {answer}"
     );
     assert!(

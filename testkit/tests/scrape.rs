@@ -210,8 +210,10 @@ async fn scraped_pages_come_out_normalised() {
         "gen_ai.server.requests.waiting",
         "gen_ai.server.request.duration",
         "gen_ai.server.time_to_first_token",
-        // The composed V1 page predates vLLM's per-request time per output token.
+        "gen_ai.server.time_per_output_token",
         "gen_ai.server.inter_token_latency",
+        "gen_ai.server.prefix_cache.hits",
+        "gen_ai.server.requests.finished",
     ] {
         assert!(v.metrics.contains_key(name), "vLLM V1 gives {name}");
     }
