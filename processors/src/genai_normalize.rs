@@ -109,6 +109,20 @@ impl ComponentConfig for NormalizeConfig {}
 
 pub struct GenaiNormalizeFactory;
 
+impl GenaiNormalizeFactory {
+    /// `genai_normalize` with tables compiled into a binary of your own, as `(file name, YAML)`:
+    /// they come after the config's `tables` and before the built-in ones. Register it in place
+    /// of the built-in kind (`Components::with_processor` replaces a kind of the same name).
+    pub fn with_tables(
+        tables: &'static [(&'static str, &'static str)],
+    ) -> GenaiNormalizeWithTables {
+        GenaiNormalizeWithTables(tables)
+    }
+}
+
+/// See [`GenaiNormalizeFactory::with_tables`].
+pub struct GenaiNormalizeWithTables(&'static [(&'static str, &'static str)]);
+
 impl ProcessorFactory for GenaiNormalizeFactory {
     type Config = NormalizeConfig;
 
@@ -125,32 +139,63 @@ impl ProcessorFactory for GenaiNormalizeFactory {
         config: &NormalizeConfig,
         ctx: &BuildContext,
     ) -> Result<Box<dyn Processor>, ComponentError> {
-        let mut tables = Vec::new();
-        for path in &config.tables {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| ComponentError::Config(format!("table {}: {e}", path.display())))?;
-            tables.push(
-                parse_table(&text).map_err(|e| {
-                    ComponentError::Config(format!("table {}: {e}", path.display()))
-                })?,
-            );
-        }
-        if config.builtin_tables {
-            for (name, text) in BUILTIN_TABLES {
-                tables.push(
-                    parse_table(text).map_err(|e| {
-                        ComponentError::Config(format!("built-in table {name}: {e}"))
-                    })?,
-                );
-            }
-        }
-        let mut normalize = GenaiNormalize::new(tables, config.unmapped);
-        normalize.stats = ctx
-            .pipeline
-            .as_deref()
-            .and_then(|p| ctx.telemetry.find_processor(&ctx.id.to_string(), p));
-        Ok(Box::new(normalize))
+        build(config, ctx, &[])
     }
+}
+
+impl ProcessorFactory for GenaiNormalizeWithTables {
+    type Config = NormalizeConfig;
+
+    fn kind(&self) -> &'static str {
+        "genai_normalize"
+    }
+
+    fn description(&self) -> &'static str {
+        "maps engine metrics (vLLM, TGI, llama.cpp, SGLang, this binary's and your own tables) to the gen_ai vocabulary"
+    }
+
+    fn build(
+        &self,
+        config: &NormalizeConfig,
+        ctx: &BuildContext,
+    ) -> Result<Box<dyn Processor>, ComponentError> {
+        build(config, ctx, self.0)
+    }
+}
+
+/// The processor with the config's tables, then `compiled`, then (unless turned off) the
+/// built-in ones: the first table that maps a name wins.
+fn build(
+    config: &NormalizeConfig,
+    ctx: &BuildContext,
+    compiled: &[(&str, &str)],
+) -> Result<Box<dyn Processor>, ComponentError> {
+    let mut tables = Vec::new();
+    for path in &config.tables {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ComponentError::Config(format!("table {}: {e}", path.display())))?;
+        tables.push(
+            parse_table(&text)
+                .map_err(|e| ComponentError::Config(format!("table {}: {e}", path.display())))?,
+        );
+    }
+    let builtin = if config.builtin_tables {
+        BUILTIN_TABLES
+    } else {
+        &[]
+    };
+    for (name, text) in compiled.iter().chain(builtin) {
+        tables.push(
+            parse_table(text)
+                .map_err(|e| ComponentError::Config(format!("built-in table {name}: {e}")))?,
+        );
+    }
+    let mut normalize = GenaiNormalize::new(tables, config.unmapped);
+    normalize.stats = ctx
+        .pipeline
+        .as_deref()
+        .and_then(|p| ctx.telemetry.find_processor(&ctx.id.to_string(), p));
+    Ok(Box::new(normalize))
 }
 
 /// Reads a table, with the YAML crate's located error on a mistake.

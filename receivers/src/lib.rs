@@ -12,10 +12,6 @@ pub mod tgi;
 pub mod vllm;
 
 pub use internal::InternalReceiverFactory;
-pub use llamacpp::LlamaCppReceiverFactory;
 pub use nvml::NvmlReceiverFactory;
 pub use ollama::OllamaReceiverFactory;
 pub use otlp::OtlpReceiverFactory;
-pub use prometheus::PrometheusReceiverFactory;
-pub use tgi::TgiReceiverFactory;
-pub use vllm::VllmReceiverFactory;

@@ -3,11 +3,9 @@
 //! to `-m`), the build, and the number of slots (`--parallel`), the requests it runs at once;
 //! `/slots`, asked on every scrape, the tokens the slots hold in the KV cache.
 
-use genai_collector_core::{BuildContext, ComponentError, Receiver, ReceiverFactory};
+use std::sync::Arc;
 
-use crate::scrape::{IdentifiedEngine, Identity, ScrapeConfig};
-
-pub struct LlamaCppReceiverFactory;
+use crate::scrape::{IdentifiedEngine, Identity, ScrapeFactory};
 
 /// `/props`: `model_alias`, `build_info`, `total_slots`. A router (several models, `/metrics`
 /// wants `?model=`) answers a placeholder model without `?model=`: only its build counts.
@@ -45,31 +43,19 @@ pub fn slots(answer: &serde_json::Value) -> Vec<(&'static str, &'static str, f64
     vec![("llamacpp:slots_kv_tokens", "{token}", tokens)]
 }
 
-impl ReceiverFactory for LlamaCppReceiverFactory {
-    type Config = ScrapeConfig;
-
-    fn kind(&self) -> &'static str {
-        "llamacpp"
-    }
-
-    fn description(&self) -> &'static str {
-        "scrapes llama.cpp's llama-server /metrics; the model, build and slots from its /props, KV tokens from /slots"
-    }
-
-    fn build(
-        &self,
-        config: ScrapeConfig,
-        _: &BuildContext,
-    ) -> Result<Box<dyn Receiver>, ComponentError> {
-        Ok(IdentifiedEngine::with_live(
-            "llama.cpp",
-            "/props",
-            identity,
-            Some(("/slots", slots)),
-            config,
-        ))
-    }
-}
+pub const FACTORY: ScrapeFactory = ScrapeFactory {
+    kind: "llamacpp",
+    description: "scrapes llama.cpp's llama-server /metrics; the model, build and slots from its /props, KV tokens from /slots",
+    engine: |config| {
+        Arc::new(IdentifiedEngine {
+            provider: "llama.cpp",
+            path: "/props",
+            model_configured: config.model.is_some(),
+            read: identity,
+            live: Some(("/slots", slots)),
+        })
+    },
+};
 
 #[cfg(test)]
 mod tests {

@@ -1,11 +1,9 @@
 //! `tgi`: scrapes Text Generation Inference's `/metrics`. TGI's page has no model label, so
 //! the model comes from config (`model`) or, when the config names none, from TGI's `/info`.
 
-use genai_collector_core::{BuildContext, ComponentError, Receiver, ReceiverFactory};
+use std::sync::Arc;
 
-use crate::scrape::{IdentifiedEngine, Identity, ScrapeConfig};
-
-pub struct TgiReceiverFactory;
+use crate::scrape::{IdentifiedEngine, Identity, ScrapeFactory};
 
 /// `/info`: `model_id`, `version`, and `max_batch_total_tokens` (the tokens the router lets
 /// a batch hold, TGI's KV budget; absent from its page).
@@ -21,22 +19,17 @@ pub fn identity(info: &serde_json::Value) -> Identity {
     }
 }
 
-impl ReceiverFactory for TgiReceiverFactory {
-    type Config = ScrapeConfig;
-
-    fn kind(&self) -> &'static str {
-        "tgi"
-    }
-
-    fn description(&self) -> &'static str {
-        "scrapes Text Generation Inference's /metrics; the model from config or TGI's /info"
-    }
-
-    fn build(
-        &self,
-        config: ScrapeConfig,
-        _: &BuildContext,
-    ) -> Result<Box<dyn Receiver>, ComponentError> {
-        Ok(IdentifiedEngine::receiver("tgi", "/info", identity, config))
-    }
-}
+pub const FACTORY: ScrapeFactory = ScrapeFactory {
+    kind: "tgi",
+    description:
+        "scrapes Text Generation Inference's /metrics; the model from config or TGI's /info",
+    engine: |config| {
+        Arc::new(IdentifiedEngine {
+            provider: "tgi",
+            path: "/info",
+            model_configured: config.model.is_some(),
+            read: identity,
+            live: None,
+        })
+    },
+};

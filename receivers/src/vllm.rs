@@ -4,12 +4,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use genai_collector_core::model::{kv, number_point, Metric, MetricExt};
-use genai_collector_core::{BuildContext, ComponentError, Receiver, ReceiverFactory};
 
 use crate::scrape::text::Page;
-use crate::scrape::{Engine, ScrapeConfig, ScrapeReceiver};
-
-pub struct VllmReceiverFactory;
+use crate::scrape::{Engine, ScrapeFactory};
 
 /// vLLM's additions to plain scraping (public for the fuzz targets).
 pub struct Vllm;
@@ -99,28 +96,11 @@ impl Engine for Vllm {
     }
 }
 
-impl ReceiverFactory for VllmReceiverFactory {
-    type Config = ScrapeConfig;
-
-    fn kind(&self) -> &'static str {
-        "vllm"
-    }
-
-    fn description(&self) -> &'static str {
-        "scrapes vLLM's /metrics (V0 and V1 engines): model from `model_name`, KV-cache size, LoRA adapters"
-    }
-
-    fn build(
-        &self,
-        config: ScrapeConfig,
-        _: &BuildContext,
-    ) -> Result<Box<dyn Receiver>, ComponentError> {
-        Ok(Box::new(ScrapeReceiver {
-            engine: Arc::new(Vllm),
-            config,
-        }))
-    }
-}
+pub const FACTORY: ScrapeFactory = ScrapeFactory {
+    kind: "vllm",
+    description: "scrapes vLLM's /metrics (V0 and V1 engines): model from `model_name`, KV-cache size, LoRA adapters",
+    engine: |_| Arc::new(Vllm),
+};
 
 #[cfg(test)]
 mod tests {

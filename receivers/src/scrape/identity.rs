@@ -6,7 +6,7 @@ use std::time::Duration;
 use genai_collector_core::model::kv;
 
 use super::fetch::{side_json, SideAnswer};
-use super::{Discovered, Engine, ScrapeConfig, ScrapeReceiver, Target};
+use super::{Discovered, Engine, Target};
 
 /// What an engine's side endpoint says about the server.
 #[derive(Debug, Default, PartialEq)]
@@ -30,38 +30,6 @@ pub struct IdentifiedEngine {
 
 /// Gauges read from a JSON answer: (name, unit, value).
 pub type Live = fn(&serde_json::Value) -> Vec<(&'static str, &'static str, f64)>;
-
-impl IdentifiedEngine {
-    /// A scrape receiver for `config` whose targets identify themselves at `path`.
-    pub fn receiver(
-        provider: &'static str,
-        path: &'static str,
-        read: fn(&serde_json::Value) -> Identity,
-        config: ScrapeConfig,
-    ) -> Box<dyn genai_collector_core::Receiver> {
-        Self::with_live(provider, path, read, None, config)
-    }
-
-    /// As [`IdentifiedEngine::receiver`], and with gauges from `live`'s endpoint on every scrape.
-    pub fn with_live(
-        provider: &'static str,
-        path: &'static str,
-        read: fn(&serde_json::Value) -> Identity,
-        live: Option<(&'static str, Live)>,
-        config: ScrapeConfig,
-    ) -> Box<dyn genai_collector_core::Receiver> {
-        Box::new(ScrapeReceiver {
-            engine: std::sync::Arc::new(IdentifiedEngine {
-                provider,
-                path,
-                model_configured: config.model.is_some(),
-                read,
-                live,
-            }),
-            config,
-        })
-    }
-}
 
 #[genai_collector_core::async_trait]
 impl Engine for IdentifiedEngine {

@@ -3,12 +3,14 @@
 //! auth, TLS, health series).
 
 pub mod convert;
+mod factory;
 pub(crate) mod fetch;
 mod identity;
 pub mod kubernetes;
 mod scheduler;
 pub mod text;
 
+pub use factory::{Provider, ScrapeFactory};
 pub use fetch::{ScrapeError, TlsConfig};
 pub use identity::{IdentifiedEngine, Identity};
 pub use scheduler::{

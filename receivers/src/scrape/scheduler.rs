@@ -415,17 +415,8 @@ fn backoff_ticks(timeouts: u32) -> u32 {
 /// Scrapes `target` once with `config`'s settings and returns how many samples the page
 /// held: for troubleshooting a target, and for tests.
 pub async fn scrape_once(target: &str, config: &ScrapeConfig) -> Result<usize, ScrapeError> {
-    struct Plain;
-    impl Engine for Plain {
-        fn provider(&self) -> Option<&'static str> {
-            None
-        }
-        fn default_interval(&self) -> Duration {
-            Duration::from_secs(15)
-        }
-    }
-    let (client, settings) =
-        prepare(config, &Plain, "scrape_once").map_err(|e| ScrapeError::Connect(e.to_string()))?;
+    let (client, settings) = prepare(config, &super::Provider(None), "scrape_once")
+        .map_err(|e| ScrapeError::Connect(e.to_string()))?;
     let t = Target::parse(target, "/metrics", &[]).map_err(ScrapeError::Connect)?;
     let fetched = get(&client, &t.url, &settings, settings.timeout).await?;
     let page = text::parse(
