@@ -82,7 +82,7 @@ impl ProcessorFactory for PercentagesFactory {
     }
 
     fn description(&self) -> &'static str {
-        "derived percentages: KV cache from blocks, capacity (running / max), GPU memory, Ollama VRAM share, your own ratios"
+        "derived percentages: KV cache from blocks or tokens, capacity (running / max), Ollama VRAM share, your own ratios"
     }
 
     fn build(
