@@ -2,7 +2,7 @@
 //!
 //! `generator` makes numbered points as fast as asked; `capture` keeps what reaches it; `fail`
 //! refuses everything; `file` writes each point's value to a file, slowly if asked; `noop`
-//! passes batches through. [`components`] registers them beside the built-in kinds. [`sim`]
+//! passes batches through. [`components()`] registers them beside the built-in kinds. [`sim`]
 //! serves the engines' pages from `tests/fixtures` with moving values and faults on demand.
 
 pub mod components;
