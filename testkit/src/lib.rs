@@ -11,6 +11,27 @@ pub mod sim;
 
 pub use components::{components, Capture};
 
+/// Waits for a condition instead of a clock: `check` every 20 ms until it gives `Some`, for at
+/// most `within` (generous: a loaded 2-core CI machine is slow, and a met condition returns at
+/// once); past it, panics naming `what`.
+pub async fn eventually<T>(
+    within: std::time::Duration,
+    what: &str,
+    mut check: impl FnMut() -> Option<T>,
+) -> T {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not within {within:?}: {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 /// A loopback port free now, for a server a test or harness starts next.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

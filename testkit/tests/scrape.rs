@@ -2,7 +2,9 @@
 
 mod common;
 
-use common::{run_for, scrapes};
+use std::time::Duration;
+
+use common::{run_for, run_until, scrape_counts, scrapes};
 use genai_collector_core::model::{metric, MetricExt};
 use genai_collector_testkit::sim::{self, EngineKind};
 
@@ -32,7 +34,18 @@ service:
         v0 = v0.metrics_url(),
         tgi = tgi.metrics_url()
     );
-    let capture = run_for(&yaml, 1.3).await;
+    let (v1_url, v0_url, tgi_url) = (v1.metrics_url(), v0.metrics_url(), tgi.metrics_url());
+    let capture = run_until(
+        &yaml,
+        Duration::from_secs(30),
+        "4 scrapes of V1, one of V0 and TGI",
+        |c| {
+            let n = scrape_counts(c);
+            let count = |u: &String| n.get(u).copied().unwrap_or(0);
+            count(&v1_url) >= 4 && count(&v0_url) >= 1 && count(&tgi_url) >= 1
+        },
+    )
+    .await;
     let by_target = scrapes(&capture);
     assert_eq!(
         by_target.len(),
@@ -42,11 +55,6 @@ service:
     );
 
     let v1_scrapes = &by_target[&v1.metrics_url()];
-    assert!(
-        v1_scrapes.len() >= 4,
-        "scraped every 200ms: {}",
-        v1_scrapes.len()
-    );
     let first = &v1_scrapes[0];
     assert_eq!(first.gauge("up"), Some(1.0));
     assert_eq!(first.attrs["gen_ai.provider.name"], "vllm");
@@ -165,7 +173,12 @@ async fn duplicates_and_a_hundred_thousand_series() {
         many.metrics_url()
     );
     // A debug build parsing 100,000 series on a loaded 2-core machine needs the time.
-    let capture = run_for(&yaml, 2.2).await;
+    let urls = [dup.metrics_url(), many.metrics_url()];
+    let capture = run_until(&yaml, Duration::from_secs(60), "a scrape of each", |c| {
+        let n = scrape_counts(c);
+        urls.iter().all(|u| n.contains_key(u))
+    })
+    .await;
     let by_target = scrapes(&capture);
     let d = &by_target[&dup.metrics_url()][0];
     assert_eq!(
@@ -192,7 +205,12 @@ async fn scraped_pages_come_out_normalised() {
         v1.metrics_url(),
         tgi.metrics_url()
     );
-    let capture = run_for(&yaml, 0.7).await;
+    let urls = [v1.metrics_url(), tgi.metrics_url()];
+    let capture = run_until(&yaml, Duration::from_secs(30), "a scrape of each", |c| {
+        let n = scrape_counts(c);
+        urls.iter().all(|u| n.contains_key(u))
+    })
+    .await;
     let by_target = scrapes(&capture);
     let v = &by_target[&v1.metrics_url()][0];
     let usage = v.gauge("gen_ai.server.kv_cache.usage").unwrap();
@@ -306,7 +324,11 @@ async fn llama_cpp_gets_its_model_and_slots_from_props() {
         "receivers:\n  llamacpp: {{ targets: [\"{}\"], interval: 200ms }}\nprocessors:\n  genai_normalize: {{}}\n  percentages: {{}}\nexporters:\n  capture: {{}}\nservice:\n  telemetry: {{ endpoint: null }}\n  pipelines:\n    metrics: {{ receivers: [llamacpp], processors: [genai_normalize, percentages], exporters: [capture] }}\n",
         server.addr
     );
-    let capture = run_for(&yaml, 0.9).await;
+    let url = server.metrics_url();
+    let capture = run_until(&yaml, Duration::from_secs(30), "a scrape", |c| {
+        scrape_counts(c).contains_key(&url)
+    })
+    .await;
     let polls = &scrapes(&capture)[&server.metrics_url()];
     let s = polls.last().unwrap();
     assert_eq!(s.gauge("up"), Some(1.0));

@@ -26,6 +26,39 @@ pub async fn run_for(yaml: &str, secs: f64) -> Capture {
     capture
 }
 
+/// Runs the pipeline in `yaml` until `done` holds for what reached the `capture` exporter
+/// (checked every 20 ms), then shuts it down; panics naming `what` if that takes past `within`.
+pub async fn run_until(
+    yaml: &str,
+    within: Duration,
+    what: &str,
+    done: impl Fn(&Capture) -> bool,
+) -> Capture {
+    let capture = Capture::new();
+    let comps = components(&capture);
+    let cfg =
+        config::load(&[Source::new("test.yaml", yaml)], &comps).unwrap_or_else(|e| panic!("{e}"));
+    let service = Service::build(cfg, &comps).unwrap_or_else(|e| panic!("{e}"));
+    let watched = capture.clone();
+    service
+        .run(genai_collector_testkit::eventually(
+            within,
+            what,
+            move || done(&watched).then_some(()),
+        ))
+        .await
+        .unwrap();
+    capture
+}
+
+/// How many scrapes of each target reached `capture`.
+pub fn scrape_counts(capture: &Capture) -> BTreeMap<String, usize> {
+    scrapes(capture)
+        .into_iter()
+        .map(|(t, s)| (t, s.len()))
+        .collect()
+}
+
 pub fn resource_attrs(batch: &Batch) -> &Vec<KeyValue> {
     &batch.resource_metrics[0]
         .resource
