@@ -195,13 +195,65 @@ pub struct ReceiverContext {
     pub shutdown: CancellationToken,
 }
 
-/// Pulls or accepts samples and pushes batches until shutdown.
+/// Pulls or accepts samples and pushes batches until shutdown. A receiver that asks something
+/// on an interval is simpler written with [`crate::poll`]; one that listens runs its own loop:
+///
+/// ```
+/// use genai_collector_core::model::{now_unix_nanos, number_point, Metric, MetricExt};
+/// use genai_collector_core::{async_trait, Batch, ComponentError, Receiver, ReceiverContext};
+///
+/// /// Sends one heartbeat gauge a second until shutdown.
+/// struct Heartbeat;
+///
+/// #[async_trait]
+/// impl Receiver for Heartbeat {
+///     async fn run(self: Box<Self>, ctx: ReceiverContext) -> Result<(), ComponentError> {
+///         loop {
+///             tokio::select! {
+///                 () = ctx.shutdown.cancelled() => return Ok(()),
+///                 () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+///             }
+///             let point = number_point(now_unix_nanos(), 1.0, vec![]);
+///             let batch = Batch::with_resource(vec![], vec![Metric::gauge("heartbeat", "", vec![point])]);
+///             // Waits while the pipelines are full; an error means none takes batches any more.
+///             if ctx.output.send(batch).await.is_err() {
+///                 return Ok(());
+///             }
+///         }
+///     }
+/// }
+/// ```
 #[async_trait]
 pub trait Receiver: Send {
     async fn run(self: Box<Self>, ctx: ReceiverContext) -> Result<(), ComponentError>;
 }
 
 /// Transforms batches in place: synchronous and CPU-only.
+///
+/// ```
+/// use genai_collector_core::model::{number_point, Metric, MetricExt};
+/// use genai_collector_core::{Batch, Processor};
+///
+/// /// Milliseconds to seconds, for a server that reports its latency in ms.
+/// struct MsToSeconds;
+///
+/// impl Processor for MsToSeconds {
+///     fn process(&mut self, batch: &mut Batch) {
+///         for m in batch.metrics_mut().filter(|m| m.unit == "ms") {
+///             m.scale(0.001);
+///             m.unit = "s".into();
+///         }
+///     }
+/// }
+///
+/// let mut batch = Batch::with_resource(
+///     vec![],
+///     vec![Metric::gauge("latency", "ms", vec![number_point(1, 250.0, vec![])])],
+/// );
+/// MsToSeconds.process(&mut batch);
+/// let m = batch.metrics().next().unwrap();
+/// assert_eq!(m.unit, "s");
+/// ```
 pub trait Processor: Send {
     /// Transforms `batch`; leaving it empty stops it here (dropped, or held for a later flush).
     fn process(&mut self, batch: &mut Batch);

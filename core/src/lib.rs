@@ -5,6 +5,9 @@
 pub mod auth;
 pub mod component;
 pub mod config;
+/// The persistent queue's file format: public for the fuzz targets and their corpus replay
+/// only, not part of the API a component uses (exporters get it through `sending_queue`).
+#[doc(hidden)]
 pub mod disk_queue;
 mod http;
 pub mod memory;

@@ -39,90 +39,106 @@ impl State {
     }
 }
 
-/// Counters of one component instance. All counts are in data points.
-#[derive(Debug)]
-pub struct ComponentStats {
-    pub kind: ComponentKind,
-    pub id: String,
-    /// The pipeline a processor instance belongs to.
-    pub pipeline: Option<String>,
+/// Declares the counters once: the atomic fields of [`ComponentStats`], which the runtime
+/// updates, and the plain fields of [`Counts`], the read-only copy everyone else reads.
+macro_rules! counters {
+    ($($(#[$doc:meta])* $name:ident,)*) => {
+        /// Counters of one component instance. All counts are in data points. The runtime
+        /// updates them; read them with [`ComponentStats::snapshot`].
+        #[derive(Debug)]
+        pub struct ComponentStats {
+            pub kind: ComponentKind,
+            pub id: String,
+            /// The pipeline a processor instance belongs to.
+            pub pipeline: Option<String>,
+            $($(#[$doc])* pub(crate) $name: AtomicU64,)*
+            state: AtomicU8,
+            last_error: Mutex<Option<String>>,
+        }
+
+        /// A component's counters at one moment.
+        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+        pub struct Counts {
+            $($(#[$doc])* pub $name: u64,)*
+        }
+
+        impl ComponentStats {
+            fn new(kind: ComponentKind, id: String, pipeline: Option<String>) -> Self {
+                let stats = Self {
+                    kind,
+                    id,
+                    pipeline,
+                    $($name: AtomicU64::new(0),)*
+                    state: AtomicU8::new(State::Starting as u8),
+                    last_error: Mutex::new(None),
+                };
+                stats.targets.store(u64::MAX, Ordering::Relaxed);
+                stats
+            }
+
+            /// The counters now.
+            pub fn snapshot(&self) -> Counts {
+                Counts {
+                    $($name: self.$name.load(Ordering::Relaxed),)*
+                }
+            }
+        }
+    };
+}
+
+counters! {
     /// Receiver: pushed into its pipelines. Processor: came in. Exporter: queued.
-    pub accepted: AtomicU64,
+    accepted,
     /// Processor: went out. Exporter: delivered.
-    pub sent: AtomicU64,
+    sent,
     /// Receiver: refused because its pipelines or their exporters' queues were full (a push
     /// client is told to retry). Exporter: scraped points dropped, its queue full on arrival.
-    pub refused: AtomicU64,
+    refused,
     /// Receiver: refused or dropped because the process was above its memory limit.
-    pub memory_refused: AtomicU64,
+    memory_refused,
     /// Pull receiver: rounds skipped because the process was above its memory limit.
-    pub skipped_rounds: AtomicU64,
+    skipped_rounds,
     /// Exporter: given up on (permanent error, retries exhausted, or shutdown deadline).
-    pub failed: AtomicU64,
+    failed,
     /// Exporter: failed attempts, retried or not (in requests, not points).
-    pub attempt_failures: AtomicU64,
+    attempt_failures,
     /// Exporter: points waiting in its queue or being sent.
-    pub queued: AtomicU64,
+    queued,
     /// Exporter: what the queue holds at most, in its sizer's units.
-    pub queue_capacity: AtomicU64,
+    queue_capacity,
     /// Exporter: what the queue holds now (queued and in flight), in its sizer's units.
-    pub queue_used: AtomicU64,
+    queue_used,
     /// Exporter: batches waiting in the queue.
-    pub queue_batches: AtomicU64,
+    queue_batches,
     /// Exporter: estimated heap bytes of the batches queued and in flight.
-    pub queue_bytes: AtomicU64,
+    queue_bytes,
     /// Exporter: when the oldest batch in the queue was queued (Unix ms), 0 when empty.
-    pub queue_oldest_ms: AtomicU64,
+    queue_oldest_ms,
     /// Exporter: points kept in the persistent queue at shutdown, to be sent after a restart.
-    pub persisted: AtomicU64,
+    persisted,
     /// Processor (`genai_normalize`): scraped targets whose page lacks a core metric its
     /// engine's table maps (running, waiting, KV cache).
-    pub incomplete_targets: AtomicU64,
+    incomplete_targets,
     /// Exporter: bytes of its persistent queue's files.
-    pub disk_bytes: AtomicU64,
+    disk_bytes,
     /// Exporter: points queued in memory only, because the persistent queue was full
     /// (`storage_limit`) or could not be written.
-    pub disk_skipped: AtomicU64,
+    disk_skipped,
     /// Pull receiver: targets it scrapes now; `u64::MAX` for receivers without targets.
-    pub targets: AtomicU64,
-    state: AtomicU8,
-    last_error: Mutex<Option<String>>,
+    targets,
 }
 
 impl ComponentStats {
-    fn new(kind: ComponentKind, id: String, pipeline: Option<String>) -> Self {
-        Self {
-            kind,
-            id,
-            pipeline,
-            accepted: AtomicU64::new(0),
-            sent: AtomicU64::new(0),
-            refused: AtomicU64::new(0),
-            memory_refused: AtomicU64::new(0),
-            skipped_rounds: AtomicU64::new(0),
-            failed: AtomicU64::new(0),
-            attempt_failures: AtomicU64::new(0),
-            queued: AtomicU64::new(0),
-            queue_capacity: AtomicU64::new(0),
-            queue_used: AtomicU64::new(0),
-            queue_batches: AtomicU64::new(0),
-            queue_bytes: AtomicU64::new(0),
-            queue_oldest_ms: AtomicU64::new(0),
-            persisted: AtomicU64::new(0),
-            incomplete_targets: AtomicU64::new(0),
-            disk_bytes: AtomicU64::new(0),
-            disk_skipped: AtomicU64::new(0),
-            targets: AtomicU64::new(u64::MAX),
-            state: AtomicU8::new(State::Starting as u8),
-            last_error: Mutex::new(None),
-        }
+    /// Sets `genai_normalize`'s count of scraped targets whose page lacks a core metric.
+    pub fn set_incomplete_targets(&self, n: u64) {
+        self.incomplete_targets.store(n, Ordering::Relaxed);
     }
 
-    pub fn add(counter: &AtomicU64, n: usize) {
+    pub(crate) fn add(counter: &AtomicU64, n: usize) {
         counter.fetch_add(n as u64, Ordering::Relaxed);
     }
 
-    pub fn get(counter: &AtomicU64) -> u64 {
+    pub(crate) fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
     }
 

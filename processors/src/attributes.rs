@@ -166,8 +166,7 @@ mod tests {
     fn actions_on_points_and_resources() {
         std::env::set_var("GENAI_TEST_NODE", "gpu-node-7");
         let yaml = "actions:\n  - { key: k8s.node.name, action: insert, from_env: GENAI_TEST_NODE, context: resource }\n  - { key: team, action: upsert, value: ml }\n  - { key: engine, action: delete }\n  - { key: model_name, action: rename, to: gen_ai.request.model }\n  - { key: absent, action: update, value: x }\n";
-        let node = genai_collector_core::config::node::Node::parse(yaml, 0).unwrap();
-        let config: AttributesConfig = node.deserialize().unwrap();
+        let config: AttributesConfig = serde_saphyr::from_str(yaml).unwrap();
         config.validate().unwrap();
         let ctx = BuildContext {
             id: genai_collector_core::ComponentId::parse("attributes").unwrap(),

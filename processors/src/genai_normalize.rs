@@ -333,9 +333,7 @@ impl GenaiNormalize {
         }
         if let Some(stats) = &self.stats {
             let incomplete = self.targets.values().filter(|t| t.1).count() as u64;
-            stats
-                .incomplete_targets
-                .store(incomplete, std::sync::atomic::Ordering::Relaxed);
+            stats.set_incomplete_targets(incomplete);
             // The message describes a state: once every page is whole again, /healthz drops it.
             if incomplete == 0 {
                 stats.clear_error();
@@ -662,7 +660,6 @@ fn merge_points(into: &mut Metric, from: Metric, into_first: bool) {
 mod tests {
     use super::*;
     use genai_collector_core::model::{kv, number_point, number_value};
-    use genai_collector_core::telemetry::ComponentStats;
 
     fn normalize(config: NormalizeConfig) -> Box<dyn Processor> {
         let ctx = BuildContext {
@@ -719,7 +716,7 @@ mod tests {
                 metrics,
             )
         };
-        let incomplete = || ComponentStats::get(&stats.incomplete_targets);
+        let incomplete = || stats.snapshot().incomplete_targets;
         p.process(&mut page(false, false));
         assert_eq!(incomplete(), 0, "a push is no whole page");
         p.process(&mut page(false, true));

@@ -34,7 +34,7 @@ async fn main() {
     let stats = telemetry
         .find(genai_collector_core::ComponentKind::Exporter, "prometheus")
         .unwrap();
-    while genai_collector_core::telemetry::ComponentStats::get(&stats.sent) < SERIES as u64 {
+    while stats.snapshot().sent < SERIES as u64 {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let client = reqwest::Client::new();

@@ -93,7 +93,7 @@ service:
             .components()
             .iter()
             .filter(|c| c.kind == genai_collector_core::ComponentKind::Exporter)
-            .map(|c| genai_collector_core::telemetry::ComponentStats::get(&c.sent))
+            .map(|c| c.snapshot().sent)
             .sum();
         assert_eq!(sent as f64, 2.0 * total, "both exporters got every point");
         through.push(total / secs);

@@ -2,7 +2,6 @@
 //! exporter; what it is refused reaches none; exporters send in parallel; the memory limiter
 //! refuses pushes and skips scrapes.
 
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,10 +20,6 @@ fn service(yaml: &str, capture: &Capture) -> Service {
 fn stat(t: &Telemetry, kind: ComponentKind, id: &str) -> Arc<ComponentStats> {
     t.find(kind, id)
         .unwrap_or_else(|| panic!("no stats for {kind} {id}"))
-}
-
-fn get(c: &AtomicU64) -> u64 {
-    ComponentStats::get(c)
 }
 
 /// Batches an exporter's persistent queue directory holds.
@@ -84,15 +79,15 @@ service:
     );
 
     let recv = stat(&telemetry, ComponentKind::Receiver, "generator");
-    assert_eq!(get(&recv.accepted), 200);
+    assert_eq!(recv.snapshot().accepted, 200);
     assert!(
-        get(&recv.refused) >= 1000,
+        recv.snapshot().refused >= 1000,
         "refusals are counted: {}",
-        get(&recv.refused)
+        recv.snapshot().refused
     );
     let hung = stat(&telemetry, ComponentKind::Exporter, "fail/hang");
     assert_eq!(
-        get(&hung.refused),
+        hung.snapshot().refused,
         0,
         "pushed points are refused at the receiver, not dropped at the queue"
     );
@@ -138,12 +133,16 @@ service:
     );
     let exp = stat(&telemetry, ComponentKind::Exporter, "capture");
     assert_eq!(
-        (get(&exp.sent), get(&exp.queued), get(&exp.queue_bytes)),
+        (
+            exp.snapshot().sent,
+            exp.snapshot().queued,
+            exp.snapshot().queue_bytes
+        ),
         (3000, 0, 0)
     );
     let recv = stat(&telemetry, ComponentKind::Receiver, "generator");
     assert!(
-        get(&recv.refused) > 0,
+        recv.snapshot().refused > 0,
         "the 8-batch queue made the client retry"
     );
 }
@@ -172,13 +171,13 @@ service:
     let exp = stat(&telemetry, ComponentKind::Exporter, "capture");
     tokio::time::sleep(Duration::from_millis(150)).await;
     assert_eq!(
-        get(&recv.accepted),
+        recv.snapshot().accepted,
         0,
         "held by the batch processor: the first push is not answered yet"
     );
     tokio::time::sleep(Duration::from_millis(1000)).await;
-    assert_eq!(get(&recv.accepted), 30);
-    assert_eq!(get(&exp.accepted), 30, "answered once queued");
+    assert_eq!(recv.snapshot().accepted, 30);
+    assert_eq!(exp.snapshot().accepted, 30, "answered once queued");
     running.run_until(async {}).await;
     assert_eq!(capture.point_count(), 30);
 }
@@ -211,10 +210,10 @@ service:
     let pull = stat(&telemetry, ComponentKind::Receiver, "generator");
     let push = stat(&telemetry, ComponentKind::Receiver, "generator/push");
     let scraper = stat(&telemetry, ComponentKind::Receiver, "vllm");
-    assert!(get(&pull.memory_refused) >= 10, "dropped and counted");
-    assert!(get(&push.memory_refused) >= 10, "refused and counted");
-    assert_eq!(get(&push.accepted), 0);
-    assert!(get(&scraper.skipped_rounds) >= 2, "scrapes skipped");
+    assert!(pull.snapshot().memory_refused >= 10, "dropped and counted");
+    assert!(push.snapshot().memory_refused >= 10, "refused and counted");
+    assert_eq!(push.snapshot().accepted, 0);
+    assert!(scraper.snapshot().skipped_rounds >= 2, "scrapes skipped");
     let text = telemetry.render_prometheus();
     assert!(
         text.contains("genai_collector_memory_pressure 2")
@@ -255,12 +254,12 @@ service:
     let exp = stat(&telemetry, ComponentKind::Exporter, "capture");
     assert_eq!(capture.point_count(), 10);
     assert_eq!(
-        get(&exp.failed),
+        exp.snapshot().failed,
         3,
         "the corrupt batch is dropped and counted"
     );
     assert_eq!(
-        get(&exp.persisted),
+        exp.snapshot().persisted,
         5,
         "the unreadable one is kept for the next start"
     );
@@ -299,14 +298,17 @@ service:
     let telemetry = svc.telemetry().clone();
     svc.run(std::future::pending()).await.unwrap();
     let down = stat(&telemetry, ComponentKind::Exporter, "fail");
-    assert_eq!((get(&down.failed), get(&down.persisted)), (0, 30));
+    assert_eq!((down.snapshot().failed, down.snapshot().persisted), (0, 30));
     assert_eq!(
         batch_files(&root.join("fail")),
         3,
         "a backend that is down keeps its batches on disk"
     );
     let refused = stat(&telemetry, ComponentKind::Exporter, "fail/permanent");
-    assert_eq!((get(&refused.failed), get(&refused.persisted)), (30, 0));
+    assert_eq!(
+        (refused.snapshot().failed, refused.snapshot().persisted),
+        (30, 0)
+    );
     assert_eq!(
         batch_files(&root.join("fail__permanent")),
         0,
@@ -352,7 +354,7 @@ service:
         started.elapsed()
     );
     let down = stat(&telemetry, ComponentKind::Exporter, "fail");
-    assert_eq!((get(&down.failed), get(&down.persisted)), (0, 50));
+    assert_eq!((down.snapshot().failed, down.snapshot().persisted), (0, 50));
     assert_eq!(batch_files(&root.join("fail")), 5);
     let _ = std::fs::remove_dir_all(&root);
 }
@@ -391,13 +393,13 @@ service:
         .map(|e| e.metadata().unwrap().len())
         .sum();
     let (persisted, skipped, failed) = (
-        get(&down.persisted),
-        get(&down.disk_skipped),
-        get(&down.failed),
+        down.snapshot().persisted,
+        down.snapshot().disk_skipped,
+        down.snapshot().failed,
     );
     eprintln!("{on_disk} bytes on disk; points kept {persisted}, memory only {skipped}");
     assert!(on_disk <= 1 << 20, "{on_disk} bytes on disk");
-    assert_eq!(get(&down.disk_bytes), on_disk);
+    assert_eq!(down.snapshot().disk_bytes, on_disk);
     assert!(persisted > 0 && skipped > 0);
     assert_eq!(
         persisted + skipped,

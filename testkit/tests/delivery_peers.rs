@@ -10,7 +10,6 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use genai_collector_core::config::{self, Source};
-use genai_collector_core::telemetry::ComponentStats;
 use genai_collector_core::{ComponentKind, Service};
 use genai_collector_testkit::{components, status_kb, Capture};
 
@@ -86,7 +85,7 @@ service:
     sink.stop();
 
     let receiver = telemetry.find(ComponentKind::Receiver, "otlp").unwrap();
-    let refused = ComponentStats::get(&receiver.refused);
+    let refused = receiver.snapshot().refused;
     assert!(refused > 0, "the slow sink made the collector refuse");
     let per_service = sink.rows().into_iter().fold(BTreeMap::new(), |mut m, row| {
         let service = row["resource"]["service.name"].as_str().unwrap().to_owned();
@@ -96,8 +95,8 @@ service:
     let expected = 3 * series * (rounds + 1);
     let exporter = telemetry.find(ComponentKind::Exporter, "otlp").unwrap();
     let (sent, retried) = (
-        ComponentStats::get(&exporter.sent),
-        ComponentStats::get(&exporter.attempt_failures),
+        exporter.snapshot().sent,
+        exporter.snapshot().attempt_failures,
     );
     for s in &summaries {
         let service = s["service"].as_str().unwrap();

@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 
 use common::Sink;
 use genai_collector_core::config::{self, Source};
-use genai_collector_core::telemetry::ComponentStats;
 use genai_collector_core::{ComponentKind, Service};
 use genai_collector_testkit::{components, Capture};
 
@@ -67,7 +66,7 @@ service:
     sink.kill();
     let before = sink.values().len();
     tokio::time::sleep(Duration::from_secs(30)).await;
-    let queued_during = ComponentStats::get(&stats.queued);
+    let queued_during = stats.snapshot().queued;
     let age = stats.queue_age_seconds();
     sink.restart(0).await;
     // Every receiver ends after its 400 batches; the run then drains the queue.
@@ -97,9 +96,9 @@ service:
         "at most the batch in flight at the cut arrives twice: {duplicated}"
     );
     println!("sink down 30 s: 4000 points delivered, {duplicated} twice, none lost");
-    assert_eq!(ComponentStats::get(&stats.sent), 4000);
-    assert_eq!(ComponentStats::get(&stats.failed), 0);
-    assert!(ComponentStats::get(&stats.attempt_failures) >= 10);
+    assert_eq!(stats.snapshot().sent, 4000);
+    assert_eq!(stats.snapshot().failed, 0);
+    assert!(stats.snapshot().attempt_failures >= 10);
     let _ = std::fs::remove_dir_all(&d);
 }
 

@@ -118,7 +118,6 @@ async fn the_python_sdk_pushes_over_http() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_pipeline_answers_429_and_counts_the_refusal() {
     use genai_collector_core::config::{self, Source};
-    use genai_collector_core::telemetry::ComponentStats;
     use genai_collector_core::{ComponentKind, Service};
     use prost::Message as _;
 
@@ -167,14 +166,11 @@ async fn a_full_pipeline_answers_429_and_counts_the_refusal() {
     );
     let stats = telemetry.find(ComponentKind::Receiver, "otlp").unwrap();
     assert_eq!(
-        ComponentStats::get(&stats.refused),
+        stats.snapshot().refused,
         refused as u64 * 10,
         "refused points are counted"
     );
-    assert_eq!(
-        ComponentStats::get(&stats.accepted),
-        (100 - refused) as u64 * 10
-    );
+    assert_eq!(stats.snapshot().accepted, (100 - refused) as u64 * 10);
     let summary = running.run_until(async {}).await;
     assert!(!summary.drained, "the hung exporter cannot drain");
 }
@@ -182,7 +178,6 @@ async fn a_full_pipeline_answers_429_and_counts_the_refusal() {
 /// Runs the independent Python sink, the collector sending it numbered points, and returns
 /// the values the sink wrote and the exporter's stats.
 async fn send_to_sink(protocol: &str, fail_first: u32) -> (Vec<f64>, u64, u64) {
-    use genai_collector_core::telemetry::ComponentStats;
     use genai_collector_core::ComponentKind;
     let dir = std::env::temp_dir().join(format!("sink-{protocol}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -213,8 +208,8 @@ async fn send_to_sink(protocol: &str, fail_first: u32) -> (Vec<f64>, u64, u64) {
     let _ = std::fs::remove_dir_all(&dir);
     (
         values,
-        ComponentStats::get(&stats.sent),
-        ComponentStats::get(&stats.attempt_failures),
+        stats.snapshot().sent,
+        stats.snapshot().attempt_failures,
     )
 }
 

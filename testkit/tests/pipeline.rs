@@ -23,10 +23,6 @@ fn stat(
         .unwrap_or_else(|| panic!("no stats for {kind} {id}"))
 }
 
-fn get(c: &std::sync::atomic::AtomicU64) -> u64 {
-    ComponentStats::get(c)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn healthy_exporter_gets_everything_while_a_failing_one_counts_its_losses() {
     let capture = Capture::new();
@@ -67,35 +63,39 @@ service:
     );
 
     let recv = stat(&telemetry, ComponentKind::Receiver, "generator");
-    assert_eq!(get(&recv.accepted), total as u64);
+    assert_eq!(recv.snapshot().accepted, total as u64);
     let noop = stat(&telemetry, ComponentKind::Processor, "noop/second");
     assert_eq!(
-        (get(&noop.accepted), get(&noop.sent)),
+        (noop.snapshot().accepted, noop.snapshot().sent),
         (total as u64, total as u64)
     );
     let ok = stat(&telemetry, ComponentKind::Exporter, "capture");
     assert_eq!(
-        (get(&ok.sent), get(&ok.failed), get(&ok.refused)),
+        (
+            ok.snapshot().sent,
+            ok.snapshot().failed,
+            ok.snapshot().refused
+        ),
         (total as u64, 0, 0)
     );
     let bad = stat(&telemetry, ComponentKind::Exporter, "fail");
-    assert_eq!(get(&bad.sent), 0);
+    assert_eq!(bad.snapshot().sent, 0);
     assert_eq!(
-        get(&bad.failed) + get(&bad.refused),
+        bad.snapshot().failed + bad.snapshot().refused,
         total as u64,
         "every lost point is counted"
     );
     assert!(
-        get(&bad.attempt_failures) >= 2 * get(&bad.accepted) / 500,
+        bad.snapshot().attempt_failures >= 2 * bad.snapshot().accepted / 500,
         "retried before giving up"
     );
-    assert_eq!(get(&bad.queued), 0);
+    assert_eq!(bad.snapshot().queued, 0);
     assert!(bad.last_error().unwrap().contains("connection refused"));
 
     let text = telemetry.render_prometheus();
     let line = format!(
         "genai_collector_exporter_send_failed_points_total{{exporter=\"fail\"}} {}",
-        get(&bad.failed)
+        bad.snapshot().failed
     );
     assert!(text.contains(&line), "{text}");
 }
@@ -130,7 +130,7 @@ service:
     );
 
     let hung = stat(&telemetry, ComponentKind::Exporter, "fail/hang");
-    let (accepted, refused) = (get(&hung.accepted), get(&hung.refused));
+    let (accepted, refused) = (hung.snapshot().accepted, hung.snapshot().refused);
     assert_eq!(accepted + refused, 5000);
     assert!(
         accepted <= 300,
@@ -141,7 +141,7 @@ service:
         summary.lost_points, accepted,
         "points stuck in the hung exporter are reported lost"
     );
-    assert_eq!(get(&hung.failed), accepted);
+    assert_eq!(hung.snapshot().failed, accepted);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -171,7 +171,7 @@ service:
         .components()
         .into_iter()
         .filter(|c| c.kind == ComponentKind::Processor)
-        .map(|c| (c.pipeline.clone().unwrap(), get(&c.accepted)))
+        .map(|c| (c.pipeline.clone().unwrap(), c.snapshot().accepted))
         .collect();
     assert_eq!(
         per_pipeline,

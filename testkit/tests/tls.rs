@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use common::free_port;
 use genai_collector_core::config::{self, Source};
-use genai_collector_core::telemetry::ComponentStats;
 use genai_collector_core::{ComponentKind, Service};
 use genai_collector_testkit::{components, Capture};
 
@@ -67,7 +66,7 @@ service:
         .unwrap();
     let stat = |id: &str| {
         let s = telemetry.find(ComponentKind::Exporter, id).unwrap();
-        (ComponentStats::get(&s.sent), ComponentStats::get(&s.failed))
+        (s.snapshot().sent, s.snapshot().failed)
     };
     assert_eq!(stat("otlp/grpc"), (500, 0), "gRPC over TLS with our CA");
     assert_eq!(stat("otlp/http"), (500, 0), "HTTP over mutual TLS");

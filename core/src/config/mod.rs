@@ -6,7 +6,7 @@
 
 pub mod duration;
 mod env;
-pub mod node;
+pub(crate) mod node;
 pub mod size;
 
 use std::fmt;
