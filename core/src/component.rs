@@ -22,12 +22,16 @@ use crate::telemetry::Telemetry;
 /// Receiver, processor or exporter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum ComponentKind {
+    /// Pulls or accepts samples.
     Receiver,
+    /// Transforms batches within a pipeline.
     Processor,
+    /// Sends batches out.
     Exporter,
 }
 
 impl ComponentKind {
+    /// `receiver`, `processor` or `exporter`.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Receiver => "receiver",
@@ -86,10 +90,12 @@ impl ComponentId {
         })
     }
 
+    /// The part before the `/`: the registered kind (`vllm`).
     pub fn kind(&self) -> &str {
         &self.kind
     }
 
+    /// The part after the `/`, which tells instances of one kind apart (`chat`).
     pub fn name(&self) -> Option<&str> {
         self.name.as_deref()
     }
@@ -107,10 +113,13 @@ impl fmt::Display for ComponentId {
 /// Why a component could not be built or stopped running.
 #[derive(Debug, thiserror::Error)]
 pub enum ComponentError {
+    /// The config cannot work (a bad address, a missing driver with `required: true`).
     #[error("{0}")]
     Config(String),
+    /// A socket, file or listener failed.
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
+    /// Anything else, with its source.
     #[error(transparent)]
     Other(#[from] Box<dyn std::error::Error + Send + Sync>),
 }
@@ -121,6 +130,7 @@ pub enum ExportError {
     /// The backend may accept the batch later (down, overloaded, timed out).
     #[error("{message}")]
     Retryable {
+        /// What went wrong, for the log and `/healthz`.
         message: String,
         /// The backend's own hint (`Retry-After`, gRPC `RetryInfo`).
         retry_after: Option<Duration>,
@@ -131,6 +141,7 @@ pub enum ExportError {
 }
 
 impl ExportError {
+    /// A retryable error without a hint from the backend.
     pub fn retryable(message: impl Into<String>) -> Self {
         Self::Retryable {
             message: message.into(),
@@ -142,11 +153,14 @@ impl ExportError {
 /// A config field that fails a check beyond its type; `field` lets the error point at its line.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ValidationError {
+    /// The field at fault, relative to the component's node (`interval`, `tls.cert_file`).
     pub field: Option<String>,
+    /// What is wrong with it and, where it helps, what would do.
     pub message: String,
 }
 
 impl ValidationError {
+    /// An error about the component's config as a whole.
     pub fn new(message: impl Into<String>) -> Self {
         Self {
             field: None,
@@ -154,6 +168,7 @@ impl ValidationError {
         }
     }
 
+    /// An error about one field: the message points at that field's line and column.
     pub fn field(field: impl Into<String>, message: impl Into<String>) -> Self {
         Self {
             field: Some(field.into()),
@@ -164,6 +179,7 @@ impl ValidationError {
 
 /// A component's config: deserialized from its YAML node, then validated.
 pub trait ComponentConfig: DeserializeOwned + Send + 'static {
+    /// Checks beyond the types (ranges, combinations); runs on `validate` and before a start.
     fn validate(&self) -> Result<(), ValidationError> {
         Ok(())
     }
@@ -179,6 +195,7 @@ impl ComponentConfig for NoConfig {}
 /// What a factory knows when it builds a component.
 #[derive(Debug, Clone)]
 pub struct BuildContext {
+    /// The instance being built (`vllm/chat`).
     pub id: ComponentId,
     /// The pipeline a processor is built for; each pipeline gets its own processor instance.
     pub pipeline: Option<String>,
@@ -188,6 +205,7 @@ pub struct BuildContext {
 
 /// What a running receiver is handed.
 pub struct ReceiverContext {
+    /// The receiver's instance id, for logs and `service.name`.
     pub id: ComponentId,
     /// Where batches go: every pipeline that lists this receiver.
     pub output: Output,
@@ -225,6 +243,8 @@ pub struct ReceiverContext {
 /// ```
 #[async_trait]
 pub trait Receiver: Send {
+    /// Runs until `ctx.shutdown` is cancelled (then returns `Ok`) or the receiver cannot go
+    /// on (an `Err` marks it failed on `/healthz`; the rest of the collector keeps running).
     async fn run(self: Box<Self>, ctx: ReceiverContext) -> Result<(), ComponentError>;
 }
 
@@ -274,6 +294,7 @@ pub trait Processor: Send {
 /// `export` from `sending_queue.num_consumers` tasks at once: keep per-request state local.
 #[async_trait]
 pub trait Exporter: Send + Sync {
+    /// Sends one batch; the error decides between a retry and a drop.
     async fn export(&self, batch: &Batch) -> Result<(), ExportError>;
 
     /// Flushes anything buffered; called once after the last batch.
@@ -284,10 +305,13 @@ pub trait Exporter: Send + Sync {
 
 /// Builds receivers of one kind.
 pub trait ReceiverFactory: Send + Sync + 'static {
+    /// The receiver's config, as its YAML node deserializes.
     type Config: ComponentConfig;
+    /// The name the config uses (`vllm` in `receivers: { vllm: ... }`).
     fn kind(&self) -> &'static str;
     /// One line for `genai-collector components`.
     fn description(&self) -> &'static str;
+    /// A receiver for one instance; errors here stop the start with the instance named.
     fn build(
         &self,
         config: Self::Config,
@@ -297,9 +321,13 @@ pub trait ReceiverFactory: Send + Sync + 'static {
 
 /// Builds processors of one kind.
 pub trait ProcessorFactory: Send + Sync + 'static {
+    /// The processor's config, as its YAML node deserializes.
     type Config: ComponentConfig;
+    /// The name the config uses.
     fn kind(&self) -> &'static str;
+    /// One line for `genai-collector components`.
     fn description(&self) -> &'static str;
+    /// A processor for one pipeline: each pipeline that lists it gets its own.
     fn build(
         &self,
         config: &Self::Config,
@@ -309,9 +337,14 @@ pub trait ProcessorFactory: Send + Sync + 'static {
 
 /// Builds exporters of one kind.
 pub trait ExporterFactory: Send + Sync + 'static {
+    /// The exporter's own config; `sending_queue`, `retry_on_failure` and `timeout` are the
+    /// runtime's and taken out of the node before it reaches this type.
     type Config: ComponentConfig;
+    /// The name the config uses.
     fn kind(&self) -> &'static str;
+    /// One line for `genai-collector components`.
     fn description(&self) -> &'static str;
+    /// An exporter for one instance, shared by all pipelines that list it.
     fn build(
         &self,
         config: Self::Config,
@@ -433,12 +466,16 @@ pub struct Components {
 /// One registered kind, as `genai-collector components` lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KindInfo {
+    /// Receiver, processor or exporter.
     pub kind: ComponentKind,
+    /// The kind's name in the config.
     pub name: &'static str,
+    /// Its factory's one-line description.
     pub description: &'static str,
 }
 
 impl Components {
+    /// No kinds at all; the binary's `Components::builtin()` has every built-in one.
     pub fn new() -> Self {
         Self::default()
     }
@@ -450,12 +487,14 @@ impl Components {
         self
     }
 
+    /// Registers a processor kind; a later registration of the same kind replaces the earlier.
     pub fn with_processor(mut self, factory: impl ProcessorFactory) -> Self {
         self.processors
             .insert(factory.kind(), Arc::new(Erased(factory)));
         self
     }
 
+    /// Registers an exporter kind; a later registration of the same kind replaces the earlier.
     pub fn with_exporter(mut self, factory: impl ExporterFactory) -> Self {
         self.exporters
             .insert(factory.kind(), Arc::new(Erased(factory)));

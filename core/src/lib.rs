@@ -2,6 +2,8 @@
 //! the pipeline runtime and self-telemetry. Receivers, processors and exporters depend on this
 //! crate alone; a team's own receiver crate does too.
 
+#![warn(missing_docs)]
+
 pub mod auth;
 pub mod component;
 pub mod config;

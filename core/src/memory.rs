@@ -17,9 +17,11 @@ use tracing::warn;
 
 use crate::config::duration;
 
+/// `service.memory_limiter`: soft and hard limits on the process's memory.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct MemoryLimiterConfig {
+    /// Limit the process at all.
     pub enabled: bool,
     /// How often resident memory is read.
     #[serde(with = "duration")]
@@ -48,6 +50,7 @@ impl Default for MemoryLimiterConfig {
 }
 
 impl MemoryLimiterConfig {
+    /// Checks the percentages and sizes against each other.
     pub fn validate(&self) -> Result<(), String> {
         if self.limit_percentage > 100 || self.spike_limit_percentage >= 100 {
             return Err("percentages are 0 to 100".into());
@@ -85,8 +88,11 @@ impl MemoryLimiterConfig {
 /// Where usage stands against the limits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Pressure {
+    /// Below the soft limit.
     Normal = 0,
+    /// Above the soft limit: new data is refused or skipped.
     Soft = 1,
+    /// Above the hard limit: the same, and a warning once a second.
     Hard = 2,
 }
 
@@ -100,6 +106,7 @@ pub struct MemoryLimiter {
     pressure: AtomicU8,
     /// Points refused or skipped because of it, and rounds skipped by pull receivers.
     pub refused_points: AtomicU64,
+    /// Rounds pull receivers skipped.
     pub skipped_rounds: AtomicU64,
 }
 
@@ -152,10 +159,12 @@ impl MemoryLimiter {
         Some(Self::new(soft, hard))
     }
 
+    /// Bytes above which new data is refused.
     pub fn soft_limit(&self) -> u64 {
         self.soft
     }
 
+    /// Bytes above which the collector warns as well.
     pub fn hard_limit(&self) -> u64 {
         self.hard
     }
@@ -165,6 +174,7 @@ impl MemoryLimiter {
         self.rss.load(Ordering::Relaxed) + self.reserved.load(Ordering::Relaxed)
     }
 
+    /// Where usage stands against the limits.
     pub fn pressure(&self) -> Pressure {
         match self.pressure.load(Ordering::Relaxed) {
             0 => Pressure::Normal,

@@ -46,10 +46,12 @@ pub fn now_unix_nanos() -> u64 {
 /// The unit of work that flows from receivers through processors to exporters.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Batch {
+    /// OTLP's resources, each with its scopes and metrics.
     pub resource_metrics: Vec<ResourceMetrics>,
 }
 
 impl Batch {
+    /// An empty batch.
     pub fn new() -> Self {
         Self::default()
     }
@@ -86,6 +88,7 @@ impl Batch {
         self.metrics().map(MetricExt::point_count).sum()
     }
 
+    /// Whether it holds no resource.
     pub fn is_empty(&self) -> bool {
         self.resource_metrics.is_empty()
     }
@@ -95,6 +98,7 @@ impl Batch {
         self.resource_metrics.append(&mut other.resource_metrics);
     }
 
+    /// Every metric of every resource and scope.
     pub fn metrics(&self) -> impl Iterator<Item = &Metric> {
         self.resource_metrics
             .iter()
@@ -102,6 +106,7 @@ impl Batch {
             .flat_map(|sm| sm.metrics.iter())
     }
 
+    /// Every metric, to change in place.
     pub fn metrics_mut(&mut self) -> impl Iterator<Item = &mut Metric> {
         self.resource_metrics
             .iter_mut()
@@ -199,12 +204,14 @@ impl Batch {
         parts
     }
 
+    /// The batch an OTLP request carries, without copying.
     pub fn from_request(request: ExportMetricsServiceRequest) -> Self {
         Self {
             resource_metrics: request.resource_metrics,
         }
     }
 
+    /// The OTLP request for this batch, without copying.
     pub fn into_request(self) -> ExportMetricsServiceRequest {
         ExportMetricsServiceRequest {
             resource_metrics: self.resource_metrics,
@@ -285,11 +292,13 @@ attr_from! {
 
 /// Reads and edits a list of attributes (a resource's or a data point's).
 pub trait AttributesExt {
+    /// The attribute's value, of whatever type.
     fn get_attr(&self, key: &str) -> Option<&AnyValue>;
     /// The attribute's value when it is a string.
     fn get_str(&self, key: &str) -> Option<&str>;
     /// Replaces the attribute's value, or appends it when absent.
     fn set_attr(&mut self, key: &str, value: impl Into<AttrValue>);
+    /// Removes the attribute and gives its value.
     fn remove_attr(&mut self, key: &str) -> Option<AnyValue>;
     /// Renames `from` to `to`, replacing any existing `to`. Returns whether `from` existed.
     fn rename_attr(&mut self, from: &str, to: &str) -> bool;
@@ -383,7 +392,9 @@ pub trait MetricExt {
     fn gauge(name: &str, unit: &str, points: Vec<NumberDataPoint>) -> Metric;
     /// A cumulative sum with the given points.
     fn sum(name: &str, unit: &str, monotonic: bool, points: Vec<NumberDataPoint>) -> Metric;
+    /// Points of any kind.
     fn point_count(&self) -> usize;
+    /// Renames the metric.
     fn rename(&mut self, name: &str);
     /// Multiplies every value by `factor` (a unit conversion: ratio → %, ms → s). Histogram
     /// bucket bounds and sums scale too; counts do not.

@@ -53,11 +53,14 @@ pub trait Poll: Send {
 /// A failed poll: what went wrong, and optionally what to send all the same.
 #[derive(Debug, Default)]
 pub struct PollError {
+    /// What went wrong, for the log and `/healthz`.
     pub message: String,
+    /// Sent all the same, when set.
     pub batch: Option<Batch>,
 }
 
 impl PollError {
+    /// A failed poll that sends nothing.
     pub fn new(message: impl Into<String>) -> Self {
         Self {
             message: message.into(),
@@ -75,6 +78,7 @@ impl PollError {
 /// When to poll.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Schedule {
+    /// From the start of one poll to the start of the next.
     pub interval: Duration,
     /// A poll that runs longer fails with "timed out"; the interval unless set lower.
     pub timeout: Duration,
@@ -84,6 +88,7 @@ pub struct Schedule {
 }
 
 impl Schedule {
+    /// Every `interval`, each poll given the whole interval, without jitter.
     pub fn every(interval: Duration) -> Self {
         Self {
             interval,
@@ -92,11 +97,13 @@ impl Schedule {
         }
     }
 
+    /// Gives up a poll after `timeout` (never more than the interval).
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout.min(self.interval);
         self
     }
 
+    /// Starts after a random part of the interval.
     pub fn with_jitter(mut self) -> Self {
         self.jitter = true;
         self

@@ -13,13 +13,18 @@ use crate::model::{kv, now_unix_nanos, number_point, Batch, KeyValue, Metric, Me
 /// A component's lifecycle state, as health checks report it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum State {
+    /// Built, not yet running.
     Starting = 0,
+    /// Running.
     Running = 1,
+    /// Stopped on shutdown.
     Stopped = 2,
+    /// Stopped on an error; `/healthz` answers 503.
     Failed = 3,
 }
 
 impl State {
+    /// The state as `/healthz` names it.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Starting => "starting",
@@ -47,7 +52,9 @@ macro_rules! counters {
         /// updates them; read them with [`ComponentStats::snapshot`].
         #[derive(Debug)]
         pub struct ComponentStats {
+            /// Receiver, processor or exporter.
             pub kind: ComponentKind,
+            /// The instance id.
             pub id: String,
             /// The pipeline a processor instance belongs to.
             pub pipeline: Option<String>,
@@ -159,10 +166,12 @@ impl ComponentStats {
         }
     }
 
+    /// The component's state now.
     pub fn state(&self) -> State {
         State::from_u8(self.state.load(Ordering::Relaxed))
     }
 
+    /// Sets the state; the runtime does, at start, stop and failure.
     pub fn set_state(&self, state: State) {
         self.state.store(state as u8, Ordering::Relaxed);
     }
@@ -173,6 +182,7 @@ impl ComponentStats {
         self.set_error(error);
     }
 
+    /// Records a problem survived (a target down): `/healthz` shows it as `last_error`.
     pub fn set_error(&self, error: impl Into<String>) {
         if let Ok(mut e) = self.last_error.lock() {
             *e = Some(error.into());
@@ -186,6 +196,7 @@ impl ComponentStats {
         }
     }
 
+    /// The last problem recorded, if any.
     pub fn last_error(&self) -> Option<String> {
         self.last_error.lock().ok().and_then(|e| e.clone())
     }
@@ -212,6 +223,7 @@ impl Default for Telemetry {
 }
 
 impl Telemetry {
+    /// An empty registry.
     pub fn new() -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -223,6 +235,7 @@ impl Telemetry {
         }
     }
 
+    /// The stats of a new component instance, registered for `/metrics` and `/healthz`.
     pub fn register(
         &self,
         kind: ComponentKind,
@@ -240,6 +253,7 @@ impl Telemetry {
         stats
     }
 
+    /// Every registered component's stats.
     pub fn components(&self) -> Vec<Arc<ComponentStats>> {
         self.inner
             .components
@@ -270,6 +284,7 @@ impl Telemetry {
         let _ = self.inner.limiter.set(limiter);
     }
 
+    /// Sets what `/readyz` answers (on start and at shutdown).
     pub fn set_ready(&self, ready: bool) {
         self.inner.ready.store(ready, Ordering::Relaxed);
     }

@@ -36,6 +36,7 @@ pub struct TlsClientConfig {
     pub ca_file: Option<PathBuf>,
     /// PEM files with a client certificate and its key, for servers that ask for one.
     pub cert_file: Option<PathBuf>,
+    /// The key of `cert_file`.
     pub key_file: Option<PathBuf>,
     /// Accept any certificate: for tests only.
     pub insecure_skip_verify: bool,
@@ -44,6 +45,7 @@ pub struct TlsClientConfig {
 /// A client's TLS files, read and checked.
 #[derive(Debug, Clone, Default)]
 pub struct ClientPems {
+    /// The CA bundle's PEM.
     pub ca: Option<Vec<u8>>,
     /// Certificate chain then key, as `reqwest::Identity::from_pem` wants them.
     pub identity: Option<(Vec<u8>, Vec<u8>)>,
@@ -108,8 +110,11 @@ impl TlsClientConfig {
 /// A server's TLS files, read and checked.
 #[derive(Debug, Clone)]
 pub struct ServerPems {
+    /// The certificate chain's PEM.
     pub cert: Vec<u8>,
+    /// The key's PEM.
     pub key: Vec<u8>,
+    /// CAs a client certificate must chain to (mutual TLS); none: no client certificate asked.
     pub client_ca: Option<Vec<u8>>,
 }
 

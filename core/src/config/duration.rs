@@ -25,6 +25,7 @@ pub fn parse(text: &str) -> Result<Duration, String> {
 /// The longest duration a setting may take.
 pub const MAX: Duration = Duration::from_secs(365 * 24 * 3600);
 
+/// Deserializes `"500ms"`, `"10s"`, `"5m"`, `"1h"`: `#[serde(with = "duration")]`.
 pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let text = String::deserialize(d)?;
     parse(&text).map_err(serde::de::Error::custom)
@@ -39,6 +40,7 @@ pub(crate) fn parse_node(node: &Node) -> Result<Duration, DeError> {
 pub mod option {
     use super::*;
 
+    /// Deserializes an optional duration.
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
         Option::<String>::deserialize(d)?
             .map(|text| parse(&text).map_err(serde::de::Error::custom))

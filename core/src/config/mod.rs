@@ -38,11 +38,14 @@ pub fn header_map(
 /// One config file's name and text.
 #[derive(Debug, Clone)]
 pub struct Source {
+    /// The file's name, as errors show it.
     pub name: String,
+    /// The YAML text.
     pub text: String,
 }
 
 impl Source {
+    /// A source from text, named for errors (`pipeline.yaml`, `<embedded>`).
     pub fn new(name: impl Into<String>, text: impl Into<String>) -> Self {
         Self {
             name: name.into(),
@@ -50,6 +53,7 @@ impl Source {
         }
     }
 
+    /// Reads a file; a missing or unreadable one is a located error.
     pub fn read(path: &std::path::Path) -> Result<Self, ConfigError> {
         let name = path.display().to_string();
         std::fs::read_to_string(path)
@@ -68,12 +72,15 @@ impl Source {
 /// A config mistake, located.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ConfigError {
+    /// The file the mistake is in.
     pub file: String,
     /// 1-based; 0 when the error concerns the file as a whole.
     pub line: u64,
+    /// 1-based; 0 with `line` 0.
     pub column: u64,
     /// The component (`receivers: vllm/chat`) or section (`service.pipelines.metrics`) at fault.
     pub component: Option<String>,
+    /// What is wrong, and what would do.
     pub message: String,
     /// The offending source line with a caret under the column.
     pub snippet: Option<String>,
@@ -111,6 +118,7 @@ impl fmt::Display for ConfigWarning {
 /// A component's parsed and validated config, with where it was defined.
 pub struct ComponentEntry {
     pub(crate) config: AnyConfig,
+    /// Where the component was defined, for errors about it at run time.
     pub pos: Pos,
 }
 
@@ -118,7 +126,9 @@ pub struct ComponentEntry {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ExporterSettings {
+    /// The exporter's queue: size, sizer, consumers, persistence.
     pub sending_queue: QueueSettings,
+    /// Retries with exponential backoff.
     pub retry_on_failure: RetrySettings,
     /// Limit on one export attempt.
     #[serde(with = "duration")]
@@ -148,6 +158,7 @@ pub enum Sizer {
     Bytes,
 }
 
+/// `sending_queue`: what an exporter queues before refusing more.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct QueueSettings {
@@ -155,6 +166,7 @@ pub struct QueueSettings {
     /// bytes); `None` takes the sizer's default.
     #[serde(with = "size::option")]
     pub queue_size: Option<u64>,
+    /// What `queue_size` counts: `requests`, `items` (points) or `bytes`.
     pub sizer: Sizer,
     /// Export requests in flight at once; their order is not kept.
     pub num_consumers: usize,
@@ -222,12 +234,16 @@ impl Default for QueueSettings {
     }
 }
 
+/// `retry_on_failure`: retries with exponential backoff and jitter.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RetrySettings {
+    /// Retry at all; off drops a failed batch at once (counted).
     pub enabled: bool,
+    /// The first wait.
     #[serde(with = "duration")]
     pub initial_interval: Duration,
+    /// The longest wait between two attempts.
     #[serde(with = "duration")]
     pub max_interval: Duration,
     /// Give up on a batch after this long; `0s` retries until shutdown.
@@ -265,26 +281,38 @@ impl Default for TelemetryConfig {
 /// One `service.pipelines` entry.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PipelineConfig {
+    /// Receivers feeding the pipeline.
     pub receivers: Vec<ComponentId>,
+    /// Processors in order.
     pub processors: Vec<ComponentId>,
+    /// Exporters it fans out to.
     pub exporters: Vec<ComponentId>,
 }
 
+/// The `service` section.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServiceConfig {
+    /// The self-telemetry endpoint.
     pub telemetry: TelemetryConfig,
+    /// The process-wide memory limit.
     pub memory_limiter: crate::memory::MemoryLimiterConfig,
     /// How long shutdown may take to drain pipelines and flush exporters.
     pub shutdown_timeout: Duration,
+    /// Pipelines by name (`metrics`, `metrics/gpu`).
     pub pipelines: IndexMap<String, PipelineConfig>,
 }
 
 /// A loaded, validated config, ready for the runtime to build.
 pub struct Config {
+    /// Receivers by instance id.
     pub receivers: IndexMap<ComponentId, ComponentEntry>,
+    /// Processors by instance id.
     pub processors: IndexMap<ComponentId, ComponentEntry>,
+    /// Exporters by instance id, with the runtime's settings for each.
     pub exporters: IndexMap<ComponentId, (ComponentEntry, ExporterSettings)>,
+    /// The `service` section.
     pub service: ServiceConfig,
+    /// Warnings the load found (an unused component), for the log.
     pub warnings: Vec<ConfigWarning>,
 }
 

@@ -34,6 +34,7 @@ enum Raw {
     Text(String),
 }
 
+/// Deserializes a byte count: a number or `"64MiB"`, `"1GB"`: `#[serde(with = "size")]`.
 pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     match Raw::deserialize(d)? {
         Raw::Number(n) => Ok(n),
@@ -45,6 +46,7 @@ pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
 pub mod option {
     use super::*;
 
+    /// Deserializes an optional byte count.
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
         super::deserialize(d).map(Some)
     }

@@ -118,6 +118,7 @@ pub struct WireError(&'static str);
 pub struct DecodedSize {
     /// Heap bytes, the request's own bytes included.
     pub bytes: u64,
+    /// Data points.
     pub points: u64,
 }
 

@@ -71,8 +71,11 @@ impl LogEvery {
 #[derive(Debug, thiserror::Error)]
 #[error("{kind} `{id}`: {source}")]
 pub struct BuildError {
+    /// Receiver, processor or exporter.
     pub kind: ComponentKind,
+    /// Its instance id.
     pub id: String,
+    /// Why the factory refused.
     #[source]
     pub source: ComponentError,
 }
@@ -80,9 +83,12 @@ pub struct BuildError {
 /// The collector could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    /// The self-telemetry endpoint cannot be served.
     #[error("cannot serve self-telemetry on `{endpoint}`: {source}")]
     Telemetry {
+        /// The address from `service.telemetry.endpoint`.
         endpoint: String,
+        /// Why binding failed.
         #[source]
         source: std::io::Error,
     },
@@ -308,6 +314,7 @@ impl Service {
         })
     }
 
+    /// The counters of every component, for the caller's own checks.
     pub fn telemetry(&self) -> &Telemetry {
         &self.telemetry
     }
@@ -431,6 +438,7 @@ impl RunningService {
         self.telemetry_addr
     }
 
+    /// The counters of every component.
     pub fn telemetry(&self) -> &Telemetry {
         &self.telemetry
     }

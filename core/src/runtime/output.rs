@@ -21,14 +21,19 @@ use crate::telemetry::ComponentStats;
 /// Why a batch was not taken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum SendError {
+    /// A pipeline's channel or an exporter's queue has no room: try later.
     #[error("the collector's queues are full")]
     Full,
+    /// The process is above its memory limit: try later.
     #[error("the collector is above its memory limit")]
     MemoryLimit,
+    /// The batch alone is more than the memory limit allows: never taken.
     #[error("the request would decode to more memory than the collector's limit allows")]
     TooLarge,
+    /// The collector is shutting down: stop sending.
     #[error("the collector is shutting down")]
     Closed,
+    /// A processor panicked on this batch, which is lost (and counted).
     #[error("a processor failed on this batch")]
     Dropped,
 }
