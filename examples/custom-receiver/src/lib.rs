@@ -105,3 +105,9 @@ pub fn parse(text: &str, source: &str) -> Batch {
         metrics,
     )
 }
+
+/// The code in docs/writing-a-receiver.md, compiled as this crate's doctests so the page
+/// cannot drift from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../../../docs/writing-a-receiver.md")]
+pub struct WritingAReceiverPage;
