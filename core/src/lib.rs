@@ -7,14 +7,17 @@
 pub mod auth;
 pub mod component;
 pub mod config;
+pub mod delivery;
 /// The persistent queue's file format: public for the fuzz targets and their corpus replay
 /// only, not part of the API a component uses (exporters get it through `sending_queue`).
 #[doc(hidden)]
 pub mod disk_queue;
 mod http;
+pub mod id;
 pub mod memory;
 pub mod model;
 pub mod poll;
+pub mod registry;
 pub mod retry_info;
 pub mod runtime;
 pub mod telemetry;
@@ -22,10 +25,13 @@ pub mod tls;
 
 pub use async_trait::async_trait;
 pub use component::{
-    BuildContext, ComponentConfig, ComponentError, ComponentId, ComponentKind, Components,
-    ExportError, Exporter, ExporterFactory, NoConfig, Processor, ProcessorFactory, Receiver,
-    ReceiverContext, ReceiverFactory, ValidationError,
+    BuildContext, ComponentConfig, ComponentError, ExportError, Exporter, ExporterFactory,
+    NoConfig, Processor, ProcessorFactory, Receiver, ReceiverContext, ReceiverFactory,
+    ValidationError,
 };
+pub use delivery::{Captured, Output, SendError};
+pub use id::{ComponentId, ComponentKind};
 pub use model::Batch;
-pub use runtime::{Captured, Output, RunSummary, RunningService, SendError, Service};
+pub use registry::{Components, KindInfo};
+pub use runtime::{RunSummary, RunningService, Service};
 pub use tokio_util::sync::CancellationToken;

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use crate::component::ComponentKind;
+use crate::id::ComponentKind;
 use crate::memory::MemoryLimiter;
 use crate::model::{kv, now_unix_nanos, number_point, Batch, KeyValue, Metric, MetricExt};
 
@@ -147,12 +147,6 @@ impl ComponentStats {
 
     pub(crate) fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
-    }
-
-    /// Reads an exporter queue's fill into the gauges.
-    pub(crate) fn update_queue(&self, q: &crate::runtime::queue::SendQueue) {
-        self.queue_used.store(q.used(), Ordering::Relaxed);
-        self.queue_batches.store(q.len() as u64, Ordering::Relaxed);
     }
 
     /// Seconds the oldest queued batch has waited.

@@ -15,7 +15,9 @@ use std::time::Duration;
 use indexmap::IndexMap;
 use serde::Deserialize;
 
-use crate::component::{AnyConfig, ComponentId, ComponentKind, Components};
+use crate::id::{ComponentId, ComponentKind};
+use crate::registry::AnyConfig;
+use crate::registry::Components;
 use node::{DeError, Node, Pos, Value};
 
 /// Request headers from config (`headers: {name: value}`), checked: an invalid name or value
@@ -145,18 +147,7 @@ impl Default for ExporterSettings {
     }
 }
 
-/// What an exporter's `sending_queue.queue_size` counts.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Sizer {
-    /// Batches, whatever their size.
-    Requests,
-    /// Data points.
-    Items,
-    /// The batches' estimated heap size: what bounds memory.
-    #[default]
-    Bytes,
-}
+pub use crate::delivery::queue::Sizer;
 
 /// `sending_queue`: what an exporter queues before refusing more.
 #[derive(Debug, Clone, PartialEq, Deserialize)]

@@ -10,10 +10,11 @@ use tokio::task::JoinSet;
 use tracing::{debug, error, info, warn};
 
 use super::blocking;
-use super::queue::{Item, Payload, SendQueue};
-use crate::component::{ComponentError, ComponentId, ExportError, Exporter};
+use crate::component::{ComponentError, ExportError, Exporter};
 use crate::config::{ExporterSettings, RetrySettings};
+use crate::delivery::queue::{Item, Payload, SendQueue};
 use crate::disk_queue::{DiskQueue, Stored};
+use crate::id::ComponentId;
 use crate::model::Batch;
 use crate::telemetry::{ComponentStats, State};
 
@@ -153,7 +154,7 @@ impl Worker {
             .queue_bytes
             .fetch_sub(item.bytes, Ordering::Relaxed);
         self.queue.release(item.size);
-        self.stats.update_queue(&self.queue);
+        self.queue.report(&self.stats);
         if self.queue.used() == 0 && self.queue.len() == 0 {
             self.stats.queue_oldest_ms.store(0, Ordering::Relaxed);
         }

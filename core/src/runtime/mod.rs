@@ -6,32 +6,30 @@
 //! consumers and retries; this file builds them from config, starts them and drains them.
 
 mod exporter;
-mod output;
 mod pipeline;
-pub(crate) mod queue;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::component::{
-    BuildContext, ComponentError, ComponentId, ComponentKind, Components, ReceiverContext,
-};
+use crate::component::{BuildContext, ComponentError, ReceiverContext};
 use crate::config::Config;
+use crate::delivery::queue::SendQueue;
+pub use crate::delivery::{Captured, Output, SendError};
+use crate::delivery::{Envelope, LogEvery, PipelineInput};
 use crate::disk_queue::DiskQueue;
+use crate::id::{ComponentId, ComponentKind};
 use crate::memory::MemoryLimiter;
+use crate::registry::Components;
 use crate::telemetry::{ComponentStats, State, Telemetry};
 use exporter::{log_recovered, run_exporter, ExporterTask};
-pub use output::{Captured, Output, SendError};
-use output::{Envelope, PipelineInput};
 use pipeline::{run_pipeline, ExporterQueue, PipelineTask};
-use queue::SendQueue;
 
 /// Batches a pipeline's input channel holds before receivers wait.
 pub const PIPELINE_QUEUE_BATCHES: usize = 64;
@@ -44,27 +42,6 @@ pub(crate) async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())))
-}
-
-/// Counts events and says when to log them: at most once a minute, with the count since.
-#[derive(Debug, Default)]
-pub(crate) struct LogEvery {
-    state: Mutex<(Option<Instant>, u64)>,
-}
-
-impl LogEvery {
-    const INTERVAL: Duration = Duration::from_secs(60);
-
-    /// Adds `n`; returns the count to log when a line is due.
-    pub fn hit(&self, n: u64) -> Option<u64> {
-        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        s.1 += n;
-        if s.0.is_some_and(|t| t.elapsed() < Self::INTERVAL) {
-            return None;
-        }
-        s.0 = Some(Instant::now());
-        Some(std::mem::take(&mut s.1))
-    }
 }
 
 /// A component that could not be built.

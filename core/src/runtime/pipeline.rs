@@ -14,10 +14,10 @@ use std::time::{Instant, SystemTime};
 use tokio::sync::mpsc;
 use tracing::{debug, error, warn};
 
-use super::output::{Ack, Envelope, SendError};
-use super::queue::{Cost, Item, Payload, Reservation, SendQueue};
 use super::{blocking, LogEvery};
 use crate::component::Processor;
+use crate::delivery::queue::{Cost, Item, Payload, Reservation, SendQueue};
+use crate::delivery::{Ack, Envelope, SendError};
 use crate::disk_queue::{unix_ms, DiskQueue};
 use crate::model::{approx_bytes, Batch};
 use crate::telemetry::{ComponentStats, State};
@@ -226,7 +226,7 @@ impl ExporterQueue {
             bytes: cost.bytes,
             size: 0,
         });
-        self.stats.update_queue(&self.queue);
+        self.queue.report(&self.stats);
     }
 
     /// Writes `batch` to the persistent queue on a blocking thread (a stalled volume must

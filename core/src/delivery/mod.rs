@@ -8,15 +8,38 @@
 //! what their full queues cannot take: its source is read again next interval.
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::queue::SendQueue;
-use super::LogEvery;
 use crate::memory::{MemoryLimiter, Reserved, TooMuch};
 use crate::model::Batch;
 use crate::telemetry::ComponentStats;
+use queue::SendQueue;
+
+pub(crate) mod queue;
+
+/// Counts events and says when to log them: at most once a minute, with the count since.
+#[derive(Debug, Default)]
+pub(crate) struct LogEvery {
+    state: Mutex<(Option<Instant>, u64)>,
+}
+
+impl LogEvery {
+    const INTERVAL: Duration = Duration::from_secs(60);
+
+    /// Adds `n`; returns the count to log when a line is due.
+    pub fn hit(&self, n: u64) -> Option<u64> {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.1 += n;
+        if s.0.is_some_and(|t| t.elapsed() < Self::INTERVAL) {
+            return None;
+        }
+        s.0 = Some(Instant::now());
+        Some(std::mem::take(&mut s.1))
+    }
+}
 
 /// Why a batch was not taken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

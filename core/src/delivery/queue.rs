@@ -11,10 +11,26 @@ use std::sync::Mutex;
 
 use tokio::sync::Notify;
 
-use crate::config::Sizer;
 use crate::disk_queue::Stored;
 use crate::model::Batch;
 use std::sync::Arc;
+
+use serde::Deserialize;
+
+use crate::telemetry::ComponentStats;
+
+/// What an exporter's `sending_queue.queue_size` counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Sizer {
+    /// Batches, whatever their size.
+    Requests,
+    /// Data points.
+    Items,
+    /// The batches' estimated heap size: what bounds memory.
+    #[default]
+    Bytes,
+}
 
 /// What a queued batch is made of.
 pub(crate) enum Payload {
@@ -82,6 +98,15 @@ pub(crate) struct Reservation<'a> {
 }
 
 impl SendQueue {
+    /// Writes the queue's fill into its exporter's gauges.
+    pub(crate) fn report(&self, stats: &ComponentStats) {
+        use std::sync::atomic::Ordering;
+        stats.queue_used.store(self.used(), Ordering::Relaxed);
+        stats
+            .queue_batches
+            .store(self.len() as u64, Ordering::Relaxed);
+    }
+
     pub fn new(capacity: u64, sizer: Sizer) -> Self {
         Self {
             state: Mutex::new(State {
