@@ -197,6 +197,25 @@ pub trait Processor: Send {
 
 /// Sends batches to a backend. The runtime owns queueing, retries and timeouts, and calls
 /// `export` from `sending_queue.num_consumers` tasks at once: keep per-request state local.
+///
+/// ```
+/// use std::sync::atomic::{AtomicU64, Ordering};
+/// use genai_collector_core::model::MetricExt;
+/// use genai_collector_core::{async_trait, Batch, ExportError, Exporter};
+///
+/// /// Counts points; a real one sends them and maps the backend's answer to an `ExportError`.
+/// #[derive(Default)]
+/// struct Counter(AtomicU64);
+///
+/// #[async_trait]
+/// impl Exporter for Counter {
+///     async fn export(&self, batch: &Batch) -> Result<(), ExportError> {
+///         let points: usize = batch.metrics().map(|m| m.point_count()).sum();
+///         self.0.fetch_add(points as u64, Ordering::Relaxed);
+///         Ok(())
+///     }
+/// }
+/// ```
 #[async_trait]
 pub trait Exporter: Send + Sync {
     /// Sends one batch; the error decides between a retry and a drop.

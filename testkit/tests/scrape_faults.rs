@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{run_for, scrapes};
+use common::{run_for, run_until, scrape_counts, scrapes};
 use genai_collector_testkit::sim::{self, EngineKind, Fault};
 
 fn peak_rss_mb() -> f64 {
@@ -269,7 +269,11 @@ async fn a_page_over_sample_limit_fails_its_scrape() {
         "receivers:\n  prometheus:\n    targets: [\"{}\"]\n    interval: 300ms\n    sample_limit: 1000\nexporters:\n  capture: {{}}\nservice:\n  telemetry: {{ endpoint: null }}\n  pipelines:\n    metrics: {{ receivers: [prometheus], exporters: [capture] }}\n",
         big.metrics_url()
     );
-    let capture = run_for(&yaml, 1.0).await;
+    let url = big.metrics_url();
+    let capture = run_until(&yaml, Duration::from_secs(30), "two scrapes", |c| {
+        scrape_counts(c).get(&url).is_some_and(|n| *n >= 2)
+    })
+    .await;
     let by_target = scrapes(&capture);
     let s = &by_target[&big.metrics_url()];
     assert!(!s.is_empty());
@@ -442,7 +446,15 @@ async fn discovered_targets_past_max_targets_are_not_scraped() {
         "receivers:\n  prometheus:\n    file_targets: [\"{}\"]\n    interval: 200ms\n    max_targets: 3\nexporters:\n  capture: {{}}\nservice:\n  telemetry: {{ endpoint: null }}\n  pipelines:\n    metrics: {{ receivers: [prometheus], exporters: [capture] }}\n",
         file.display()
     );
-    let capture = run_for(&yaml, 1.0).await;
+    // Two scrapes of each of three targets: time enough for the others to show up, were
+    // they wrongly scraped.
+    let capture = run_until(
+        &yaml,
+        Duration::from_secs(30),
+        "three targets scraped twice",
+        |c| scrape_counts(c).values().filter(|n| **n >= 2).count() >= 3,
+    )
+    .await;
     let _ = std::fs::remove_file(&file);
     let by_target = scrapes(&capture);
     assert_eq!(by_target.len(), 3, "{:?}", by_target.keys());
