@@ -8,10 +8,13 @@ pub mod auth;
 pub mod component;
 pub mod config;
 pub mod delivery;
-/// The persistent queue's file format: public for the fuzz targets and their corpus replay
-/// only, not part of the API a component uses (exporters get it through `sending_queue`).
+/// The persistent queue's file format: public only with the `internals` feature, for the fuzz
+/// targets and their corpus replay; exporters get it through `sending_queue`.
+#[cfg(feature = "internals")]
 #[doc(hidden)]
 pub mod disk_queue;
+#[cfg(not(feature = "internals"))]
+pub(crate) mod disk_queue;
 mod http;
 pub mod id;
 pub mod memory;
