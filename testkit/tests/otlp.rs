@@ -15,8 +15,9 @@ async fn push_and_capture(protocol: &str) -> (Capture, serde_json::Value) {
     let yaml = format!(
         "receivers:\n  otlp:\n    protocols:\n      grpc: {{ endpoint: \"127.0.0.1:{grpc}\" }}\n      http: {{ endpoint: \"127.0.0.1:{http}\" }}\nexporters:\n  capture: {{}}\nservice:\n  telemetry: {{ endpoint: null }}\n  pipelines:\n    metrics: {{ receivers: [otlp], exporters: [capture] }}\n"
     );
-    let run = tokio::spawn(async move { common::run_for(&yaml, 6.0).await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let run = common::Background::start(&yaml);
+    common::listening(grpc).await;
+    common::listening(http).await;
     let endpoint = if protocol == "grpc" {
         format!("127.0.0.1:{grpc}")
     } else {
@@ -33,7 +34,8 @@ async fn push_and_capture(protocol: &str) -> (Capture, serde_json::Value) {
         "2",
     ])
     .await;
-    (run.await.unwrap(), summary)
+    // Every push was answered once queued: stopping drains the queues into the capture.
+    (run.stop().await, summary)
 }
 
 async fn check(protocol: &str) {
@@ -237,8 +239,9 @@ async fn a_bearer_token_guards_both_protocols() {
     let yaml = format!(
         "receivers:\n  otlp:\n    bearer_token: s3cret\n    protocols:\n      grpc: {{ endpoint: \"127.0.0.1:{grpc}\" }}\n      http: {{ endpoint: \"127.0.0.1:{http}\" }}\nexporters:\n  capture: {{}}\nservice:\n  telemetry: {{ endpoint: null }}\n  pipelines:\n    metrics: {{ receivers: [otlp], exporters: [capture] }}\n"
     );
-    let run = tokio::spawn(async move { common::run_for(&yaml, 5.0).await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let run = common::Background::start(&yaml);
+    common::listening(grpc).await;
+    common::listening(http).await;
     let push = move |token: Option<&'static str>| {
         tokio::task::spawn_blocking(move || {
             let endpoint = format!("127.0.0.1:{grpc}");
@@ -288,7 +291,7 @@ async fn a_bearer_token_guards_both_protocols() {
         post(Some("Bearer s3cret")).await.unwrap().status().as_u16(),
         200
     );
-    let capture = run.await.unwrap();
+    let capture = run.stop().await;
     assert_eq!(
         capture.point_count(),
         3 * 2 * 2,

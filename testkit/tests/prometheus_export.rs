@@ -35,9 +35,17 @@ async fn promtool_our_parser_and_a_real_prometheus() {
         "receivers:\n  vllm: {{ targets: [\"{}\"], interval: 500ms, pool: chat }}\nprocessors:\n  genai_normalize: {{}}\n  percentages: {{ max_requests: 64 }}\nexporters:\n  prometheus: {{ endpoint: \"127.0.0.1:{port}\" }}\nservice:\n  telemetry: {{ endpoint: null }}\n  pipelines:\n    metrics: {{ receivers: [vllm], processors: [genai_normalize, percentages], exporters: [prometheus] }}\n",
         vllm.metrics_url()
     );
-    let run = tokio::spawn(async move { common::run_for(&yaml, 9.0).await });
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let run = common::Background::start(&yaml);
     let url = format!("http://127.0.0.1:{port}/metrics");
+    // Until the first scrape went through the processors to the endpoint.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !get(&url, "text/plain")
+        .await
+        .contains("gen_ai_server_kv_cache_usage_percent")
+    {
+        assert!(std::time::Instant::now() < deadline, "no page");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     let text = get(&url, "text/plain").await;
     let page = parse(&text, Format::Prometheus).unwrap();
@@ -90,7 +98,7 @@ async fn promtool_our_parser_and_a_real_prometheus() {
 
     let Some(prom) = common::Prometheus::start("prom-e2e", port, &[]) else {
         eprintln!("prometheus not installed: skipping the scrape by a real Prometheus");
-        run.await.unwrap();
+        run.stop().await;
         return;
     };
     let prom_port = prom.port;
@@ -148,7 +156,7 @@ async fn promtool_our_parser_and_a_real_prometheus() {
     .await
     .unwrap();
     drop(prom);
-    run.await.unwrap();
+    run.stop().await;
     assert!(
         answer.contains(&format!("\"{blocks}\"")),
         "Prometheus scraped the engine fact: {answer}"
@@ -177,8 +185,9 @@ async fn exemplars_from_the_sdk_reach_a_real_prometheus() {
     let yaml = format!(
         "receivers:\n  otlp: {{ protocols: {{ grpc: {{ endpoint: \"127.0.0.1:{grpc}\" }} }} }}\nexporters:\n  prometheus: {{ endpoint: \"127.0.0.1:{port}\" }}\nservice:\n  telemetry: {{ endpoint: null }}\n  pipelines:\n    metrics: {{ receivers: [otlp], exporters: [prometheus] }}\n"
     );
-    let run = tokio::spawn(async move { common::run_for(&yaml, 12.0).await });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let run = common::Background::start(&yaml);
+    common::listening(grpc).await;
+    common::listening(port).await;
     let endpoint = format!("127.0.0.1:{grpc}");
     let sent =
         common::otlp_push_summary(&["--endpoint", &endpoint, "--series", "3", "--traced"]).await;
@@ -227,7 +236,7 @@ async fn exemplars_from_the_sdk_reach_a_real_prometheus() {
         &["--enable-feature=exemplar-storage"],
     ) else {
         eprintln!("prometheus not installed: skipping the scrape by a real Prometheus");
-        run.await.unwrap();
+        run.stop().await;
         return;
     };
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -252,7 +261,7 @@ async fn exemplars_from_the_sdk_reach_a_real_prometheus() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
     drop(prom);
-    run.await.unwrap();
+    run.stop().await;
     for t in &trace_ids {
         assert!(
             answer.contains(t.as_str()),
@@ -331,7 +340,7 @@ async fn invalid_data_never_breaks_the_page() {
     let yaml = format!(
         "receivers:\n  otlp: {{ protocols: {{ grpc: {{ endpoint: \"127.0.0.1:{grpc}\" }} }} }}\nexporters:\n  prometheus: {{ endpoint: \"127.0.0.1:{port}\" }}\nservice:\n  telemetry: {{ endpoint: null }}\n  pipelines:\n    metrics: {{ receivers: [otlp], exporters: [prometheus] }}\n"
     );
-    let run = tokio::spawn(async move { common::run_for(&yaml, 3.0).await });
+    let run = common::Background::start(&yaml);
     let mut client = loop {
         match MetricsServiceClient::connect(format!("http://127.0.0.1:{grpc}")).await {
             Ok(c) => break c,
@@ -343,7 +352,7 @@ async fn invalid_data_never_breaks_the_page() {
     let url = format!("http://127.0.0.1:{port}/metrics");
     let text = get(&url, "text/plain").await;
     let om = get(&url, "application/openmetrics-text;version=1.0.0").await;
-    run.await.unwrap();
+    run.stop().await;
     parse(&text, Format::Prometheus).unwrap_or_else(|e| panic!("0.0.4: {e}\n{text}"));
     parse(&om, Format::OpenMetrics).unwrap_or_else(|e| panic!("strict OpenMetrics: {e}\n{om}"));
     for dropped in [

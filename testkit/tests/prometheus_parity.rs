@@ -126,7 +126,8 @@ async fn series_through_the_collector_keep_the_identity_a_direct_scrape_gives_th
     let yaml = format!(
         "receivers:\n  prometheus:\n    targets: [\"http://127.0.0.1:{node}/metrics\", \"http://127.0.0.1:{prom}/metrics\"]\n    interval: 1s\n    job: via\nexporters:\n  prometheus: {{ endpoint: \"127.0.0.1:{exporter}\" }}\nservice:\n  telemetry: {{ endpoint: null }}\n  pipelines:\n    metrics: {{ receivers: [prometheus], exporters: [prometheus] }}\n"
     );
-    let run = tokio::spawn(async move { common::run_for(&yaml, 12.0).await });
+    let run = common::Background::start(&yaml);
+    // Prometheus scrapes both sides every second: ten seconds give each series several.
     tokio::time::sleep(Duration::from_secs(10)).await;
 
     for (what, port) in [("node_exporter", node), ("Prometheus's own page", prom)] {
@@ -151,6 +152,6 @@ async fn series_through_the_collector_keep_the_identity_a_direct_scrape_gives_th
             "{what}: only direct {only_direct:#?}\nonly through the collector {only_via:#?}"
         );
     }
-    run.await.unwrap();
+    run.stop().await;
     drop(prom_handle);
 }

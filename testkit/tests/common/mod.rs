@@ -51,6 +51,61 @@ pub async fn run_until(
     capture
 }
 
+/// A pipeline running in the background, for tests that change things while it runs and
+/// wait for what reaches the `capture` exporter with [`Background::wait`].
+pub struct Background {
+    pub capture: Capture,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Background {
+    pub fn start(yaml: &str) -> Background {
+        let capture = Capture::new();
+        let comps = components(&capture);
+        let cfg = config::load(&[Source::new("test.yaml", yaml)], &comps)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let service = Service::build(cfg, &comps).unwrap_or_else(|e| panic!("{e}"));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            service
+                .run(async {
+                    let _ = stopped.await;
+                })
+                .await
+                .unwrap();
+        });
+        Background {
+            capture,
+            stop,
+            task,
+        }
+    }
+
+    /// Waits (at most 30 s) until `done` holds for what the capture holds.
+    pub async fn wait(&self, what: &str, done: impl Fn(&Capture) -> bool) {
+        genai_collector_testkit::eventually(Duration::from_secs(30), what, || {
+            done(&self.capture).then_some(())
+        })
+        .await
+    }
+
+    /// Shuts the pipeline down and gives what reached the capture.
+    pub async fn stop(self) -> Capture {
+        let _ = self.stop.send(());
+        self.task.await.unwrap();
+        self.capture
+    }
+}
+
+/// Waits until something listens on the loopback `port` (a receiver's listener is up).
+pub async fn listening(port: u16) {
+    genai_collector_testkit::eventually(Duration::from_secs(30), "the listener", || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+    })
+    .await;
+}
+
 /// How many scrapes of each target reached `capture`.
 pub fn scrape_counts(capture: &Capture) -> BTreeMap<String, usize> {
     scrapes(capture)
