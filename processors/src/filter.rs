@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use genai_collector_core::model::{display_value, metric, KeyValue};
+use genai_collector_core::model::{display_value, KeyValue, MetricExt};
 use genai_collector_core::{
     Batch, BuildContext, ComponentConfig, ComponentError, Processor, ProcessorFactory,
     ValidationError,
@@ -91,22 +91,6 @@ fn attrs_match(want: &BTreeMap<String, String>, point: &[KeyValue], resource: &[
     })
 }
 
-fn retain_points(
-    m: &mut genai_collector_core::model::Metric,
-    mut keep: impl FnMut(&[KeyValue]) -> bool,
-) {
-    match &mut m.data {
-        Some(metric::Data::Gauge(g)) => g.data_points.retain(|p| keep(&p.attributes)),
-        Some(metric::Data::Sum(s)) => s.data_points.retain(|p| keep(&p.attributes)),
-        Some(metric::Data::Histogram(h)) => h.data_points.retain(|p| keep(&p.attributes)),
-        Some(metric::Data::ExponentialHistogram(h)) => {
-            h.data_points.retain(|p| keep(&p.attributes))
-        }
-        Some(metric::Data::Summary(s)) => s.data_points.retain(|p| keep(&p.attributes)),
-        None => {}
-    }
-}
-
 impl Processor for Filter {
     fn process(&mut self, batch: &mut Batch) {
         let (inc, exc) = (&self.0.include, &self.0.exclude);
@@ -120,7 +104,7 @@ impl Processor for Filter {
                             return false;
                         }
                         if !i.attributes.is_empty() {
-                            retain_points(m, |a| attrs_match(&i.attributes, a, resource));
+                            m.retain_points(|a| attrs_match(&i.attributes, a, resource));
                         }
                     }
                     if let Some(e) = exc {
@@ -129,10 +113,10 @@ impl Processor for Filter {
                             return false;
                         }
                         if named && !e.attributes.is_empty() {
-                            retain_points(m, |a| !attrs_match(&e.attributes, a, resource));
+                            m.retain_points(|a| !attrs_match(&e.attributes, a, resource));
                         }
                     }
-                    genai_collector_core::model::MetricExt::point_count(m) > 0
+                    m.point_count() > 0
                 });
             }
         }

@@ -398,17 +398,19 @@ async fn info(State(sim): State<Arc<Sim>>) -> Response {
     if let Some(bomb) = side_bomb(&sim) {
         return bomb;
     }
-    match std::fs::read_to_string(fixtures_dir().join(TGI_INFO)) {
-        Ok(body) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
-    }
+    json_fixture(TGI_INFO)
 }
 
 async fn slots(State(sim): State<Arc<Sim>>) -> Response {
     if sim.kind != EngineKind::LlamaCpp {
         return StatusCode::NOT_FOUND.into_response();
     }
-    match std::fs::read_to_string(fixtures_dir().join(LLAMACPP_SLOTS)) {
+    json_fixture(LLAMACPP_SLOTS)
+}
+
+/// A JSON fixture as the engine answers it.
+fn json_fixture(path: &str) -> Response {
+    match std::fs::read_to_string(fixtures_dir().join(path)) {
         Ok(body) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }
@@ -421,10 +423,7 @@ async fn props(State(sim): State<Arc<Sim>>) -> Response {
     if let Some(bomb) = side_bomb(&sim) {
         return bomb;
     }
-    match std::fs::read_to_string(fixtures_dir().join(LLAMACPP_PROPS)) {
-        Ok(body) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
-    }
+    json_fixture(LLAMACPP_PROPS)
 }
 
 async fn ollama_ps(State(sim): State<Arc<Sim>>) -> Response {

@@ -19,15 +19,15 @@ that file's two collectors, driven the same way through their own methods.
 import enum
 import sys
 import types
-import zipfile
+
+from wheel_modules import load as load_from, module, open_wheel
 
 WHEEL = sys.argv[1]
-wheel = zipfile.ZipFile(WHEEL)
-version = next(
-    n.split("/")[0].removesuffix(".dist-info").split("-")[1]
-    for n in wheel.namelist()
-    if n.endswith(".dist-info/METADATA")
-)
+wheel, version = open_wheel(WHEEL)
+
+
+def load(path):
+    return load_from(wheel, path)
 
 
 class Unset:
@@ -59,25 +59,6 @@ class Stub(types.ModuleType):
         return UNSET
 
 
-def module(name, cls=types.ModuleType, **attrs):
-    m = cls(name)
-    m.__dict__.update(attrs)
-    m.__path__ = []
-    sys.modules[name] = m
-    parent, _, child = name.rpartition(".")
-    if parent:
-        if parent not in sys.modules:
-            module(parent)
-        setattr(sys.modules[parent], child, m)
-    return m
-
-
-def load(path):
-    name = path[:-3].replace("/", ".")
-    m = module(name)
-    m.__file__ = path
-    exec(compile(wheel.read(path).decode(), path, "exec"), m.__dict__)
-    return m
 
 
 def current():

@@ -18,8 +18,9 @@ import enum
 import logging
 import sys
 import types
-import zipfile
 from dataclasses import dataclass, field
+
+from wheel_modules import load, module, open_wheel
 
 WHEEL = sys.argv[1]
 FILES = [
@@ -32,25 +33,7 @@ FILES = [
     "vllm/v1/metrics/loggers.py",
 ]
 
-wheel = zipfile.ZipFile(WHEEL)
-version = next(
-    n.split("/")[0].removesuffix(".dist-info").split("-")[1]
-    for n in wheel.namelist()
-    if n.endswith(".dist-info/METADATA")
-)
-
-
-def module(name, **attrs):
-    m = types.ModuleType(name)
-    m.__dict__.update(attrs)
-    m.__path__ = []
-    sys.modules[name] = m
-    parent, _, child = name.rpartition(".")
-    if parent:
-        if parent not in sys.modules:
-            module(parent)
-        setattr(sys.modules[parent], child, m)
-    return m
+wheel, version = open_wheel(WHEEL)
 
 
 def classes_from(path, names, namespace):
@@ -111,16 +94,13 @@ module("vllm.v1.engine", FinishReason=FinishReason)
 perf_ns = {"prometheus_client": prometheus_client}
 module("vllm.v1.metrics.perf", PerfStats=object, PerfMetricsLogging=Anything)
 for path in FILES:
-    name = path[:-3].replace("/", ".")
-    m = module(name)
-    m.__file__ = path
-    if name == "vllm.v1.metrics.loggers":
+    if path == "vllm/v1/metrics/loggers.py":
         # utils is loaded by now: PerfMetricsProm needs its create_metric_per_engine.
         perf_ns["create_metric_per_engine"] = sys.modules["vllm.v1.metrics.utils"].create_metric_per_engine
         perf_ns.update(VllmConfig=object, PerfStats=object)
         (PerfMetricsProm,) = classes_from("vllm/v1/metrics/perf.py", ["PerfMetricsProm"], perf_ns)
         sys.modules["vllm.v1.metrics.perf"].PerfMetricsProm = PerfMetricsProm
-    exec(compile(wheel.read(path).decode(), path, "exec"), m.__dict__)
+    load(wheel, path)
 
 loggers = sys.modules["vllm.v1.metrics.loggers"]
 stats = sys.modules["vllm.v1.metrics.stats"]
