@@ -919,24 +919,22 @@ pub(crate) mod tests {
         }
     }
 
-    fn gauge(batch: &Batch, name: &str) -> f64 {
+    /// The number points of the metric `name` (gauge or sum).
+    fn points<'a>(batch: &'a Batch, name: &str) -> &'a [NumberDataPoint] {
         let m = batch
             .metrics()
             .find(|m| m.name == name)
             .unwrap_or_else(|| panic!("no {name}"));
         match &m.data {
-            Some(metric::Data::Gauge(g)) => number_value(&g.data_points[0]).unwrap(),
-            Some(metric::Data::Sum(s)) => number_value(&s.data_points[0]).unwrap(),
-            _ => panic!("{name}"),
-        }
-    }
-
-    fn points<'a>(batch: &'a Batch, name: &str) -> &'a [NumberDataPoint] {
-        match &batch.metrics().find(|m| m.name == name).unwrap().data {
             Some(metric::Data::Gauge(g)) => &g.data_points,
             Some(metric::Data::Sum(s)) => &s.data_points,
             _ => panic!("{name}"),
         }
+    }
+
+    /// The first point's value of the metric `name`.
+    fn gauge(batch: &Batch, name: &str) -> f64 {
+        number_value(&points(batch, name)[0]).unwrap()
     }
 
     fn point(batch: &Batch, name: &str, key: &str, value: &str) -> f64 {

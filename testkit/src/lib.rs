@@ -32,6 +32,20 @@ pub async fn eventually<T>(
     }
 }
 
+/// The Python with the test peers' packages (tests/peers/requirements.txt): `GENAI_PEERS_PYTHON`,
+/// else the repository's `.venv`, which `scripts/test` makes.
+pub fn peers_python() -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os("GENAI_PEERS_PYTHON") {
+        return p.into();
+    }
+    let venv = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
+    assert!(
+        venv.exists(),
+        "the Python peers need tests/peers/requirements.txt: run `scripts/test`"
+    );
+    venv
+}
+
 /// A loopback port free now, for a server a test or harness starts next.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -61,7 +61,7 @@ struct Kubelet(Child);
 impl Kubelet {
     fn start(socket: &Path, allocations: &Path) -> Kubelet {
         let _ = std::fs::remove_file(socket);
-        let mut child = Command::new(common::python())
+        let mut child = Command::new(genai_collector_testkit::peers_python())
             .arg(concat!(
                 env!("CARGO_MANIFEST_DIR"),
                 "/../tests/peers/fake_kubelet.py"

@@ -198,11 +198,8 @@ fn recent(capture: &Capture, since: usize) -> HashMap<String, String> {
 }
 
 async fn until(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    genai_collector_testkit::eventually(Duration::from_secs(15), what, || check().then_some(()))
+        .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

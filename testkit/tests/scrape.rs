@@ -363,8 +363,6 @@ async fn llama_cpp_gets_its_model_and_slots_from_props() {
 #[test]
 fn old_and_new_vllm_names_on_one_page_count_once() {
     use genai_collector_core::model::{kv, AttributesExt};
-    use genai_collector_core::{BuildContext, ComponentId, ProcessorFactory};
-    use genai_collector_processors::GenaiNormalizeFactory;
     use genai_collector_receivers::scrape::convert::Converter;
     use genai_collector_receivers::scrape::text::{parse, Format};
 
@@ -375,15 +373,7 @@ fn old_and_new_vllm_names_on_one_page_count_once() {
     let page = parse(&text, Format::Prometheus).unwrap();
     let (mut batch, _) =
         Converter::new().convert(&page, 1, vec![kv("gen_ai.provider.name", "vllm")]);
-    let ctx = BuildContext {
-        id: ComponentId::parse("genai_normalize").unwrap(),
-        pipeline: Some("metrics".into()),
-        telemetry: Default::default(),
-    };
-    let mut normalize = GenaiNormalizeFactory
-        .build(&Default::default(), &ctx)
-        .unwrap();
-    normalize.process(&mut batch);
+    common::normalize(&mut batch);
     let metric = |name: &str| {
         batch
             .metrics()
@@ -391,30 +381,7 @@ fn old_and_new_vllm_names_on_one_page_count_once() {
             .unwrap_or_else(|| panic!("no {name}"))
             .clone()
     };
-    for m in batch.metrics() {
-        let mut seen = std::collections::HashSet::new();
-        let attrs: Vec<String> = match &m.data {
-            Some(metric::Data::Gauge(g)) => g
-                .data_points
-                .iter()
-                .map(|p| format!("{:?}", p.attributes))
-                .collect(),
-            Some(metric::Data::Sum(s)) => s
-                .data_points
-                .iter()
-                .map(|p| format!("{:?}", p.attributes))
-                .collect(),
-            Some(metric::Data::Histogram(h)) => h
-                .data_points
-                .iter()
-                .map(|p| format!("{:?}", p.attributes))
-                .collect(),
-            _ => Vec::new(),
-        };
-        for a in attrs {
-            assert!(seen.insert(a.clone()), "{}: {a} twice", m.name);
-        }
-    }
+    common::assert_each_series_once(&batch, "Datadog's vLLM page");
     let histogram_count = |name: &str| match &metric(name).data {
         Some(metric::Data::Histogram(h)) => h.data_points.iter().map(|p| p.count).sum::<u64>(),
         _ => panic!("{name} is a histogram"),

@@ -4,14 +4,15 @@
 //! engine, and what it maps comes out under the row's name, with no series twice. A row no page
 //! exercises fails the test unless it is in `UNEXERCISED`, with the reason.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+mod common;
 
+use std::collections::{BTreeMap, BTreeSet};
+
+use common::{assert_each_series_once, normalize, point_attributes};
 use genai_collector_core::model::{
     kv, metric, number_point, AttributesExt, Batch, Metric, MetricExt,
 };
-use genai_collector_core::{BuildContext, ComponentId, ProcessorFactory};
 use genai_collector_processors::genai_normalize::{parse_table, Table, BUILTIN_TABLES};
-use genai_collector_processors::GenaiNormalizeFactory;
 use genai_collector_receivers::scrape::convert::Converter;
 use genai_collector_receivers::scrape::text::{parse, Format};
 use genai_collector_receivers::scrape::Engine;
@@ -100,16 +101,6 @@ fn scraped(engine: &str, page: &str, side: Option<&str>) -> Batch {
     batch
 }
 
-fn attributes_of(m: &Metric) -> Vec<&Vec<genai_collector_core::model::KeyValue>> {
-    match &m.data {
-        Some(metric::Data::Gauge(g)) => g.data_points.iter().map(|p| &p.attributes).collect(),
-        Some(metric::Data::Sum(s)) => s.data_points.iter().map(|p| &p.attributes).collect(),
-        Some(metric::Data::Histogram(h)) => h.data_points.iter().map(|p| &p.attributes).collect(),
-        Some(metric::Data::Summary(s)) => s.data_points.iter().map(|p| &p.attributes).collect(),
-        _ => Vec::new(),
-    }
-}
-
 /// Whether `m` has what `row` takes: a point its `where` selects, of a kind `take` reads.
 fn row_takes(row: &genai_collector_processors::genai_normalize::Rule, m: &Metric) -> bool {
     let kind_fits = row.take.is_none()
@@ -118,23 +109,11 @@ fn row_takes(row: &genai_collector_processors::genai_normalize::Rule, m: &Metric
             Some(metric::Data::Histogram(_)) | Some(metric::Data::Summary(_))
         );
     kind_fits
-        && attributes_of(m).iter().any(|attrs| {
+        && point_attributes(m).iter().any(|attrs| {
             row.where_attrs
                 .iter()
                 .all(|(k, v)| attrs.get_str(k) == Some(v.as_str()))
         })
-}
-
-fn normalized(batch: &mut Batch) {
-    let ctx = BuildContext {
-        id: ComponentId::parse("genai_normalize").unwrap(),
-        pipeline: Some("metrics".into()),
-        telemetry: Default::default(),
-    };
-    GenaiNormalizeFactory
-        .build(&Default::default(), &ctx)
-        .unwrap()
-        .process(batch);
 }
 
 #[test]
@@ -159,22 +138,17 @@ fn every_table_row_maps_a_line_of_a_real_or_documented_page() {
                 expected.insert(row.to.as_str());
             }
         }
-        normalized(&mut batch);
+        normalize(&mut batch);
         let names: BTreeSet<&str> = batch.metrics().map(|m| m.name.as_str()).collect();
         let missing: Vec<&&str> = expected.iter().filter(|n| !names.contains(**n)).collect();
         assert!(
             missing.is_empty(),
             "{page}: rows matched but {missing:?} did not come out"
         );
+        assert_each_series_once(&batch, page);
         for m in batch.metrics() {
-            let mut seen = HashSet::new();
-            for attrs in attributes_of(m) {
-                let mut key: Vec<String> = attrs.iter().map(|a| format!("{a:?}")).collect();
-                key.sort();
-                assert!(seen.insert(key), "{page}: {} has a series twice", m.name);
-            }
             if m.name.starts_with("gen_ai.server.") {
-                for attrs in attributes_of(m) {
+                for attrs in point_attributes(m) {
                     assert_eq!(
                         attrs.get_str("gen_ai.provider.name"),
                         Some(engine),
@@ -205,7 +179,7 @@ fn every_table_row_maps_a_line_of_a_real_or_documented_page() {
 #[test]
 fn operator_signals_from_the_vllm_page() {
     let mut batch = scraped("vllm", "vllm/v0.33.0-loggers.prom", None);
-    normalized(&mut batch);
+    normalize(&mut batch);
     let value = |name: &str, key: Option<(&str, &str)>| -> f64 {
         let m = batch
             .metrics()
@@ -291,7 +265,7 @@ fn tgi_tokens_from_its_histograms_and_failures_by_error() {
                 _ => None,
             })
             .collect();
-        normalized(&mut batch);
+        normalize(&mut batch);
         let tokens = batch
             .metrics()
             .find(|m| m.name == "gen_ai.server.token.usage")
@@ -317,7 +291,7 @@ fn tgi_tokens_from_its_histograms_and_failures_by_error() {
             .metrics()
             .find(|m| m.name == "gen_ai.server.requests.failed")
             .unwrap();
-        let errors: BTreeSet<&str> = attributes_of(failed)
+        let errors: BTreeSet<&str> = point_attributes(failed)
             .iter()
             .filter_map(|a| a.get_str("error.type"))
             .collect();

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::io::BufRead;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -13,14 +13,7 @@ use genai_collector_core::config::{self, Source};
 use genai_collector_core::model::{metric, number_value, AttributesExt, Batch};
 use genai_collector_core::Service;
 use genai_collector_processors::GenaiNormalizeFactory;
-use genai_collector_testkit::{components, free_port, Capture};
-
-/// The Python with prometheus_client (tests/peers/requirements.txt, which CI installs).
-fn python() -> PathBuf {
-    std::env::var_os("GENAI_PEERS_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python"))
-}
+use genai_collector_testkit::{components, free_port, peers_python, Capture};
 
 struct Server(Child);
 
@@ -56,7 +49,7 @@ fn values(batch: &Batch) -> BTreeMap<String, (f64, String)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_teams_names_come_out_as_gen_ai_names() {
     let port = free_port();
-    let mut child = Command::new(python())
+    let mut child = Command::new(peers_python())
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("myserve.py"))
         .arg(port.to_string())
         .stdout(Stdio::piped())

@@ -12,13 +12,19 @@ use genai_collector_core::model::{
 use genai_collector_core::Service;
 use genai_collector_testkit::{components, Capture};
 
-/// Runs the collector on `yaml` for `secs` seconds and returns what the capture exporter got.
-pub async fn run_for(yaml: &str, secs: f64) -> Capture {
+/// The collector built from `yaml`, and what its `capture` exporters will hold.
+fn service(yaml: &str) -> (Service, Capture) {
     let capture = Capture::new();
     let comps = components(&capture);
     let cfg =
         config::load(&[Source::new("test.yaml", yaml)], &comps).unwrap_or_else(|e| panic!("{e}"));
     let service = Service::build(cfg, &comps).unwrap_or_else(|e| panic!("{e}"));
+    (service, capture)
+}
+
+/// Runs the collector on `yaml` for `secs` seconds and returns what the capture exporter got.
+pub async fn run_for(yaml: &str, secs: f64) -> Capture {
+    let (service, capture) = service(yaml);
     service
         .run(tokio::time::sleep(Duration::from_secs_f64(secs)))
         .await
@@ -34,21 +40,9 @@ pub async fn run_until(
     what: &str,
     done: impl Fn(&Capture) -> bool,
 ) -> Capture {
-    let capture = Capture::new();
-    let comps = components(&capture);
-    let cfg =
-        config::load(&[Source::new("test.yaml", yaml)], &comps).unwrap_or_else(|e| panic!("{e}"));
-    let service = Service::build(cfg, &comps).unwrap_or_else(|e| panic!("{e}"));
-    let watched = capture.clone();
-    service
-        .run(genai_collector_testkit::eventually(
-            within,
-            what,
-            move || done(&watched).then_some(()),
-        ))
-        .await
-        .unwrap();
-    capture
+    let run = Background::start(yaml);
+    run.wait_within(within, what, done).await;
+    run.stop().await
 }
 
 /// A pipeline running in the background, for tests that change things while it runs and
@@ -61,11 +55,7 @@ pub struct Background {
 
 impl Background {
     pub fn start(yaml: &str) -> Background {
-        let capture = Capture::new();
-        let comps = components(&capture);
-        let cfg = config::load(&[Source::new("test.yaml", yaml)], &comps)
-            .unwrap_or_else(|e| panic!("{e}"));
-        let service = Service::build(cfg, &comps).unwrap_or_else(|e| panic!("{e}"));
+        let (service, capture) = service(yaml);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             service
@@ -84,12 +74,14 @@ impl Background {
 
     /// Waits (at most 30 s) until `done` holds for what the capture holds.
     pub async fn wait(&self, what: &str, done: impl Fn(&Capture) -> bool) {
-        genai_collector_testkit::eventually(Duration::from_secs(30), what, || {
-            done(&self.capture).then_some(())
-        })
-        .await
+        self.wait_within(Duration::from_secs(30), what, done).await
     }
 
+    /// Waits at most `within` until `done` holds for what the capture holds.
+    pub async fn wait_within(&self, within: Duration, what: &str, done: impl Fn(&Capture) -> bool) {
+        genai_collector_testkit::eventually(within, what, || done(&self.capture).then_some(()))
+            .await
+    }
     /// Shuts the pipeline down and gives what reached the capture.
     pub async fn stop(self) -> Capture {
         let _ = self.stop.send(());
@@ -208,22 +200,9 @@ pub fn certificates(name: &str) -> Certs {
     }
 }
 
-/// The Python with the peers' packages (tests/peers/requirements.txt).
-pub fn python() -> std::path::PathBuf {
-    if let Ok(p) = std::env::var("GENAI_PEERS_PYTHON") {
-        return p.into();
-    }
-    let venv = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
-    assert!(
-        venv.exists(),
-        "the Python peers need tests/peers/requirements.txt: run `scripts/test`"
-    );
-    venv
-}
-
 /// The OpenTelemetry Python SDK pushing OTLP (tests/peers/otlp_push.py) with `args`.
 pub fn otlp_push(args: &[&str]) -> std::process::Command {
-    let mut cmd = std::process::Command::new(python());
+    let mut cmd = std::process::Command::new(genai_collector_testkit::peers_python());
     cmd.arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/peers/otlp_push.py"))
         .args(args);
     cmd
@@ -276,7 +255,7 @@ impl Sink {
     pub async fn restart(&mut self, fail_first: u32) {
         let script =
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/peers/otlp_sink.py");
-        let child = std::process::Command::new(python())
+        let child = std::process::Command::new(genai_collector_testkit::peers_python())
             .arg(script)
             .args(["--grpc-port", &self.grpc.to_string()])
             .args(["--http-port", &self.http.to_string()])
@@ -412,4 +391,42 @@ impl Drop for Prometheus {
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// The attributes of each of a metric's points, whatever its kind.
+pub fn point_attributes(m: &Metric) -> Vec<&Vec<KeyValue>> {
+    match &m.data {
+        Some(metric::Data::Gauge(g)) => g.data_points.iter().map(|p| &p.attributes).collect(),
+        Some(metric::Data::Sum(s)) => s.data_points.iter().map(|p| &p.attributes).collect(),
+        Some(metric::Data::Histogram(h)) => h.data_points.iter().map(|p| &p.attributes).collect(),
+        Some(metric::Data::Summary(s)) => s.data_points.iter().map(|p| &p.attributes).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Panics, naming `what` and the metric, when one series (an attribute set, in any order) is
+/// in a metric twice.
+pub fn assert_each_series_once(batch: &Batch, what: &str) {
+    for m in batch.metrics() {
+        let mut seen = std::collections::HashSet::new();
+        for attrs in point_attributes(m) {
+            let mut key: Vec<String> = attrs.iter().map(|a| format!("{a:?}")).collect();
+            key.sort();
+            assert!(seen.insert(key), "{what}: {} has a series twice", m.name);
+        }
+    }
+}
+
+/// Runs `genai_normalize` with its built-in tables over `batch`.
+pub fn normalize(batch: &mut Batch) {
+    use genai_collector_core::{BuildContext, ComponentId, ProcessorFactory};
+    let ctx = BuildContext {
+        id: ComponentId::parse("genai_normalize").unwrap(),
+        pipeline: Some("metrics".into()),
+        telemetry: Default::default(),
+    };
+    genai_collector_processors::GenaiNormalizeFactory
+        .build(&Default::default(), &ctx)
+        .unwrap()
+        .process(batch);
 }
