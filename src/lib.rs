@@ -40,7 +40,7 @@ impl Builtin for Components {
             .with_receiver(r::OllamaReceiverFactory)
             .with_receiver(r::NvmlReceiverFactory)
             .with_receiver(r::OtlpReceiverFactory)
-            .with_processor(genai_collector_processors::GenaiNormalizeFactory)
+            .with_processor(genai_collector_processors::GenaiNormalizeFactory::default())
             .with_processor(genai_collector_processors::PercentagesFactory)
             .with_processor(genai_collector_processors::PoolAggregateFactory)
             .with_processor(genai_collector_processors::BatchFactory)

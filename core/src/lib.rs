@@ -38,3 +38,10 @@ pub use model::Batch;
 pub use registry::{Components, KindInfo};
 pub use runtime::{RunSummary, RunningService, Service};
 pub use tokio_util::sync::CancellationToken;
+
+/// A random number in `[0, 1)` from the standard library's randomly seeded hasher: enough to
+/// keep many collectors' polls and retries out of step.
+pub(crate) fn random_fraction() -> f64 {
+    use std::hash::{BuildHasher, RandomState};
+    (RandomState::new().hash_one(0u8) % 1_000_000) as f64 / 1_000_000.0
+}

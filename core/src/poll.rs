@@ -110,11 +110,9 @@ impl Schedule {
     }
 }
 
-/// A random share of `interval`, from the standard library's randomly seeded hasher.
+/// A random share of `interval`.
 fn jitter(interval: Duration) -> Duration {
-    use std::hash::{BuildHasher, RandomState};
-    let r = RandomState::new().hash_one(0u8);
-    interval.mul_f64((r % 1_000) as f64 / 1_000.0)
+    interval.mul_f64(crate::random_fraction())
 }
 
 /// Polls on `schedule` until shutdown or until no pipeline takes the batches any more.

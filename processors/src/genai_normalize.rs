@@ -107,21 +107,18 @@ impl Default for NormalizeConfig {
 
 impl ComponentConfig for NormalizeConfig {}
 
-pub struct GenaiNormalizeFactory;
+/// `genai_normalize`, with the built-in tables and any compiled into the binary.
+#[derive(Default)]
+pub struct GenaiNormalizeFactory(&'static [(&'static str, &'static str)]);
 
 impl GenaiNormalizeFactory {
     /// `genai_normalize` with tables compiled into a binary of your own, as `(file name, YAML)`:
     /// they come after the config's `tables` and before the built-in ones. Register it in place
     /// of the built-in kind (`Components::with_processor` replaces a kind of the same name).
-    pub fn with_tables(
-        tables: &'static [(&'static str, &'static str)],
-    ) -> GenaiNormalizeWithTables {
-        GenaiNormalizeWithTables(tables)
+    pub fn with_tables(tables: &'static [(&'static str, &'static str)]) -> Self {
+        Self(tables)
     }
 }
-
-/// See [`GenaiNormalizeFactory::with_tables`].
-pub struct GenaiNormalizeWithTables(&'static [(&'static str, &'static str)]);
 
 impl ProcessorFactory for GenaiNormalizeFactory {
     type Config = NormalizeConfig;
@@ -131,27 +128,7 @@ impl ProcessorFactory for GenaiNormalizeFactory {
     }
 
     fn description(&self) -> &'static str {
-        "maps engine metrics (vLLM, TGI, llama.cpp, SGLang, your own tables) to the gen_ai vocabulary"
-    }
-
-    fn build(
-        &self,
-        config: &NormalizeConfig,
-        ctx: &BuildContext,
-    ) -> Result<Box<dyn Processor>, ComponentError> {
-        build(config, ctx, &[])
-    }
-}
-
-impl ProcessorFactory for GenaiNormalizeWithTables {
-    type Config = NormalizeConfig;
-
-    fn kind(&self) -> &'static str {
-        "genai_normalize"
-    }
-
-    fn description(&self) -> &'static str {
-        "maps engine metrics (vLLM, TGI, llama.cpp, SGLang, this binary's and your own tables) to the gen_ai vocabulary"
+        "maps engine metrics (vLLM, TGI, llama.cpp, SGLang, tables compiled in or named in the config) to the gen_ai vocabulary"
     }
 
     fn build(
@@ -667,7 +644,9 @@ mod tests {
             pipeline: Some("metrics".into()),
             telemetry: Default::default(),
         };
-        GenaiNormalizeFactory.build(&config, &ctx).unwrap()
+        GenaiNormalizeFactory::default()
+            .build(&config, &ctx)
+            .unwrap()
     }
 
     fn gauge(name: &str, value: f64, attrs: Vec<KeyValue>) -> Metric {
@@ -693,7 +672,7 @@ mod tests {
             pipeline: Some("metrics".into()),
             telemetry,
         };
-        let mut p = GenaiNormalizeFactory
+        let mut p = GenaiNormalizeFactory::default()
             .build(&NormalizeConfig::default(), &ctx)
             .unwrap();
         let page = |with_kv: bool, up: bool| {

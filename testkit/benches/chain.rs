@@ -57,7 +57,7 @@ fn main() {
     let mut converters: Vec<Converter> = (0..SERVERS).map(|_| Converter::new()).collect();
     let (mut scrape_ms, mut chain_ms, mut allocs_per_point) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..RUNS {
-        let mut normalize = GenaiNormalizeFactory
+        let mut normalize = GenaiNormalizeFactory::default()
             .build(&Default::default(), &ctx("genai_normalize"))
             .unwrap();
         let mut percentages = PercentagesFactory

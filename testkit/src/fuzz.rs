@@ -173,7 +173,7 @@ pub fn otlp_pipeline(data: &[u8]) {
             AttributesFactory,
             "actions: [{ key: k8s.node.name, action: insert, value: n, context: resource }]",
         ),
-        processor(GenaiNormalizeFactory, "{}"),
+        processor(GenaiNormalizeFactory::default(), "{}"),
         processor(PercentagesFactory, "{ max_requests: 64 }"),
         processor(PoolAggregateFactory, "{}"),
         processor(FilterFactory, "{ exclude: { names: [\"drop_me\"] } }"),

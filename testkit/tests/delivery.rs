@@ -175,8 +175,10 @@ service:
         0,
         "held by the batch processor: the first push is not answered yet"
     );
-    tokio::time::sleep(Duration::from_millis(1000)).await;
-    assert_eq!(recv.snapshot().accepted, 30);
+    genai_collector_testkit::eventually(Duration::from_secs(10), "the push answered", || {
+        (recv.snapshot().accepted == 30).then_some(())
+    })
+    .await;
     assert_eq!(exp.snapshot().accepted, 30, "answered once queued");
     running.run_until(async {}).await;
     assert_eq!(capture.point_count(), 30);
@@ -344,7 +346,11 @@ service:
     );
     let telemetry = svc.telemetry().clone();
     let running = svc.start().await.unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let recv = stat(&telemetry, ComponentKind::Receiver, "generator");
+    genai_collector_testkit::eventually(Duration::from_secs(10), "all five batches queued", || {
+        (recv.snapshot().accepted == 50).then_some(())
+    })
+    .await;
     let started = std::time::Instant::now();
     let summary = running.run_until(async {}).await;
     assert!(summary.drained, "{summary:?}");

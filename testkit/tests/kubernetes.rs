@@ -202,6 +202,30 @@ async fn until(what: &str, mut check: impl FnMut() -> bool) {
         .await
 }
 
+/// Pods seen in a whole scrape round that began after the receiver went down to `n` targets
+/// (a scrape already in flight when a target left may still deliver; the round after may not).
+async fn after_targets_settle(
+    capture: &Capture,
+    stats: &genai_collector_core::telemetry::ComponentStats,
+    n: u64,
+) -> HashMap<String, String> {
+    until("the receiver's targets settle", || {
+        stats.snapshot().targets == n
+    })
+    .await;
+    let settled = capture.batches().len();
+    until("one more scrape round", || {
+        capture.batches().len() > settled + n as usize
+    })
+    .await;
+    let mark = capture.batches().len();
+    until("a whole round after it", || {
+        capture.batches().len() >= mark + 2 * n as usize
+    })
+    .await;
+    recent(capture, mark)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn targets_follow_pods_through_watch_and_relist() {
     let a = sim::start(EngineKind::VllmV1, "127.0.0.1:0").await.unwrap();
@@ -239,7 +263,12 @@ service:
     let capture = Capture::new();
     let comps = components(&capture);
     let cfg = config::load(&[Source::new("k8s.yaml", yaml)], &comps).unwrap();
-    let running = Service::build(cfg, &comps).unwrap().start().await.unwrap();
+    let service = Service::build(cfg, &comps).unwrap();
+    let stats = service
+        .telemetry()
+        .find(ComponentKind::Receiver, "vllm")
+        .unwrap();
+    let running = service.start().await.unwrap();
 
     until("the listed running pod is scraped", || {
         recent(&capture, 0).get("vllm-a").map(String::as_str) == Some("chat")
@@ -276,7 +305,6 @@ service:
         "MODIFIED",
         pod("vllm-a", Some(pa), "batch", "Running"),
     );
-    tokio::time::sleep(Duration::from_millis(600)).await;
     let mark = capture.batches().len();
     until("the relabelled pod carries its new pool", || {
         recent(&capture, mark).get("vllm-a").map(String::as_str) == Some("batch")
@@ -285,10 +313,7 @@ service:
 
     // Deleted.
     event(&fake, "DELETED", pod("vllm-b", Some(pb), "chat", "Running"));
-    tokio::time::sleep(Duration::from_millis(600)).await;
-    let mark = capture.batches().len();
-    tokio::time::sleep(Duration::from_millis(800)).await;
-    let after = recent(&capture, mark);
+    let after = after_targets_settle(&capture, &stats, 1).await;
     assert!(
         !after.contains_key("vllm-b"),
         "a deleted pod is no longer scraped"
@@ -319,10 +344,7 @@ service:
             > lists_before
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(600)).await;
-    let mark = capture.batches().len();
-    tokio::time::sleep(Duration::from_millis(800)).await;
-    let after = recent(&capture, mark);
+    let after = after_targets_settle(&capture, &stats, 1).await;
     assert!(
         after.contains_key("vllm-b") && !after.contains_key("vllm-a"),
         "{after:?}"
@@ -367,12 +389,16 @@ async fn forbidden_or_unreachable_api_keeps_static_targets_and_says_why() {
                 "{error}"
             );
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let up: Vec<f64> = common::scrapes(&capture)
-            .values()
-            .flatten()
-            .filter_map(|s| s.gauge("up"))
-            .collect();
+        let ups = || -> Vec<f64> {
+            common::scrapes(&capture)
+                .values()
+                .flatten()
+                .filter_map(|s| s.gauge("up"))
+                .collect()
+        };
+        let before = ups().len();
+        until("two scrapes after the error", || ups().len() >= before + 2).await;
+        let up = ups();
         assert!(
             up.len() >= 2 && up.iter().all(|v| *v == 1.0),
             "{name}: the static target keeps being scraped: {up:?}"

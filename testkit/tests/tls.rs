@@ -60,14 +60,33 @@ service:
         config::load(&[Source::new("tls.yaml", yaml)], &comps).unwrap_or_else(|e| panic!("{e}"));
     let service = Service::build(cfg, &comps).unwrap_or_else(|e| panic!("{e}"));
     let telemetry = service.telemetry().clone();
-    service
-        .run(tokio::time::sleep(Duration::from_secs(4)))
-        .await
-        .unwrap();
+    let running = service.start().await.unwrap_or_else(|e| panic!("{e}"));
     let stat = |id: &str| {
         let s = telemetry.find(ComponentKind::Exporter, id).unwrap();
         (s.snapshot().sent, s.snapshot().failed)
     };
+    let exporters = [
+        "otlp/grpc",
+        "otlp/http",
+        "otlp/unknown-ca",
+        "otlp/no-client-cert",
+        "otlp/plaintext",
+    ];
+    genai_collector_testkit::eventually(
+        Duration::from_secs(20),
+        "every exporter settled its 500 points",
+        || {
+            exporters
+                .iter()
+                .all(|id| {
+                    let (sent, failed) = stat(id);
+                    sent + failed >= 500
+                })
+                .then_some(())
+        },
+    )
+    .await;
+    running.run_until(async {}).await;
     assert_eq!(stat("otlp/grpc"), (500, 0), "gRPC over TLS with our CA");
     assert_eq!(stat("otlp/http"), (500, 0), "HTTP over mutual TLS");
     assert_eq!(
@@ -113,7 +132,7 @@ service:
     let comps = components(&Capture::new());
     let cfg = config::load(&[Source::new("prom.yaml", yaml)], &comps).unwrap();
     let running = Service::build(cfg, &comps).unwrap().start().await.unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    common::listening(port).await;
     let ca = reqwest::Certificate::from_pem(&std::fs::read(&c.ca).unwrap()).unwrap();
     let trusting = reqwest::Client::builder()
         .add_root_certificate(ca)

@@ -261,13 +261,7 @@ pub(crate) fn retry_wait(
 
 /// Spreads retries over ±20 % so many collectors do not retry in step.
 fn jitter(d: Duration) -> Duration {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|t| t.subsec_nanos())
-        .unwrap_or(0);
-    // A cheap hash of the clock is random enough to de-synchronise retries.
-    let r = (nanos.wrapping_mul(2_654_435_761) % 1000) as f64 / 1000.0;
-    d.mul_f64(0.8 + 0.4 * r)
+    d.mul_f64(0.8 + 0.4 * crate::random_fraction())
 }
 
 /// Logs what a previous run left in the persistent queue.

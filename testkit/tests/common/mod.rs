@@ -425,7 +425,7 @@ pub fn normalize(batch: &mut Batch) {
         pipeline: Some("metrics".into()),
         telemetry: Default::default(),
     };
-    genai_collector_processors::GenaiNormalizeFactory
+    genai_collector_processors::GenaiNormalizeFactory::default()
         .build(&Default::default(), &ctx)
         .unwrap()
         .process(batch);
