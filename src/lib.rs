@@ -46,6 +46,7 @@ impl Builtin for Components {
             .with_processor(genai_collector_processors::BatchFactory)
             .with_processor(genai_collector_processors::FilterFactory)
             .with_processor(genai_collector_processors::AttributesFactory)
+            .with_processor(genai_collector_processors::EfficiencyFactory)
             .with_exporter(genai_collector_exporters::DebugExporterFactory)
             .with_exporter(genai_collector_exporters::PrometheusExporterFactory)
             .with_exporter(genai_collector_exporters::OtlpExporterFactory)

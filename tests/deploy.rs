@@ -26,6 +26,10 @@ fn emitted() -> BTreeSet<String> {
         ("gen_ai.pool.capacity.usage", "%"),
         ("gen_ai.pool.queue.size.average", "{request}"),
         ("gen_ai.pool.kv_cache.usage.average", "%"),
+        ("gen_ai.server.energy.per_output_token", "J/{token}"),
+        ("gen_ai.pool.energy.per_output_token", "J/{token}"),
+        ("gen_ai.pool.cost.per_1m_tokens", "USD"),
+        ("hw.gpu.idle_allocated", "{gpu}"),
         ("hw.gpu.memory.utilization", "1"),
         ("hw.gpu.utilization", "1"),
         ("hw.power", "W"),
@@ -47,6 +51,7 @@ fn emitted() -> BTreeSet<String> {
         ("gen_ai.server.preemptions", "{preemption}"),
         ("gen_ai.server.prefix_cache.hits", "{token}"),
         ("gen_ai.server.prefix_cache.queries", "{token}"),
+        ("hw.gpu.idle_allocated.cost", "USD"),
     ];
     let named = |list: &[(&str, &str)], instrument| -> Vec<String> {
         list.iter()

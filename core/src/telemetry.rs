@@ -133,12 +133,20 @@ counters! {
     disk_skipped,
     /// Pull receiver: targets it scrapes now; `u64::MAX` for receivers without targets.
     targets,
+    /// Processor (`efficiency`): evaluation windows that gave no figures because a counter
+    /// went back, GPUs changed hands, or a GPU is shared.
+    skipped_intervals,
 }
 
 impl ComponentStats {
     /// Sets `genai_normalize`'s count of scraped targets whose page lacks a core metric.
     pub fn set_incomplete_targets(&self, n: u64) {
         self.incomplete_targets.store(n, Ordering::Relaxed);
+    }
+
+    /// Counts `efficiency`'s skipped evaluation windows.
+    pub fn add_skipped_intervals(&self, n: u64) {
+        self.skipped_intervals.fetch_add(n, Ordering::Relaxed);
     }
 
     pub(crate) fn add(counter: &AtomicU64, n: usize) {
@@ -493,7 +501,7 @@ impl Series {
     }
 }
 
-const SERIES: [Series; 21] = [
+const SERIES: [Series; 22] = [
     Series {
         kind: ComponentKind::Receiver,
         name: "genai_collector_receiver_accepted_points",
@@ -649,6 +657,14 @@ const SERIES: [Series; 21] = [
         unit: "{target}",
         help: "Scraped targets whose page lacks a core metric (running, waiting, KV cache) their engine's table maps: an engine version the tables do not know.",
         value: |c| ComponentStats::get(&c.incomplete_targets) as f64,
+    },
+    Series {
+        kind: ComponentKind::Processor,
+        name: "genai_collector_processor_skipped_intervals",
+        counter: true,
+        unit: "{interval}",
+        help: "Efficiency windows that gave no figures: a counter went back (driver reload, engine restart), GPUs changed hands, or a GPU is shared.",
+        value: |c| ComponentStats::get(&c.skipped_intervals) as f64,
     },
     Series {
         kind: ComponentKind::Exporter,

@@ -388,7 +388,8 @@ pub fn metric_name(name: &str, unit: &str, instrument: Instrument) -> String {
         "By" => "bytes",
         "By/s" => "bytes_per_second",
         "W" => "watts",
-        "J" => "joules",
+        // Annotations in braces drop out: joules per token reads `..._per_token_joules`.
+        "J" | "J/{token}" => "joules",
         "Cel" => "celsius",
         "MHz" => "megahertz",
         "1" if instrument == Instrument::Gauge => "ratio",
@@ -1148,6 +1149,12 @@ mod tests {
             ),
             ("hw.gpu.utilization", "1", Gauge, "hw_gpu_utilization_ratio"),
             ("hw.energy", "J", Counter, "hw_energy_joules_total"),
+            (
+                "gen_ai.server.energy.per_output_token",
+                "J/{token}",
+                Gauge,
+                "gen_ai_server_energy_per_output_token_joules",
+            ),
             // `_ratio` is for gauges only: an UpDownCounter of unit 1 keeps its name.
             ("hw.status", "1", Other, "hw_status"),
         ];

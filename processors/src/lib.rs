@@ -2,6 +2,7 @@
 
 pub mod attributes;
 pub mod batch;
+pub mod efficiency;
 pub mod filter;
 pub mod genai_normalize;
 pub mod percentages;
@@ -9,6 +10,7 @@ pub mod pool_aggregate;
 
 pub use attributes::AttributesFactory;
 pub use batch::BatchFactory;
+pub use efficiency::EfficiencyFactory;
 pub use filter::FilterFactory;
 pub use genai_normalize::GenaiNormalizeFactory;
 pub use percentages::PercentagesFactory;

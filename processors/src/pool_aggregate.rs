@@ -41,6 +41,8 @@ pub struct PoolConfig {
     /// Servers tracked at most, across pools; new ones past it are ignored (counted in
     /// `ignored_servers`) until others go stale.
     pub max_servers: usize,
+    /// The unit of `gen_ai.pool.cost.per_1m_tokens`: `efficiency`'s currency.
+    pub currency: String,
 }
 
 impl Default for PoolConfig {
@@ -50,6 +52,7 @@ impl Default for PoolConfig {
             stale_after: Duration::from_secs(60),
             compat: None,
             max_servers: 10_000,
+            currency: "USD".into(),
         }
     }
 }
@@ -103,6 +106,58 @@ pub struct Server {
     /// Failed scrapes in a row.
     pub misses: u32,
     last_seen: Option<Instant>,
+    /// The `efficiency` counters where its energy counter last moved, and the window that ended
+    /// there.
+    efficiency_mark: Option<EfficiencyMark>,
+    pub efficiency: Option<EfficiencyMark>,
+}
+
+/// Energy, cost and tokens of a server: at a mark, running totals; as a window, their deltas.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct EfficiencyMark {
+    pub joules: f64,
+    pub cost: Option<f64>,
+    pub input_tokens: f64,
+    pub output_tokens: f64,
+}
+
+impl Server {
+    /// Takes the `efficiency` processor's counters: each time the energy counter moves, the
+    /// deltas since it last moved are the server's latest window. A window whose tokens went
+    /// back (an engine restart) is dropped.
+    fn observe_efficiency(&mut self, metrics: &[&Metric]) {
+        let Some(joules) = values(metrics, "gen_ai.server.energy").first().copied() else {
+            return;
+        };
+        let tokens = |ty: &str| -> f64 {
+            values_where(metrics, "gen_ai.server.token.usage", |p| {
+                p.attributes.get_str("gen_ai.token.type") == Some(ty)
+            })
+            .iter()
+            .sum()
+        };
+        let now = EfficiencyMark {
+            joules,
+            cost: values(metrics, "gen_ai.server.cost").first().copied(),
+            input_tokens: tokens("input"),
+            output_tokens: tokens("output"),
+        };
+        match self.efficiency_mark {
+            Some(m) if m.joules == now.joules => return,
+            Some(m) => {
+                let w = EfficiencyMark {
+                    joules: now.joules - m.joules,
+                    cost: now.cost.zip(m.cost).map(|(a, b)| a - b),
+                    input_tokens: now.input_tokens - m.input_tokens,
+                    output_tokens: now.output_tokens - m.output_tokens,
+                };
+                let sane = w.joules >= 0.0 && w.input_tokens >= 0.0 && w.output_tokens >= 0.0;
+                self.efficiency = sane.then_some(w);
+            }
+            None => {}
+        }
+        self.efficiency_mark = Some(now);
+    }
 }
 
 impl Server {
@@ -122,6 +177,11 @@ pub struct PoolView {
     pub running: f64,
     pub waiting: f64,
     pub capacity: Option<f64>,
+    /// Joules per token and per output token, and cost per 1M tokens, over the live servers'
+    /// latest `efficiency` windows.
+    pub energy_per_token: Option<f64>,
+    pub energy_per_output_token: Option<f64>,
+    pub cost_per_1m_tokens: Option<f64>,
 }
 
 /// The aggregates of `servers`, by their definitions.
@@ -144,6 +204,30 @@ pub fn aggregate<'a>(servers: impl Iterator<Item = (&'a String, &'a Server)>) ->
         running,
         waiting: queues.iter().sum(),
         capacity: (!maxes.is_empty() && max > 0.0).then(|| running / max * 100.0),
+        ..efficiency(live.iter().filter_map(|(_, s)| s.efficiency))
+    }
+}
+
+/// The pool's efficiency: sums of the servers' windows, divided (never by zero).
+fn efficiency(windows: impl Iterator<Item = EfficiencyMark>) -> PoolView {
+    let mut sum = EfficiencyMark::default();
+    let mut priced = false;
+    for w in windows {
+        sum.joules += w.joules;
+        sum.input_tokens += w.input_tokens;
+        sum.output_tokens += w.output_tokens;
+        if let Some(c) = w.cost {
+            *sum.cost.get_or_insert(0.0) += c;
+            priced = true;
+        }
+    }
+    let all = sum.input_tokens + sum.output_tokens;
+    let per = |n: f64, d: f64| (d > 0.0).then(|| n / d);
+    PoolView {
+        energy_per_token: per(sum.joules, all),
+        energy_per_output_token: per(sum.joules, sum.output_tokens),
+        cost_per_1m_tokens: sum.cost.filter(|_| priced).and_then(|c| per(c * 1e6, all)),
+        ..PoolView::default()
     }
 }
 
@@ -273,6 +357,7 @@ impl PoolAggregate {
         if up.is_none() && kv.is_empty() && running.is_empty() && waiting.is_empty() {
             return;
         }
+        s.observe_efficiency(metrics);
         s.misses = 0;
         s.answered = true;
         s.kv_cache = (!kv.is_empty()).then(|| kv.iter().sum::<f64>() / kv.len() as f64);
@@ -351,6 +436,27 @@ impl PoolAggregate {
                     "%",
                     p(c, vec![]),
                 ));
+            }
+            for (name, unit, value) in [
+                (
+                    "gen_ai.pool.energy.per_token",
+                    "J/{token}",
+                    v.energy_per_token,
+                ),
+                (
+                    "gen_ai.pool.energy.per_output_token",
+                    "J/{token}",
+                    v.energy_per_output_token,
+                ),
+                (
+                    "gen_ai.pool.cost.per_1m_tokens",
+                    self.config.currency.as_str(),
+                    v.cost_per_1m_tokens,
+                ),
+            ] {
+                if let Some(x) = value {
+                    m.push(Metric::gauge(name, unit, p(x, vec![])));
+                }
             }
             if gateway {
                 let name = || vec![kv("name", pool.as_str())];
@@ -487,6 +593,66 @@ mod tests {
                 Some(metric::Data::Gauge(g)) => number_value(&g.data_points[0]),
                 _ => None,
             })
+    }
+
+    /// A server's batch with `efficiency`'s counters: joules, cost, input and output tokens.
+    fn efficiency_batch(id: &str, joules: f64, cost: f64, input: f64, output: f64) -> Batch {
+        let mut b = server_batch("chat", id, 1.0, 10.0, 1.0, 0.0);
+        let tokens = |v: f64, ty: &str| number_point(1, v, vec![kv("gen_ai.token.type", ty)]);
+        b.resource_metrics[0].scope_metrics[0].metrics.extend([
+            Metric::sum(
+                "gen_ai.server.energy",
+                "J",
+                true,
+                vec![number_point(1, joules, vec![])],
+            ),
+            Metric::sum(
+                "gen_ai.server.cost",
+                "USD",
+                true,
+                vec![number_point(1, cost, vec![])],
+            ),
+            Metric::sum(
+                "gen_ai.server.token.usage",
+                "{token}",
+                true,
+                vec![tokens(input, "input"), tokens(output, "output")],
+            ),
+        ]);
+        b
+    }
+
+    #[test]
+    fn pool_efficiency_is_the_sum_of_the_servers_latest_windows() {
+        let mut p = PoolAggregate::new(PoolConfig::default());
+        let feed = |p: &mut PoolAggregate, mut b: Batch| p.process(&mut b);
+        feed(&mut p, efficiency_batch("a", 100.0, 1.0, 10.0, 10.0));
+        feed(&mut p, efficiency_batch("b", 0.0, 0.0, 0.0, 0.0));
+        // Between windows the counters repeat: nothing changes.
+        feed(&mut p, efficiency_batch("a", 100.0, 1.0, 15.0, 15.0));
+        feed(&mut p, efficiency_batch("a", 1100.0, 2.0, 60.0, 60.0));
+        feed(&mut p, efficiency_batch("b", 3000.0, 3.0, 100.0, 50.0));
+        let b = p.flush().unwrap();
+        // (1000 + 3000) J for (100 + 150) tokens, 50 + 50 of them output; 1 + 3 for 250.
+        assert_eq!(
+            value(&b, "chat", "gen_ai.pool.energy.per_token"),
+            Some(16.0)
+        );
+        assert_eq!(
+            value(&b, "chat", "gen_ai.pool.energy.per_output_token"),
+            Some(40.0)
+        );
+        assert_eq!(
+            value(&b, "chat", "gen_ai.pool.cost.per_1m_tokens"),
+            Some(16_000.0)
+        );
+        // `a` restarts: its tokens go back, so its window is dropped, not counted negative.
+        feed(&mut p, efficiency_batch("a", 1200.0, 2.5, 5.0, 5.0));
+        let b = p.flush().unwrap();
+        assert_eq!(
+            value(&b, "chat", "gen_ai.pool.energy.per_token"),
+            Some(20.0)
+        );
     }
 
     #[test]

@@ -47,6 +47,23 @@ pub fn peers_python() -> std::path::PathBuf {
 }
 
 /// A loopback port free now, for a server a test or harness starts next.
+/// Builds the stand-in NVML driver (tests/peers/fake-nvml) into `dir` as `libnvidia-ml.so.1`,
+/// for a collector started with `LD_LIBRARY_PATH=dir`; `None` where no C compiler is installed.
+pub fn fake_nvml(dir: &std::path::Path) -> Option<std::path::PathBuf> {
+    let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/peers/fake-nvml/fake_nvml.c");
+    let lib = dir.join("libnvidia-ml.so.1");
+    let status = std::process::Command::new("cc")
+        .args(["-O2", "-shared", "-fPIC", "-o"])
+        .arg(&lib)
+        .arg(&source)
+        .arg("-lm")
+        .status()
+        .ok()?;
+    assert!(status.success(), "cc failed on {}", source.display());
+    Some(lib)
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())

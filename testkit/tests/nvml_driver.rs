@@ -1,4 +1,4 @@
-//! The collector binary's real NVML path (dlopen of `libnvidia-ml.so.1`, symbol lookup, struct
+//! The collector binary's real NVML path (the test build, `testkit-collector`, shares it) (dlopen of `libnvidia-ml.so.1`, symbol lookup, struct
 //! layouts) against the stand-in driver in tests/peers/fake-nvml, built here with `cc`: the
 //! hardware conventions' names reach the Prometheus endpoint, the energy counter moves as the
 //! integral of the power the driver reports, a GPU whose row remapper waits for a reset is
@@ -7,33 +7,11 @@
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Builds the stand-in driver into `dir`; `None` where no C compiler is installed.
-fn build_driver(dir: &Path) -> Option<PathBuf> {
-    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers/fake-nvml/fake_nvml.c");
-    let lib = dir.join("libnvidia-ml.so.1");
-    let status = Command::new("cc")
-        .args(["-O2", "-shared", "-fPIC", "-o"])
-        .arg(&lib)
-        .arg(&source)
-        .arg("-lm")
-        .status()
-        .ok()?;
-    assert!(status.success(), "cc failed on {}", source.display());
-    Some(lib)
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use genai_collector_testkit::free_port;
 
 fn get(port: u16) -> Option<String> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
@@ -83,7 +61,7 @@ impl Drop for Collector {
 fn the_binary_reads_a_driver_through_nvml() {
     let dir = std::env::temp_dir().join(format!("genai-nvml-driver-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    if build_driver(&dir).is_none() {
+    if genai_collector_testkit::fake_nvml(&dir).is_none() {
         eprintln!("no C compiler (cc): skipped; CI installs one");
         return;
     }
@@ -97,7 +75,7 @@ fn the_binary_reads_a_driver_through_nvml() {
     )
     .unwrap();
     let _collector = Collector(
-        Command::new(env!("CARGO_BIN_EXE_genai-collector"))
+        Command::new(env!("CARGO_BIN_EXE_testkit-collector"))
             .arg("-c")
             .arg(&config)
             .env("LD_LIBRARY_PATH", &dir)
