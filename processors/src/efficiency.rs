@@ -6,7 +6,9 @@
 //! (`gen_ai.server.token.usage`). An engine's GPUs are, in this order: the ones `gpus` names for
 //! its `service.instance.id`; on Kubernetes, those the kubelet allocated to its pod; else, for an
 //! engine on this machine, those whose compute processes are in the process tree of the process
-//! listening on its port. A GPU two engines claim is shared: neither gets it, and both skip.
+//! listening on its port, a GPU that also runs others' processes split by their SM utilisation
+//! (where the driver samples it). A GPU two engines claim otherwise is shared: neither gets
+//! it, and both skip.
 //!
 //! Every `interval` per engine, from the deltas since the last evaluation: energy per token and
 //! per output token, GPU-seconds per 1k tokens, and with a price cost per 1M tokens; and the
@@ -196,6 +198,8 @@ struct Gpu {
     energy: Option<f64>,
     utilization: Option<f64>,
     pids: Vec<u32>,
+    /// SM utilisation (0..1) by process, where the driver samples it.
+    process_utilization: HashMap<u32, f64>,
     idle_since: Option<u64>,
     idle_seconds: f64,
     idle_cost: f64,
@@ -279,6 +283,7 @@ impl Efficiency {
         });
         g.resource = resource.to_vec();
         let mut pids = Vec::new();
+        let mut process_utilization = HashMap::new();
         for m in metrics {
             for p in points(m) {
                 g.time = g.time.max(p.time_unix_nano);
@@ -296,17 +301,30 @@ impl Efficiency {
                             pids.push(pid as u32);
                         }
                     }
+                    "hw.gpu.process.utilization" => {
+                        let pid = p.attributes.get_attr("process.pid").and_then(int);
+                        if let (Some(pid), Some(v)) = (pid, number_value(p)) {
+                            process_utilization.insert(pid as u32, v);
+                        }
+                    }
                     _ => {}
                 }
             }
         }
         g.pids = pids;
+        g.process_utilization = process_utilization;
         Some((uuid, previous))
     }
 
-    /// The GPUs an engine runs on, or why none can be attributed to it.
-    fn gpus_of(&mut self, key: &str, resource: &[KeyValue], now: u64) -> Result<Vec<String>, Skip> {
-        let found: Vec<String> = if let Some(refs) = self.config.gpus.get(key) {
+    /// The GPUs an engine runs on, each with the engine's share of it (1 unless split by
+    /// per-process utilisation), or why none can be attributed to it.
+    fn gpus_of(
+        &mut self,
+        key: &str,
+        resource: &[KeyValue],
+        now: u64,
+    ) -> Result<Vec<(String, f64)>, Skip> {
+        let found: Vec<(String, f64)> = if let Some(refs) = self.config.gpus.get(key) {
             self.gpus
                 .iter()
                 .filter(|(uuid, g)| {
@@ -315,7 +333,7 @@ impl Efficiency {
                         GpuRef::Uuid(u) => u == *uuid,
                     })
                 })
-                .map(|(u, _)| u.clone())
+                .map(|(u, _)| (u.clone(), 1.0))
                 .collect()
         } else if let (Some(ns), Some(pod)) = (
             get_str(resource, "k8s.namespace.name"),
@@ -327,7 +345,7 @@ impl Efficiency {
                     get_str(&g.resource, "k8s.namespace.name") == Some(ns)
                         && get_str(&g.resource, "k8s.pod.name") == Some(pod)
                 })
-                .map(|(u, _)| u.clone())
+                .map(|(u, _)| (u.clone(), 1.0))
                 .collect()
         } else {
             self.local_gpus(key, resource, now)?
@@ -335,9 +353,10 @@ impl Efficiency {
         if found.is_empty() {
             return Err(Skip::NoGpus);
         }
-        // Claims last three intervals: an engine that stopped reporting frees its GPUs.
+        // Claims last three intervals: an engine that stopped reporting frees its GPUs. A GPU
+        // split by utilisation is shared knowingly: no claim.
         let fresh = 3 * self.config.interval.as_nanos() as u64;
-        for uuid in &found {
+        for (uuid, _) in found.iter().filter(|(_, share)| *share == 1.0) {
             let g = self.gpus.get_mut(uuid).expect("found above");
             match &g.owner {
                 Some((other, at)) if other != key && now.saturating_sub(*at) < fresh => {
@@ -349,14 +368,15 @@ impl Efficiency {
         Ok(found)
     }
 
-    /// A local engine's GPUs: those whose every compute process is in the tree of the process
-    /// listening on its port. A GPU that also runs a stranger's process is shared.
+    /// A local engine's GPUs: those running a process in the tree of the process listening on
+    /// its port. A GPU that also runs others' processes is split by the processes' SM
+    /// utilisation where the driver samples it, else shared.
     fn local_gpus(
         &mut self,
         key: &str,
         resource: &[KeyValue],
         now: u64,
-    ) -> Result<Vec<String>, Skip> {
+    ) -> Result<Vec<(String, f64)>, Skip> {
         if !self.config.local_processes {
             return Ok(Vec::new());
         }
@@ -387,16 +407,25 @@ impl Efficiency {
         };
         let mut found = Vec::new();
         for (uuid, g) in &self.gpus {
-            let ours = g
+            let (ours, others): (Vec<u32>, Vec<u32>) = g
                 .pids
                 .iter()
-                .filter(|p| processes::same_tree(root, pid, **p))
-                .count();
-            if ours > 0 && ours < g.pids.len() {
-                return Err(Skip::SharedGpu);
+                .partition(|p| processes::same_tree(root, pid, **p));
+            if ours.is_empty() {
+                continue;
             }
-            if ours > 0 {
-                found.push(uuid.clone());
+            if others.is_empty() {
+                found.push((uuid.clone(), 1.0));
+                continue;
+            }
+            let util = |pids: &[u32]| -> Option<f64> {
+                pids.iter()
+                    .map(|p| g.process_utilization.get(p).copied())
+                    .sum()
+            };
+            match (util(&ours), util(&others)) {
+                (Some(a), Some(b)) if a + b > 0.0 => found.push((uuid.clone(), a / (a + b))),
+                _ => return Err(Skip::SharedGpu),
             }
         }
         Ok(found)
@@ -462,11 +491,12 @@ impl Efficiency {
         };
         let readings: BTreeMap<String, Reading> = gpus
             .iter()
-            .filter_map(|u| {
+            .filter_map(|(u, _)| {
                 let g = &self.gpus[u];
                 Some((u.clone(), (g.time, g.energy?)))
             })
             .collect();
+        let shares: HashMap<String, f64> = gpus.into_iter().collect();
         let baseline = Baseline {
             time: now,
             tokens,
@@ -508,8 +538,9 @@ impl Efficiency {
             if j < &j0 {
                 return Err(Skip::EnergyReset);
             }
-            let seconds = (t - t0) as f64 / NS;
-            w.joules += j - j0;
+            let share = shares[u];
+            let seconds = (t - t0) as f64 / NS * share;
+            w.joules += (j - j0) * share;
             w.gpu_seconds += seconds;
             if let Some(p) = price {
                 cost += seconds / 3600.0 * p;
@@ -1160,6 +1191,52 @@ prices: [{ match: { hw.model: "NVIDIA H100 80GB HBM3" }, price_per_gpu_hour: 2.0
             Some(Skip::SharedGpu),
             "GPU 1 also runs PID 1's process"
         );
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    #[test]
+    fn a_gpu_shared_with_another_process_is_split_by_its_sm_utilisation() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let instance = format!("127.0.0.1:{}", listener.local_addr().unwrap().port());
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        let mut e = Efficiency::new(config("{ interval: 10s }"), None);
+        // The engine's worker at 30 % SM, PID 1's process at 10 %: the engine gets 3/4.
+        let shared = |t: u64, joules: f64| {
+            let mut b = gpu("GPU-a", 0, t, joules, 0.4, &[child.id(), 1], None);
+            let util =
+                |pid: u32, v: f64| number_point(t * S, v, vec![kv("process.pid", i64::from(pid))]);
+            b.resource_metrics[0].scope_metrics[0]
+                .metrics
+                .push(Metric::gauge(
+                    "hw.gpu.process.utilization",
+                    "1",
+                    vec![util(child.id(), 0.3), util(1, 0.1)],
+                ));
+            b
+        };
+        run(&mut e, shared(0, 0.0));
+        run(&mut e, engine(&instance, 0, 0.0, 0.0, None));
+        run(&mut e, shared(20, 4000.0));
+        let b = run(&mut e, engine(&instance, 20, 150.0, 150.0, None));
+        for (name, want) in [
+            ("gen_ai.server.energy", 3000.0),
+            ("gen_ai.server.gpu.time", 15.0),
+            ("gen_ai.server.energy.per_token", 10.0),
+        ] {
+            let got = value(&b, name).unwrap();
+            assert!((got - want).abs() < 1e-9 * want, "{name}: {got}");
+        }
+        // Without samples the split is unknown: shared, nothing attributed.
+        run(
+            &mut e,
+            gpu("GPU-a", 0, 40, 8000.0, 0.4, &[child.id(), 1], None),
+        );
+        run(&mut e, engine(&instance, 40, 300.0, 300.0, None));
+        assert_eq!(e.engines[&instance].skip, Some(Skip::SharedGpu));
         child.kill().unwrap();
         child.wait().unwrap();
     }

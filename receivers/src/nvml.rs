@@ -54,6 +54,8 @@ pub struct GpuReading {
     pub throttle: Option<Vec<String>>,
     /// (pid, used bytes) of compute processes.
     pub processes: Vec<(u32, u64)>,
+    /// (pid, mean SM utilisation in %) over the samples the driver holds (Maxwell and later).
+    pub process_utilization: Vec<(u32, u32)>,
     /// Row remapping (Ampere and later): a remap waits for a reset, a remap failed.
     pub row_remap: Option<RowRemap>,
     /// Page retirement (before Ampere): pages wait for a reset to be retired.
@@ -244,11 +246,28 @@ impl NvmlBackend {
                         .collect()
                 })
                 .unwrap_or_default(),
+            process_utilization: dev
+                .process_utilization_stats(None)
+                .map(|samples| mean_by_pid(samples.iter().map(|s| (s.pid, s.sm_util))))
+                .unwrap_or_default(),
             row_remap: remapped_rows(dev),
             pages_pending_retirement: dev.are_pages_pending_retired().ok(),
             ..Default::default()
         }
     }
+}
+
+/// The mean of each process's samples, in PID order.
+fn mean_by_pid(samples: impl Iterator<Item = (u32, u32)>) -> Vec<(u32, u32)> {
+    let mut sums: std::collections::BTreeMap<u32, (u64, u64)> = Default::default();
+    for (pid, v) in samples {
+        let e = sums.entry(pid).or_default();
+        e.0 += u64::from(v);
+        e.1 += 1;
+    }
+    sums.into_iter()
+        .map(|(pid, (sum, n))| (pid, (sum / n) as u32))
+        .collect()
 }
 
 /// `nvmlDeviceGetRemappedRows`, which nvml-wrapper resolves but does not wrap.
@@ -773,6 +792,17 @@ fn gpu_metrics(g: &GpuReading, config: &NvmlConfig, now: u64) -> Vec<Metric> {
             .collect();
         m.push(Metric::gauge("hw.gpu.process.memory.usage", "By", points));
     }
+    if config.processes && !g.process_utilization.is_empty() {
+        let points = g
+            .process_utilization
+            .iter()
+            .map(|(pid, percent)| {
+                let attrs = vec![id(), kv("process.pid", i64::from(*pid))];
+                number_point(now, f64::from(*percent) / 100.0, attrs)
+            })
+            .collect();
+        m.push(Metric::gauge("hw.gpu.process.utilization", "1", points));
+    }
     m
 }
 
@@ -821,6 +851,27 @@ pub fn parse_cgroup(text: &str) -> (Option<String>, Option<String>) {
 pub(crate) mod tests {
     use super::*;
     use genai_collector_core::model::{metric, number_value, AttributesExt};
+
+    #[test]
+    fn per_process_utilisation_is_the_mean_of_each_processs_samples() {
+        let samples = [(7, 30), (3, 50), (7, 10)];
+        assert_eq!(mean_by_pid(samples.into_iter()), [(3, 50), (7, 20)]);
+        let g = GpuReading {
+            uuid: "GPU-x".into(),
+            process_utilization: vec![(3, 50)],
+            ..Default::default()
+        };
+        let m = gpu_metrics(&g, &NvmlConfig::default(), 1);
+        let util = m
+            .iter()
+            .find(|m| m.name == "hw.gpu.process.utilization")
+            .unwrap();
+        let Some(metric::Data::Gauge(gauge)) = &util.data else {
+            panic!("a gauge")
+        };
+        assert_eq!(number_value(&gauge.data_points[0]), Some(0.5));
+        assert_eq!(gauge.data_points[0].attributes.get_str("hw.id"), Some("GPU-x"));
+    }
 
     /// A fake H100 under load, from `tests/fixtures/nvml` (nvidia-smi's CSVs and the
     /// nvml-wrapper probe of the same machine).

@@ -2,7 +2,8 @@
 //! (tests/peers/fake-nvml), whose GPU 0 runs the engine simulator's process, and scrapes that
 //! simulator, a child process listening on a real port. The processor must find GPU 0 (and not
 //! GPU 1) through the listening socket and NVML's process list, and its joules and joules per
-//! token must equal what the counters in the same output give by hand.
+//! token must equal what the counters in the same output give by hand; with another process on
+//! GPU 0, its share by the driver's per-process SM utilisation.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
@@ -59,7 +60,28 @@ struct EngineBatch {
 
 #[test]
 fn a_local_engine_is_joined_to_its_gpu_and_its_joules_per_token_match_the_counters() {
-    let dir = std::env::temp_dir().join(format!("genai-efficiency-{}", std::process::id()));
+    engine_on_gpu0(None);
+}
+
+/// GPU 0 also runs a stranger's process at a third of the engine's SM utilisation: the engine
+/// gets three quarters of its joules and GPU-seconds.
+#[test]
+fn a_gpu_shared_with_another_process_is_split_by_the_drivers_per_process_utilisation() {
+    let mut stranger = Command::new("sleep").arg("60").spawn().unwrap();
+    engine_on_gpu0(Some(stranger.id()));
+    let _ = stranger.kill();
+    let _ = stranger.wait();
+}
+
+/// The engine simulator on GPU 0 (with `stranger` beside it at 10 % SM against its 30 %), the
+/// collector binary on the stand-in driver, and the figures checked against the counters.
+fn engine_on_gpu0(stranger: Option<u32>) {
+    let share = if stranger.is_some() { 0.75 } else { 1.0 };
+    let dir = std::env::temp_dir().join(format!(
+        "genai-efficiency-{}-{}",
+        std::process::id(),
+        stranger.is_some()
+    ));
     std::fs::create_dir_all(&dir).unwrap();
     if fake_nvml(&dir).is_none() {
         eprintln!("no C compiler (cc): skipped; CI installs one");
@@ -104,7 +126,17 @@ service:
         .arg(&config)
         .env("LD_LIBRARY_PATH", &dir)
         .env("FAKE_NVML_GPUS", "2")
-        .env("FAKE_NVML_PROCS", format!("0:{}:1073741824", sim.0.id()))
+        .env(
+            "FAKE_NVML_PROCS",
+            match stranger {
+                Some(other) => format!("0:{}:1073741824,0:{other}:1048576", sim.0.id()),
+                None => format!("0:{}:1073741824", sim.0.id()),
+            },
+        )
+        .env(
+            "FAKE_NVML_PROC_SM",
+            format!("{}:30,{}:10", sim.0.id(), stranger.unwrap_or(0)),
+        )
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -188,13 +220,13 @@ service:
         if moved == 0.0 {
             continue;
         }
-        let joules = b.gpu_energy[gpu0] - base.gpu_energy[gpu0];
+        let joules = (b.gpu_energy[gpu0] - base.gpu_energy[gpu0]) * share;
         let tokens = (b.figures["input"] + b.figures["output"])
             - (base.figures["input"] + base.figures["output"]);
         let output = b.figures["output"] - base.figures["output"];
         assert!(
             (moved - joules).abs() <= 1e-6 * joules,
-            "the engine's joules are GPU 0's alone: {moved} vs {joules}"
+            "the engine's joules are its share ({share}) of GPU 0's: {moved} vs {joules}"
         );
         assert!(tokens > 0.0, "the simulator's counters move");
         let per_token = b.figures["gen_ai.server.energy.per_token"];
@@ -208,7 +240,7 @@ service:
         checked += 1;
     }
     assert!(checked >= 3);
-    // 3.6 per GPU-hour is 0.001 per GPU-second, for one GPU.
+    // 3.6 per GPU-hour is 0.001 per GPU-second of the engine's share of one GPU.
     let last = &batches.last().unwrap().figures;
     let (cost, seconds) = (last["gen_ai.server.cost"], last["gen_ai.server.gpu.time"]);
     assert!(

@@ -7,8 +7,6 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use genai_collector_core::model::{AttributesExt, Batch};
@@ -54,41 +52,6 @@ fn allocations(exclusive_pod: &str) -> String {
             {"name": "small", "devices": [{"resource_name": "nvidia.com/mig-1g.10gb", "device_ids": ["MIG-cccc"]}]}]}
     ])
     .to_string()
-}
-
-struct Kubelet(Child);
-
-impl Kubelet {
-    fn start(socket: &Path, allocations: &Path) -> Kubelet {
-        let _ = std::fs::remove_file(socket);
-        let mut child = Command::new(genai_collector_testkit::peers_python())
-            .arg(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../tests/peers/fake_kubelet.py"
-            ))
-            .arg("--socket")
-            .arg(socket)
-            .arg("--allocations")
-            .arg(allocations)
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-            &mut line,
-        )
-        .unwrap();
-        assert_eq!(line.trim(), "ready");
-        Kubelet(child)
-    }
-}
-
-impl Drop for Kubelet {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// Device UUID → its `k8s.*` resource attributes, for one poll.
@@ -160,7 +123,7 @@ async fn gpus_carry_the_pod_the_kubelet_allocated_them_to() {
         "{error}"
     );
 
-    let kubelet = Kubelet::start(&socket, &alloc);
+    let kubelet = common::Kubelet::start(&socket, &alloc);
     let pods = poll_where(&mut rx, |p| !p["GPU-aaaa"].is_empty()).await;
     let attrs = |ns: &str, pod: &str, c: &str| {
         BTreeMap::from([

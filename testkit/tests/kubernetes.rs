@@ -2,7 +2,9 @@
 //! way the real one does (PodList, then a stream of ADDED/MODIFIED/DELETED/ERROR events), built
 //! from tests/fixtures/kubernetes/pod-vllm.json. Targets follow pods as they are added,
 //! relabelled and deleted, and after the watch fails and the pods are listed again; a forbidden
-//! or unreachable API server leaves the static targets scraping and says why.
+//! or unreachable API server leaves the static targets scraping and says why. With the fake
+//! kubelet, `efficiency` gives each pod the joules of the GPU the kubelet allocated to it, and
+//! reports the idle one.
 
 mod common;
 
@@ -575,5 +577,220 @@ async fn the_shipped_agent_and_gateway_pipelines_end_to_end() {
     assert!(!own.contains("genai_collector_receiver_targets{receiver=\"nvml\"}"));
 
     drop((_agent, _gateway));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Two GPUs whose energy counters move at 400 W and 100 W from the test's start; GPU-aaaa
+/// busy, GPU-bbbb idle.
+struct TwoGpus(Instant);
+
+impl genai_collector_receivers::nvml::GpuBackend for TwoGpus {
+    fn driver_version(&self) -> Option<String> {
+        None
+    }
+    fn read_all(&self) -> Result<Vec<genai_collector_receivers::nvml::GpuReading>, String> {
+        let ms = self.0.elapsed().as_millis() as u64;
+        let gpu =
+            |index, uuid: &str, watts: u64, util| genai_collector_receivers::nvml::GpuReading {
+                index,
+                uuid: uuid.into(),
+                name: "NVIDIA H100 80GB HBM3".into(),
+                utilization: Some((util, 10)),
+                energy_mj: Some(watts * ms),
+                ..Default::default()
+            };
+        Ok(vec![
+            gpu(0, "GPU-aaaa", 400, 80),
+            gpu(1, "GPU-bbbb", 100, 0),
+        ])
+    }
+}
+
+struct TwoGpusFactory(Instant);
+
+impl genai_collector_core::ReceiverFactory for TwoGpusFactory {
+    type Config = genai_collector_receivers::nvml::NvmlConfig;
+    fn kind(&self) -> &'static str {
+        "nvml"
+    }
+    fn description(&self) -> &'static str {
+        "nvml over two fake GPUs"
+    }
+    fn build(
+        &self,
+        config: Self::Config,
+        _: &genai_collector_core::BuildContext,
+    ) -> Result<Box<dyn genai_collector_core::Receiver>, genai_collector_core::ComponentError> {
+        Ok(Box::new(
+            genai_collector_receivers::nvml::NvmlReceiver::with_backend(
+                config,
+                Box::new(TwoGpus(self.0)),
+            ),
+        ))
+    }
+}
+
+/// The value of `name`'s first point in a resource's metrics.
+fn first_value(rm: &genai_collector_core::model::ResourceMetrics, name: &str) -> Option<f64> {
+    use genai_collector_core::model::{metric, number_value};
+    rm.scope_metrics
+        .iter()
+        .flat_map(|s| &s.metrics)
+        .filter(|m| m.name == name)
+        .find_map(|m| match &m.data {
+            Some(metric::Data::Gauge(g)) => g.data_points.first().and_then(number_value),
+            Some(metric::Data::Sum(s)) => s.data_points.first().and_then(number_value),
+            _ => None,
+        })
+}
+
+/// Tokens an engine's resource counted: input plus output.
+fn all_tokens(rm: &genai_collector_core::model::ResourceMetrics) -> f64 {
+    use genai_collector_core::model::{metric, number_value};
+    rm.scope_metrics
+        .iter()
+        .flat_map(|s| &s.metrics)
+        .filter(|m| m.name == "gen_ai.server.token.usage")
+        .filter_map(|m| match &m.data {
+            Some(metric::Data::Sum(s)) => Some(&s.data_points),
+            _ => None,
+        })
+        .flatten()
+        .filter_map(number_value)
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_get_the_joules_of_the_gpus_the_kubelet_gave_them_and_the_idle_one_is_reported() {
+    let a = sim::start(EngineKind::VllmV1, "127.0.0.1:0").await.unwrap();
+    let b = sim::start(EngineKind::VllmV1, "127.0.0.1:0").await.unwrap();
+    let (_fake, api) = start_fake(
+        false,
+        vec![
+            pod("vllm-a", Some(a.addr.port()), "chat", "Running"),
+            pod("vllm-b", Some(b.addr.port()), "chat", "Running"),
+        ],
+    )
+    .await;
+    let dir = std::env::temp_dir().join(format!("k8s-efficiency-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("kubelet.sock");
+    let allocations = dir.join("allocations.json");
+    let holds = |pod: &str, gpu: &str| {
+        json!({"namespace": "inference", "pod": pod, "containers": [
+            {"name": "vllm", "devices": [{"resource_name": "nvidia.com/gpu", "device_ids": [gpu]}]}]})
+    };
+    std::fs::write(
+        &allocations,
+        json!([holds("vllm-a", "GPU-aaaa"), holds("vllm-b", "GPU-bbbb")]).to_string(),
+    )
+    .unwrap();
+    let _kubelet = common::Kubelet::start(&socket, &allocations);
+    let yaml = format!(
+        r#"
+receivers:
+  nvml: {{ interval: 200ms, pod_resources_socket: "{}" }}
+  vllm:
+    interval: 300ms
+    kubernetes: {{ label_selector: app=vllm, node: gpu-node-1, kubeconfig: "{}" }}
+processors:
+  genai_normalize: {{}}
+  efficiency: {{ interval: 1s, idle: {{ utilization_below: 0.05, for: 1s }}, prices: [{{ price_per_gpu_hour: 3.6 }}] }}
+  pool_aggregate: {{ interval: 500ms }}
+exporters:
+  capture: {{ sending_queue: {{ num_consumers: 1 }} }}
+service:
+  telemetry: {{ endpoint: null }}
+  pipelines:
+    metrics: {{ receivers: [nvml, vllm], processors: [genai_normalize, efficiency, pool_aggregate], exporters: [capture] }}
+"#,
+        socket.display(),
+        kubeconfig(&dir, api).display()
+    );
+    let capture = Capture::new();
+    let comps = components(&capture).with_receiver(TwoGpusFactory(Instant::now()));
+    let cfg = config::load(&[Source::new("k8s.yaml", yaml)], &comps).unwrap();
+    let running = Service::build(cfg, &comps).unwrap().start().await.unwrap();
+
+    // In the order the processor saw them: each GPU's latest energy, and per pod the windows
+    // its energy counter closed, checked against the GPU's joules and the pod's tokens.
+    let check = |batches: &[Arc<genai_collector_core::Batch>]| {
+        use genai_collector_core::model::AttributesExt;
+        let mut gpu_energy: HashMap<String, f64> = HashMap::new();
+        let mut base: HashMap<String, (f64, f64, f64)> = HashMap::new();
+        let mut windows: HashMap<String, Vec<f64>> = HashMap::new();
+        let mut idle: HashMap<String, f64> = HashMap::new();
+        let mut pool = None;
+        for rm in batches.iter().flat_map(|b| &b.resource_metrics) {
+            let attrs = &rm.resource.as_ref().unwrap().attributes;
+            if let Some(gpu) = attrs.get_str("hw.id") {
+                gpu_energy.insert(gpu.to_owned(), first_value(rm, "hw.energy").unwrap());
+                if let Some(v) = first_value(rm, "hw.gpu.idle_allocated") {
+                    idle.insert(gpu.to_owned(), v);
+                }
+                continue;
+            }
+            if let Some(v) = first_value(rm, "gen_ai.pool.energy.per_token") {
+                pool = Some(v);
+            }
+            let (Some(pod), Some(counter)) = (
+                attrs.get_str("k8s.pod.name"),
+                first_value(rm, "gen_ai.server.energy"),
+            ) else {
+                continue;
+            };
+            let gpu = if pod == "vllm-a" {
+                "GPU-aaaa"
+            } else {
+                "GPU-bbbb"
+            };
+            let now = (counter, gpu_energy[gpu], all_tokens(rm));
+            let Some(before) = base.get(pod).copied() else {
+                base.insert(pod.to_owned(), now);
+                continue;
+            };
+            if counter == before.0 {
+                continue;
+            }
+            let joules = now.1 - before.1;
+            assert!(
+                (counter - before.0 - joules).abs() < 1e-6,
+                "{pod}: the window's joules are {gpu}'s: {} vs {joules}",
+                counter - before.0
+            );
+            let per_token = first_value(rm, "gen_ai.server.energy.per_token").unwrap();
+            assert!(
+                (per_token - joules / (now.2 - before.2)).abs() < 1e-9 * per_token,
+                "{pod}: {per_token} J/token"
+            );
+            windows.entry(pod.to_owned()).or_default().push(per_token);
+            base.insert(pod.to_owned(), now);
+        }
+        (windows, idle, pool)
+    };
+    let (windows, idle, pool) = genai_collector_testkit::eventually(
+        Duration::from_secs(30),
+        "two windows per pod, the idle GPU reported, the pool's J/token",
+        || {
+            let (w, idle, pool) = check(&capture.batches());
+            let enough = ["vllm-a", "vllm-b"]
+                .iter()
+                .all(|p| w.get(*p).is_some_and(|v| v.len() >= 2));
+            (enough && idle.get("GPU-bbbb") == Some(&1.0) && pool.is_some())
+                .then_some((w, idle, pool))
+        },
+    )
+    .await;
+    assert_eq!(idle.get("GPU-aaaa"), Some(&0.0), "the busy GPU is not idle");
+    // The same simulated load on 400 W and on 100 W: a quarter of the joules per token.
+    let last = |p: &str| *windows[p].last().unwrap();
+    let (ja, jb) = (last("vllm-a"), last("vllm-b"));
+    assert!(ja > jb, "{ja} J/token on 400 W, {jb} on 100 W");
+    let pool = pool.unwrap();
+    assert!(
+        pool > jb.min(ja) * 0.5 && pool < ja.max(jb) * 2.0,
+        "the pool's J/token, {pool}, is a mean of its pods' ({ja}, {jb})"
+    );
+    running.run_until(std::future::ready(())).await;
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -430,3 +430,40 @@ pub fn normalize(batch: &mut Batch) {
         .unwrap()
         .process(batch);
 }
+
+/// The fake kubelet (tests/peers/fake_kubelet.py): the pod-resources API on a unix socket,
+/// answering the allocations in a JSON file it rereads on every call.
+pub struct Kubelet(std::process::Child);
+
+impl Kubelet {
+    pub fn start(socket: &std::path::Path, allocations: &std::path::Path) -> Kubelet {
+        let _ = std::fs::remove_file(socket);
+        let mut child = std::process::Command::new(genai_collector_testkit::peers_python())
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../tests/peers/fake_kubelet.py"
+            ))
+            .arg("--socket")
+            .arg(socket)
+            .arg("--allocations")
+            .arg(allocations)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        assert_eq!(line.trim(), "ready");
+        Kubelet(child)
+    }
+}
+
+impl Drop for Kubelet {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

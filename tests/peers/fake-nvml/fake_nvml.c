@@ -4,7 +4,8 @@
  * Environment: FAKE_NVML_GPUS (default 2); FAKE_NVML_PROCS "gpu:pid:bytes,..." (compute processes);
  * FAKE_NVML_ROW_REMAP "gpu:pending,gpu:failed,..." (row-remapper state, read on every call);
  * FAKE_NVML_XID "gpu:xid@seconds,..." (a critical XID error each, delivered once to an event
- * set the GPU is registered with, `seconds` after nvmlInit_v2).
+ * set the GPU is registered with, `seconds` after nvmlInit_v2); FAKE_NVML_PROC_SM "pid:percent,..."
+ * (per-process SM utilisation of the processes in FAKE_NVML_PROCS; unset: not supported).
  * Build: gcc -O2 -shared -fPIC -o libnvidia-ml.so.1 fake_nvml.c -lm */
 #include <math.h>
 #include <stdio.h>
@@ -143,3 +144,25 @@ ret_t nvmlDeviceGetComputeRunningProcesses_v3(nvmlDevice_t d, unsigned *count, p
   memcpy(out, found, n * sizeof(proc_t)); *count = n; return OK;
 }
 ret_t nvmlDeviceGetGraphicsRunningProcesses_v3(nvmlDevice_t d, unsigned *count, proc_t *out) { (void)out; if (!valid(d)) return INVALID; *count = 0; return OK; }
+
+typedef struct { unsigned pid; unsigned long long ts; unsigned sm, mem, enc, dec; } psample_t;
+ret_t nvmlDeviceGetProcessUtilization(nvmlDevice_t d, psample_t *out, unsigned *count, unsigned long long last) {
+  (void)last;
+  if (!valid(d)) return INVALID;
+  const char *sm = getenv("FAKE_NVML_PROC_SM");
+  if (!sm) return NOT_SUPPORTED;
+  proc_t procs[32]; unsigned n = 32;
+  if (nvmlDeviceGetComputeRunningProcesses_v3(d, &n, procs) != OK) n = 0;
+  psample_t found[32]; unsigned m = 0;
+  for (unsigned i = 0; i < n; i++) {
+    unsigned pct = 0; char buf[1024]; snprintf(buf, sizeof buf, "%s", sm);
+    for (char *tok = strtok(buf, ","); tok; tok = strtok(NULL, ",")) {
+      unsigned pid, p;
+      if (sscanf(tok, "%u:%u", &pid, &p) == 2 && pid == procs[i].pid) pct = p;
+    }
+    found[m].pid = procs[i].pid; found[m].ts = (unsigned long long)(now() * 1e6);
+    found[m].sm = pct; found[m].mem = found[m].enc = found[m].dec = 0; m++;
+  }
+  if (!out || *count < m) { *count = m; return m ? INSUFFICIENT : OK; }
+  memcpy(out, found, m * sizeof(psample_t)); *count = m; return OK;
+}
