@@ -238,6 +238,10 @@ struct Engine {
     last: Option<Window>,
     skip: Option<Skip>,
     pid: Option<(u32, u64)>,
+    /// The GPUs of its last evaluation.
+    gpus: Vec<String>,
+    /// The model its token counters name, when they name one.
+    model: Option<String>,
 }
 
 pub struct Efficiency {
@@ -485,7 +489,9 @@ impl Efficiency {
         let gpus = match self.gpus_of(key, resource, now) {
             Ok(g) => g,
             Err(e) => {
-                self.engines.get_mut(key).expect("observed").baseline = None;
+                let engine = self.engines.get_mut(key).expect("observed");
+                engine.baseline = None;
+                engine.gpus.clear();
                 return Err(e);
             }
         };
@@ -496,6 +502,8 @@ impl Efficiency {
                 Some((u.clone(), (g.time, g.energy?)))
             })
             .collect();
+        self.engines.get_mut(key).expect("observed").gpus =
+            gpus.iter().map(|(u, _)| u.clone()).collect();
         let shares: HashMap<String, f64> = gpus.into_iter().collect();
         let baseline = Baseline {
             time: now,
@@ -582,6 +590,28 @@ impl Efficiency {
             true,
             counter(e.gpu_seconds),
         ));
+        if !e.gpus.is_empty() {
+            let window = self.config.idle.window.as_nanos() as u64;
+            let idle = e
+                .gpus
+                .iter()
+                .filter_map(|u| self.gpus.get(u))
+                .filter(|g| {
+                    g.idle_since
+                        .is_some_and(|s| g.time.saturating_sub(s) >= window)
+                })
+                .count();
+            m.push(Metric::gauge(
+                "gen_ai.server.gpus",
+                "{gpu}",
+                vec![point(e.gpus.len() as f64)],
+            ));
+            m.push(Metric::gauge(
+                "gen_ai.server.gpus.idle",
+                "{gpu}",
+                vec![point(idle as f64)],
+            ));
+        }
         if e.priced {
             m.push(Metric::sum(
                 "gen_ai.server.cost",
@@ -677,6 +707,9 @@ impl Efficiency {
         let mut attrs = vec![kv("hw.id", uuid)];
         if let Some(k) = &owner {
             attrs.push(kv("service.instance.id", k.as_str()));
+            if let Some(model) = self.engines.get(k).and_then(|e| e.model.as_deref()) {
+                attrs.push(kv("gen_ai.request.model", model));
+            }
         }
         let point = |v: f64| vec![number_point(g.time, v, attrs.clone())];
         let mut m = vec![
@@ -834,6 +867,12 @@ impl Processor for Efficiency {
                 };
                 self.engines.insert(key.clone(), engine);
             }
+            let model = attrs
+                .iter()
+                .find(|a| a.key == "gen_ai.request.model")
+                .and_then(|a| a.value.as_ref())
+                .map(display_value);
+            self.engines.get_mut(&key).expect("inserted above").model = model;
             self.evaluate(&key, &resource, counts, now);
             let out = self.engine_metrics(&key, &attrs, now);
             rm.scope_metrics[0].metrics.extend(out);
@@ -1098,6 +1137,16 @@ prices: [{ match: { hw.model: "NVIDIA H100 80GB HBM3" }, price_per_gpu_hour: 2.0
                 assert_eq!(value(&b, "gen_ai.server.energy"), Some(60.0 * t as f64));
             }
         }
+        let last_b = run(
+            &mut e,
+            engine("10.1.0.2:8000", 60, 0.0, 0.0, Some("vllm-b")),
+        );
+        assert_eq!(value(&last_b, "gen_ai.server.gpus"), Some(1.0));
+        assert_eq!(
+            value(&last_b, "gen_ai.server.gpus.idle"),
+            Some(1.0),
+            "its one GPU is idle"
+        );
         let flags: Vec<f64> = idle
             .iter()
             .map(|b| value(b, "hw.gpu.idle_allocated").unwrap())
@@ -1108,6 +1157,18 @@ prices: [{ match: { hw.model: "NVIDIA H100 80GB HBM3" }, price_per_gpu_hour: 2.0
             "idle once under 5 % for 30 s"
         );
         let last = idle.last().unwrap();
+        let flag = last.resource_metrics[0].scope_metrics[0]
+            .metrics
+            .iter()
+            .find(|m| m.name == "hw.gpu.idle_allocated")
+            .unwrap();
+        let attrs = &points(flag)[0].attributes;
+        assert_eq!(attrs.get_str("service.instance.id"), Some("10.1.0.2:8000"));
+        assert_eq!(
+            attrs.get_str("gen_ai.request.model"),
+            Some("llama"),
+            "with its model"
+        );
         assert_eq!(value(last, "hw.gpu.idle_allocated.time"), Some(30.0));
         assert!((value(last, "hw.gpu.idle_allocated.cost").unwrap() - 0.03).abs() < 1e-12);
         // The busy GPU is reported as allocated and not idle.

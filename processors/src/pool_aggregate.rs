@@ -110,6 +110,8 @@ pub struct Server {
     /// there.
     efficiency_mark: Option<EfficiencyMark>,
     pub efficiency: Option<EfficiencyMark>,
+    /// GPUs `efficiency` attributes to the server, and those of them idle.
+    pub gpus: Option<(f64, f64)>,
 }
 
 /// Energy, cost and tokens of a server: at a mark, running totals; as a window, their deltas.
@@ -182,6 +184,8 @@ pub struct PoolView {
     pub energy_per_token: Option<f64>,
     pub energy_per_output_token: Option<f64>,
     pub cost_per_1m_tokens: Option<f64>,
+    /// GPUs the live servers run on, and those of them idle while allocated.
+    pub gpus: Option<(f64, f64)>,
 }
 
 /// The aggregates of `servers`, by their definitions.
@@ -204,6 +208,10 @@ pub fn aggregate<'a>(servers: impl Iterator<Item = (&'a String, &'a Server)>) ->
         running,
         waiting: queues.iter().sum(),
         capacity: (!maxes.is_empty() && max > 0.0).then(|| running / max * 100.0),
+        gpus: live
+            .iter()
+            .filter_map(|(_, s)| s.gpus)
+            .reduce(|a, b| (a.0 + b.0, a.1 + b.1)),
         ..efficiency(live.iter().filter_map(|(_, s)| s.efficiency))
     }
 }
@@ -358,6 +366,9 @@ impl PoolAggregate {
             return;
         }
         s.observe_efficiency(metrics);
+        s.gpus = values(metrics, "gen_ai.server.gpus")
+            .first()
+            .map(|n| (*n, values(metrics, "gen_ai.server.gpus.idle").iter().sum()));
         s.misses = 0;
         s.answered = true;
         s.kv_cache = (!kv.is_empty()).then(|| kv.iter().sum::<f64>() / kv.len() as f64);
@@ -457,6 +468,14 @@ impl PoolAggregate {
                 if let Some(x) = value {
                     m.push(Metric::gauge(name, unit, p(x, vec![])));
                 }
+            }
+            if let Some((gpus, idle)) = v.gpus {
+                m.push(Metric::gauge("gen_ai.pool.gpus", "{gpu}", p(gpus, vec![])));
+                m.push(Metric::gauge(
+                    "gen_ai.pool.gpus.idle",
+                    "{gpu}",
+                    p(idle, vec![]),
+                ));
             }
             if gateway {
                 let name = || vec![kv("name", pool.as_str())];
@@ -612,6 +631,8 @@ mod tests {
                 true,
                 vec![number_point(1, cost, vec![])],
             ),
+            g("gen_ai.server.gpus", 2.0),
+            g("gen_ai.server.gpus.idle", if id == "b" { 1.0 } else { 0.0 }),
             Metric::sum(
                 "gen_ai.server.token.usage",
                 "{token}",
@@ -646,6 +667,8 @@ mod tests {
             value(&b, "chat", "gen_ai.pool.cost.per_1m_tokens"),
             Some(16_000.0)
         );
+        assert_eq!(value(&b, "chat", "gen_ai.pool.gpus"), Some(4.0));
+        assert_eq!(value(&b, "chat", "gen_ai.pool.gpus.idle"), Some(1.0));
         // `a` restarts: its tokens go back, so its window is dropped, not counted negative.
         feed(&mut p, efficiency_batch("a", 1200.0, 2.5, 5.0, 5.0));
         let b = p.flush().unwrap();

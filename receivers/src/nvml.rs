@@ -870,7 +870,10 @@ pub(crate) mod tests {
             panic!("a gauge")
         };
         assert_eq!(number_value(&gauge.data_points[0]), Some(0.5));
-        assert_eq!(gauge.data_points[0].attributes.get_str("hw.id"), Some("GPU-x"));
+        assert_eq!(
+            gauge.data_points[0].attributes.get_str("hw.id"),
+            Some("GPU-x")
+        );
     }
 
     /// A fake H100 under load, from `tests/fixtures/nvml` (nvidia-smi's CSVs and the
