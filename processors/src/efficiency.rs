@@ -242,6 +242,8 @@ struct Engine {
     gpus: Vec<String>,
     /// The model its token counters name, when they name one.
     model: Option<String>,
+    /// Its latest batch's time.
+    seen: u64,
 }
 
 pub struct Efficiency {
@@ -251,6 +253,8 @@ pub struct Efficiency {
     gpus: HashMap<String, Gpu>,
     engines: HashMap<String, Engine>,
     ignored: u64,
+    /// When `expire` last ran.
+    swept: u64,
 }
 
 const NS: f64 = 1e9;
@@ -264,12 +268,21 @@ impl Efficiency {
             gpus: HashMap::new(),
             engines: HashMap::new(),
             ignored: 0,
+            swept: 0,
         }
     }
 
-    /// The last window's figures of an engine, for tests and benches.
-    pub fn window(&self, engine: &str) -> Option<Window> {
-        self.engines.get(engine)?.last
+    /// Forgets engines and GPUs not heard from for ten intervals (pods come and go), at most
+    /// once an interval.
+    fn expire(&mut self, now: u64) {
+        let interval = self.config.interval.as_nanos() as u64;
+        if now.saturating_sub(self.swept) < interval {
+            return;
+        }
+        self.swept = now;
+        let keep = |seen: u64| now.saturating_sub(seen) < 10 * interval;
+        self.engines.retain(|_, e| keep(e.seen));
+        self.gpus.retain(|_, g| keep(g.time));
     }
 
     /// Takes a GPU's readings; returns its UUID and the time of its previous reading.
@@ -281,10 +294,7 @@ impl Efficiency {
         let uuid = get_str(resource, "hw.id")?.to_owned();
         let g = self.gpus.entry(uuid.clone()).or_default();
         let previous = (g.time > 0).then_some(g.time);
-        g.index = get_attr(resource, "gpu.index").and_then(|v| match &v.value {
-            Some(genai_collector_core::model::any_value::Value::IntValue(i)) => Some(*i),
-            _ => None,
-        });
+        g.index = get_attr(resource, "gpu.index").and_then(int);
         g.resource = resource.to_vec();
         let mut pids = Vec::new();
         let mut process_utilization = HashMap::new();
@@ -816,6 +826,7 @@ fn engine_key(resource: &[KeyValue]) -> Option<String> {
 
 impl Processor for Efficiency {
     fn process(&mut self, batch: &mut Batch) {
+        self.expire(genai_collector_core::model::now_unix_nanos());
         for rm in &mut batch.resource_metrics {
             let Some(resource) = rm.resource.as_ref().map(|r| r.attributes.clone()) else {
                 continue;
@@ -872,7 +883,9 @@ impl Processor for Efficiency {
                 .find(|a| a.key == "gen_ai.request.model")
                 .and_then(|a| a.value.as_ref())
                 .map(display_value);
-            self.engines.get_mut(&key).expect("inserted above").model = model;
+            let engine = self.engines.get_mut(&key).expect("inserted above");
+            engine.model = model;
+            engine.seen = now;
             self.evaluate(&key, &resource, counts, now);
             let out = self.engine_metrics(&key, &attrs, now);
             rm.scope_metrics[0].metrics.extend(out);
@@ -1321,6 +1334,20 @@ prices: [{ match: { hw.model: "NVIDIA H100 80GB HBM3" }, price_per_gpu_hour: 2.0
         let b = run(&mut e, b);
         assert_eq!(e.engines["h:1"].skip, Some(Skip::NoTokens));
         assert_eq!(value(&b, "gen_ai.server.energy"), None);
+    }
+
+    #[test]
+    fn engines_and_gpus_gone_for_ten_intervals_are_forgotten() {
+        let mut e = Efficiency::new(config("{ interval: 10s, gpus: { \"h:1\": [0] } }"), None);
+        let now = genai_collector_core::model::now_unix_nanos() / S;
+        run(&mut e, gpu("GPU-a", 0, now, 0.0, 0.5, &[], None));
+        run(&mut e, engine("h:1", now, 0.0, 0.0, None));
+        run(&mut e, gpu("GPU-b", 1, now - 200, 0.0, 0.5, &[], None));
+        run(&mut e, engine("h:2", now - 200, 0.0, 0.0, None));
+        e.swept = 0;
+        e.expire(now * S);
+        assert!(e.engines.contains_key("h:1") && !e.engines.contains_key("h:2"));
+        assert!(e.gpus.contains_key("GPU-a") && !e.gpus.contains_key("GPU-b"));
     }
 
     #[test]
