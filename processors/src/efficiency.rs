@@ -828,7 +828,7 @@ impl Processor for Efficiency {
     fn process(&mut self, batch: &mut Batch) {
         self.expire(genai_collector_core::model::now_unix_nanos());
         for rm in &mut batch.resource_metrics {
-            let Some(resource) = rm.resource.as_ref().map(|r| r.attributes.clone()) else {
+            let Some(resource) = rm.resource.as_ref().map(|r| &r.attributes) else {
                 continue;
             };
             if rm.scope_metrics.is_empty() {
