@@ -834,9 +834,9 @@ impl Processor for Efficiency {
             if rm.scope_metrics.is_empty() {
                 continue;
             }
-            if get_str(&resource, "hw.type") == Some("gpu") {
+            if get_str(resource, "hw.type") == Some("gpu") {
                 let metrics = &rm.scope_metrics[0].metrics;
-                if let Some((uuid, previous)) = self.observe_gpu(&resource, metrics) {
+                if let Some((uuid, previous)) = self.observe_gpu(resource, metrics) {
                     let idle = self.idle_metrics(&uuid, previous);
                     rm.scope_metrics[0].metrics.extend(idle);
                 }
@@ -846,7 +846,7 @@ impl Processor for Efficiency {
             if !all.iter().any(|m| m.name.starts_with("gen_ai.server.")) {
                 continue;
             }
-            let Some(key) = engine_key(&resource) else {
+            let Some(key) = engine_key(resource) else {
                 continue;
             };
             let found = tokens(&all);
@@ -854,7 +854,7 @@ impl Processor for Efficiency {
                 .as_ref()
                 .map_or_else(genai_collector_core::model::now_unix_nanos, |t| t.time);
             let mut attrs = Vec::new();
-            if let Some(p) = get_str(&resource, "gen_ai.provider.name") {
+            if let Some(p) = get_str(resource, "gen_ai.provider.name") {
                 attrs.push(kv("gen_ai.provider.name", p));
             }
             if let Some(m) = found.as_ref().and_then(|t| t.model) {
@@ -886,7 +886,7 @@ impl Processor for Efficiency {
             let engine = self.engines.get_mut(&key).expect("inserted above");
             engine.model = model;
             engine.seen = now;
-            self.evaluate(&key, &resource, counts, now);
+            self.evaluate(&key, resource, counts, now);
             let out = self.engine_metrics(&key, &attrs, now);
             rm.scope_metrics[0].metrics.extend(out);
         }
