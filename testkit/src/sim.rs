@@ -99,6 +99,8 @@ struct Sim {
     /// The gzip bomb's body, made once when the fault is set.
     bomb: Mutex<bytes::Bytes>,
     requests: std::sync::atomic::AtomicU64,
+    /// A load held fixed by the test, in place of the wave.
+    held_load: Mutex<Option<f64>>,
 }
 
 /// A running simulator.
@@ -129,6 +131,14 @@ impl SimHandle {
     pub fn require_authorization(&self, value: &str) {
         if let Ok(mut a) = self.sim.auth.lock() {
             *a = Some(value.to_owned());
+        }
+    }
+
+    /// Holds the load at `load` (0 idle, 0.8 full with nothing waiting, 1 with 20 waiting), or
+    /// back to the wave with `None`.
+    pub fn set_load(&self, load: Option<f64>) {
+        if let Ok(mut l) = self.sim.held_load.lock() {
+            *l = load;
         }
     }
 
@@ -168,6 +178,7 @@ pub async fn start(kind: EngineKind, addr: &str) -> std::io::Result<SimHandle> {
         bomb: Mutex::default(),
         auth: Mutex::default(),
         requests: Default::default(),
+        held_load: Mutex::new(None),
     });
     let app = Router::new()
         .route("/metrics", get(metrics))
@@ -205,7 +216,8 @@ fn load(t: f64) -> f64 {
 impl Sim {
     /// The fixture with its values moved to time `t`.
     fn render(&self, t: f64) -> String {
-        let l = load(t);
+        let held = self.held_load.lock().ok().and_then(|l| *l);
+        let l = held.unwrap_or_else(|| load(t));
         // Counters and histogram counts grow with the work done so far.
         let growth = 1.0 + t / 60.0;
         let running = (l * self.max_seqs).round();
@@ -474,6 +486,7 @@ mod tests {
             bomb: Mutex::default(),
             auth: Mutex::default(),
             requests: Default::default(),
+            held_load: Mutex::new(None),
         };
         let value = |page: &str, name: &str| -> f64 {
             page.lines()

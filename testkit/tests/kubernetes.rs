@@ -493,6 +493,7 @@ async fn the_shipped_agent_and_gateway_pipelines_end_to_end() {
     otlp["http"]["endpoint"] = json!(local(common::free_port()));
     gateway["processors"]["pool_aggregate"]["interval"] = json!("1s");
     gateway["exporters"]["prometheus"]["endpoint"] = json!(local(metrics));
+    gateway["exporters"]["keda_scaler"]["endpoint"] = json!(local(common::free_port()));
     gateway["service"]["telemetry"]["endpoint"] = json!(local(common::free_port()));
 
     let mut agent = shipped_pipeline("agent.yaml");

@@ -1,0 +1,261 @@
+//! The `keda_scaler` exporter as KEDA sees it: a Python gRPC client built from KEDA's proto
+//! (tests/peers/keda_client.py) asks a gateway for the metric spec and the values of a pool's
+//! signals while an agent process scrapes two engine simulators whose load the test moves,
+//! watches `IsActive` turn false after the idle window, and gets an error, not a 0, once the
+//! agent stops reporting.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use genai_collector_core::config::{self, Source};
+use genai_collector_core::Service;
+use genai_collector_testkit::sim::{self, EngineKind};
+use genai_collector_testkit::{components, free_port, peers_python, Capture};
+use serde_json::{json, Value};
+
+/// KEDA's side of the gRPC API, one call per line.
+struct Keda {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Keda {
+    fn start(port: u16, token: Option<&str>) -> Keda {
+        let mut cmd = Command::new(peers_python());
+        cmd.arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/peers/keda_client.py"
+        ))
+        .arg("--address")
+        .arg(format!("127.0.0.1:{port}"));
+        if let Some(t) = token {
+            cmd.arg("--token").arg(t);
+        }
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "ready");
+        Keda {
+            child,
+            stdin,
+            stdout,
+        }
+    }
+
+    fn call(&mut self, request: Value) -> Value {
+        writeln!(self.stdin, "{request}").unwrap();
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).unwrap();
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
+    }
+
+    /// Calls until `want` holds for the answer, within 20 s.
+    fn until(&mut self, request: Value, want: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let answer = self.call(request.clone());
+            if want(&answer) {
+                return answer;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{request} never gave what was wanted: {answer}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Keda {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn trigger(signal: &str) -> Value {
+    json!({"pool": "chat", "signal": signal, "target": "5"})
+}
+
+fn value(answer: &Value) -> Option<f64> {
+    answer["values"][0]["value"].as_f64()
+}
+
+#[test]
+fn keda_scales_a_pool_on_its_signals_and_is_told_when_data_is_stale() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (a, b) = rt.block_on(async {
+        (
+            sim::start(EngineKind::VllmV1, "127.0.0.1:0").await.unwrap(),
+            sim::start(EngineKind::VllmV1, "127.0.0.1:0").await.unwrap(),
+        )
+    });
+    a.set_load(Some(1.0));
+    b.set_load(Some(1.0));
+    let (otlp, scaler) = (free_port(), free_port());
+    let gateway = format!(
+        r#"
+receivers:
+  otlp: {{ protocols: {{ grpc: {{ endpoint: "127.0.0.1:{otlp}" }} }} }}
+exporters:
+  keda_scaler:
+    endpoint: "127.0.0.1:{scaler}"
+    bearer_token: s3cret
+    stale_after: 1s
+    scale_to_zero_after: 2s
+service:
+  telemetry: {{ endpoint: null }}
+  pipelines:
+    metrics: {{ receivers: [otlp], exporters: [keda_scaler] }}
+"#
+    );
+    let comps = components(&Capture::new());
+    let cfg = config::load(&[Source::new("gateway.yaml", gateway)], &comps).unwrap();
+    let running =
+        rt.block_on(async { Service::build(cfg, &comps).unwrap().start().await.unwrap() });
+    let dir = std::env::temp_dir().join(format!("keda-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let agent_yaml = dir.join("agent.yaml");
+    std::fs::write(
+        &agent_yaml,
+        format!(
+            r#"
+receivers:
+  vllm: {{ targets: ["{}", "{}"], interval: 200ms, pool: chat }}
+processors:
+  genai_normalize: {{}}
+  # vLLM's page has no max_num_seqs: the capacity signal needs it from here.
+  percentages: {{ max_requests: 64 }}
+exporters:
+  otlp: {{ endpoint: "http://127.0.0.1:{otlp}" }}
+service:
+  telemetry: {{ endpoint: null }}
+  pipelines:
+    metrics: {{ receivers: [vllm], processors: [genai_normalize, percentages], exporters: [otlp] }}
+"#,
+            a.metrics_url(),
+            b.metrics_url()
+        ),
+    )
+    .unwrap();
+    let agent = Killed(
+        Command::new(env!("CARGO_BIN_EXE_testkit-collector"))
+            .arg("-c")
+            .arg(&agent_yaml)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut keda = Keda::start(scaler, Some("s3cret"));
+
+    // The spec the HPA is made from: a name of letters, digits and dashes, the target as given.
+    let spec =
+        keda.call(json!({"call": "GetMetricSpec", "metadata": trigger("waiting_per_server")}));
+    assert_eq!(
+        spec["specs"][0]["name"], "waiting-per-server-pool-chat",
+        "{spec}"
+    );
+    assert_eq!(spec["specs"][0]["target"], 5.0);
+    assert_eq!(spec["specs"][0]["target_int"], 5);
+
+    // Full load: 20 waiting on each simulator, so 40 for the pool (KEDA's AverageValue divides
+    // by the replicas), every slot running, and the KV cache at 95 % on each.
+    let metrics = |signal: &str| {
+        json!({"call": "GetMetrics", "metadata": trigger(signal),
+               "metric_name": format!("s0-{signal}")})
+    };
+    let full = keda.until(metrics("waiting_per_server"), |a| value(a) == Some(40.0));
+    assert_eq!(
+        full["values"][0]["name"], "s0-waiting_per_server",
+        "KEDA's name comes back"
+    );
+    assert_eq!(full["values"][0]["value_int"], 40);
+    assert_eq!(value(&keda.call(metrics("capacity"))), Some(200.0));
+    assert_eq!(value(&keda.call(metrics("kv_cache"))), Some(190.0));
+    let tps = keda.until(metrics("tokens_per_second"), |a| {
+        value(a).is_some_and(|v| v > 0.0)
+    });
+    assert!(value(&tps).unwrap().is_finite());
+    let by_model = json!({"call": "GetMetrics", "metadata": {
+        "model": "meta-llama/Llama-3.1-8B-Instruct", "signal": "waiting_per_server", "target": "5"}});
+    assert_eq!(
+        value(&keda.call(by_model)),
+        Some(40.0),
+        "by model, across the pool"
+    );
+    let is_active = json!({"call": "IsActive", "metadata": trigger("waiting_per_server")});
+    assert_eq!(keda.call(is_active.clone())["active"], true);
+
+    // Half load: nothing waits, and 0 is what the live servers say, not a missing value.
+    a.set_load(Some(0.5));
+    b.set_load(Some(0.5));
+    keda.until(metrics("waiting_per_server"), |a| value(a) == Some(0.0));
+    assert_eq!(
+        keda.call(is_active.clone())["active"],
+        true,
+        "requests still run"
+    );
+
+    // Idle: the stream says active, then, after `scale_to_zero_after`, inactive.
+    a.set_load(Some(0.0));
+    b.set_load(Some(0.0));
+    let stream = keda.call(
+        json!({"call": "StreamIsActive", "metadata": trigger("capacity"),
+                                  "count": 2, "timeout": 15}),
+    );
+    assert_eq!(stream["stream"], json!([true, false]), "{stream}");
+    assert_eq!(keda.call(is_active.clone())["active"], false);
+
+    // The agent stops reporting: the values are an error, never a 0; the pool, idle when it
+    // went, stays inactive.
+    drop(agent);
+    let stale = keda.until(metrics("waiting_per_server"), |a| a.get("error").is_some());
+    assert_eq!(stale["error"], "UNAVAILABLE", "{stale}");
+    assert!(
+        stale["details"].as_str().unwrap().contains("pool `chat`"),
+        "{stale}"
+    );
+    assert_eq!(keda.call(is_active)["active"], false);
+
+    // Mistakes are told apart.
+    let unknown = keda.call(json!({"call": "GetMetrics", "metadata": {
+        "pool": "nope", "signal": "kv_cache", "target": "1"}}));
+    assert_eq!(unknown["error"], "NOT_FOUND", "{unknown}");
+    let bad = keda.call(json!({"call": "GetMetricSpec", "metadata": {
+        "pool": "chat", "signal": "vibes", "target": "1"}}));
+    assert_eq!(bad["error"], "INVALID_ARGUMENT", "{bad}");
+    let no_target = keda.call(json!({"call": "GetMetricSpec", "metadata": {
+        "pool": "chat", "signal": "kv_cache"}}));
+    assert_eq!(no_target["error"], "INVALID_ARGUMENT", "{no_target}");
+    let optional = keda.call(json!({"call": "StreamMetricSpec", "metadata": trigger("kv_cache")}));
+    assert_eq!(
+        optional["error"], "UNIMPLEMENTED",
+        "KEDA falls back to GetMetricSpec"
+    );
+    let mut stranger = Keda::start(scaler, None);
+    let refused = stranger.call(json!({"call": "IsActive", "metadata": trigger("kv_cache")}));
+    assert_eq!(refused["error"], "UNAUTHENTICATED", "{refused}");
+
+    rt.block_on(running.run_until(std::future::ready(())));
+    let _ = std::fs::remove_dir_all(&dir);
+}

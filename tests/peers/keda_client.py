@@ -1,0 +1,111 @@
+"""Plays KEDA against an external scaler: a grpcio client of externalscaler.ExternalScaler, its
+messages built by the protobuf library from tests/fixtures/keda/externalscaler.proto (compiled
+here with grpc_tools at start), as KEDA's scaler calls it for a ScaledObject's trigger.
+
+    python keda_client.py --address 127.0.0.1:6000
+
+Reads one JSON call per line on stdin and answers one JSON line on stdout:
+    {"call": "GetMetricSpec", "metadata": {"pool": "chat", "signal": "waiting_per_server", "target": "5"}}
+    -> {"specs": [{"name": "...", "target": 5.0}]}
+    {"call": "GetMetrics", "metadata": {...}, "metric_name": "s0-waiting-per-server-pool-chat"}
+    -> {"values": [{"name": "...", "value": 30.0}]}
+    {"call": "IsActive", "metadata": {...}}                  -> {"active": true}
+    {"call": "StreamIsActive", "metadata": {...}, "count": 2, "timeout": 10}
+    -> {"stream": [true, false]}   (the first `count` answers, or those within `timeout` s)
+An error answers {"error": "UNAVAILABLE", "details": "..."}. Prints "ready" first.
+"""
+import argparse
+import importlib
+import json
+import os
+import sys
+import tempfile
+
+import grpc
+from grpc_tools import protoc
+
+PROTO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtures", "keda")
+
+
+def compile_proto():
+    out = tempfile.mkdtemp(prefix="externalscaler-")
+    args = ["protoc", f"-I{PROTO}", f"--python_out={out}", f"--grpc_python_out={out}",
+            "externalscaler.proto"]
+    if protoc.main(args) != 0:
+        sys.exit("cannot compile externalscaler.proto")
+    sys.path.insert(0, out)
+    return (importlib.import_module("externalscaler_pb2"),
+            importlib.import_module("externalscaler_pb2_grpc"))
+
+
+def call(stub, pb, req):
+    ref = pb.ScaledObjectRef(name="vllm-chat", namespace="inference",
+                             scalerMetadata=req.get("metadata", {}))
+    kind = req["call"]
+    if kind == "GetMetricSpec":
+        r = stub.GetMetricSpec(ref, timeout=5)
+        return {"specs": [{"name": s.metricName, "target": s.targetSizeFloat,
+                           "target_int": s.targetSize} for s in r.metricSpecs]}
+    if kind == "GetMetrics":
+        r = stub.GetMetrics(pb.GetMetricsRequest(scaledObjectRef=ref,
+                                                 metricName=req.get("metric_name", "")),
+                            timeout=5)
+        return {"values": [{"name": v.metricName, "value": v.metricValueFloat,
+                            "value_int": v.metricValue} for v in r.metricValues]}
+    if kind == "IsActive":
+        return {"active": stub.IsActive(ref, timeout=5).result}
+    if kind == "StreamIsActive":
+        seen = []
+        try:
+            for r in stub.StreamIsActive(ref, timeout=req.get("timeout", 10)):
+                seen.append(r.result)
+                if len(seen) >= req.get("count", 1):
+                    break
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise
+        return {"stream": seen}
+    if kind == "StreamMetricSpec":
+        return {"specs": [[s.metricName for s in r.metricSpecs]
+                          for r in stub.StreamMetricSpec(ref, timeout=5)]}
+    return {"error": "BAD_CALL", "details": kind}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--address", required=True)
+    parser.add_argument("--token")
+    args = parser.parse_args()
+    pb, pb_grpc = compile_proto()
+    channel = grpc.insecure_channel(args.address)
+    if args.token:
+        channel = grpc.intercept_channel(channel, BearerInterceptor(args.token))
+    stub = pb_grpc.ExternalScalerStub(channel)
+    print("ready", flush=True)
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        try:
+            out = call(stub, pb, json.loads(line))
+        except grpc.RpcError as e:
+            out = {"error": e.code().name, "details": e.details()}
+        print(json.dumps(out), flush=True)
+
+
+class BearerInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    def __init__(self, token):
+        self.header = ("authorization", f"Bearer {token}")
+
+    def _with_token(self, details):
+        metadata = list(details.metadata or []) + [self.header]
+        return details._replace(metadata=metadata)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._with_token(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._with_token(details), request)
+
+
+if __name__ == "__main__":
+    main()
