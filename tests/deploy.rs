@@ -258,9 +258,13 @@ fn validate_pipeline(name: &str, text: &str) {
 
 #[test]
 fn the_pipelines_in_the_manifests_validate() {
-    for role in ["agent", "gateway"] {
-        let (text, _) = pipeline(&format!("deploy/kubernetes/{role}.yaml"));
-        validate_pipeline(role, &text);
+    for path in [
+        "deploy/kubernetes/agent.yaml",
+        "deploy/kubernetes/gateway.yaml",
+        "deploy/examples/llamacpp-inference-pool.yaml",
+    ] {
+        let (text, _) = pipeline(path);
+        validate_pipeline(path.rsplit('/').next().unwrap(), &text);
     }
 }
 
@@ -424,9 +428,14 @@ fn the_manifests_and_the_chart_pass_the_kubernetes_schemas() {
             "deploy/kubernetes/rbac.yaml",
             "deploy/kubernetes/agent.yaml",
             "deploy/kubernetes/gateway.yaml",
+            "deploy/examples/llamacpp-inference-pool.yaml",
             file.to_str().unwrap(),
         ],
     );
     let _ = std::fs::remove_file(&file);
-    assert_eq!(out.matches(" passed for resource ").count(), 9 + 8, "{out}");
+    assert_eq!(
+        out.matches(" passed for resource ").count(),
+        9 + 2 + 8,
+        "{out}"
+    );
 }

@@ -17,6 +17,7 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -48,6 +49,8 @@ pub struct KedaScalerConfig {
     pub scale_to_zero_after: Duration,
     /// Servers tracked at most (whoever can push names them).
     pub max_servers: usize,
+    /// `StreamIsActive` streams open at most; more are refused with RESOURCE_EXHAUSTED.
+    pub max_streams: usize,
 }
 
 impl Default for KedaScalerConfig {
@@ -59,6 +62,7 @@ impl Default for KedaScalerConfig {
             stale_after: Duration::from_secs(60),
             scale_to_zero_after: Duration::from_secs(300),
             max_servers: 10_000,
+            max_streams: 1000,
         }
     }
 }
@@ -118,6 +122,7 @@ impl ExporterFactory for KedaScalerFactory {
         }
         let scaler = Arc::new(Scaler {
             state: Mutex::new(State::default()),
+            streams: AtomicUsize::new(0),
             token: config.bearer_token.clone().filter(|t| !t.is_empty()),
             config,
         });
@@ -283,6 +288,30 @@ struct Scaler {
     config: KedaScalerConfig,
     token: Option<String>,
     state: Mutex<State>,
+    /// `StreamIsActive` streams open now.
+    streams: AtomicUsize,
+}
+
+/// One open stream's place among `max_streams`, given back when the stream is dropped.
+struct StreamSlot(Arc<Scaler>);
+
+impl StreamSlot {
+    fn take(scaler: Arc<Scaler>) -> Result<Self, Status> {
+        let open = scaler.streams.fetch_add(1, Ordering::Relaxed);
+        if open >= scaler.config.max_streams {
+            scaler.streams.fetch_sub(1, Ordering::Relaxed);
+            return Err(Status::resource_exhausted(format!(
+                "{open} StreamIsActive streams are open (max_streams)"
+            )));
+        }
+        Ok(Self(scaler))
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.streams.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Replicas of one scheduler (SGLang's tensor-parallel ranks) report the same gauges: the
@@ -610,20 +639,21 @@ impl Scaler {
         Box::pin(async move {
             self.authorize(&r)?;
             let t = Trigger::parse(&r.get_ref().scaler_metadata)?;
+            let slot = StreamSlot::take(self)?;
             let stream = futures_util::stream::unfold(
-                (self, t.by, None::<bool>, false),
-                |(scaler, by, last, done)| async move {
+                (slot, t.by, None::<bool>, false),
+                |(slot, by, last, done)| async move {
                     if done {
                         return None;
                     }
                     loop {
-                        match scaler.is_active(&by, Instant::now()) {
+                        match slot.0.is_active(&by, Instant::now()) {
                             Ok(now) if Some(now) != last => {
                                 let item = Ok(IsActiveResponse { result: now });
-                                return Some((item, (scaler, by, Some(now), false)));
+                                return Some((item, (slot, by, Some(now), false)));
                             }
                             Ok(_) => tokio::time::sleep(Duration::from_secs(1)).await,
-                            Err(e) => return Some((Err(e), (scaler, by, last, true))),
+                            Err(e) => return Some((Err(e), (slot, by, last, true))),
                         }
                     }
                 },
@@ -775,6 +805,7 @@ mod tests {
             },
             token: None,
             state: Mutex::new(State::default()),
+            streams: AtomicUsize::new(0),
         }
     }
 

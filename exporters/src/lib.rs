@@ -2,10 +2,12 @@
 
 pub mod debug;
 pub mod keda_scaler;
+pub mod model_server_protocol;
 pub mod otlp;
 pub mod prometheus;
 
 pub use debug::DebugExporterFactory;
 pub use keda_scaler::KedaScalerFactory;
+pub use model_server_protocol::ModelServerProtocolFactory;
 pub use otlp::OtlpExporterFactory;
 pub use prometheus::PrometheusExporterFactory;

@@ -259,3 +259,56 @@ service:
     rt.block_on(running.run_until(std::future::ready(())));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// KEDA opens one `StreamIsActive` per ScaledObject: a thousand held open at once cost
+/// bounded memory, and one past `max_streams` is refused rather than piled on.
+#[test]
+fn a_thousand_streams_hold_bounded_memory_and_one_more_is_refused() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let engine = rt
+        .block_on(sim::start(EngineKind::VllmV1, "127.0.0.1:0"))
+        .unwrap();
+    let scaler = free_port();
+    let yaml = format!(
+        r#"
+receivers:
+  vllm: {{ targets: ["{}"], interval: 200ms, pool: chat }}
+processors:
+  genai_normalize: {{}}
+exporters:
+  keda_scaler: {{ endpoint: "127.0.0.1:{scaler}", max_streams: 1000 }}
+service:
+  telemetry: {{ endpoint: null }}
+  pipelines:
+    metrics: {{ receivers: [vllm], processors: [genai_normalize], exporters: [keda_scaler] }}
+"#,
+        engine.metrics_url()
+    );
+    let comps = components(&Capture::new());
+    let cfg = config::load(&[Source::new("gateway.yaml", yaml)], &comps).unwrap();
+    let running =
+        rt.block_on(async { Service::build(cfg, &comps).unwrap().start().await.unwrap() });
+    let mut keda = Keda::start(scaler, None);
+    let is_active = json!({"call": "IsActive", "metadata": trigger("kv_cache")});
+    keda.until(is_active, |a| a["active"] == true);
+    let rss = || genai_collector_testkit::status_kb(std::process::id(), "VmRSS");
+    let before = rss();
+    let opened = keda.call(
+        json!({"call": "OpenStreams", "metadata": trigger("kv_cache"),
+                                  "count": 1001}),
+    );
+    let during = rss();
+    assert_eq!(opened["open"], 1000, "{opened}");
+    assert_eq!(opened["errors"]["RESOURCE_EXHAUSTED"], 1, "{opened}");
+    let grown_mb = during.saturating_sub(before) as f64 / 1024.0;
+    println!("1000 open StreamIsActive streams: +{grown_mb:.1} MB resident");
+    assert!(grown_mb < 64.0, "+{grown_mb:.1} MB for 1000 streams");
+    // Closed streams give their places back.
+    assert_eq!(keda.call(json!({"call": "CloseStreams"}))["closed"], 1000);
+    let again = keda.until(
+        json!({"call": "OpenStreams", "metadata": trigger("kv_cache"), "count": 10}),
+        |a| a["open"] == 10,
+    );
+    assert_eq!(again["errors"], json!({}));
+    rt.block_on(running.run_until(std::future::ready(())));
+}

@@ -12,6 +12,8 @@ Reads one JSON call per line on stdin and answers one JSON line on stdout:
     {"call": "IsActive", "metadata": {...}}                  -> {"active": true}
     {"call": "StreamIsActive", "metadata": {...}, "count": 2, "timeout": 10}
     -> {"stream": [true, false]}   (the first `count` answers, or those within `timeout` s)
+    {"call": "OpenStreams", "metadata": {...}, "count": 1000}  -> {"open": 1000, "errors": {}}
+    {"call": "CloseStreams"}                                   -> {"closed": 1000}
 An error answers {"error": "UNAVAILABLE", "details": "..."}. Prints "ready" first.
 """
 import argparse
@@ -65,18 +67,52 @@ def call(stub, pb, req):
             if e.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise
         return {"stream": seen}
+    if kind == "OpenStreams":
+        # `count` StreamIsActive streams held open at once (100 per connection, as many
+        # KEDA operators would), each read to its first answer; `close` ends them all.
+        opened = []
+        ok, errors = 0, {}
+        for i in range(req["count"]):
+            if i % 100 == 0:
+                channel = grpc.insecure_channel(ADDRESS)
+                if TOKEN:
+                    channel = grpc.intercept_channel(channel, BearerInterceptor(TOKEN))
+                extra = pb_grpc_module.ExternalScalerStub(channel)
+            call_ = extra.StreamIsActive(ref, timeout=60)
+            try:
+                next(call_)
+                ok += 1
+                opened.append(call_)
+            except grpc.RpcError as e:
+                errors[e.code().name] = errors.get(e.code().name, 0) + 1
+        HELD.extend(opened)
+        return {"open": ok, "errors": errors}
+    if kind == "CloseStreams":
+        for c in HELD:
+            c.cancel()
+        n = len(HELD)
+        HELD.clear()
+        return {"closed": n}
     if kind == "StreamMetricSpec":
         return {"specs": [[s.metricName for s in r.metricSpecs]
                           for r in stub.StreamMetricSpec(ref, timeout=5)]}
     return {"error": "BAD_CALL", "details": kind}
 
 
+HELD = []
+ADDRESS = None
+TOKEN = None
+pb_grpc_module = None
+
+
 def main():
+    global ADDRESS, TOKEN, pb_grpc_module
     parser = argparse.ArgumentParser()
     parser.add_argument("--address", required=True)
     parser.add_argument("--token")
     args = parser.parse_args()
     pb, pb_grpc = compile_proto()
+    ADDRESS, TOKEN, pb_grpc_module = args.address, args.token, pb_grpc
     channel = grpc.insecure_channel(args.address)
     if args.token:
         channel = grpc.intercept_channel(channel, BearerInterceptor(args.token))
