@@ -10,6 +10,8 @@
 //! count; one failure is a blip. A server not heard from for `stale_after` is forgotten, and a
 //! pool with no servers left stops emitting: its series go stale rather than freeze.
 
+mod objectives;
+
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -248,6 +250,8 @@ pub struct PoolAggregate {
     pub ignored_servers: u64,
     /// How many of those the log has told of.
     reported: u64,
+    /// The Inference Extension's per-model series, with its compat switch.
+    objectives: Option<objectives::Objectives>,
 }
 
 /// Point attributes that tell replicas of one scheduler apart: SGLang with
@@ -320,12 +324,15 @@ fn server_key(attrs: &[KeyValue]) -> String {
 
 impl PoolAggregate {
     pub fn new(config: PoolConfig) -> Self {
+        let objectives = (config.compat == Some(Compat::GatewayApiInferenceExtension))
+            .then(|| objectives::Objectives::new(now_unix_nanos()));
         Self {
             config,
             pools: BTreeMap::new(),
             servers: 0,
             ignored_servers: 0,
             reported: 0,
+            objectives,
         }
     }
 
@@ -519,6 +526,9 @@ impl PoolAggregate {
                     "",
                     p(v.ready as f64, name()),
                 ));
+                if let Some(o) = &self.objectives {
+                    m.extend(o.emit(&pool, now_ns));
+                }
             }
             batch.push_resource(
                 vec![
@@ -545,6 +555,11 @@ impl Processor for PoolAggregate {
             let metrics: Vec<&Metric> = rm.scope_metrics.iter().flat_map(|s| &s.metrics).collect();
             let key = server_key(attrs);
             self.observe(pool, &key, &metrics, now);
+            // Within the same cap as the pools: a server they ignore is not counted here.
+            let tracked = self.pools.get(pool).is_some_and(|s| s.contains_key(&key));
+            if let (Some(o), true) = (&mut self.objectives, tracked) {
+                o.observe(pool, &key, &metrics, now);
+            }
         }
     }
 
@@ -561,7 +576,13 @@ impl Processor for PoolAggregate {
             );
             self.reported = self.ignored_servers;
         }
-        self.expire(Instant::now());
+        let now = Instant::now();
+        self.expire(now);
+        if let Some(o) = &mut self.objectives {
+            let pools = &self.pools;
+            let live = |server: &str| pools.values().any(|s| s.contains_key(server));
+            o.expire(&live, now, self.config.stale_after);
+        }
         let batch = self.emit(now_unix_nanos());
         (!batch.is_empty()).then_some(batch)
     }

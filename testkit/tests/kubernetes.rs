@@ -564,6 +564,35 @@ async fn the_shipped_agent_and_gateway_pipelines_end_to_end() {
     let chat_queue = samples(&page, "gen_ai_pool_queue_size_average", &[]);
     assert!(!chat_queue.is_empty(), "pool aggregates in our names too");
 
+    // The Inference Extension's per-model series, derived from the engines' own, under its
+    // names and labels; the request counter counts what the engines added since the gateway
+    // first saw them.
+    let model = r#"model_name="meta-llama/Llama-3.1-8B-Instruct""#;
+    for name in [
+        "inference_objective_request_total",
+        "inference_objective_request_duration_seconds_bucket",
+        "inference_objective_input_tokens_bucket",
+        "inference_objective_output_tokens_bucket",
+        "inference_objective_running_requests",
+    ] {
+        assert!(!samples(&page, name, &[model]).is_empty(), "{name}:\n{page}");
+    }
+    let requests = |page: &str| {
+        samples(page, "inference_objective_request_total", &[model])
+            .iter()
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = reqwest::get(&url).await.unwrap().text().await.unwrap();
+        if requests(&now) > 0.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the objective counter never moved:\n{now}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
     // The agent says how many pods each receiver found; receivers without targets say nothing.
     let own = reqwest::get(format!("http://{}/metrics", local(agent_telemetry)))
         .await
