@@ -25,15 +25,27 @@ struct Keda {
 
 impl Keda {
     fn start(port: u16, token: Option<&str>) -> Keda {
+        Self::start_with(&format!("127.0.0.1:{port}"), token, &[])
+    }
+
+    /// With more of keda_client.py's options: `--ca`, `--cert`, `--key`.
+    fn start_with(
+        address: &str,
+        token: Option<&str>,
+        options: &[(&str, &std::path::Path)],
+    ) -> Keda {
         let mut cmd = Command::new(peers_python());
         cmd.arg(concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/../tests/peers/keda_client.py"
         ))
         .arg("--address")
-        .arg(format!("127.0.0.1:{port}"));
+        .arg(address);
         if let Some(t) = token {
             cmd.arg("--token").arg(t);
+        }
+        for (flag, path) in options {
+            cmd.arg(flag).arg(path);
         }
         let mut child = cmd
             .stdin(Stdio::piped())
@@ -311,4 +323,60 @@ service:
     );
     assert_eq!(again["errors"], json!({}));
     rt.block_on(running.run_until(std::future::ready(())));
+}
+
+/// KEDA's TriggerAuthentication gives the scaler a CA, a client certificate and its key: the
+/// scaler's endpoint with `tls.client_ca_file` answers such a client and refuses one without
+/// a certificate.
+#[test]
+fn keda_reaches_the_scaler_over_mutual_tls() {
+    common::install_tls_provider();
+    let c = common::certificates("keda-tls");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let scaler = free_port();
+    let yaml = format!(
+        r#"
+receivers:
+  generator: {{ batches: 0, points: 1, interval: 1s }}
+exporters:
+  keda_scaler:
+    endpoint: "127.0.0.1:{scaler}"
+    tls: {{ cert_file: "{}", key_file: "{}", client_ca_file: "{}" }}
+service:
+  telemetry: {{ endpoint: null }}
+  pipelines:
+    metrics: {{ receivers: [generator], exporters: [keda_scaler] }}
+"#,
+        c.server_cert.display(),
+        c.server_key.display(),
+        c.ca.display()
+    );
+    let comps = components(&Capture::new());
+    let cfg = config::load(&[Source::new("tls.yaml", yaml)], &comps).unwrap();
+    let running =
+        rt.block_on(async { Service::build(cfg, &comps).unwrap().start().await.unwrap() });
+    let address = format!("localhost:{scaler}");
+    let call = json!({"call": "IsActive", "metadata": trigger("kv_cache")});
+    let mut keda = Keda::start_with(
+        &address,
+        None,
+        &[
+            ("--ca", &c.ca),
+            ("--cert", &c.client_cert),
+            ("--key", &c.client_key),
+        ],
+    );
+    let answer = keda.call(call.clone());
+    assert_eq!(
+        answer["error"], "NOT_FOUND",
+        "through TLS, an answer: {answer}"
+    );
+    let mut anonymous = Keda::start_with(&address, None, &[("--ca", &c.ca)]);
+    let refused = anonymous.call(call);
+    assert_eq!(
+        refused["error"], "UNAVAILABLE",
+        "no client certificate: {refused}"
+    );
+    rt.block_on(running.run_until(std::future::ready(())));
+    let _ = std::fs::remove_dir_all(&c.dir);
 }

@@ -575,7 +575,10 @@ async fn the_shipped_agent_and_gateway_pipelines_end_to_end() {
         "inference_objective_output_tokens_bucket",
         "inference_objective_running_requests",
     ] {
-        assert!(!samples(&page, name, &[model]).is_empty(), "{name}:\n{page}");
+        assert!(
+            !samples(&page, name, &[model]).is_empty(),
+            "{name}:\n{page}"
+        );
     }
     let requests = |page: &str| {
         samples(page, "inference_objective_request_total", &[model])
@@ -589,7 +592,10 @@ async fn the_shipped_agent_and_gateway_pipelines_end_to_end() {
         if requests(&now) > 0.0 {
             break;
         }
-        assert!(Instant::now() < deadline, "the objective counter never moved:\n{now}");
+        assert!(
+            Instant::now() < deadline,
+            "the objective counter never moved:\n{now}"
+        );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
 

@@ -2,7 +2,7 @@
 messages built by the protobuf library from tests/fixtures/keda/externalscaler.proto (compiled
 here with grpc_tools at start), as KEDA's scaler calls it for a ScaledObject's trigger.
 
-    python keda_client.py --address 127.0.0.1:6000
+    python keda_client.py --address 127.0.0.1:6000 [--token T] [--ca ca.pem [--cert c.pem --key k.pem]]
 
 Reads one JSON call per line on stdin and answers one JSON line on stdout:
     {"call": "GetMetricSpec", "metadata": {"pool": "chat", "signal": "waiting_per_server", "target": "5"}}
@@ -74,10 +74,7 @@ def call(stub, pb, req):
         ok, errors = 0, {}
         for i in range(req["count"]):
             if i % 100 == 0:
-                channel = grpc.insecure_channel(ADDRESS)
-                if TOKEN:
-                    channel = grpc.intercept_channel(channel, BearerInterceptor(TOKEN))
-                extra = pb_grpc_module.ExternalScalerStub(channel)
+                extra = pb_grpc_module.ExternalScalerStub(make_channel(ARGS))
             call_ = extra.StreamIsActive(ref, timeout=60)
             try:
                 next(call_)
@@ -100,23 +97,35 @@ def call(stub, pb, req):
 
 
 HELD = []
-ADDRESS = None
-TOKEN = None
+ARGS = None
 pb_grpc_module = None
 
 
+def make_channel(args):
+    """Plaintext, or TLS with KEDA's caCert (and tlsClientCert/tlsClientKey for mutual TLS)."""
+    if args.ca:
+        read = lambda path: open(path, "rb").read() if path else None
+        creds = grpc.ssl_channel_credentials(read(args.ca), read(args.key), read(args.cert))
+        channel = grpc.secure_channel(args.address, creds)
+    else:
+        channel = grpc.insecure_channel(args.address)
+    if args.token:
+        channel = grpc.intercept_channel(channel, BearerInterceptor(args.token))
+    return channel
+
+
 def main():
-    global ADDRESS, TOKEN, pb_grpc_module
+    global ARGS, pb_grpc_module
     parser = argparse.ArgumentParser()
     parser.add_argument("--address", required=True)
     parser.add_argument("--token")
+    parser.add_argument("--ca")
+    parser.add_argument("--cert")
+    parser.add_argument("--key")
     args = parser.parse_args()
     pb, pb_grpc = compile_proto()
-    ADDRESS, TOKEN, pb_grpc_module = args.address, args.token, pb_grpc
-    channel = grpc.insecure_channel(args.address)
-    if args.token:
-        channel = grpc.intercept_channel(channel, BearerInterceptor(args.token))
-    stub = pb_grpc.ExternalScalerStub(channel)
+    ARGS, pb_grpc_module = args, pb_grpc
+    stub = pb_grpc.ExternalScalerStub(make_channel(args))
     print("ready", flush=True)
     for line in sys.stdin:
         if not line.strip():

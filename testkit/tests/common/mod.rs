@@ -174,6 +174,11 @@ pub fn certificates(name: &str) -> Certs {
     std::fs::create_dir_all(&dir).unwrap();
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    // A name of its own: OpenSSL-based clients (grpcio) take a leaf whose issuer equals its
+    // subject (rcgen's default name on both) for a self-signed certificate.
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "genai-collector test CA");
     let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
     let leaf = |names: Vec<String>| {
         let key = KeyPair::generate().unwrap();
