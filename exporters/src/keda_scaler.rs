@@ -103,11 +103,7 @@ impl ExporterFactory for KedaScalerFactory {
         config: KedaScalerConfig,
         _: &BuildContext,
     ) -> Result<Box<dyn Exporter>, ComponentError> {
-        // Bind now, so a taken port fails the start rather than KEDA's first call.
-        let listener = std::net::TcpListener::bind(&config.endpoint).map_err(|e| {
-            ComponentError::Config(format!("cannot listen on `{}`: {e}", config.endpoint))
-        })?;
-        listener.set_nonblocking(true)?;
+        let listener = crate::endpoint::bind(&config.endpoint)?;
         let mut server = tonic::transport::Server::builder();
         if let Some(tls) = &config.tls {
             let pems = tls.read().map_err(ComponentError::Config)?;

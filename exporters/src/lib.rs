@@ -1,6 +1,7 @@
 //! Exporters: one module per kind, each with its config, factory and tests.
 
 pub mod debug;
+mod endpoint;
 pub mod keda_scaler;
 pub mod model_server_protocol;
 pub mod otlp;

@@ -25,7 +25,7 @@ use axum::routing::get;
 use axum::Router;
 use genai_collector_core::config::duration;
 use genai_collector_core::model::{metric, number_value, AttributesExt, Batch};
-use genai_collector_core::tls::{self, TlsServerConfig};
+use genai_collector_core::tls::TlsServerConfig;
 use genai_collector_core::{
     async_trait, BuildContext, CancellationToken, ComponentConfig, ComponentError, ExportError,
     Exporter, ExporterFactory, ValidationError,
@@ -85,36 +85,18 @@ impl ExporterFactory for ModelServerProtocolFactory {
         config: ModelServerProtocolConfig,
         _: &BuildContext,
     ) -> Result<Box<dyn Exporter>, ComponentError> {
-        let listener = std::net::TcpListener::bind(&config.endpoint).map_err(|e| {
-            ComponentError::Config(format!("cannot listen on `{}`: {e}", config.endpoint))
-        })?;
-        listener.set_nonblocking(true)?;
-        let tls = config
-            .tls
-            .as_ref()
-            .map(TlsServerConfig::server_config)
-            .transpose()
-            .map_err(ComponentError::Config)?;
+        let listener = crate::endpoint::bind(&config.endpoint)?;
         let shared = Arc::new(Shared {
             latest: Mutex::new(None),
             token: config.bearer_token.clone().filter(|t| !t.is_empty()),
             stale_after: config.stale_after,
         });
         let stop = CancellationToken::new();
-        let (state, server) = (shared.clone(), stop.clone());
-        let addr = listener.local_addr()?;
-        tokio::spawn(async move {
-            let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
-                return;
-            };
-            let app = Router::new()
-                .route("/metrics", get(serve))
-                .with_state(state);
-            if let Err(e) = tls::serve(listener, app, tls, server).await {
-                tracing::error!(error = %e, "model_server_protocol endpoint stopped");
-            }
-        });
-        tracing::info!(%addr, "model_server_protocol listening");
+        let app = Router::new()
+            .route("/metrics", get(serve))
+            .with_state(shared.clone());
+        let tls = config.tls.as_ref();
+        crate::endpoint::spawn_http(listener, app, tls, stop.clone(), "model_server_protocol")?;
         Ok(Box::new(ModelServerProtocol { shared, stop }))
     }
 }

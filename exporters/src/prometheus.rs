@@ -26,7 +26,7 @@ use genai_collector_core::model::{
     WHOLE_FLOATS_WITH_DOT_ZERO,
 };
 use genai_collector_core::telemetry::Telemetry;
-use genai_collector_core::tls::{self, TlsServerConfig};
+use genai_collector_core::tls::TlsServerConfig;
 use genai_collector_core::{
     async_trait, Batch, BuildContext, CancellationToken, ComponentConfig, ComponentError,
     ExportError, Exporter, ExporterFactory, ValidationError,
@@ -103,17 +103,8 @@ impl ExporterFactory for PrometheusExporterFactory {
         config: PrometheusConfig,
         ctx: &BuildContext,
     ) -> Result<Box<dyn Exporter>, ComponentError> {
-        // Bind now, so a taken port fails the start rather than the first scrape.
-        let listener = std::net::TcpListener::bind(&config.endpoint).map_err(|e| {
-            ComponentError::Config(format!("cannot listen on `{}`: {e}", config.endpoint))
-        })?;
-        listener.set_nonblocking(true)?;
-        let tls = config
-            .tls
-            .as_ref()
-            .map(TlsServerConfig::server_config)
-            .transpose()
-            .map_err(ComponentError::Config)?;
+        let listener = crate::endpoint::bind(&config.endpoint)?;
+        let addr = listener.local_addr()?;
         let store = Arc::new(Mutex::new(Store::new(
             config.expire_after,
             config.max_series,
@@ -124,20 +115,16 @@ impl ExporterFactory for PrometheusExporterFactory {
             telemetry: config.self_metrics.then(|| ctx.telemetry.clone()),
         };
         let stop = CancellationToken::new();
-        let addr = listener.local_addr()?;
-        let server = stop.clone();
-        tokio::spawn(async move {
-            let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
-                return;
-            };
-            let app = Router::new()
-                .route("/metrics", get(serve))
-                .with_state(shared);
-            if let Err(e) = tls::serve(listener, app, tls, server).await {
-                tracing::error!(error = %e, "prometheus exporter endpoint stopped");
-            }
-        });
-        tracing::info!(%addr, "prometheus exporter listening");
+        let app = Router::new()
+            .route("/metrics", get(serve))
+            .with_state(shared);
+        crate::endpoint::spawn_http(
+            listener,
+            app,
+            config.tls.as_ref(),
+            stop.clone(),
+            "prometheus",
+        )?;
         Ok(Box::new(PrometheusExporter {
             config,
             store,

@@ -5,22 +5,15 @@
 //! token must equal what the counters in the same output give by hand; with another process on
 //! GPU 0, its share by the driver's per-process SM utilisation.
 
+mod common;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use genai_collector_testkit::{fake_nvml, free_port};
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// One line of the `debug` exporter at `detailed`: time, name, point attributes, value.
 struct Line {
@@ -98,7 +91,7 @@ fn engine_on_gpu0(stranger: Option<u32>) {
     BufReader::new(sim.stdout.take().unwrap())
         .read_line(&mut url)
         .unwrap();
-    let sim = Killed(sim);
+    let sim = common::Killed(sim);
     let config = dir.join("collector.yaml");
     std::fs::write(
         &config,
@@ -142,7 +135,7 @@ service:
         .spawn()
         .unwrap();
     let out = collector.stdout.take().unwrap();
-    let _collector = Killed(collector);
+    let _collector = common::Killed(collector);
     let lines = Arc::new(Mutex::new(Vec::<String>::new()));
     let sink = lines.clone();
     std::thread::spawn(move || {

@@ -95,15 +95,6 @@ impl Drop for Keda {
     }
 }
 
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn trigger(signal: &str) -> Value {
     json!({"pool": "chat", "signal": signal, "target": "5"})
 }
@@ -169,7 +160,7 @@ service:
         ),
     )
     .unwrap();
-    let agent = Killed(
+    let agent = common::Killed(
         Command::new(env!("CARGO_BIN_EXE_testkit-collector"))
             .arg("-c")
             .arg(&agent_yaml)

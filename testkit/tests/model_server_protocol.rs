@@ -48,6 +48,7 @@ async fn page(port: u16) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tgi_llamacpp_and_vllm_pods_speak_the_endpoint_pickers_protocol() {
+    common::install_tls_provider();
     let tgi = sim::start(EngineKind::Tgi, "127.0.0.1:0").await.unwrap();
     let llama = sim::start(EngineKind::LlamaCpp, "127.0.0.1:0")
         .await

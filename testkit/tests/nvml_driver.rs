@@ -5,10 +5,12 @@
 //! `degraded` in `hw.status`, and a critical XID error the driver reports as an event is counted
 //! and degrades its GPU.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use genai_collector_testkit::free_port;
@@ -48,15 +50,6 @@ fn value(page: &str, name: &str, want: &[&str]) -> f64 {
     found[0]
 }
 
-struct Collector(Child);
-
-impl Drop for Collector {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn the_binary_reads_a_driver_through_nvml() {
     let dir = std::env::temp_dir().join(format!("genai-nvml-driver-{}", std::process::id()));
@@ -74,7 +67,7 @@ fn the_binary_reads_a_driver_through_nvml() {
         ),
     )
     .unwrap();
-    let _collector = Collector(
+    let _collector = common::Killed(
         Command::new(env!("CARGO_BIN_EXE_testkit-collector"))
             .arg("-c")
             .arg(&config)

@@ -1,6 +1,6 @@
 """The kubelet's pod-resources API on a unix socket, as a device monitoring agent sees it: grpcio
 serving v1.PodResourcesLister/List, messages built by the protobuf library from
-tests/fixtures/kubelet/podresources-v1.proto (compiled here with grpc_tools at start).
+tests/fixtures/kubelet/podresources-v1.proto (compiled at start by grpc_proto.py).
 
     python fake_kubelet.py --socket /tmp/x/kubelet.sock --allocations pods.json
 
@@ -11,30 +11,14 @@ pods.json, re-read on every List so a test can move devices between pods:
 Prints "ready" once serving. Stops on SIGTERM or SIGINT.
 """
 import argparse
-import importlib
 import json
-import os
 import signal
 import sys
-import tempfile
 import threading
 from concurrent import futures
 
 import grpc
-from grpc_tools import protoc
-
-PROTO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtures", "kubelet")
-
-
-def compile_proto():
-    out = tempfile.mkdtemp(prefix="podresources-")
-    args = ["protoc", f"-I{PROTO}", f"--python_out={out}", f"--grpc_python_out={out}",
-            "podresources-v1.proto"]
-    if protoc.main(args) != 0:
-        sys.exit("cannot compile podresources-v1.proto")
-    sys.path.insert(0, out)
-    return (importlib.import_module("podresources_v1_pb2"),
-            importlib.import_module("podresources_v1_pb2_grpc"))
+from grpc_proto import compile_proto
 
 
 def main():
@@ -42,7 +26,7 @@ def main():
     parser.add_argument("--socket", required=True)
     parser.add_argument("--allocations", required=True)
     args = parser.parse_args()
-    pb, pb_grpc = compile_proto()
+    pb, pb_grpc = compile_proto("kubelet", "podresources-v1.proto")
 
     class Lister(pb_grpc.PodResourcesListerServicer):
         def List(self, request, context):

@@ -1,6 +1,6 @@
 """Plays KEDA against an external scaler: a grpcio client of externalscaler.ExternalScaler, its
 messages built by the protobuf library from tests/fixtures/keda/externalscaler.proto (compiled
-here with grpc_tools at start), as KEDA's scaler calls it for a ScaledObject's trigger.
+at start by grpc_proto.py), as KEDA's scaler calls it for a ScaledObject's trigger.
 
     python keda_client.py --address 127.0.0.1:6000 [--token T] [--ca ca.pem [--cert c.pem --key k.pem]]
 
@@ -17,27 +17,11 @@ Reads one JSON call per line on stdin and answers one JSON line on stdout:
 An error answers {"error": "UNAVAILABLE", "details": "..."}. Prints "ready" first.
 """
 import argparse
-import importlib
 import json
-import os
 import sys
-import tempfile
 
 import grpc
-from grpc_tools import protoc
-
-PROTO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtures", "keda")
-
-
-def compile_proto():
-    out = tempfile.mkdtemp(prefix="externalscaler-")
-    args = ["protoc", f"-I{PROTO}", f"--python_out={out}", f"--grpc_python_out={out}",
-            "externalscaler.proto"]
-    if protoc.main(args) != 0:
-        sys.exit("cannot compile externalscaler.proto")
-    sys.path.insert(0, out)
-    return (importlib.import_module("externalscaler_pb2"),
-            importlib.import_module("externalscaler_pb2_grpc"))
+from grpc_proto import compile_proto
 
 
 def call(stub, pb, req):
@@ -123,7 +107,7 @@ def main():
     parser.add_argument("--cert")
     parser.add_argument("--key")
     args = parser.parse_args()
-    pb, pb_grpc = compile_proto()
+    pb, pb_grpc = compile_proto("keda", "externalscaler.proto")
     ARGS, pb_grpc_module = args, pb_grpc
     stub = pb_grpc.ExternalScalerStub(make_channel(args))
     print("ready", flush=True)

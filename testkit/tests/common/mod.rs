@@ -472,3 +472,13 @@ impl Drop for Kubelet {
         let _ = self.0.wait();
     }
 }
+
+/// A child process killed (and reaped) when the test is done with it, passing or not.
+pub struct Killed(pub std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
