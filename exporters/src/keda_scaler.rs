@@ -434,6 +434,12 @@ impl Scaler {
                 selections.push(("pool", p.clone()));
             }
             for sel in selections {
+                // Bounded like the servers: names pushed by anyone cannot grow it without end.
+                if !state.activity.contains_key(&sel)
+                    && state.activity.len() >= 4 * self.config.max_servers
+                {
+                    continue;
+                }
                 let a = state.activity.entry(sel).or_insert(Activity {
                     reported: now,
                     busy: now,

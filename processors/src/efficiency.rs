@@ -35,7 +35,7 @@ use genai_collector_core::{
     BuildContext, ComponentConfig, ComponentError, Processor, ProcessorFactory, ValidationError,
 };
 use serde::Deserialize;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// A GPU named by index (`0`) or UUID (`GPU-…`).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -463,18 +463,27 @@ impl Efficiency {
     fn evaluate(&mut self, key: &str, resource: &[KeyValue], tokens: Option<(f64, f64)>, now: u64) {
         let skip = self.try_evaluate(key, resource, tokens, now).err();
         let engine = self.engines.get_mut(key).expect("observed before");
+        // An engine without GPUs or token counters is a normal case (no driver here, Ollama):
+        // said at debug level; a window lost to a reset or a shared GPU is a warning.
+        let counted = skip.filter(|s| !matches!(s, Skip::NoGpus | Skip::NoTokens));
         if skip != engine.skip {
-            match skip {
-                Some(s) => warn!(
+            match (skip, counted) {
+                (Some(s), Some(_)) => warn!(
                     engine = key,
                     reason = s.as_str(),
                     "efficiency: interval skipped"
                 ),
-                None => info!(engine = key, "efficiency: figures again"),
+                (Some(s), None) => {
+                    debug!(engine = key, reason = s.as_str(), "efficiency: no figures")
+                }
+                (None, _) if engine.skip.is_some() => {
+                    info!(engine = key, "efficiency: figures again")
+                }
+                (None, _) => {}
             }
             engine.skip = skip;
         }
-        if skip.is_some_and(|s| s != Skip::NoGpus && s != Skip::NoTokens) {
+        if counted.is_some() {
             if let Some(stats) = &self.stats {
                 stats.add_skipped_intervals(1);
             }
