@@ -49,6 +49,7 @@ impl Builtin for Components {
             .with_processor(genai_collector_processors::EfficiencyFactory)
             .with_exporter(genai_collector_exporters::DebugExporterFactory)
             .with_exporter(genai_collector_exporters::KedaScalerFactory)
+            .with_exporter(genai_collector_exporters::LoadBalancingFactory)
             .with_exporter(genai_collector_exporters::ModelServerProtocolFactory)
             .with_exporter(genai_collector_exporters::PrometheusExporterFactory)
             .with_exporter(genai_collector_exporters::OtlpExporterFactory)

@@ -1,0 +1,354 @@
+//! `loadbalancing`: sends each resource's points to one of several OTLP backends (gateway
+//! replicas), chosen by a routing key (default `gen_ai.pool.name`), so that every pool's
+//! servers reach the same gateway and its `pool_aggregate` sees the whole pool.
+//!
+//! The choice is rendezvous hashing (highest random weight) of the key over the backends, with
+//! a hash that is the same in every agent (FNV-1a): adding or removing one of N backends moves
+//! only the keys that belong to it, about 1/N. Backends come from a static list or from DNS (a
+//! headless Service), re-resolved on an interval. Resources without the key go to the backend
+//! of the empty key: one stable default.
+//!
+//! A batch is split by backend and sent to all of them at once; if any fails, the whole batch
+//! is retried (the runtime's queue and retry), so a backend that succeeded gets those points
+//! again: cumulative points sent twice change nothing at a gateway (the latest value wins).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use genai_collector_core::config::duration;
+use genai_collector_core::model::{AttributesExt, Batch};
+use genai_collector_core::{
+    async_trait, BuildContext, CancellationToken, ComponentConfig, ComponentError, ExportError,
+    Exporter, ExporterFactory, ValidationError,
+};
+use serde::Deserialize;
+
+use crate::otlp::{OtlpExporterConfig, OtlpExporterFactory};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoadBalancingConfig {
+    /// The resource attribute whose value picks the backend.
+    #[serde(default = "pool_key")]
+    pub routing_key: String,
+    pub protocol: ProtocolConfig,
+    pub resolver: ResolverConfig,
+}
+
+fn pool_key() -> String {
+    "gen_ai.pool.name".into()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProtocolConfig {
+    /// The `otlp` exporter's settings but `endpoint`, which each backend gives.
+    pub otlp: serde_json::Map<String, serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResolverConfig {
+    #[serde(rename = "static")]
+    pub static_list: Option<StaticResolver>,
+    pub dns: Option<DnsResolver>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StaticResolver {
+    /// `host:port`, or a whole URL (`https://gateway-0:4317`).
+    pub hostnames: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsResolver {
+    /// A name with one address per backend (a headless Service).
+    pub hostname: String,
+    #[serde(default = "otlp_port")]
+    pub port: u16,
+    #[serde(default = "thirty_seconds", with = "duration")]
+    pub interval: Duration,
+}
+
+fn otlp_port() -> u16 {
+    4317
+}
+
+fn thirty_seconds() -> Duration {
+    Duration::from_secs(30)
+}
+
+impl LoadBalancingConfig {
+    /// The `otlp` exporter's config for one backend.
+    fn backend(&self, endpoint: &str) -> Result<OtlpExporterConfig, String> {
+        let mut otlp = self.protocol.otlp.clone();
+        if otlp.contains_key("endpoint") {
+            return Err("protocol.otlp: `endpoint` comes from the resolver".into());
+        }
+        otlp.insert("endpoint".into(), endpoint.into());
+        serde_json::from_value(serde_json::Value::Object(otlp))
+            .map_err(|e| format!("protocol.otlp: {e}"))
+    }
+
+    /// The https scheme when the backends' settings ask for TLS.
+    fn url(&self, host_port: &str) -> String {
+        if host_port.contains("://") {
+            return host_port.to_owned();
+        }
+        let tls = self.protocol.otlp.contains_key("tls");
+        format!("{}://{host_port}", if tls { "https" } else { "http" })
+    }
+}
+
+impl ComponentConfig for LoadBalancingConfig {
+    fn validate(&self) -> Result<(), ValidationError> {
+        let probe = self
+            .backend("http://localhost:4317")
+            .map_err(|e| ValidationError::field("protocol", e))?;
+        probe.validate()?;
+        match (&self.resolver.static_list, &self.resolver.dns) {
+            (Some(s), None) if !s.hostnames.is_empty() => Ok(()),
+            (None, Some(d)) if !d.hostname.is_empty() && !d.interval.is_zero() => Ok(()),
+            _ => Err(ValidationError::field(
+                "resolver",
+                "one of `static: {hostnames: [...]}` and `dns: {hostname: ...}`",
+            )),
+        }
+    }
+}
+
+/// FNV-1a, 64 bits: the same in every agent and every build, unlike std's hasher.
+fn fnv1a(parts: &[&str]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in parts {
+        for b in part.bytes().chain([0xff]) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    h
+}
+
+/// The backend (index into `backends`) that `key` goes to: the one of highest weight.
+pub fn pick(key: &str, backends: &[String]) -> Option<usize> {
+    (0..backends.len()).max_by_key(|&i| (fnv1a(&[key, &backends[i]]), std::cmp::Reverse(i)))
+}
+
+type Backends = Vec<(String, Arc<dyn Exporter>)>;
+
+pub struct LoadBalancingFactory;
+
+impl ExporterFactory for LoadBalancingFactory {
+    type Config = LoadBalancingConfig;
+
+    fn kind(&self) -> &'static str {
+        "loadbalancing"
+    }
+
+    fn description(&self) -> &'static str {
+        "routes each pool (a routing key) to one of several OTLP gateways by consistent hashing; static or DNS backends"
+    }
+
+    fn build(
+        &self,
+        config: LoadBalancingConfig,
+        ctx: &BuildContext,
+    ) -> Result<Box<dyn Exporter>, ComponentError> {
+        let shared = Arc::new(Shared {
+            backends: RwLock::new(Vec::new()),
+            config,
+            ctx_id: ctx.id.clone(),
+        });
+        let stop = CancellationToken::new();
+        if let Some(s) = &shared.config.resolver.static_list {
+            let urls: Vec<String> = s.hostnames.iter().map(|h| shared.config.url(h)).collect();
+            shared.update(urls, ctx)?;
+        }
+        if let Some(d) = shared.config.resolver.dns.clone() {
+            let (shared, stop, ctx) = (
+                shared.clone(),
+                stop.clone(),
+                BuildContext {
+                    id: ctx.id.clone(),
+                    pipeline: ctx.pipeline.clone(),
+                    telemetry: ctx.telemetry.clone(),
+                },
+            );
+            tokio::spawn(async move {
+                loop {
+                    let target = format!("{}:{}", d.hostname, d.port);
+                    match tokio::net::lookup_host(&target).await {
+                        Ok(addrs) => {
+                            let mut urls: Vec<String> =
+                                addrs.map(|a| shared.config.url(&a.to_string())).collect();
+                            urls.sort();
+                            urls.dedup();
+                            if let Err(e) = shared.update(urls, &ctx) {
+                                tracing::warn!(exporter = %shared.ctx_id, error = %e, "loadbalancing: backends not updated");
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(exporter = %shared.ctx_id, %target, error = %e, "loadbalancing: cannot resolve; keeping the backends");
+                        }
+                    }
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = tokio::time::sleep(d.interval) => {}
+                    }
+                }
+            });
+        }
+        Ok(Box::new(LoadBalancing { shared, stop }))
+    }
+}
+
+struct Shared {
+    config: LoadBalancingConfig,
+    backends: RwLock<Backends>,
+    ctx_id: genai_collector_core::ComponentId,
+}
+
+impl Shared {
+    /// Makes `urls` the backends: the ones kept keep their connections.
+    fn update(&self, urls: Vec<String>, ctx: &BuildContext) -> Result<(), ComponentError> {
+        let current: Backends = self.backends.read().map(|b| b.clone()).unwrap_or_default();
+        if current.iter().map(|(u, _)| u).eq(urls.iter()) {
+            return Ok(());
+        }
+        let mut next = Vec::with_capacity(urls.len());
+        for url in urls {
+            let exporter = match current.iter().find(|(u, _)| *u == url) {
+                Some((_, e)) => e.clone(),
+                None => {
+                    let config = self.config.backend(&url).map_err(ComponentError::Config)?;
+                    Arc::from(OtlpExporterFactory.build(config, ctx)?)
+                }
+            };
+            next.push((url, exporter));
+        }
+        let shown: Vec<&str> = next.iter().map(|(u, _)| u.as_str()).collect();
+        tracing::info!(exporter = %self.ctx_id, backends = ?shown, "loadbalancing: backends");
+        if let Ok(mut b) = self.backends.write() {
+            *b = next;
+        }
+        Ok(())
+    }
+}
+
+struct LoadBalancing {
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+}
+
+#[async_trait]
+impl Exporter for LoadBalancing {
+    async fn export(&self, batch: &Batch) -> Result<(), ExportError> {
+        let backends: Backends = self
+            .shared
+            .backends
+            .read()
+            .map(|b| b.clone())
+            .unwrap_or_default();
+        if backends.is_empty() {
+            return Err(ExportError::retryable("no backend resolved yet"));
+        }
+        let urls: Vec<String> = backends.iter().map(|(u, _)| u.clone()).collect();
+        let mut parts: BTreeMap<usize, Batch> = BTreeMap::new();
+        let key = self.shared.config.routing_key.as_str();
+        for rm in &batch.resource_metrics {
+            let value = rm
+                .resource
+                .as_ref()
+                .and_then(|r| r.attributes.get_str(key))
+                .unwrap_or("");
+            let Some(i) = pick(value, &urls) else {
+                continue;
+            };
+            parts
+                .entry(i)
+                .or_default()
+                .resource_metrics
+                .push(rm.clone());
+        }
+        let sends = parts.iter().map(|(i, part)| backends[*i].1.export(part));
+        let results = futures_util::future::join_all(sends).await;
+        // Retry the lot if any part may succeed later; a permanent refusal of one part is told
+        // as such only when nothing else can be retried.
+        let mut permanent = None;
+        for r in results {
+            match r {
+                Ok(()) => {}
+                Err(e @ ExportError::Retryable { .. }) => return Err(e),
+                Err(e) => permanent = Some(e),
+            }
+        }
+        permanent.map_or(Ok(()), Err)
+    }
+
+    async fn shutdown(&self) -> Result<(), ExportError> {
+        self.stop.cancel();
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gateways(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("http://gateway-{i}:4317")).collect()
+    }
+
+    #[test]
+    fn removing_or_adding_a_backend_moves_only_its_keys() {
+        let pools: Vec<String> = (0..600).map(|i| format!("pool-{i}")).collect();
+        let three = gateways(3);
+        let before: Vec<usize> = pools.iter().map(|p| pick(p, &three).unwrap()).collect();
+        for g in 0..3 {
+            let n = before.iter().filter(|b| **b == g).count();
+            assert!((150..=250).contains(&n), "gateway {g} holds {n} of 600");
+        }
+        // gateway-1 leaves: only its pools move, to the other two.
+        let two = vec![three[0].clone(), three[2].clone()];
+        for (p, b) in pools.iter().zip(&before) {
+            let now = &two[pick(p, &two).unwrap()];
+            if *b != 1 {
+                assert_eq!(now, &three[*b], "{p} moved without cause");
+            }
+        }
+        // A fourth joins: about a quarter of the pools move to it, and only to it.
+        let four = gateways(4);
+        let moved = pools
+            .iter()
+            .zip(&before)
+            .filter(|(p, b)| four[pick(p, &four).unwrap()] != three[**b])
+            .inspect(|(p, _)| assert_eq!(pick(p, &four), Some(3)))
+            .count();
+        assert!((100..=200).contains(&moved), "{moved} of 600 moved");
+        assert_eq!(pick("x", &[]), None);
+        assert_eq!(
+            fnv1a(&["pool-7", "http://gateway-0:4317"]),
+            fnv1a(&["pool-7", "http://gateway-0:4317"])
+        );
+    }
+
+    #[test]
+    fn the_backends_settings_are_the_otlp_exporters_without_endpoint() {
+        let yaml = "routing_key: gen_ai.pool.name\nprotocol: { otlp: { compression: none } }\nresolver: { static: { hostnames: [\"gw-0:4317\"] } }\n";
+        let c: LoadBalancingConfig = serde_saphyr::from_str(yaml).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.url("gw-0:4317"), "http://gw-0:4317");
+        let bad = "protocol: { otlp: { endpoint: \"http://x:1\" } }\nresolver: { static: { hostnames: [a:1] } }\n";
+        let c: LoadBalancingConfig = serde_saphyr::from_str(bad).unwrap();
+        assert!(
+            c.validate().is_err(),
+            "the endpoint comes from the resolver"
+        );
+        let none = "protocol: { otlp: {} }\nresolver: {}\n";
+        let c: LoadBalancingConfig = serde_saphyr::from_str(none).unwrap();
+        assert!(c.validate().is_err(), "a resolver is needed");
+    }
+}
