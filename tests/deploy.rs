@@ -400,8 +400,8 @@ fn the_helm_chart_lints_and_renders_the_manifests() {
             let config = &object["data"]["config.yaml"];
             if key.1 == "genai-agent" {
                 assert_eq!(
-                    config["exporters"]["otlp"]["endpoint"],
-                    "http://genai-gateway.monitoring:4317"
+                    config["exporters"]["loadbalancing"]["resolver"]["dns"]["hostname"],
+                    "genai-gateway-headless.monitoring"
                 );
             }
             validate_pipeline(&key.1, &serde_json::to_string(config).unwrap());
@@ -435,7 +435,7 @@ fn the_manifests_and_the_chart_pass_the_kubernetes_schemas() {
     let _ = std::fs::remove_file(&file);
     assert_eq!(
         out.matches(" passed for resource ").count(),
-        9 + 2 + 8,
+        10 + 2 + 9,
         "{out}"
     );
 }

@@ -502,8 +502,10 @@ async fn the_shipped_agent_and_gateway_pipelines_end_to_end() {
         r["interval"] = json!("300ms");
         r["kubernetes"]["kubeconfig"] = json!(kubeconfig.display().to_string());
     }
-    agent["exporters"]["otlp"]["endpoint"] = json!(format!("http://{}", local(grpc)));
-    agent["exporters"]["otlp"]["sending_queue"]["storage"] =
+    // The headless Service's addresses stand for one gateway here.
+    agent["exporters"]["loadbalancing"]["resolver"] =
+        json!({"static": {"hostnames": [local(grpc)]}});
+    agent["exporters"]["loadbalancing"]["sending_queue"]["storage"] =
         json!(dir.join("queue").display().to_string());
     let agent_telemetry = common::free_port();
     agent["service"]["telemetry"]["endpoint"] = json!(local(agent_telemetry));
