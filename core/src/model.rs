@@ -304,18 +304,43 @@ pub trait AttributesExt {
     fn rename_attr(&mut self, from: &str, to: &str) -> bool;
 }
 
+/// The attribute `key` of a list (a resource's or a point's), of whatever type: what
+/// [`AttributesExt::get_attr`] reads, for a borrowed slice.
+pub fn attr<'a>(attrs: &'a [KeyValue], key: &str) -> Option<&'a AnyValue> {
+    attrs
+        .iter()
+        .find(|kv| kv.key == key)
+        .and_then(|kv| kv.value.as_ref())
+}
+
+/// The attribute `key` when it is a string: what [`AttributesExt::get_str`] reads, for a
+/// borrowed slice.
+pub fn attr_str<'a>(attrs: &'a [KeyValue], key: &str) -> Option<&'a str> {
+    match attr(attrs, key)?.value.as_ref()? {
+        any_value::Value::StringValue(s) => Some(s),
+        _ => None,
+    }
+}
+
+/// Which server a resource stands for: `service.instance.id`, else
+/// `server.address:server.port` (as the scrape receivers set them); `None` when it names
+/// neither.
+pub fn server_identity(attrs: &[KeyValue]) -> Option<String> {
+    if let Some(id) = attr(attrs, "service.instance.id") {
+        return Some(display_value(id));
+    }
+    let address = attr(attrs, "server.address").map(display_value)?;
+    let port = attr(attrs, "server.port").map(display_value)?;
+    Some(format!("{address}:{port}"))
+}
+
 impl AttributesExt for Vec<KeyValue> {
     fn get_attr(&self, key: &str) -> Option<&AnyValue> {
-        self.iter()
-            .find(|kv| kv.key == key)
-            .and_then(|kv| kv.value.as_ref())
+        attr(self, key)
     }
 
     fn get_str(&self, key: &str) -> Option<&str> {
-        match self.get_attr(key)?.value.as_ref()? {
-            any_value::Value::StringValue(s) => Some(s),
-            _ => None,
-        }
+        attr_str(self, key)
     }
 
     fn set_attr(&mut self, key: &str, value: impl Into<AttrValue>) {
@@ -405,6 +430,8 @@ pub trait MetricExt {
     fn retain_points(&mut self, keep: impl FnMut(&Vec<KeyValue>) -> bool);
     /// The kind as a word: gauge, sum, histogram, exponential_histogram, summary, empty.
     fn kind_name(&self) -> &'static str;
+    /// A gauge's or a sum's points; none for the other kinds.
+    fn number_points(&self) -> &[NumberDataPoint];
 }
 
 impl MetricExt for Metric {
@@ -533,6 +560,14 @@ impl MetricExt for Metric {
             Some(metric::Data::ExponentialHistogram(_)) => "exponential_histogram",
             Some(metric::Data::Summary(_)) => "summary",
             None => "empty",
+        }
+    }
+
+    fn number_points(&self) -> &[NumberDataPoint] {
+        match &self.data {
+            Some(metric::Data::Gauge(g)) => &g.data_points,
+            Some(metric::Data::Sum(s)) => &s.data_points,
+            _ => &[],
         }
     }
 }

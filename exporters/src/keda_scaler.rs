@@ -23,7 +23,8 @@ use std::time::{Duration, Instant};
 
 use genai_collector_core::config::duration;
 use genai_collector_core::model::{
-    display_value, metric, number_value, AttributesExt, Batch, KeyValue, Metric, NumberDataPoint,
+    attr_str, display_value, number_value, resource_attributes, server_identity, AttributesExt,
+    Batch, Metric, MetricExt, NumberDataPoint,
 };
 use genai_collector_core::tls::TlsServerConfig;
 use genai_collector_core::{
@@ -320,60 +321,34 @@ fn first_replica(p: &NumberDataPoint) -> bool {
     })
 }
 
-fn points(m: &Metric) -> &[NumberDataPoint] {
-    match &m.data {
-        Some(metric::Data::Gauge(g)) => &g.data_points,
-        Some(metric::Data::Sum(s)) => &s.data_points,
-        _ => &[],
-    }
-}
-
-fn server_key(attrs: &[KeyValue]) -> Option<String> {
-    let get = |k: &str| {
-        attrs
-            .iter()
-            .find(|a| a.key == k)?
-            .value
-            .as_ref()
-            .map(display_value)
-    };
-    get("service.instance.id").or_else(|| {
-        Some(format!(
-            "{}:{}",
-            get("server.address")?,
-            get("server.port")?
-        ))
-    })
-}
-
 impl Scaler {
     fn observe(&self, batch: &Batch, now: Instant) {
         let Ok(mut state) = self.state.lock() else {
             return;
         };
         for rm in &batch.resource_metrics {
-            static NONE: Vec<KeyValue> = Vec::new();
-            let attrs = rm.resource.as_ref().map_or(&NONE, |r| &r.attributes);
+            let attrs = resource_attributes(rm);
             let metrics: Vec<&Metric> = rm.scope_metrics.iter().flat_map(|s| &s.metrics).collect();
             if !metrics.iter().any(|m| m.name.starts_with("gen_ai.server.")) {
                 continue;
             }
-            let Some(key) = server_key(attrs) else {
+            let Some(key) = server_identity(attrs) else {
                 continue;
             };
             if !state.servers.contains_key(&key) && state.servers.len() >= self.config.max_servers {
                 state.ignored += 1;
                 continue;
             }
-            let previous = state.servers.get(&key).cloned();
+            // Taken out, not copied: the new report goes in its place below.
+            let previous = state.servers.remove(&key);
             let mut server = Server {
-                pool: attrs.get_str("gen_ai.pool.name").map(str::to_owned),
+                pool: attr_str(attrs, "gen_ai.pool.name").map(str::to_owned),
                 models: HashMap::new(),
                 ready: true,
                 seen: now,
             };
             for m in &metrics {
-                for p in points(m).iter().filter(|p| first_replica(p)) {
+                for p in m.number_points().iter().filter(|p| first_replica(p)) {
                     let Some(v) = number_value(p) else { continue };
                     if m.name == "up" {
                         server.ready &= v != 0.0;

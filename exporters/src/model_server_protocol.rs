@@ -24,7 +24,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use genai_collector_core::config::duration;
-use genai_collector_core::model::{metric, number_value, AttributesExt, Batch};
+use genai_collector_core::model::{number_value, AttributesExt, Batch, MetricExt};
 use genai_collector_core::tls::TlsServerConfig;
 use genai_collector_core::{
     async_trait, BuildContext, CancellationToken, ComponentConfig, ComponentError, ExportError,
@@ -121,12 +121,7 @@ impl Signals {
         let mut models: Vec<&str> = Vec::new();
         let mut found = false;
         for m in batch.metrics() {
-            let points = match &m.data {
-                Some(metric::Data::Gauge(g)) => &g.data_points,
-                Some(metric::Data::Sum(x)) => &x.data_points,
-                _ => continue,
-            };
-            for p in points {
+            for p in m.number_points() {
                 let Some(v) = number_value(p) else { continue };
                 let slot = match m.name.as_str() {
                     "gen_ai.server.requests.waiting" => &mut s.waiting,

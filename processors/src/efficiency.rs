@@ -27,8 +27,8 @@ use std::time::Duration;
 use genai_collector_core::config::duration;
 use genai_collector_core::model::any_value::Value;
 use genai_collector_core::model::{
-    display_value, kv, metric, number_point, number_value, AnyValue, AttributesExt, Batch,
-    KeyValue, Metric, MetricExt, NumberDataPoint,
+    attr, attr_str, display_value, kv, number_point, number_value, server_identity, AnyValue,
+    AttributesExt, Batch, KeyValue, Metric, MetricExt,
 };
 use genai_collector_core::telemetry::ComponentStats;
 use genai_collector_core::{
@@ -291,15 +291,15 @@ impl Efficiency {
         resource: &[KeyValue],
         metrics: &[Metric],
     ) -> Option<(String, Option<u64>)> {
-        let uuid = get_str(resource, "hw.id")?.to_owned();
+        let uuid = attr_str(resource, "hw.id")?.to_owned();
         let g = self.gpus.entry(uuid.clone()).or_default();
         let previous = (g.time > 0).then_some(g.time);
-        g.index = get_attr(resource, "gpu.index").and_then(int);
+        g.index = attr(resource, "gpu.index").and_then(int);
         g.resource = resource.to_vec();
         let mut pids = Vec::new();
         let mut process_utilization = HashMap::new();
         for m in metrics {
-            for p in points(m) {
+            for p in m.number_points() {
                 g.time = g.time.max(p.time_unix_nano);
                 match m.name.as_str() {
                     "hw.energy" => g.energy = number_value(p),
@@ -350,14 +350,14 @@ impl Efficiency {
                 .map(|(u, _)| (u.clone(), 1.0))
                 .collect()
         } else if let (Some(ns), Some(pod)) = (
-            get_str(resource, "k8s.namespace.name"),
-            get_str(resource, "k8s.pod.name"),
+            attr_str(resource, "k8s.namespace.name"),
+            attr_str(resource, "k8s.pod.name"),
         ) {
             self.gpus
                 .iter()
                 .filter(|(_, g)| {
-                    get_str(&g.resource, "k8s.namespace.name") == Some(ns)
-                        && get_str(&g.resource, "k8s.pod.name") == Some(pod)
+                    attr_str(&g.resource, "k8s.namespace.name") == Some(ns)
+                        && attr_str(&g.resource, "k8s.pod.name") == Some(pod)
                 })
                 .map(|(u, _)| (u.clone(), 1.0))
                 .collect()
@@ -395,8 +395,8 @@ impl Efficiency {
             return Ok(Vec::new());
         }
         let (Some(host), Some(port)) = (
-            get_str(resource, "server.address"),
-            get_attr(resource, "server.port").and_then(int),
+            attr_str(resource, "server.address"),
+            attr(resource, "server.port").and_then(int),
         ) else {
             return Ok(Vec::new());
         };
@@ -453,7 +453,7 @@ impl Efficiency {
                 p.matches.iter().all(|(k, v)| {
                     [gpu, engine]
                         .iter()
-                        .any(|attrs| get_attr(attrs, k).is_some_and(|a| display_value(a) == *v))
+                        .any(|attrs| attr(attrs, k).is_some_and(|a| display_value(a) == *v))
                 })
             })
             .map(|p| p.price_per_gpu_hour)
@@ -697,7 +697,7 @@ impl Efficiency {
             .as_ref()
             .filter(|(_, at)| g.time.saturating_sub(*at) < fresh)
             .map(|(k, _)| k.clone());
-        let allocated = owner.is_some() || get_str(&g.resource, "k8s.pod.name").is_some();
+        let allocated = owner.is_some() || attr_str(&g.resource, "k8s.pod.name").is_some();
         let price = self.price(&g.resource, &[]);
         let currency = self.config.currency.clone();
         let g = self.gpus.get_mut(uuid).expect("observed");
@@ -756,30 +756,11 @@ impl Efficiency {
     }
 }
 
-fn get_attr<'a>(attrs: &'a [KeyValue], key: &str) -> Option<&'a AnyValue> {
-    attrs.iter().find(|a| a.key == key)?.value.as_ref()
-}
-
-fn get_str<'a>(attrs: &'a [KeyValue], key: &str) -> Option<&'a str> {
-    match &get_attr(attrs, key)?.value {
-        Some(Value::StringValue(s)) => Some(s),
-        _ => None,
-    }
-}
-
 fn int(v: &AnyValue) -> Option<i64> {
     match &v.value {
         Some(Value::IntValue(i)) => Some(*i),
         Some(Value::StringValue(s)) => s.parse().ok(),
         _ => None,
-    }
-}
-
-fn points(m: &Metric) -> &[NumberDataPoint] {
-    match &m.data {
-        Some(metric::Data::Gauge(g)) => &g.data_points,
-        Some(metric::Data::Sum(s)) => &s.data_points,
-        _ => &[],
     }
 }
 
@@ -798,7 +779,7 @@ fn tokens<'a>(metrics: &[&'a Metric]) -> Option<Tokens<'a>> {
         .iter()
         .filter(|m| m.name == "gen_ai.server.token.usage")
     {
-        for p in points(m) {
+        for p in m.number_points() {
             let Some(v) = number_value(p) else { continue };
             let t = found.get_or_insert(Tokens {
                 counts: (0.0, 0.0),
@@ -824,15 +805,6 @@ fn tokens<'a>(metrics: &[&'a Metric]) -> Option<Tokens<'a>> {
     found
 }
 
-fn engine_key(resource: &[KeyValue]) -> Option<String> {
-    if let Some(id) = get_attr(resource, "service.instance.id") {
-        return Some(display_value(id));
-    }
-    let address = get_str(resource, "server.address")?;
-    let port = get_attr(resource, "server.port").map(display_value)?;
-    Some(format!("{address}:{port}"))
-}
-
 impl Processor for Efficiency {
     fn process(&mut self, batch: &mut Batch) {
         self.expire(genai_collector_core::model::now_unix_nanos());
@@ -843,7 +815,7 @@ impl Processor for Efficiency {
             if rm.scope_metrics.is_empty() {
                 continue;
             }
-            if get_str(resource, "hw.type") == Some("gpu") {
+            if attr_str(resource, "hw.type") == Some("gpu") {
                 let metrics = &rm.scope_metrics[0].metrics;
                 if let Some((uuid, previous)) = self.observe_gpu(resource, metrics) {
                     let idle = self.idle_metrics(&uuid, previous);
@@ -855,7 +827,7 @@ impl Processor for Efficiency {
             if !all.iter().any(|m| m.name.starts_with("gen_ai.server.")) {
                 continue;
             }
-            let Some(key) = engine_key(resource) else {
+            let Some(key) = server_identity(resource) else {
                 continue;
             };
             let found = tokens(&all);
@@ -863,7 +835,7 @@ impl Processor for Efficiency {
                 .as_ref()
                 .map_or_else(genai_collector_core::model::now_unix_nanos, |t| t.time);
             let mut attrs = Vec::new();
-            if let Some(p) = get_str(resource, "gen_ai.provider.name") {
+            if let Some(p) = attr_str(resource, "gen_ai.provider.name") {
                 attrs.push(kv("gen_ai.provider.name", p));
             }
             if let Some(m) = found.as_ref().and_then(|t| t.model) {
@@ -1008,7 +980,7 @@ mod tests {
             .flat_map(|rm| &rm.scope_metrics)
             .flat_map(|s| &s.metrics)
             .filter(|m| m.name == name)
-            .flat_map(points)
+            .flat_map(|m| m.number_points())
             .find_map(number_value)
     }
 
@@ -1184,7 +1156,7 @@ prices: [{ match: { hw.model: "NVIDIA H100 80GB HBM3" }, price_per_gpu_hour: 2.0
             .iter()
             .find(|m| m.name == "hw.gpu.idle_allocated")
             .unwrap();
-        let attrs = &points(flag)[0].attributes;
+        let attrs = &flag.number_points()[0].attributes;
         assert_eq!(attrs.get_str("service.instance.id"), Some("10.1.0.2:8000"));
         assert_eq!(
             attrs.get_str("gen_ai.request.model"),

@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 
 use genai_collector_core::config::duration;
 use genai_collector_core::model::{
-    kv, metric, now_unix_nanos, number_point, number_value, AttributesExt, Batch, KeyValue, Metric,
-    MetricExt, NumberDataPoint,
+    attr, display_value, kv, now_unix_nanos, number_point, number_value, server_identity,
+    AttributesExt, Batch, KeyValue, Metric, MetricExt, NumberDataPoint,
 };
 use genai_collector_core::{
     BuildContext, ComponentConfig, ComponentError, Processor, ProcessorFactory, ValidationError,
@@ -274,11 +274,7 @@ fn values_where(
     let points = rm_metrics
         .iter()
         .filter(|m| m.name == name)
-        .flat_map(|m| match &m.data {
-            Some(metric::Data::Gauge(g)) => g.data_points.iter().collect::<Vec<_>>(),
-            Some(metric::Data::Sum(s)) => s.data_points.iter().collect(),
-            _ => Vec::new(),
-        })
+        .flat_map(|m| m.number_points())
         .filter(|p| keep(p));
     let mut seen = std::collections::HashSet::new();
     points
@@ -304,22 +300,16 @@ fn values_where(
         .collect()
 }
 
+/// A server's key: its identity, else what part of an address it gives.
 fn server_key(attrs: &[KeyValue]) -> String {
-    let get = |key: &str| {
-        attrs
-            .iter()
-            .find(|kv| kv.key == key)
-            .and_then(|kv| kv.value.as_ref())
-            .map(genai_collector_core::model::display_value)
-    };
-    if let Some(id) = get("service.instance.id") {
-        return id;
-    }
-    let address = get("server.address").unwrap_or_else(|| "unknown".into());
-    match get("server.port") {
-        Some(port) => format!("{address}:{port}"),
-        None => address.to_owned(),
-    }
+    server_identity(attrs).unwrap_or_else(|| {
+        let get = |key| attr(attrs, key).map(display_value);
+        let address = get("server.address").unwrap_or_else(|| "unknown".into());
+        match get("server.port") {
+            Some(port) => format!("{address}:{port}"),
+            None => address,
+        }
+    })
 }
 
 impl PoolAggregate {
@@ -591,6 +581,7 @@ impl Processor for PoolAggregate {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use genai_collector_core::model::metric;
 
     fn g(name: &str, v: f64) -> Metric {
         Metric::gauge(name, "", vec![number_point(1, v, vec![])])
