@@ -133,8 +133,8 @@ fn fnv1a(parts: &[&str]) -> u64 {
 }
 
 /// The backend (index into `backends`) that `key` goes to: the one of highest weight.
-pub fn pick(key: &str, backends: &[String]) -> Option<usize> {
-    (0..backends.len()).max_by_key(|&i| (fnv1a(&[key, &backends[i]]), std::cmp::Reverse(i)))
+pub fn pick<S: AsRef<str>>(key: &str, backends: &[S]) -> Option<usize> {
+    (0..backends.len()).max_by_key(|&i| (fnv1a(&[key, backends[i].as_ref()]), std::cmp::Reverse(i)))
 }
 
 type Backends = Vec<(String, Arc<dyn Exporter>)>;
@@ -158,7 +158,7 @@ impl ExporterFactory for LoadBalancingFactory {
         ctx: &BuildContext,
     ) -> Result<Box<dyn Exporter>, ComponentError> {
         let shared = Arc::new(Shared {
-            backends: RwLock::new(Vec::new()),
+            backends: RwLock::new(Arc::new(Vec::new())),
             config,
             ctx_id: ctx.id.clone(),
         });
@@ -207,14 +207,15 @@ impl ExporterFactory for LoadBalancingFactory {
 
 struct Shared {
     config: LoadBalancingConfig,
-    backends: RwLock<Backends>,
+    /// Replaced whole on a change, so that a batch reads them with one `Arc` clone.
+    backends: RwLock<Arc<Backends>>,
     ctx_id: genai_collector_core::ComponentId,
 }
 
 impl Shared {
     /// Makes `urls` the backends: the ones kept keep their connections.
     fn update(&self, urls: Vec<String>, ctx: &BuildContext) -> Result<(), ComponentError> {
-        let current: Backends = self.backends.read().map(|b| b.clone()).unwrap_or_default();
+        let current: Arc<Backends> = self.backends.read().map(|b| b.clone()).unwrap_or_default();
         if current.iter().map(|(u, _)| u).eq(urls.iter()) {
             return Ok(());
         }
@@ -232,7 +233,7 @@ impl Shared {
         let shown: Vec<&str> = next.iter().map(|(u, _)| u.as_str()).collect();
         tracing::info!(exporter = %self.ctx_id, backends = ?shown, "loadbalancing: backends");
         if let Ok(mut b) = self.backends.write() {
-            *b = next;
+            *b = Arc::new(next);
         }
         Ok(())
     }
@@ -246,7 +247,7 @@ struct LoadBalancing {
 #[async_trait]
 impl Exporter for LoadBalancing {
     async fn export(&self, batch: &Batch) -> Result<(), ExportError> {
-        let backends: Backends = self
+        let backends: Arc<Backends> = self
             .shared
             .backends
             .read()
@@ -255,23 +256,35 @@ impl Exporter for LoadBalancing {
         if backends.is_empty() {
             return Err(ExportError::retryable("no backend resolved yet"));
         }
-        let urls: Vec<String> = backends.iter().map(|(u, _)| u.clone()).collect();
-        let mut parts: BTreeMap<usize, Batch> = BTreeMap::new();
+        let names: Vec<&str> = backends.iter().map(|(u, _)| u.as_str()).collect();
         let key = self.shared.config.routing_key.as_str();
-        for rm in &batch.resource_metrics {
-            let value = rm
-                .resource
-                .as_ref()
-                .and_then(|r| r.attributes.get_str(key))
-                .unwrap_or("");
-            let Some(i) = pick(value, &urls) else {
-                continue;
-            };
-            parts
-                .entry(i)
-                .or_default()
-                .resource_metrics
-                .push(rm.clone());
+        let targets: Vec<Option<usize>> = batch
+            .resource_metrics
+            .iter()
+            .map(|rm| {
+                let value = rm
+                    .resource
+                    .as_ref()
+                    .and_then(|r| r.attributes.get_str(key))
+                    .unwrap_or("");
+                pick(value, &names)
+            })
+            .collect();
+        // All for one backend (one gateway, or one pool per batch): the batch as it is.
+        if let Some(Some(first)) = targets.first() {
+            if targets.iter().all(|t| *t == Some(*first)) {
+                return backends[*first].1.export(batch).await;
+            }
+        }
+        let mut parts: BTreeMap<usize, Batch> = BTreeMap::new();
+        for (rm, target) in batch.resource_metrics.iter().zip(&targets) {
+            if let Some(i) = target {
+                parts
+                    .entry(*i)
+                    .or_default()
+                    .resource_metrics
+                    .push(rm.clone());
+            }
         }
         let sends = parts.iter().map(|(i, part)| backends[*i].1.export(part));
         let results = futures_util::future::join_all(sends).await;
@@ -328,7 +341,7 @@ mod tests {
             .inspect(|(p, _)| assert_eq!(pick(p, &four), Some(3)))
             .count();
         assert!((100..=200).contains(&moved), "{moved} of 600 moved");
-        assert_eq!(pick("x", &[]), None);
+        assert_eq!(pick::<&str>("x", &[]), None);
         assert_eq!(
             fnv1a(&["pool-7", "http://gateway-0:4317"]),
             fnv1a(&["pool-7", "http://gateway-0:4317"])
