@@ -267,8 +267,11 @@ async fn a_bearer_token_guards_both_protocols() {
         push(Some("s3cret")).await.unwrap(),
         "the right token is accepted over gRPC"
     );
-    // The SDK logs the refusal and carries on; what arrived shows it was refused (below).
-    push(None).await.unwrap();
+    // The SDK only logs the refusal; otlp_push.py counts it and fails.
+    assert!(
+        !push(None).await.unwrap(),
+        "without the token the export fails"
+    );
     common::install_tls_provider();
     let client = reqwest::Client::new();
     let url = format!("http://127.0.0.1:{http}/v1/metrics");
