@@ -136,12 +136,19 @@ counters! {
     /// Processor (`efficiency`): evaluation windows that gave no figures because a counter
     /// went back, GPUs changed hands, or a GPU is shared.
     skipped_intervals,
+    /// Processor (`pool_aggregate`): pools it emitted at its last flush.
+    pools,
 }
 
 impl ComponentStats {
     /// Sets `genai_normalize`'s count of scraped targets whose page lacks a core metric.
     pub fn set_incomplete_targets(&self, n: u64) {
         self.incomplete_targets.store(n, Ordering::Relaxed);
+    }
+
+    /// Sets the number of pools `pool_aggregate` emitted at its last flush.
+    pub fn set_pools(&self, n: u64) {
+        self.pools.store(n, Ordering::Relaxed);
     }
 
     /// Counts `efficiency`'s skipped evaluation windows.
@@ -501,7 +508,7 @@ impl Series {
     }
 }
 
-const SERIES: [Series; 22] = [
+const SERIES: [Series; 23] = [
     Series {
         kind: ComponentKind::Receiver,
         name: "genai_collector_receiver_accepted_points",
@@ -665,6 +672,14 @@ const SERIES: [Series; 22] = [
         unit: "{interval}",
         help: "Efficiency windows that gave no figures: a counter went back (driver reload, engine restart), GPUs changed hands, or a GPU is shared.",
         value: |c| ComponentStats::get(&c.skipped_intervals) as f64,
+    },
+    Series {
+        kind: ComponentKind::Processor,
+        name: "genai_collector_processor_pools",
+        counter: false,
+        unit: "{pool}",
+        help: "Pools pool_aggregate emitted at its last flush: behind several gateways, the pools routed to this one.",
+        value: |c| ComponentStats::get(&c.pools) as f64,
     },
     Series {
         kind: ComponentKind::Exporter,

@@ -8,13 +8,18 @@
 //! headless Service), re-resolved on an interval. Resources without the key go to the backend
 //! of the empty key: one stable default.
 //!
-//! A batch is split by backend and sent to all of them at once; if any fails, the whole batch
-//! is retried (the runtime's queue and retry), so a backend that succeeded gets those points
-//! again: cumulative points sent twice change nothing at a gateway (the latest value wins).
+//! A batch is split by backend and sent to all of them at once. A backend that cannot be reached
+//! (a failure without the backend's own retry hint) is down for `failover.recheck_after`: its
+//! part goes at once to each key's next backend in rendezvous order, which is where the key
+//! would go were the backend gone, so no other key moves; the keys return when it answers
+//! again. A backend that answers "retry later" (a full gateway) is not failed over: the whole
+//! batch is retried (the runtime's queue and retry), so a backend that succeeded gets those
+//! points again: cumulative points sent twice change nothing at a gateway (the latest wins).
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use genai_collector_core::config::duration;
 use genai_collector_core::model::{AttributesExt, Batch};
@@ -34,6 +39,27 @@ pub struct LoadBalancingConfig {
     pub routing_key: String,
     pub protocol: ProtocolConfig,
     pub resolver: ResolverConfig,
+    #[serde(default)]
+    pub failover: FailoverConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FailoverConfig {
+    /// Send an unreachable backend's keys to their next backend instead of retrying it.
+    pub enabled: bool,
+    /// How long an unreachable backend is passed over before it is tried again.
+    #[serde(with = "duration")]
+    pub recheck_after: Duration,
+}
+
+impl Default for FailoverConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            recheck_after: Duration::from_secs(5),
+        }
+    }
 }
 
 fn pool_key() -> String {
@@ -110,6 +136,9 @@ impl ComponentConfig for LoadBalancingConfig {
             .map_err(|e| ValidationError::field("protocol", e))?;
         probe.validate()?;
         match (&self.resolver.static_list, &self.resolver.dns) {
+            _ if self.failover.enabled && self.failover.recheck_after.is_zero() => Err(
+                ValidationError::field("failover.recheck_after", "must be more than 0s"),
+            ),
             (Some(s), None) if !s.hostnames.is_empty() => Ok(()),
             (None, Some(d)) if !d.hostname.is_empty() && !d.interval.is_zero() => Ok(()),
             _ => Err(ValidationError::field(
@@ -137,7 +166,15 @@ pub fn pick<S: AsRef<str>>(key: &str, backends: &[S]) -> Option<usize> {
     (0..backends.len()).max_by_key(|&i| (fnv1a(&[key, backends[i].as_ref()]), std::cmp::Reverse(i)))
 }
 
-type Backends = Vec<(String, Arc<dyn Exporter>)>;
+/// One backend: its URL (what the hash weighs), its `otlp` exporter, and until when it is
+/// passed over (ms since `Shared::epoch`; 0: up).
+struct Backend {
+    url: String,
+    exporter: Arc<dyn Exporter>,
+    down_until: AtomicU64,
+}
+
+type Backends = Vec<Arc<Backend>>;
 
 pub struct LoadBalancingFactory;
 
@@ -161,6 +198,7 @@ impl ExporterFactory for LoadBalancingFactory {
             backends: RwLock::new(Arc::new(Vec::new())),
             config,
             ctx_id: ctx.id.clone(),
+            epoch: Instant::now(),
         });
         let stop = CancellationToken::new();
         if let Some(s) = &shared.config.resolver.static_list {
@@ -210,27 +248,32 @@ struct Shared {
     /// Replaced whole on a change, so that a batch reads them with one `Arc` clone.
     backends: RwLock<Arc<Backends>>,
     ctx_id: genai_collector_core::ComponentId,
+    epoch: Instant,
 }
 
 impl Shared {
     /// Makes `urls` the backends: the ones kept keep their connections.
     fn update(&self, urls: Vec<String>, ctx: &BuildContext) -> Result<(), ComponentError> {
         let current: Arc<Backends> = self.backends.read().map(|b| b.clone()).unwrap_or_default();
-        if current.iter().map(|(u, _)| u).eq(urls.iter()) {
+        if current.iter().map(|b| &b.url).eq(urls.iter()) {
             return Ok(());
         }
         let mut next = Vec::with_capacity(urls.len());
         for url in urls {
-            let exporter = match current.iter().find(|(u, _)| *u == url) {
-                Some((_, e)) => e.clone(),
+            let backend = match current.iter().find(|b| b.url == url) {
+                Some(b) => b.clone(),
                 None => {
                     let config = self.config.backend(&url).map_err(ComponentError::Config)?;
-                    Arc::from(OtlpExporterFactory.build(config, ctx)?)
+                    Arc::new(Backend {
+                        exporter: Arc::from(OtlpExporterFactory.build(config, ctx)?),
+                        url,
+                        down_until: AtomicU64::new(0),
+                    })
                 }
             };
-            next.push((url, exporter));
+            next.push(backend);
         }
-        let shown: Vec<&str> = next.iter().map(|(u, _)| u.as_str()).collect();
+        let shown: Vec<&str> = next.iter().map(|b| b.url.as_str()).collect();
         tracing::info!(exporter = %self.ctx_id, backends = ?shown, "loadbalancing: backends");
         if let Ok(mut b) = self.backends.write() {
             *b = Arc::new(next);
@@ -244,11 +287,46 @@ struct LoadBalancing {
     stop: CancellationToken,
 }
 
+impl Shared {
+    fn now_ms(&self) -> u64 {
+        // 1 past the epoch, so that 0 keeps meaning "up".
+        self.epoch.elapsed().as_millis() as u64 + 1
+    }
+
+    /// Passes `b` over for `recheck_after`; true when it was up until now.
+    fn mark_down(&self, b: &Backend) -> bool {
+        let until = self.now_ms() + self.config.failover.recheck_after.as_millis() as u64;
+        b.down_until.swap(until, Ordering::Relaxed) == 0
+    }
+
+    /// Backends not passed over now, as indices; a backend whose time is up is tried again.
+    fn up(&self, backends: &[Arc<Backend>]) -> Vec<usize> {
+        let now = self.now_ms();
+        (0..backends.len())
+            .filter(|&i| {
+                let until = backends[i].down_until.load(Ordering::Relaxed);
+                until == 0 || until <= now
+            })
+            .collect()
+    }
+}
+
+/// An unreachable backend, as opposed to one that asked to be retried later.
+fn unreachable(e: &ExportError) -> bool {
+    matches!(
+        e,
+        ExportError::Retryable {
+            retry_after: None,
+            ..
+        }
+    )
+}
+
 #[async_trait]
 impl Exporter for LoadBalancing {
     async fn export(&self, batch: &Batch) -> Result<(), ExportError> {
-        let backends: Arc<Backends> = self
-            .shared
+        let shared = &*self.shared;
+        let backends: Arc<Backends> = shared
             .backends
             .read()
             .map(|b| b.clone())
@@ -256,49 +334,84 @@ impl Exporter for LoadBalancing {
         if backends.is_empty() {
             return Err(ExportError::retryable("no backend resolved yet"));
         }
-        let names: Vec<&str> = backends.iter().map(|(u, _)| u.as_str()).collect();
-        let key = self.shared.config.routing_key.as_str();
-        let targets: Vec<Option<usize>> = batch
+        let key = shared.config.routing_key.as_str();
+        let keys: Vec<&str> = batch
             .resource_metrics
             .iter()
             .map(|rm| {
-                let value = rm
-                    .resource
+                rm.resource
                     .as_ref()
                     .and_then(|r| r.attributes.get_str(key))
-                    .unwrap_or("");
-                pick(value, &names)
+                    .unwrap_or("")
             })
             .collect();
-        // All for one backend (one gateway, or one pool per batch): the batch as it is.
-        if let Some(Some(first)) = targets.first() {
-            if targets.iter().all(|t| *t == Some(*first)) {
-                return backends[*first].1.export(batch).await;
+        // Resources (indices into the batch) still to send; failed over, they are sent again.
+        let mut pending: Vec<usize> = (0..keys.len()).collect();
+        let mut failed_over: Vec<usize> = Vec::new();
+        // A backend's "retry later" retries the whole batch; a permanent refusal of one part is
+        // told only when nothing can be retried.
+        let (mut unreached, mut retry, mut permanent) = (None, None, None);
+        while !pending.is_empty() {
+            let mut up = shared.up(&backends);
+            up.retain(|i| !failed_over.contains(i));
+            if up.is_empty() {
+                // All down: the owners are tried again rather than nothing sent.
+                if !failed_over.is_empty() {
+                    break;
+                }
+                up = (0..backends.len()).collect();
+            }
+            let names: Vec<&str> = up.iter().map(|&i| backends[i].url.as_str()).collect();
+            let mut parts: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+            for &r in &pending {
+                if let Some(j) = pick(keys[r], &names) {
+                    parts.entry(up[j]).or_default().push(r);
+                }
+            }
+            let whole = parts.len() == 1 && pending.len() == keys.len();
+            let backends = &backends;
+            let sends = parts.iter().map(|(&b, resources)| async move {
+                let result = if whole {
+                    // One backend for the whole batch (one gateway, or one pool): as it is.
+                    backends[b].exporter.export(batch).await
+                } else {
+                    let part = Batch {
+                        resource_metrics: resources
+                            .iter()
+                            .map(|&r| batch.resource_metrics[r].clone())
+                            .collect(),
+                    };
+                    backends[b].exporter.export(&part).await
+                };
+                (b, result)
+            });
+            let results = futures_util::future::join_all(sends).await;
+            pending.clear();
+            for (b, result) in results {
+                let backend = &backends[b];
+                match result {
+                    Ok(()) => {
+                        if backend.down_until.swap(0, Ordering::Relaxed) != 0 {
+                            tracing::info!(exporter = %shared.ctx_id, backend = %backend.url, "loadbalancing: backend answers again");
+                        }
+                    }
+                    Err(e) if shared.config.failover.enabled && unreachable(&e) => {
+                        if shared.mark_down(backend) {
+                            tracing::warn!(exporter = %shared.ctx_id, backend = %backend.url, error = %e, "loadbalancing: backend unreachable; its keys go to the next backend");
+                        }
+                        failed_over.push(b);
+                        pending.extend(&parts[&b]);
+                        unreached = Some(e);
+                    }
+                    Err(e @ ExportError::Retryable { .. }) => retry = Some(e),
+                    Err(e) => permanent = Some(e),
+                }
             }
         }
-        let mut parts: BTreeMap<usize, Batch> = BTreeMap::new();
-        for (rm, target) in batch.resource_metrics.iter().zip(&targets) {
-            if let Some(i) = target {
-                parts
-                    .entry(*i)
-                    .or_default()
-                    .resource_metrics
-                    .push(rm.clone());
-            }
+        if !pending.is_empty() {
+            return Err(unreached.unwrap_or_else(|| ExportError::retryable("no backend")));
         }
-        let sends = parts.iter().map(|(i, part)| backends[*i].1.export(part));
-        let results = futures_util::future::join_all(sends).await;
-        // Retry the lot if any part may succeed later; a permanent refusal of one part is told
-        // as such only when nothing else can be retried.
-        let mut permanent = None;
-        for r in results {
-            match r {
-                Ok(()) => {}
-                Err(e @ ExportError::Retryable { .. }) => return Err(e),
-                Err(e) => permanent = Some(e),
-            }
-        }
-        permanent.map_or(Ok(()), Err)
+        retry.or(permanent).map_or(Ok(()), Err)
     }
 
     async fn shutdown(&self) -> Result<(), ExportError> {

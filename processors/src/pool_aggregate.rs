@@ -7,8 +7,12 @@
 //! however many engines it runs (vLLM data parallel: their values add up, KV usage averages).
 //!
 //! A server whose scrape fails (`up` = 0) twice in a row leaves the averages and the ready
-//! count; one failure is a blip. A server not heard from for `stale_after` is forgotten, and a
-//! pool with no servers left stops emitting: its series go stale rather than freeze.
+//! count; one failure is a blip. A server silent for three of its own report periods is away:
+//! out of every aggregate until it reports again. Behind several gateways, that is how a pool
+//! moving to another gateway leaves this one within a few scrapes, so that summing the pool's
+//! series across gateways counts each server once. A server not heard from for `stale_after`
+//! is forgotten, and a pool with no present servers stops emitting: its series go stale rather
+//! than freeze. The number of pools emitted is the self-metric `genai_collector_processor_pools`.
 
 mod objectives;
 
@@ -20,6 +24,7 @@ use genai_collector_core::model::{
     attr, display_value, kv, now_unix_nanos, number_point, number_value, server_identity,
     AttributesExt, Batch, KeyValue, Metric, MetricExt, NumberDataPoint,
 };
+use genai_collector_core::telemetry::ComponentStats;
 use genai_collector_core::{
     BuildContext, ComponentConfig, ComponentError, Processor, ProcessorFactory, ValidationError,
 };
@@ -90,9 +95,14 @@ impl ProcessorFactory for PoolAggregateFactory {
     fn build(
         &self,
         config: &PoolConfig,
-        _: &BuildContext,
+        ctx: &BuildContext,
     ) -> Result<Box<dyn Processor>, ComponentError> {
-        Ok(Box::new(PoolAggregate::new(config.clone())))
+        let mut p = PoolAggregate::new(config.clone());
+        p.stats = ctx
+            .pipeline
+            .as_deref()
+            .and_then(|pipeline| ctx.telemetry.find_processor(&ctx.id.to_string(), pipeline));
+        Ok(Box::new(p))
     }
 }
 
@@ -108,6 +118,8 @@ pub struct Server {
     /// Failed scrapes in a row.
     pub misses: u32,
     last_seen: Option<Instant>,
+    /// How often its reports arrive, smoothed.
+    period: Option<Duration>,
     /// The `efficiency` counters where its energy counter last moved, and the window that ended
     /// there.
     efficiency_mark: Option<EfficiencyMark>,
@@ -164,10 +176,43 @@ impl Server {
     }
 }
 
+/// Reports closer than this are parts of one scrape, not a period.
+const MIN_PERIOD: Duration = Duration::from_millis(100);
+
+/// `period` moved a quarter of the way to a new `gap`.
+fn smooth(period: Option<Duration>, gap: Duration) -> Duration {
+    period.map_or(gap, |p| p.mul_f64(0.75) + gap.mul_f64(0.25))
+}
+
 impl Server {
     /// In the averages and the ready count.
     pub fn live(&self) -> bool {
         self.answered && self.misses < 2
+    }
+
+    /// Notes a report at `now`; returns the gap since the last one when it counts as a period.
+    fn seen(&mut self, now: Instant) -> Option<Duration> {
+        let gap = self
+            .last_seen
+            .map(|t| now.saturating_duration_since(t))
+            .filter(|gap| *gap >= MIN_PERIOD);
+        if let Some(gap) = gap {
+            self.period = Some(smooth(self.period, gap));
+        }
+        self.last_seen = Some(now);
+        gap
+    }
+
+    /// Reported within three of its periods: one late report is no absence, and a server
+    /// whose reports went to another gateway is gone from this one after about three. Before
+    /// its own period is known, `typical` (every server's) stands in, else `stale_after`.
+    pub fn present(&self, now: Instant, stale_after: Duration, typical: Option<Duration>) -> bool {
+        let away_after = self
+            .period
+            .or(typical)
+            .map_or(stale_after, |p| (p * 3).min(stale_after));
+        self.last_seen
+            .is_some_and(|t| now.saturating_duration_since(t) < away_after)
     }
 }
 
@@ -252,6 +297,10 @@ pub struct PoolAggregate {
     reported: u64,
     /// The Inference Extension's per-model series, with its compat switch.
     objectives: Option<objectives::Objectives>,
+    /// Where the number of pools emitted is told.
+    stats: Option<std::sync::Arc<ComponentStats>>,
+    /// The report period of all servers, smoothed: for a server just seen.
+    typical_period: Option<Duration>,
 }
 
 /// Point attributes that tell replicas of one scheduler apart: SGLang with
@@ -323,6 +372,8 @@ impl PoolAggregate {
             ignored_servers: 0,
             reported: 0,
             objectives,
+            stats: None,
+            typical_period: None,
         }
     }
 
@@ -344,7 +395,9 @@ impl PoolAggregate {
             self.servers += 1;
         }
         let s = servers.get_mut(server).expect("inserted above");
-        s.last_seen = Some(now);
+        if let Some(gap) = s.seen(now) {
+            self.typical_period = Some(smooth(self.typical_period, gap));
+        }
         let up = values(metrics, "up").first().copied();
         if up == Some(0.0) {
             s.misses += 1;
@@ -384,18 +437,28 @@ impl PoolAggregate {
         self.servers = self.pools.values().map(BTreeMap::len).sum();
     }
 
-    /// The aggregates of every pool with servers.
-    pub fn views(&self) -> BTreeMap<String, PoolView> {
+    /// The aggregates of every pool with present servers, at `now`.
+    pub fn views(&self, now: Instant) -> BTreeMap<String, PoolView> {
+        let (stale, typical) = (self.config.stale_after, self.typical_period);
+        let present = |s: &Server| s.present(now, stale, typical);
         self.pools
             .iter()
-            .map(|(p, servers)| (p.clone(), aggregate(servers.iter())))
+            .filter(|(_, servers)| servers.values().any(present))
+            .map(|(p, servers)| {
+                let present = servers.iter().filter(|(_, s)| present(s));
+                (p.clone(), aggregate(present))
+            })
             .collect()
     }
 
-    fn emit(&self, now_ns: u64) -> Batch {
+    fn emit(&self, now: Instant, now_ns: u64) -> Batch {
         let mut batch = Batch::new();
         let gateway = self.config.compat == Some(Compat::GatewayApiInferenceExtension);
-        for (pool, v) in self.views() {
+        let views = self.views(now);
+        if let Some(stats) = &self.stats {
+            stats.set_pools(views.len() as u64);
+        }
+        for (pool, v) in views {
             let p = |value: f64, attrs: Vec<KeyValue>| vec![number_point(now_ns, value, attrs)];
             let mut m = vec![
                 Metric::gauge(
@@ -573,7 +636,7 @@ impl Processor for PoolAggregate {
             let live = |server: &str| pools.values().any(|s| s.contains_key(server));
             o.expire(&live, now, self.config.stale_after);
         }
-        let batch = self.emit(now_unix_nanos());
+        let batch = self.emit(now, now_unix_nanos());
         (!batch.is_empty()).then_some(batch)
     }
 }
@@ -827,7 +890,51 @@ mod tests {
         );
         // Nothing heard for longer than stale_after: the pool disappears.
         p.expire(Instant::now() + Duration::from_secs(3600));
-        assert!(p.emit(1).is_empty());
+        assert!(p.emit(Instant::now(), 1).is_empty());
+    }
+
+    #[test]
+    fn a_server_whose_reports_went_elsewhere_leaves_within_three_periods() {
+        let mut p = PoolAggregate::new(PoolConfig::default());
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let metrics =
+            |b: &Batch| -> Vec<Metric> { b.resource_metrics[0].scope_metrics[0].metrics.clone() };
+        let (a, b) = (
+            metrics(&server_batch("chat", "a", 1.0, 40.0, 10.0, 2.0)),
+            metrics(&server_batch("chat", "b", 1.0, 60.0, 20.0, 4.0)),
+        );
+        fn refs(m: &[Metric]) -> Vec<&Metric> {
+            m.iter().collect()
+        }
+        // Both report every 10 s; parts of one scrape (ms apart) are no period.
+        for s in [0, 10, 20, 30] {
+            p.observe("chat", "a", &refs(&a), at(s));
+            p.observe("chat", "a", &refs(&a), at(s) + Duration::from_millis(5));
+            p.observe("chat", "b", &refs(&b), at(s));
+        }
+        assert_eq!(p.views(at(35))["chat"].running, 30.0);
+        // `b`'s reports now go to another gateway: after three periods it counts here no more,
+        // long before stale_after (60 s) forgets it.
+        p.observe("chat", "a", &refs(&a), at(40));
+        p.observe("chat", "a", &refs(&a), at(50));
+        assert_eq!(p.views(at(55))["chat"].running, 30.0, "one period late");
+        p.observe("chat", "a", &refs(&a), at(60));
+        let v = &p.views(at(61))["chat"];
+        assert_eq!((v.running, v.ready), (10.0, 1));
+        // It comes back: counted at once.
+        p.observe("chat", "b", &refs(&b), at(62));
+        assert_eq!(p.views(at(62))["chat"].running, 30.0);
+        // A server seen once (a pool that moved here and on) goes by everyone's period.
+        p.observe("edge", "c", &refs(&b), at(62));
+        assert!(p.views(at(70)).contains_key("edge"));
+        assert!(
+            !p.views(at(112)).contains_key("edge"),
+            "before stale_after (60 s)"
+        );
+        // The whole pool moved away: it is no longer emitted here.
+        assert!(p.views(at(200)).is_empty());
+        assert!(p.emit(at(200), 1).is_empty());
     }
 
     #[test]
@@ -896,7 +1003,7 @@ mod tests {
                     .or_default()
                     .push((up, kv_cache, running, waiting));
             }
-            let views = p.views();
+            let views = p.views(Instant::now());
             let mut expected: BTreeMap<String, (Vec<f64>, Vec<f64>, f64, f64)> = BTreeMap::new();
             for ((pool, _), obs) in &log {
                 let e = expected.entry(pool.clone()).or_default();

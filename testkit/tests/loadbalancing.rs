@@ -1,7 +1,11 @@
 //! The `loadbalancing` exporter over real OTLP/gRPC: three gateways (each an `otlp` receiver
 //! feeding its own capture), 60 pools routed by `gen_ai.pool.name`. Every pool lands on
 //! exactly one gateway, the pools spread over the three, and with one gateway gone from the
-//! list only that gateway's pools move.
+//! list only that gateway's pools move; a gateway that goes down has its pools failed over to
+//! the next gateway and back when it returns. End to end: two agents scrape 120 engine
+//! simulators (60 pools of two) into three gateways' `pool_aggregate`: each pool's aggregates
+//! on exactly one gateway, equal to what the simulators' pages say, through a gateway's death
+//! and return, with every point the agents queued received by a gateway.
 
 mod common;
 
@@ -130,17 +134,25 @@ async fn each_pool_reaches_one_gateway_and_only_a_leaving_gateways_pools_move() 
             assert_eq!(at, &first[pool], "{pool} moved though its gateway stayed");
         }
     }
-    // A backend that is down: the batch is refused as retryable, for the runtime to retry.
+    // Gateway c goes down: in the same export, its pools go to a, their next backend.
     drop(rc);
     tokio::time::sleep(Duration::from_millis(200)).await;
+    let since: Vec<usize> = captures.iter().map(|c| c.batches().len()).collect();
+    two.export(&pools()).await.unwrap();
+    let third = owners(&captures, &since);
+    assert_eq!(third.len(), 61);
+    assert!(
+        third.values().all(|at| at == &BTreeSet::from([0])),
+        "{third:?}"
+    );
+    // Every backend down: the batch is refused as retryable, for the runtime to retry.
+    ra.run_until(std::future::ready(())).await;
     let err = two.export(&pools()).await.unwrap_err();
     assert!(
         matches!(err, genai_collector_core::ExportError::Retryable { .. }),
         "{err}"
     );
-    for r in [ra, rb] {
-        r.run_until(std::future::ready(())).await;
-    }
+    rb.run_until(std::future::ready(())).await;
 }
 
 #[test]
@@ -153,4 +165,248 @@ fn a_pipeline_with_the_loadbalancing_exporter_loads() {
         panic!("an unknown compression loaded")
     };
     assert!(err.to_string().contains("loadbalancing"), "{err}");
+}
+
+/// A gateway on `port`: OTLP/gRPC into `pool_aggregate` (1 s) into a capture.
+async fn pool_gateway(
+    port: u16,
+) -> (
+    Capture,
+    RunningService,
+    genai_collector_core::telemetry::Telemetry,
+) {
+    let yaml = format!(
+        "receivers:\n  otlp: {{ protocols: {{ grpc: {{ endpoint: \"127.0.0.1:{port}\" }} }} }}\nprocessors:\n  pool_aggregate: {{ interval: 1s, stale_after: 30s }}\nexporters:\n  capture:\nservice:\n  telemetry: {{ endpoint: null }}\n  pipelines:\n    metrics: {{ receivers: [otlp], processors: [pool_aggregate], exporters: [capture] }}\n"
+    );
+    let capture = Capture::new();
+    let comps = components(&capture);
+    let cfg = config::load(&[Source::new("gateway.yaml", yaml)], &comps).unwrap();
+    let svc = Service::build(cfg, &comps).unwrap();
+    let telemetry = svc.telemetry().clone();
+    let running = svc.start().await.unwrap();
+    common::listening(port).await;
+    (capture, running, telemetry)
+}
+
+/// The pools in a gateway's latest `pool_aggregate` flush: (ready servers, waiting requests).
+fn latest_pools(capture: &Capture) -> BTreeMap<String, (f64, f64)> {
+    let batches = capture.batches();
+    let is_pool = |rm: &genai_collector_core::model::ResourceMetrics| {
+        rm.resource
+            .as_ref()
+            .unwrap()
+            .attributes
+            .get_str("service.name")
+            == Some("genai-collector/pool_aggregate")
+    };
+    let Some(last) = batches
+        .iter()
+        .rev()
+        .find(|b| b.resource_metrics.iter().any(is_pool))
+    else {
+        return BTreeMap::new();
+    };
+    last.resource_metrics
+        .iter()
+        .filter(|rm| is_pool(rm))
+        .map(|rm| {
+            let attrs = &rm.resource.as_ref().unwrap().attributes;
+            let pool = attrs.get_str("gen_ai.pool.name").unwrap().to_owned();
+            let value = |name: &str| {
+                rm.scope_metrics
+                    .iter()
+                    .flat_map(|s| &s.metrics)
+                    .find(|m| m.name == name)
+                    .and_then(|m| {
+                        m.number_points()
+                            .first()
+                            .and_then(genai_collector_core::model::number_value)
+                    })
+                    .unwrap_or(f64::NAN)
+            };
+            (
+                pool,
+                (
+                    value("gen_ai.pool.servers.ready"),
+                    value("gen_ai.pool.requests.waiting"),
+                ),
+            )
+        })
+        .collect()
+}
+
+/// Which gateway shows each pool, when every pool shows on exactly one with both servers
+/// ready and the waiting requests the pages say.
+fn placement(
+    captures: &[&Capture],
+    alive: &[bool],
+    want: &BTreeMap<String, f64>,
+) -> Option<BTreeMap<String, usize>> {
+    let mut at = BTreeMap::new();
+    for (g, c) in captures.iter().enumerate() {
+        if !alive[g] {
+            continue;
+        }
+        for (pool, (ready, waiting)) in latest_pools(c) {
+            if ready != 2.0 || Some(&waiting) != want.get(&pool) || at.insert(pool, g).is_some() {
+                return None;
+            }
+        }
+    }
+    (at.len() == want.len()).then_some(at)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pools_stay_whole_on_one_gateway_through_a_gateways_death_and_return() {
+    use genai_collector_testkit::sim::{self, EngineKind};
+    // 60 pools of two vLLM simulators, each holding its own load: 0..19 waiting.
+    let mut sims = Vec::new();
+    for i in 0..120 {
+        let s = sim::start(EngineKind::VllmV1, "127.0.0.1:0").await.unwrap();
+        s.set_load(Some(0.8 + (i % 20) as f64 / 100.0));
+        sims.push(s);
+    }
+    // The brute force: each pool's waiting requests, summed from its simulators' own pages.
+    common::install_tls_provider();
+    let client = reqwest::Client::new();
+    let mut want: BTreeMap<String, f64> = BTreeMap::new();
+    for (i, s) in sims.iter().enumerate() {
+        let page = client
+            .get(s.metrics_url())
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let waiting: f64 = page
+            .lines()
+            .filter(|l| l.split(['{', ' ']).next() == Some("vllm:num_requests_waiting"))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum();
+        *want.entry(format!("pool-{}", i / 2)).or_default() += waiting;
+    }
+    let ports = [free_port(), free_port(), free_port()];
+    let mut gateways = Vec::new();
+    for p in ports {
+        gateways.push(Some(pool_gateway(p).await));
+    }
+    let hostnames: Vec<String> = ports.iter().map(|p| format!("\"127.0.0.1:{p}\"")).collect();
+    // Two agents, 30 pools each.
+    let mut agents = Vec::new();
+    for a in 0..2 {
+        let mut yaml = String::from("receivers:\n");
+        let mut names = Vec::new();
+        for pool in (a * 30)..(a * 30 + 30) {
+            yaml += &format!(
+                "  vllm/p{pool}: {{ targets: [\"{}\", \"{}\"], interval: 1s, pool: pool-{pool} }}\n",
+                sims[2 * pool].metrics_url(),
+                sims[2 * pool + 1].metrics_url()
+            );
+            names.push(format!("vllm/p{pool}"));
+        }
+        yaml += &format!(
+            "processors:\n  genai_normalize: {{}}\nexporters:\n  loadbalancing:\n    protocol: {{ otlp: {{ compression: none }} }}\n    resolver: {{ static: {{ hostnames: [{}] }} }}\n    failover: {{ recheck_after: 1s }}\n    retry_on_failure: {{ initial_interval: 100ms, max_elapsed_time: 0s }}\nservice:\n  telemetry: {{ endpoint: null }}\n  pipelines:\n    metrics: {{ receivers: [{}], processors: [genai_normalize], exporters: [loadbalancing] }}\n",
+            hostnames.join(", "),
+            names.join(", ")
+        );
+        let comps = components(&Capture::new());
+        let cfg = config::load(&[Source::new("agent.yaml", yaml)], &comps)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let svc = Service::build(cfg, &comps).unwrap();
+        let telemetry = svc.telemetry().clone();
+        agents.push((svc.start().await.unwrap(), telemetry));
+    }
+    let captures: Vec<Capture> = gateways
+        .iter()
+        .map(|g| g.as_ref().unwrap().0.clone())
+        .collect();
+    let captures: Vec<&Capture> = captures.iter().collect();
+
+    let first = eventually(
+        Duration::from_secs(30),
+        "every pool whole on exactly one gateway",
+        || placement(&captures, &[true; 3], &want),
+    )
+    .await;
+    let held: Vec<usize> = (0..3)
+        .map(|g| first.values().filter(|at| **at == g).count())
+        .collect();
+    assert!(held.iter().all(|n| *n >= 8), "the pools spread: {held:?}");
+
+    // Gateway 1 dies: its pools fail over to the others, whole and right; no other pool moves.
+    let (_, running, dead_telemetry) = gateways[1].take().unwrap();
+    running.run_until(std::future::ready(())).await;
+    let second = eventually(
+        Duration::from_secs(30),
+        "gateway 1's pools on the other two",
+        || placement(&captures, &[true, false, true], &want),
+    )
+    .await;
+    for (pool, g) in &first {
+        if *g != 1 {
+            assert_eq!(second[pool], *g, "{pool} moved though its gateway lived");
+        }
+    }
+
+    // It returns on its port: its pools come back to it (a third of them), the rest stay.
+    let back = pool_gateway(ports[1]).await;
+    let mut captures = captures;
+    captures[1] = &back.0;
+    let third = eventually(
+        Duration::from_secs(30),
+        "gateway 1's pools back on it",
+        || placement(&captures, &[true; 3], &want).filter(|at| at == &first),
+    )
+    .await;
+    let moved_back = third.values().filter(|g| **g == 1).count();
+    println!(
+        "pools per gateway {held:?}; {} moved when gateway 1 died, {moved_back} back when it returned",
+        held[1]
+    );
+
+    // Nothing the agents queued was lost: all of it reached a gateway.
+    let mut queued = 0;
+    let (mut sent, mut dropped) = (0, 0);
+    for (running, telemetry) in agents {
+        let summary = running.run_until(std::future::ready(())).await;
+        assert!(summary.drained, "{summary:?}");
+        let lb = telemetry
+            .find(
+                genai_collector_core::ComponentKind::Exporter,
+                "loadbalancing",
+            )
+            .unwrap()
+            .snapshot();
+        assert_eq!(lb.failed, 0, "points given up on");
+        // Scrapes that found the queue full (an overloaded machine) were never queued: counted
+        // apart, and no part of the contract.
+        assert_eq!(lb.accepted, lb.sent, "queued but not delivered");
+        queued += lb.accepted;
+        sent += lb.sent;
+        dropped += lb.refused;
+    }
+    let mut received = 0;
+    let mut gateway_telemetry = vec![dead_telemetry, back.2];
+    let (_, back_running, _) = back;
+    back_running.run_until(std::future::ready(())).await;
+    for g in gateways.into_iter().flatten() {
+        g.1.run_until(std::future::ready(())).await;
+        gateway_telemetry.push(g.2);
+    }
+    for t in &gateway_telemetry {
+        received += t
+            .find(genai_collector_core::ComponentKind::Receiver, "otlp")
+            .unwrap()
+            .snapshot()
+            .accepted;
+    }
+    assert!(queued > 0 && sent == queued);
+    println!(
+        "the agents queued and sent {sent} points ({dropped} scraped points found the queue full)"
+    );
+    assert!(
+        received >= sent,
+        "the agents sent {sent} points, the gateways received {received}"
+    );
 }
