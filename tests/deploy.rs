@@ -25,6 +25,7 @@ fn emitted() -> BTreeSet<String> {
         ("gen_ai.pool.servers.ready", "{server}"),
         ("gen_ai.pool.capacity.usage", "%"),
         ("gen_ai.pool.queue.size.average", "{request}"),
+        ("gen_ai.pool.requests.waiting", "{request}"),
         ("gen_ai.pool.kv_cache.usage.average", "%"),
         ("gen_ai.server.energy.per_output_token", "J/{token}"),
         ("gen_ai.pool.energy.per_output_token", "J/{token}"),
