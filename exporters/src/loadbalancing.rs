@@ -29,7 +29,7 @@ use genai_collector_core::{
 };
 use serde::Deserialize;
 
-use crate::otlp::{OtlpExporterConfig, OtlpExporterFactory};
+use crate::otlp::{OtlpExporter, OtlpExporterConfig};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -170,7 +170,7 @@ pub fn pick<S: AsRef<str>>(key: &str, backends: &[S]) -> Option<usize> {
 /// passed over (ms since `Shared::epoch`; 0: up).
 struct Backend {
     url: String,
-    exporter: Arc<dyn Exporter>,
+    exporter: OtlpExporter,
     down_until: AtomicU64,
 }
 
@@ -203,18 +203,10 @@ impl ExporterFactory for LoadBalancingFactory {
         let stop = CancellationToken::new();
         if let Some(s) = &shared.config.resolver.static_list {
             let urls: Vec<String> = s.hostnames.iter().map(|h| shared.config.url(h)).collect();
-            shared.update(urls, ctx)?;
+            shared.update(urls)?;
         }
         if let Some(d) = shared.config.resolver.dns.clone() {
-            let (shared, stop, ctx) = (
-                shared.clone(),
-                stop.clone(),
-                BuildContext {
-                    id: ctx.id.clone(),
-                    pipeline: ctx.pipeline.clone(),
-                    telemetry: ctx.telemetry.clone(),
-                },
-            );
+            let (shared, stop) = (shared.clone(), stop.clone());
             tokio::spawn(async move {
                 loop {
                     let target = format!("{}:{}", d.hostname, d.port);
@@ -224,7 +216,7 @@ impl ExporterFactory for LoadBalancingFactory {
                                 addrs.map(|a| shared.config.url(&a.to_string())).collect();
                             urls.sort();
                             urls.dedup();
-                            if let Err(e) = shared.update(urls, &ctx) {
+                            if let Err(e) = shared.update(urls) {
                                 tracing::warn!(exporter = %shared.ctx_id, error = %e, "loadbalancing: backends not updated");
                             }
                         }
@@ -253,7 +245,7 @@ struct Shared {
 
 impl Shared {
     /// Makes `urls` the backends: the ones kept keep their connections.
-    fn update(&self, urls: Vec<String>, ctx: &BuildContext) -> Result<(), ComponentError> {
+    fn update(&self, urls: Vec<String>) -> Result<(), ComponentError> {
         let current: Arc<Backends> = self.backends.read().map(|b| b.clone()).unwrap_or_default();
         if current.iter().map(|b| &b.url).eq(urls.iter()) {
             return Ok(());
@@ -265,7 +257,7 @@ impl Shared {
                 None => {
                     let config = self.config.backend(&url).map_err(ComponentError::Config)?;
                     Arc::new(Backend {
-                        exporter: Arc::from(OtlpExporterFactory.build(config, ctx)?),
+                        exporter: OtlpExporter::new(config)?,
                         url,
                         down_until: AtomicU64::new(0),
                     })
@@ -371,18 +363,13 @@ impl Exporter for LoadBalancing {
             let whole = parts.len() == 1 && pending.len() == keys.len();
             let backends = &backends;
             let sends = parts.iter().map(|(&b, resources)| async move {
-                let result = if whole {
-                    // One backend for the whole batch (one gateway, or one pool): as it is.
-                    backends[b].exporter.export(batch).await
+                // One backend for the whole batch (one gateway, or one pool): as it is.
+                let body = if whole {
+                    batch.encode_request()
                 } else {
-                    let part = Batch {
-                        resource_metrics: resources
-                            .iter()
-                            .map(|&r| batch.resource_metrics[r].clone())
-                            .collect(),
-                    };
-                    backends[b].exporter.export(&part).await
+                    batch.encode_request_of(resources)
                 };
+                let result = backends[b].exporter.send_encoded(body).await;
                 (b, result)
             });
             let results = futures_util::future::join_all(sends).await;

@@ -99,6 +99,13 @@ impl ExporterFactory for OtlpExporterFactory {
         config: OtlpExporterConfig,
         _: &BuildContext,
     ) -> Result<Box<dyn Exporter>, ComponentError> {
+        Ok(Box::new(OtlpExporter::new(config)?))
+    }
+}
+
+impl OtlpExporter {
+    /// The exporter itself, for a component that sends through it (`loadbalancing`).
+    pub fn new(config: OtlpExporterConfig) -> Result<Self, ComponentError> {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let pems = config.tls.read().map_err(ComponentError::Config)?;
         let sender = match config.protocol {
@@ -159,10 +166,10 @@ impl ExporterFactory for OtlpExporterFactory {
                 Sender::Http { client, url }
             }
         };
-        Ok(Box::new(OtlpExporter {
+        Ok(OtlpExporter {
             sender,
             gzip: config.compression == Compression::Gzip,
-        }))
+        })
     }
 }
 
@@ -261,11 +268,18 @@ fn grpc_error(status: tonic::Status) -> ExportError {
 #[async_trait]
 impl Exporter for OtlpExporter {
     async fn export(&self, batch: &Batch) -> Result<(), ExportError> {
+        self.send_encoded(batch.encode_request()).await
+    }
+}
+
+impl OtlpExporter {
+    /// Sends an export request already encoded (see [`Batch::encode_request_of`]).
+    pub async fn send_encoded(&self, body: Vec<u8>) -> Result<(), ExportError> {
         match &self.sender {
             Sender::Grpc { client, metadata } => {
                 // A clone shares the channel; each request in flight needs its own handle.
                 let mut client = client.clone();
-                let mut request = tonic::Request::new(batch.encode_request().into());
+                let mut request = tonic::Request::new(body.into());
                 *request.metadata_mut() = metadata.clone();
                 client.ready().await.map_err(|e| {
                     ExportError::retryable(format!("cannot connect: {}", error_chain(&e)))
@@ -278,7 +292,7 @@ impl Exporter for OtlpExporter {
                     .map_err(grpc_error)
             }
             Sender::Http { client, url } => {
-                let mut body = batch.encode_request();
+                let mut body = body;
                 let mut request = client
                     .post(url.clone())
                     .header(reqwest::header::CONTENT_TYPE, "application/x-protobuf");

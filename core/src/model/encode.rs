@@ -11,10 +11,14 @@ use prost::encoding::{encode_key, encode_varint, encoded_len_varint, WireType};
 use prost::Message;
 
 /// The `ExportMetricsServiceRequest` holding `resources`, as protobuf bytes.
-pub(super) fn encode_request(resources: &[ResourceMetrics]) -> Vec<u8> {
+pub(super) fn encode_request<'a, I>(resources: I) -> Vec<u8>
+where
+    I: IntoIterator<Item = &'a ResourceMetrics> + Clone,
+{
     let mut lens = Vec::new();
     let total: usize = resources
-        .iter()
+        .clone()
+        .into_iter()
         .map(|rm| field(resource_metrics_len(rm, &mut lens)))
         .sum();
     let mut buf = Vec::with_capacity(total);
