@@ -14,6 +14,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use genai_collector_core::config::{self, Source};
+use genai_collector_core::telemetry::Telemetry;
 pub use genai_collector_core::{Components, Service};
 
 /// The config the binary runs when no `-c` is given.
@@ -72,6 +73,9 @@ struct Cli {
     /// Log level or filter (`info`, `debug`, `genai_collector_core=debug`); RUST_LOG overrides it.
     #[arg(long, global = true, default_value = "info")]
     log_level: String,
+    /// Reload the config when a config file changes (checked every second), as on SIGHUP.
+    #[arg(long, global = true)]
+    watch_config: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -124,13 +128,28 @@ pub fn run_with(components: Components) -> ExitCode {
             Err(code) => code,
         },
         Command::Run => {
-            let cfg = match load(&cli.config, &components) {
+            let sources = match read_sources(&cli.config) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            let cfg = match config::load(&sources, &components) {
                 Ok(cfg) => cfg,
-                Err(code) => return code,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
             };
             for w in &cfg.warnings {
                 tracing::warn!("{w}");
             }
+            let reload = Reload {
+                paths: cli.config.clone(),
+                watch: cli.watch_config,
+                running: sources,
+            };
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
@@ -141,50 +160,197 @@ pub fn run_with(components: Components) -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            runtime.block_on(run(cfg, components))
+            runtime.block_on(run(cfg, components, reload))
         }
     }
 }
 
-async fn run(cfg: config::Config, components: Components) -> ExitCode {
-    let service = match Service::build(cfg, &components) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("error: cannot build the pipelines: {e}");
-            return ExitCode::FAILURE;
+/// What a reload reads, and the text of the config running now.
+struct Reload {
+    paths: Vec<PathBuf>,
+    watch: bool,
+    running: Vec<Source>,
+}
+
+impl Reload {
+    /// Waits for SIGHUP or, with `--watch-config`, a changed file, until the files hold a
+    /// valid config that differs from the running one. A config that does not load is
+    /// refused: logged, shown on `/healthz` as `config_error`, and the running one carries on.
+    async fn next(
+        &mut self,
+        hangup: &mut Hangup,
+        components: &Components,
+        telemetry: &Telemetry,
+    ) -> (config::Config, Vec<Source>) {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        let mut last_seen = texts(&self.running);
+        loop {
+            let asked = tokio::select! {
+                () = hangup.recv() => true,
+                _ = tick.tick(), if self.watch => false,
+            };
+            if self.paths.is_empty() {
+                if asked {
+                    tracing::warn!("SIGHUP: the embedded config has no file to reload");
+                }
+                continue;
+            }
+            let sources = match read_sources(&self.paths) {
+                Ok(s) => s,
+                Err(e) => {
+                    if asked {
+                        refuse(telemetry, &e.to_string());
+                    }
+                    continue;
+                }
+            };
+            let now = texts(&sources);
+            if now == last_seen && !asked {
+                continue;
+            }
+            last_seen = now;
+            if last_seen == texts(&self.running) {
+                tracing::info!("config reload: unchanged");
+                continue;
+            }
+            match config::load(&sources, components) {
+                Ok(cfg) => {
+                    for w in &cfg.warnings {
+                        tracing::warn!("{w}");
+                    }
+                    return (cfg, std::mem::replace(&mut self.running, sources));
+                }
+                Err(e) => refuse(telemetry, &e.to_string()),
+            }
         }
-    };
-    match service.run(shutdown_signal()).await {
-        Ok(summary) if summary.drained => ExitCode::SUCCESS,
-        Ok(summary) => {
+    }
+}
+
+fn texts(sources: &[Source]) -> Vec<String> {
+    sources.iter().map(|s| s.text.clone()).collect()
+}
+
+fn refuse(telemetry: &Telemetry, error: &str) {
+    tracing::error!("config reload refused, the running config carries on: {error}");
+    telemetry.set_config_error(error);
+}
+
+/// Runs `cfg`, and on a reload, drains it and runs the new one: queued data is delivered in
+/// the drain or, with a persistent queue, taken up from its directory by the new pipelines.
+async fn run(cfg: config::Config, components: Components, mut reload: Reload) -> ExitCode {
+    let mut shutdown = std::pin::pin!(shutdown_signal());
+    // Registered once, before anything runs: an unhandled SIGHUP would end the process.
+    let mut hangup = hangup_signal();
+    let mut cfg = cfg;
+    // The config that ran before a reload, to go back to if the new one cannot start (a port
+    // taken), and why it could not.
+    let mut previous: Option<Vec<Source>> = None;
+    let mut failed_reload: Option<String> = None;
+    loop {
+        let started = match Service::build(cfg, &components) {
+            Ok(service) => {
+                let telemetry = service.telemetry().clone();
+                service
+                    .start()
+                    .await
+                    .map(|r| (r, telemetry))
+                    .map_err(|e| format!("cannot start: {e}"))
+            }
+            Err(e) => Err(format!("cannot build the pipelines: {e}")),
+        };
+        let (running, telemetry) = match (started, previous.take()) {
+            (Ok(r), _) => r,
+            (Err(e), Some(sources)) => {
+                tracing::error!("config reload: the new config {e}; going back to the last one");
+                match config::load(&sources, &components) {
+                    Ok(c) => {
+                        cfg = c;
+                        reload.running = sources;
+                        failed_reload = Some(e);
+                        continue;
+                    }
+                    Err(e) => {
+                        eprintln!("error: the last config no longer loads: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            }
+            (Err(e), None) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        if let Some(e) = failed_reload.take() {
+            telemetry.set_config_error(e);
+        }
+        let mut next = None;
+        let summary = running
+            .run_until(async {
+                tokio::select! {
+                    () = &mut shutdown => {}
+                    c = reload.next(&mut hangup, &components, &telemetry) => next = Some(c),
+                }
+            })
+            .await;
+        if !summary.drained {
             eprintln!(
                 "error: shutdown timed out; {} queued points were lost",
                 summary.lost_points
             );
-            ExitCode::FAILURE
         }
-        Err(e) => {
-            eprintln!("error: cannot start: {e}");
-            ExitCode::FAILURE
+        match next {
+            Some((c, before)) => {
+                tracing::info!("config reloaded: pipelines drained, starting the new ones");
+                cfg = c;
+                previous = Some(before);
+            }
+            None if summary.drained => return ExitCode::SUCCESS,
+            None => return ExitCode::FAILURE,
         }
     }
 }
 
-fn load(paths: &[PathBuf], components: &Components) -> Result<config::Config, ExitCode> {
-    let sources: Result<Vec<Source>, _> = if paths.is_empty() {
-        Ok(vec![Source::new(
+fn read_sources(paths: &[PathBuf]) -> Result<Vec<Source>, config::ConfigError> {
+    if paths.is_empty() {
+        return Ok(vec![Source::new(
             "<embedded default config>",
             DEFAULT_CONFIG,
-        )])
-    } else {
-        paths.iter().map(|p| Source::read(p)).collect()
-    };
-    sources
+        )]);
+    }
+    paths.iter().map(|p| Source::read(p)).collect()
+}
+
+fn load(paths: &[PathBuf], components: &Components) -> Result<config::Config, ExitCode> {
+    read_sources(paths)
         .and_then(|s| config::load(&s, components))
         .map_err(|e| {
             eprintln!("error: {e}");
             ExitCode::from(EXIT_CONFIG)
         })
+}
+
+/// SIGHUP, as a stream; never, where there is none.
+struct Hangup(#[cfg(unix)] Option<tokio::signal::unix::Signal>);
+
+impl Hangup {
+    async fn recv(&mut self) {
+        #[cfg(unix)]
+        if let Some(s) = &mut self.0 {
+            s.recv().await;
+            return;
+        }
+        std::future::pending::<()>().await;
+    }
+}
+
+fn hangup_signal() -> Hangup {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        Hangup(signal(SignalKind::hangup()).ok())
+    }
+    #[cfg(not(unix))]
+    Hangup()
 }
 
 /// Resolves on the first SIGINT or SIGTERM; a second one exits at once.

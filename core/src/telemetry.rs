@@ -223,6 +223,8 @@ struct Inner {
     ready: AtomicBool,
     components: Mutex<Vec<Arc<ComponentStats>>>,
     limiter: std::sync::OnceLock<Arc<MemoryLimiter>>,
+    /// Why the last config reload was refused, while this config runs on.
+    config_error: Mutex<Option<String>>,
 }
 
 impl Default for Telemetry {
@@ -240,6 +242,7 @@ impl Telemetry {
                 ready: AtomicBool::new(false),
                 components: Mutex::new(Vec::new()),
                 limiter: std::sync::OnceLock::new(),
+                config_error: Mutex::new(None),
             }),
         }
     }
@@ -308,14 +311,26 @@ impl Telemetry {
         self.components().iter().all(|c| c.state() != State::Failed)
     }
 
+    /// Records why a config reload was refused: `/healthz` shows it as `config_error` while
+    /// the running config carries on.
+    pub fn set_config_error(&self, error: impl Into<String>) {
+        if let Ok(mut e) = self.inner.config_error.lock() {
+            *e = Some(error.into());
+        }
+    }
+
     /// The health document `/healthz` and `/readyz` serve.
     pub fn health_json(&self) -> String {
         let mut out = format!(
-            "{{\"status\":\"{}\",\"ready\":{},\"uptime_seconds\":{:.3},\"components\":[",
+            "{{\"status\":\"{}\",\"ready\":{},\"uptime_seconds\":{:.3},",
             if self.is_healthy() { "ok" } else { "failed" },
             self.is_ready(),
             self.inner.started.elapsed().as_secs_f64()
         );
+        if let Some(e) = self.inner.config_error.lock().ok().and_then(|e| e.clone()) {
+            let _ = write!(out, "\"config_error\":{},", json_str(&e));
+        }
+        out.push_str("\"components\":[");
         for (i, c) in self.components().iter().enumerate() {
             if i > 0 {
                 out.push(',');
