@@ -13,7 +13,12 @@
 //! default `metricType: AverageValue` has the HPA divide the sum by the replicas, so the
 //! Deployment is sized to `ceil(sum / target)`. A selection with no report for `stale_after` is
 //! an error, never a 0. `IsActive` is false once none of its servers has run or queued a request
-//! for `scale_to_zero_after`.
+//! for `scale_to_zero_after`. Behind several gateway replicas, `peers` lets any replica answer
+//! for all of them (`peers.rs`).
+
+mod peers;
+
+pub use peers::{PeersConfig, PeersDns};
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -52,6 +57,8 @@ pub struct KedaScalerConfig {
     pub max_servers: usize,
     /// `StreamIsActive` streams open at most; more are refused with RESOURCE_EXHAUSTED.
     pub max_streams: usize,
+    /// The other gateway replicas' scalers, to answer for all of them.
+    pub peers: Option<PeersConfig>,
 }
 
 impl Default for KedaScalerConfig {
@@ -64,6 +71,7 @@ impl Default for KedaScalerConfig {
             scale_to_zero_after: Duration::from_secs(300),
             max_servers: 10_000,
             max_streams: 1000,
+            peers: None,
         }
     }
 }
@@ -81,6 +89,15 @@ impl ComponentConfig for KedaScalerConfig {
                 "scale_to_zero_after",
                 "must be more than 0s",
             ));
+        }
+        if let Some(p) = &self.peers {
+            p.validate()?;
+            if self.tls.is_some() {
+                return Err(ValidationError::field(
+                    "peers",
+                    "peers are asked in plain gRPC: not with `tls` yet",
+                ));
+            }
         }
         Ok(())
     }
@@ -117,14 +134,19 @@ impl ExporterFactory for KedaScalerFactory {
                 .tls_config(t)
                 .map_err(|e| ComponentError::Config(format!("tls: {e}")))?;
         }
+        let token = config.bearer_token.clone().filter(|t| !t.is_empty());
         let scaler = Arc::new(Scaler {
             state: Mutex::new(State::default()),
             streams: AtomicUsize::new(0),
-            token: config.bearer_token.clone().filter(|t| !t.is_empty()),
+            peers: config
+                .peers
+                .clone()
+                .map(|p| peers::Peers::new(p, token.clone())),
+            token,
             config,
         });
         let stop = CancellationToken::new();
-        let service = ScalerService(scaler.clone());
+        let (service, peer_service) = (ScalerService(scaler.clone()), PeerService(scaler.clone()));
         let cancelled = stop.clone().cancelled_owned();
         let addr = listener.local_addr()?;
         tokio::spawn(async move {
@@ -136,6 +158,7 @@ impl ExporterFactory for KedaScalerFactory {
             });
             let served = server
                 .add_service(service)
+                .add_service(peer_service)
                 .serve_with_incoming_shutdown(incoming, cancelled)
                 .await;
             if let Err(e) = served {
@@ -287,6 +310,7 @@ struct Scaler {
     state: Mutex<State>,
     /// `StreamIsActive` streams open now.
     streams: AtomicUsize,
+    peers: Option<peers::Peers>,
 }
 
 /// One open stream's place among `max_streams`, given back when the stream is dropped.
@@ -437,44 +461,71 @@ impl Scaler {
             .retain(|_, a| now.duration_since(a.reported) < Duration::from_secs(86_400));
     }
 
-    /// The live servers' figures for `by`: their models' for a model, all for a pool.
-    fn live(&self, state: &State, by: &(&'static str, String), now: Instant) -> Vec<Figures> {
-        state
-            .servers
-            .values()
-            .filter(|s| s.ready && now.duration_since(s.seen) < self.config.stale_after)
-            .flat_map(|s| match by.0 {
-                "pool" if s.pool.as_deref() == Some(by.1.as_str()) => {
-                    s.models.values().cloned().collect::<Vec<_>>()
-                }
-                "model" => s.models.get(&by.1).cloned().into_iter().collect(),
-                _ => Vec::new(),
-            })
-            .collect()
+    /// This replica's live servers for `by` (their models' figures for a model, all for a
+    /// pool) and the selection's activity, as of `now`.
+    fn local_view(&self, by: &(&'static str, String), now: Instant) -> View {
+        let Ok(state) = self.state.lock() else {
+            return View::default();
+        };
+        let ms = |d: Duration| d.as_millis() as i64;
+        let mut servers = Vec::new();
+        for (key, s) in &state.servers {
+            let age = now.saturating_duration_since(s.seen);
+            if !s.ready || age >= self.config.stale_after {
+                continue;
+            }
+            let figures: Vec<(&String, &Figures)> = match by.0 {
+                "pool" if s.pool.as_deref() == Some(by.1.as_str()) => s.models.iter().collect(),
+                "model" => s.models.get_key_value(&by.1).into_iter().collect(),
+                _ => continue,
+            };
+            for (model, f) in figures {
+                servers.push(ViewServer {
+                    id: format!("{key} {model}"),
+                    age_ms: ms(age),
+                    waiting: f.waiting,
+                    running: f.running,
+                    max: f.max,
+                    kv: f.kv,
+                    token_rate: f.token_rate,
+                });
+            }
+        }
+        let activity = state.activity.get(by);
+        View {
+            servers,
+            reported_age_ms: activity.map(|a| ms(now.saturating_duration_since(a.reported))),
+            busy_age_ms: activity.map(|a| ms(now.saturating_duration_since(a.busy))),
+        }
     }
 
-    fn unknown_or_stale(&self, state: &State, by: &(&'static str, String), now: Instant) -> Status {
-        match state.activity.get(by) {
+    /// What every replica knows of `by`: this one's view, merged with its peers' if it has any.
+    async fn view(&self, by: &(&'static str, String)) -> View {
+        let local = self.local_view(by, Instant::now());
+        match &self.peers {
+            Some(p) => peers::merge(std::iter::once(local).chain(p.views(by).await)),
+            None => local,
+        }
+    }
+
+    fn unknown_or_stale(&self, by: &(&'static str, String), view: &View) -> Status {
+        match view.reported_age_ms {
             None => Status::not_found(format!("{} `{}`: no server has reported it", by.0, by.1)),
-            Some(a) => Status::unavailable(format!(
+            Some(age) => Status::unavailable(format!(
                 "{} `{}`: no live server has reported for {}s (stale_after {}s)",
                 by.0,
                 by.1,
-                now.duration_since(a.reported).as_secs(),
+                age / 1000,
                 self.config.stale_after.as_secs()
             )),
         }
     }
 
-    /// The trigger's value now: the sum over the live servers; an error when there is none.
-    fn value(&self, t: &Trigger, now: Instant) -> Result<f64, Status> {
-        let state = self
-            .state
-            .lock()
-            .map_err(|_| Status::internal("state poisoned"))?;
-        let live = self.live(&state, &t.by, now);
+    /// The trigger's value: the sum over the live servers; an error when there is none.
+    fn value_of(&self, t: &Trigger, view: &View) -> Result<f64, Status> {
+        let live = &view.servers;
         if live.is_empty() {
-            return Err(self.unknown_or_stale(&state, &t.by, now));
+            return Err(self.unknown_or_stale(&t.by, view));
         }
         let figures: Vec<f64> = match t.signal {
             Signal::WaitingPerServer => live.iter().map(|f| f.waiting).collect(),
@@ -499,19 +550,25 @@ impl Scaler {
     /// Whether the selection had a request running or waiting within `scale_to_zero_after`.
     /// A selection whose servers all went away while idle is inactive (scaled to zero); one
     /// that went away while busy is an error, not a reason to scale down.
-    fn is_active(&self, by: &(&'static str, String), now: Instant) -> Result<bool, Status> {
-        let state = self
-            .state
-            .lock()
-            .map_err(|_| Status::internal("state poisoned"))?;
-        let Some(a) = state.activity.get(by) else {
-            return Err(self.unknown_or_stale(&state, by, now));
+    fn is_active_of(&self, by: &(&'static str, String), view: &View) -> Result<bool, Status> {
+        let Some(busy) = view.busy_age_ms else {
+            return Err(self.unknown_or_stale(by, view));
         };
-        let idle = now.duration_since(a.busy) >= self.config.scale_to_zero_after;
-        if self.live(&state, by, now).is_empty() && !idle {
-            return Err(self.unknown_or_stale(&state, by, now));
+        let idle = busy >= self.config.scale_to_zero_after.as_millis() as i64;
+        if view.servers.is_empty() && !idle {
+            return Err(self.unknown_or_stale(by, view));
         }
         Ok(!idle)
+    }
+
+    #[cfg(test)]
+    fn value(&self, t: &Trigger, now: Instant) -> Result<f64, Status> {
+        self.value_of(t, &self.local_view(&t.by, now))
+    }
+
+    #[cfg(test)]
+    fn is_active(&self, by: &(&'static str, String), now: Instant) -> Result<bool, Status> {
+        self.is_active_of(by, &self.local_view(by, now))
     }
 
     fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
@@ -577,6 +634,47 @@ pub mod proto {
         pub metric_values: Vec<MetricValue>,
     }
 
+    /// A replica's question to its peers (`peers.rs`): a `pool` or a `model`, and its name.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct PeerRequest {
+        #[prost(string, tag = "1")]
+        pub kind: String,
+        #[prost(string, tag = "2")]
+        pub name: String,
+    }
+
+    /// What a replica knows of a selection: its live servers and the selection's activity.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct View {
+        #[prost(message, repeated, tag = "1")]
+        pub servers: Vec<ViewServer>,
+        /// Since the selection was last reported; none: never.
+        #[prost(int64, optional, tag = "2")]
+        pub reported_age_ms: Option<i64>,
+        /// Since one of its servers last had a request running or waiting.
+        #[prost(int64, optional, tag = "3")]
+        pub busy_age_ms: Option<i64>,
+    }
+
+    /// One server's figures for the selection (one model of it, for a pool).
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ViewServer {
+        #[prost(string, tag = "1")]
+        pub id: String,
+        #[prost(int64, tag = "2")]
+        pub age_ms: i64,
+        #[prost(double, tag = "3")]
+        pub waiting: f64,
+        #[prost(double, tag = "4")]
+        pub running: f64,
+        #[prost(double, optional, tag = "5")]
+        pub max: Option<f64>,
+        #[prost(double, optional, tag = "6")]
+        pub kv: Option<f64>,
+        #[prost(double, optional, tag = "7")]
+        pub token_rate: Option<f64>,
+    }
+
     #[derive(Clone, PartialEq, prost::Message)]
     pub struct MetricValue {
         #[prost(string, tag = "1")]
@@ -590,7 +688,7 @@ pub mod proto {
 
 use proto::{
     GetMetricSpecResponse, GetMetricsRequest, GetMetricsResponse, IsActiveResponse, MetricSpec,
-    MetricValue, ScaledObjectRef,
+    MetricValue, PeerRequest, ScaledObjectRef, View, ViewServer,
 };
 
 type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = Result<Response<T>, Status>> + Send>>;
@@ -602,7 +700,7 @@ impl Scaler {
         Box::pin(async move {
             self.authorize(&r)?;
             let t = Trigger::parse(&r.get_ref().scaler_metadata)?;
-            let result = self.is_active(&t.by, Instant::now())?;
+            let result = self.is_active_of(&t.by, &self.view(&t.by).await)?;
             Ok(Response::new(IsActiveResponse { result }))
         })
     }
@@ -623,19 +721,36 @@ impl Scaler {
                     if done {
                         return None;
                     }
+                    // Asking the peers costs a call to each: less often then.
+                    let every = Duration::from_secs(if slot.0.peers.is_some() { 5 } else { 1 });
                     loop {
-                        match slot.0.is_active(&by, Instant::now()) {
+                        let view = slot.0.view(&by).await;
+                        match slot.0.is_active_of(&by, &view) {
                             Ok(now) if Some(now) != last => {
                                 let item = Ok(IsActiveResponse { result: now });
                                 return Some((item, (slot, by, Some(now), false)));
                             }
-                            Ok(_) => tokio::time::sleep(Duration::from_secs(1)).await,
+                            Ok(_) => tokio::time::sleep(every).await,
                             Err(e) => return Some((Err(e), (slot, by, last, true))),
                         }
                     }
                 },
             );
             Ok(Response::new(Box::pin(stream) as ActiveStream))
+        })
+    }
+
+    /// A peer's question: this replica's own view, never its peers'.
+    fn peer_call(self: Arc<Self>, r: Request<PeerRequest>) -> BoxFuture<View> {
+        Box::pin(async move {
+            self.authorize(&r)?;
+            let PeerRequest { kind, name } = r.into_inner();
+            let by = match kind.as_str() {
+                "pool" => ("pool", name),
+                "model" => ("model", name),
+                _ => return Err(Status::invalid_argument("`kind` is pool or model")),
+            };
+            Ok(Response::new(self.local_view(&by, Instant::now())))
         })
     }
 
@@ -668,7 +783,7 @@ impl Scaler {
                 .map(|o| o.scaler_metadata)
                 .unwrap_or_default();
             let t = Trigger::parse(&metadata)?;
-            let value = self.value(&t, Instant::now())?;
+            let value = self.value_of(&t, &self.view(&t.by).await)?;
             let metric_name = if req.metric_name.is_empty() {
                 t.metric_name()
             } else {
@@ -707,6 +822,39 @@ impl tonic::server::ServerStreamingService<ScaledObjectRef> for StreamActive {
     type Future = BoxFuture<ActiveStream>;
     fn call(&mut self, request: Request<ScaledObjectRef>) -> Self::Future {
         self.0.clone().stream_is_active_call(request)
+    }
+}
+
+/// The peers' method (`peers.rs`), a service of its own name.
+#[derive(Clone)]
+struct PeerService(Arc<Scaler>);
+
+impl tonic::server::NamedService for PeerService {
+    const NAME: &'static str = peers::PEER_SERVICE;
+}
+
+impl tonic::codegen::Service<HttpRequest> for PeerService {
+    type Response = HttpResponse;
+    type Error = std::convert::Infallible;
+    type Future = tonic::codegen::BoxFuture<HttpResponse, std::convert::Infallible>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: HttpRequest) -> Self::Future {
+        let scaler = self.0.clone();
+        Box::pin(async move {
+            if req.uri().path() != peers::PEER_PATH {
+                return Ok(Status::unimplemented("").into_http());
+            }
+            Ok(tonic::server::Grpc::new(tonic_prost::ProstCodec::default())
+                .unary(Unary(scaler, Scaler::peer_call), req)
+                .await)
+        })
     }
 }
 
@@ -783,6 +931,7 @@ mod tests {
             token: None,
             state: Mutex::new(State::default()),
             streams: AtomicUsize::new(0),
+            peers: None,
         }
     }
 

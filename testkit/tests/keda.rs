@@ -371,3 +371,104 @@ service:
     rt.block_on(running.run_until(std::future::ready(())));
     let _ = std::fs::remove_dir_all(&c.dir);
 }
+
+/// A server's report as the agent sends it after `genai_normalize`.
+fn report(id: &str, pool: &str, model: &str, waiting: f64) -> genai_collector_core::Batch {
+    use genai_collector_core::model::{kv, number_point, Metric, MetricExt};
+    let model = || vec![kv("gen_ai.request.model", model)];
+    genai_collector_core::Batch::with_resource(
+        vec![kv("service.instance.id", id), kv("gen_ai.pool.name", pool)],
+        vec![
+            Metric::gauge(
+                "gen_ai.server.requests.waiting",
+                "{request}",
+                vec![number_point(1, waiting, model())],
+            ),
+            Metric::gauge(
+                "gen_ai.server.requests.running",
+                "{request}",
+                vec![number_point(1, 1.0, model())],
+            ),
+            Metric::gauge("up", "", vec![number_point(1, 1.0, vec![])]),
+        ],
+    )
+}
+
+/// Three gateway replicas, each holding some pools (as the agents' `loadbalancing` routes
+/// them): KEDA asks any one of them and gets the answer for all, a server whose pool moved
+/// counted once by its freshest report, and a replica that is gone left out.
+#[test]
+fn any_gateway_replica_answers_for_all_of_them() {
+    use genai_collector_core::{BuildContext, ComponentConfig, ComponentId, ExporterFactory};
+    use genai_collector_exporters::keda_scaler::{KedaScalerConfig, KedaScalerFactory};
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let ports = [free_port(), free_port(), free_port()];
+    let peers: Vec<String> = ports.iter().map(|p| format!("\"127.0.0.1:{p}\"")).collect();
+    let scalers: Vec<_> = ports
+        .iter()
+        .map(|p| {
+            let config: KedaScalerConfig = serde_saphyr::from_str(&format!(
+                "endpoint: \"127.0.0.1:{p}\"\nbearer_token: s3cret\npeers: {{ static: [{}], timeout: 1s }}\n",
+                peers.join(", ")
+            ))
+            .unwrap();
+            config.validate().unwrap();
+            let ctx = BuildContext {
+                id: ComponentId::parse("keda_scaler").unwrap(),
+                pipeline: None,
+                telemetry: Default::default(),
+            };
+            rt.block_on(async { KedaScalerFactory.build(config, &ctx).unwrap() })
+        })
+        .collect();
+    rt.block_on(async {
+        // Pool `chat` on replica 0; model `llama` served from pools on replicas 1 and 2; pool
+        // `moved` went from replica 0 to 1, and replica 0 still holds its older report.
+        for (g, b) in [
+            (0, report("s1", "chat", "m", 3.0)),
+            (0, report("s2", "chat", "m", 4.0)),
+            (1, report("s3", "edge", "llama", 5.0)),
+            (2, report("s4", "batch", "llama", 6.0)),
+            (0, report("s5", "moved", "m", 100.0)),
+        ] {
+            scalers[g].export(&b).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        scalers[1]
+            .export(&report("s5", "moved", "m", 1.0))
+            .await
+            .unwrap();
+    });
+    let waiting = |by: &str, name: &str| {
+        json!({"call": "GetMetrics",
+               "metadata": {by: name, "signal": "waiting_per_server", "target": "5"},
+               "metric_name": "m"})
+    };
+    for port in ports {
+        let mut keda = Keda::start(port, Some("s3cret"));
+        assert_eq!(value(&keda.call(waiting("pool", "chat"))), Some(7.0));
+        let llama = keda.call(waiting("model", "llama"));
+        assert_eq!(value(&llama), Some(11.0), "{llama}");
+        assert_eq!(
+            value(&keda.call(waiting("pool", "moved"))),
+            Some(1.0),
+            "the freshest report of s5 only"
+        );
+        let unknown = keda.call(waiting("pool", "nowhere"));
+        assert_eq!(unknown["error"], "NOT_FOUND", "{unknown}");
+        let active = keda.call(json!({"call": "IsActive", "metadata": {"pool": "edge", "signal": "waiting_per_server", "target": "5"}}));
+        assert_eq!(active["active"], true, "{active}");
+    }
+    // Replica 2 goes: its servers are left out, the others still answer.
+    rt.block_on(async { scalers[2].shutdown().await.unwrap() });
+    let mut keda = Keda::start(ports[0], Some("s3cret"));
+    let started = Instant::now();
+    let without = keda.until(waiting("model", "llama"), |a| value(a) == Some(5.0));
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "a replica that is gone holds the answer up: {without}"
+    );
+    for s in &scalers[..2] {
+        rt.block_on(s.shutdown()).unwrap();
+    }
+}
