@@ -17,6 +17,8 @@ pub mod disk_queue;
 pub(crate) mod disk_queue;
 mod http;
 pub mod id;
+#[cfg(feature = "k8s")]
+pub mod kubernetes;
 pub mod memory;
 pub mod model;
 pub mod poll;

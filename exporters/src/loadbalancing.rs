@@ -4,9 +4,10 @@
 //!
 //! The choice is rendezvous hashing (highest random weight) of the key over the backends, with
 //! a hash that is the same in every agent (FNV-1a): adding or removing one of N backends moves
-//! only the keys that belong to it, about 1/N. Backends come from a static list or from DNS (a
-//! headless Service), re-resolved on an interval. Resources without the key go to the backend
-//! of the empty key: one stable default.
+//! only the keys that belong to it, about 1/N. Backends come from a static list, from DNS (a
+//! headless Service) re-resolved on an interval, or from the Service's EndpointSlices watched
+//! through the Kubernetes API (`k8s.rs`). Resources without the key go to the backend of the
+//! empty key: one stable default.
 //!
 //! A batch is split by backend and sent to all of them at once. A backend that cannot be reached
 //! (a failure without the backend's own retry hint) is down for `failover.recheck_after`: its
@@ -30,6 +31,9 @@ use genai_collector_core::{
 use serde::Deserialize;
 
 use crate::otlp::{OtlpExporter, OtlpExporterConfig};
+
+#[cfg(feature = "k8s")]
+mod k8s;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -79,6 +83,23 @@ pub struct ResolverConfig {
     #[serde(rename = "static")]
     pub static_list: Option<StaticResolver>,
     pub dns: Option<DnsResolver>,
+    pub k8s: Option<K8sResolver>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct K8sResolver {
+    /// The gateway's Service, `name.namespace` (`name` alone: namespace `default`).
+    pub service: String,
+    /// A backend per ready endpoint address and port.
+    #[serde(default = "otlp_ports")]
+    pub ports: Vec<u16>,
+    /// Default: in-cluster, else `KUBECONFIG`.
+    pub kubeconfig: Option<std::path::PathBuf>,
+}
+
+fn otlp_ports() -> Vec<u16> {
+    vec![4317]
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -135,15 +156,24 @@ impl ComponentConfig for LoadBalancingConfig {
             .backend("http://localhost:4317")
             .map_err(|e| ValidationError::field("protocol", e))?;
         probe.validate()?;
-        match (&self.resolver.static_list, &self.resolver.dns) {
+        let r = &self.resolver;
+        match (&r.static_list, &r.dns, &r.k8s) {
             _ if self.failover.enabled && self.failover.recheck_after.is_zero() => Err(
                 ValidationError::field("failover.recheck_after", "must be more than 0s"),
             ),
-            (Some(s), None) if !s.hostnames.is_empty() => Ok(()),
-            (None, Some(d)) if !d.hostname.is_empty() && !d.interval.is_zero() => Ok(()),
+            (Some(s), None, None) if !s.hostnames.is_empty() => Ok(()),
+            (None, Some(d), None) if !d.hostname.is_empty() && !d.interval.is_zero() => Ok(()),
+            (None, None, Some(k)) if cfg!(not(feature = "k8s")) => {
+                let _ = k;
+                Err(ValidationError::field(
+                    "resolver.k8s",
+                    "this build has no Kubernetes client (the `k8s` feature)",
+                ))
+            }
+            (None, None, Some(k)) if !k.service.is_empty() && !k.ports.is_empty() => Ok(()),
             _ => Err(ValidationError::field(
                 "resolver",
-                "one of `static: {hostnames: [...]}` and `dns: {hostname: ...}`",
+                "one of `static: {hostnames: [...]}`, `dns: {hostname: ...}` and `k8s: {service: name.namespace}`",
             )),
         }
     }
@@ -230,6 +260,10 @@ impl ExporterFactory for LoadBalancingFactory {
                     }
                 }
             });
+        }
+        #[cfg(feature = "k8s")]
+        if let Some(k) = shared.config.resolver.k8s.clone() {
+            tokio::spawn(k8s::watch(k, shared.clone(), stop.clone()));
         }
         Ok(Box::new(LoadBalancing { shared, stop }))
     }

@@ -9,19 +9,19 @@
 mod common;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::body::Body;
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
+use common::kube::{event, kubeconfig, Msg};
 use genai_collector_core::config::{self, Source};
 use genai_collector_core::{ComponentKind, Service};
 use genai_collector_testkit::sim::{self, fixtures_dir, EngineKind};
 use genai_collector_testkit::{components, Capture};
 use serde_json::{json, Value};
-use tokio::sync::broadcast;
+
+async fn start_pods(forbidden: bool, initial: Vec<Value>) -> (common::kube::Fake, u16) {
+    common::kube::start_fake("/api/v1/pods", "PodList", forbidden, initial).await
+}
 
 /// A pod from the fixture with the name, uid, IP, scrape port and labels a case needs.
 fn pod(name: &str, port: Option<u16>, pool: &str, phase: &str) -> Value {
@@ -42,146 +42,6 @@ fn pod(name: &str, port: Option<u16>, pool: &str, phase: &str) -> Value {
     p["status"]["phase"] = json!(phase);
     p["status"]["podIP"] = json!("127.0.0.1");
     p
-}
-
-#[derive(Clone)]
-enum Msg {
-    /// The event's type and object.
-    Event(String, Value),
-    Close,
-}
-
-#[derive(Clone)]
-struct Fake {
-    /// What a list answers now.
-    pods: Arc<Mutex<Vec<Value>>>,
-    events: broadcast::Sender<Msg>,
-    /// Every request's query string, in order.
-    seen: Arc<Mutex<Vec<String>>>,
-    forbidden: bool,
-}
-
-/// The query's pairs, percent-decoded.
-fn query(uri: &axum::http::Uri) -> HashMap<String, String> {
-    let decode = |s: &str| {
-        let s = s.replace('+', " ");
-        let bytes = s.as_bytes();
-        let mut out = Vec::new();
-        let mut i = 0;
-        while i < bytes.len() {
-            if bytes[i] == b'%' && i + 3 <= bytes.len() {
-                if let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                    out.push(b);
-                    i += 3;
-                    continue;
-                }
-            }
-            out.push(bytes[i]);
-            i += 1;
-        }
-        String::from_utf8_lossy(&out).into_owned()
-    };
-    uri.query()
-        .unwrap_or("")
-        .split('&')
-        .filter_map(|kv| kv.split_once('='))
-        .map(|(k, v)| (decode(k), decode(v)))
-        .collect()
-}
-
-fn json_response(status: StatusCode, body: &Value) -> Response {
-    (
-        status,
-        [(axum::http::header::CONTENT_TYPE, "application/json")],
-        body.to_string(),
-    )
-        .into_response()
-}
-
-/// Whether a pod matches an equality label selector (`k=v,k2=v2`), as the API server filters;
-/// other objects (an ERROR event's Status) always pass.
-fn selected(selector: Option<&String>, pod: &Value) -> bool {
-    pod["kind"] != "Pod"
-        || selector.is_none_or(|s| {
-            s.split(',')
-                .filter_map(|kv| kv.split_once('='))
-                .all(|(k, v)| pod["metadata"]["labels"][k] == v)
-        })
-}
-
-async fn pods(State(f): State<Fake>, uri: axum::http::Uri) -> Response {
-    let q = query(&uri);
-    let selector = q.get("labelSelector").cloned();
-    let mut keys: Vec<_> = q.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    keys.sort();
-    f.seen.lock().unwrap().push(keys.join("&"));
-    if f.forbidden {
-        let status = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-            "message": "pods is forbidden: User \"system:serviceaccount:monitoring:genai-collector\" cannot list resource \"pods\" in API group \"\" at the cluster scope",
-            "reason": "Forbidden", "details": {"kind": "pods"}, "code": 403});
-        return json_response(StatusCode::FORBIDDEN, &status);
-    }
-    if q.get("watch").map(String::as_str) == Some("true") {
-        let rx = f.events.subscribe();
-        let stream = futures_util::stream::unfold((rx, selector), |(mut rx, sel)| async move {
-            loop {
-                match rx.recv().await {
-                    Ok(Msg::Event(kind, object)) if selected(sel.as_ref(), &object) => {
-                        let line = format!("{}\n", json!({"type": kind, "object": object}));
-                        return Some((Ok::<_, std::io::Error>(line), (rx, sel)));
-                    }
-                    Ok(Msg::Event(..)) => continue,
-                    _ => return None,
-                }
-            }
-        });
-        return Response::new(Body::from_stream(stream));
-    }
-    let items: Vec<Value> = f
-        .pods
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|p| selected(selector.as_ref(), p))
-        .cloned()
-        .collect();
-    json_response(
-        StatusCode::OK,
-        &json!({"kind": "PodList", "apiVersion": "v1",
-            "metadata": {"resourceVersion": "100"}, "items": items}),
-    )
-}
-
-async fn start_fake(forbidden: bool, initial: Vec<Value>) -> (Fake, u16) {
-    let fake = Fake {
-        pods: Arc::new(Mutex::new(initial)),
-        events: broadcast::channel(64).0,
-        seen: Arc::new(Mutex::new(Vec::new())),
-        forbidden,
-    };
-    let app = axum::Router::new()
-        .route("/api/v1/pods", axum::routing::get(pods))
-        .with_state(fake.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (fake, port)
-}
-
-fn event(fake: &Fake, kind: &str, object: Value) {
-    let _ = fake.events.send(Msg::Event(kind.to_owned(), object));
-}
-
-fn kubeconfig(dir: &std::path::Path, api_port: u16) -> std::path::PathBuf {
-    let path = dir.join("kubeconfig");
-    std::fs::write(
-        &path,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster: {{ server: \"http://127.0.0.1:{api_port}\" }}\nusers:\n- name: agent\n  user: {{}}\ncontexts:\n- name: fake\n  context: {{ cluster: fake, user: agent }}\ncurrent-context: fake\n"
-        ),
-    )
-    .unwrap();
-    path
 }
 
 /// The pods scraped in the last `window`, with the pool each scrape carried.
@@ -233,7 +93,7 @@ async fn targets_follow_pods_through_watch_and_relist() {
     let a = sim::start(EngineKind::VllmV1, "127.0.0.1:0").await.unwrap();
     let b = sim::start(EngineKind::VllmV1, "127.0.0.1:0").await.unwrap();
     let (pa, pb) = (a.addr.port(), b.addr.port());
-    let (fake, api) = start_fake(
+    let (fake, api) = start_pods(
         false,
         vec![
             pod("vllm-a", Some(pa), "chat", "Running"),
@@ -359,7 +219,7 @@ service:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forbidden_or_unreachable_api_keeps_static_targets_and_says_why() {
     let s = sim::start(EngineKind::VllmV1, "127.0.0.1:0").await.unwrap();
-    let (_fake, api) = start_fake(true, Vec::new()).await;
+    let (_fake, api) = start_pods(true, Vec::new()).await;
     let closed = common::free_port();
     let dir = std::env::temp_dir().join(format!("k8s-rbac-{}", std::process::id()));
     for (name, port) in [("forbidden", api), ("unreachable", closed)] {
@@ -471,7 +331,7 @@ async fn the_shipped_agent_and_gateway_pipelines_end_to_end() {
         p["metadata"]["labels"]["genai-collector.io/engine"] = json!(engine);
         p
     };
-    let (_fake, api) = start_fake(
+    let (_fake, api) = start_pods(
         false,
         vec![
             engine_pod("vllm-a", a.addr.port(), "chat", "vllm"),
@@ -702,7 +562,7 @@ fn all_tokens(rm: &genai_collector_core::model::ResourceMetrics) -> f64 {
 async fn pods_get_the_joules_of_the_gpus_the_kubelet_gave_them_and_the_idle_one_is_reported() {
     let a = sim::start(EngineKind::VllmV1, "127.0.0.1:0").await.unwrap();
     let b = sim::start(EngineKind::VllmV1, "127.0.0.1:0").await.unwrap();
-    let (_fake, api) = start_fake(
+    let (_fake, api) = start_pods(
         false,
         vec![
             pod("vllm-a", Some(a.addr.port()), "chat", "Running"),

@@ -23,15 +23,24 @@ use genai_collector_testkit::{components, eventually, free_port, Capture};
 /// A gateway: an OTLP/gRPC receiver into a capture.
 async fn gateway() -> (u16, Capture, RunningService) {
     let port = free_port();
+    let (capture, running) = gateway_at("127.0.0.1", port).await;
+    (port, capture, running)
+}
+
+/// A gateway listening on `host:port` (any loopback address: 127.0.0.2 is a pod of its own).
+async fn gateway_at(host: &str, port: u16) -> (Capture, RunningService) {
     let yaml = format!(
-        "receivers:\n  otlp: {{ protocols: {{ grpc: {{ endpoint: \"127.0.0.1:{port}\" }} }} }}\nexporters:\n  capture:\nservice:\n  telemetry: {{ endpoint: null }}\n  pipelines:\n    metrics: {{ receivers: [otlp], exporters: [capture] }}\n"
+        "receivers:\n  otlp: {{ protocols: {{ grpc: {{ endpoint: \"{host}:{port}\" }} }} }}\nexporters:\n  capture:\nservice:\n  telemetry: {{ endpoint: null }}\n  pipelines:\n    metrics: {{ receivers: [otlp], exporters: [capture] }}\n"
     );
     let capture = Capture::new();
     let comps = components(&capture);
     let cfg = config::load(&[Source::new("gateway.yaml", yaml)], &comps).unwrap();
     let running = Service::build(cfg, &comps).unwrap().start().await.unwrap();
-    common::listening(port).await;
-    (port, capture, running)
+    genai_collector_testkit::eventually(Duration::from_secs(30), "the gateway", || {
+        std::net::TcpStream::connect((host, port)).ok()
+    })
+    .await;
+    (capture, running)
 }
 
 /// 60 pools' servers, one gauge each, and one resource without a pool.
@@ -63,7 +72,11 @@ fn balancer(ports: &[u16]) -> Box<dyn genai_collector_core::Exporter> {
         "protocol: {{ otlp: {{ compression: none }} }}\nresolver: {{ static: {{ hostnames: [{}] }} }}\n",
         hostnames.join(", ")
     );
-    let config: LoadBalancingConfig = serde_saphyr::from_str(&yaml).unwrap();
+    balancer_of(&yaml)
+}
+
+fn balancer_of(yaml: &str) -> Box<dyn genai_collector_core::Exporter> {
+    let config: LoadBalancingConfig = serde_saphyr::from_str(yaml).unwrap();
     config.validate().unwrap();
     let ctx = BuildContext {
         id: ComponentId::parse("loadbalancing").unwrap(),
@@ -409,4 +422,105 @@ async fn pools_stay_whole_on_one_gateway_through_a_gateways_death_and_return() {
         received >= sent,
         "the agents sent {sent} points, the gateways received {received}"
     );
+}
+
+/// An EndpointSlice of the gateway Service with these addresses and readiness.
+fn slice(name: &str, endpoints: &[(&str, bool)]) -> serde_json::Value {
+    let endpoints: Vec<_> = endpoints
+        .iter()
+        .map(|(ip, ready)| serde_json::json!({"addresses": [ip], "conditions": {"ready": ready}}))
+        .collect();
+    serde_json::json!({
+        "kind": "EndpointSlice", "apiVersion": "discovery.k8s.io/v1",
+        "metadata": {"name": name, "namespace": "genai", "resourceVersion": "1",
+                     "labels": {"kubernetes.io/service-name": "gateway-headless"}},
+        "addressType": "IPv4",
+        "endpoints": endpoints,
+        "ports": [{"name": "otlp-grpc", "port": 4317, "protocol": "TCP"}]
+    })
+}
+
+/// Whether, within 10 s, an export of the pools reaches exactly the gateways `want`.
+async fn routes_to(
+    lb: &dyn genai_collector_core::Exporter,
+    captures: &[&Capture],
+    want: &[usize],
+) -> bool {
+    for _ in 0..100 {
+        let since: Vec<usize> = captures.iter().map(|c| c.batches().len()).collect();
+        if lb.export(&pools()).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let reached: BTreeSet<usize> =
+                owners(captures, &since).into_values().flatten().collect();
+            if reached.iter().eq(want) {
+                return true;
+            }
+        } else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backends_follow_the_gateway_services_endpointslices() {
+    let port = free_port();
+    let mut gateways = Vec::new();
+    for host in ["127.0.0.1", "127.0.0.2", "127.0.0.3"] {
+        gateways.push(gateway_at(host, port).await);
+    }
+    let captures: Vec<&Capture> = gateways.iter().map(|g| &g.0).collect();
+    let path = "/apis/discovery.k8s.io/v1/namespaces/genai/endpointslices";
+    let (fake, api) = common::kube::start_fake(
+        path,
+        "EndpointSliceList",
+        false,
+        vec![slice("gw-a", &[("127.0.0.1", true), ("127.0.0.2", true)])],
+    )
+    .await;
+    let dir = std::env::temp_dir().join(format!("lb-k8s-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = common::kube::kubeconfig(&dir, api);
+    let lb = balancer_of(&format!(
+        "protocol: {{ otlp: {{ compression: none }} }}\nresolver: {{ k8s: {{ service: gateway-headless.genai, ports: [{port}], kubeconfig: \"{}\" }} }}\n",
+        kubeconfig.display()
+    ));
+    // The listed slice: its two ready addresses share the pools.
+    assert!(
+        routes_to(lb.as_ref(), &captures, &[0, 1]).await,
+        "the listed slice's addresses"
+    );
+    // The slice changes: 127.0.0.2 is no longer ready, 127.0.0.3 joins.
+    common::kube::event(
+        &fake,
+        "MODIFIED",
+        slice(
+            "gw-a",
+            &[
+                ("127.0.0.1", true),
+                ("127.0.0.2", false),
+                ("127.0.0.3", true),
+            ],
+        ),
+    );
+    assert!(
+        routes_to(lb.as_ref(), &captures, &[0, 2]).await,
+        "the unready address left and the new one joined"
+    );
+    // The slice is deleted: no backend, a retryable error.
+    common::kube::event(&fake, "DELETED", slice("gw-a", &[]));
+    let mut gone = false;
+    for _ in 0..100 {
+        if lb.export(&pools()).await.is_err() {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(gone, "no backend once the Service has no endpoints");
+    lb.shutdown().await.unwrap();
+    for (_, running) in gateways {
+        running.run_until(std::future::ready(())).await;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -199,22 +199,6 @@ mod watch {
     use super::{forbidden_hint, target_of, KubernetesConfig, PodView};
     use crate::scrape::scheduler::Target;
 
-    async fn client(config: &KubernetesConfig) -> Result<kube::Client, String> {
-        let cfg = match &config.kubeconfig {
-            Some(path) => {
-                let kc = kube::config::Kubeconfig::read_from(path)
-                    .map_err(|e| format!("kubeconfig {}: {e}", path.display()))?;
-                kube::Config::from_custom_kubeconfig(kc, &Default::default())
-                    .await
-                    .map_err(|e| format!("kubeconfig {}: {e}", path.display()))?
-            }
-            None => kube::Config::infer().await.map_err(|e| {
-                format!("no Kubernetes configuration (in-cluster or kubeconfig): {e}")
-            })?,
-        };
-        kube::Client::try_from(cfg).map_err(|e| format!("Kubernetes client: {e}"))
-    }
-
     fn explain(e: &watcher::Error) -> String {
         let text = error_chain(e);
         match forbidden_hint(&text) {
@@ -235,7 +219,7 @@ mod watch {
         stop: CancellationToken,
     ) {
         let client = loop {
-            match client(&config).await {
+            match genai_collector_core::kubernetes::client(config.kubeconfig.as_deref()).await {
                 Ok(c) => break c,
                 Err(e) => {
                     warn!(%receiver, error = %e, "pod discovery cannot start; retrying in 30s");
