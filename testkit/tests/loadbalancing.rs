@@ -524,3 +524,19 @@ async fn the_backends_follow_the_gateway_services_endpointslices() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `resolver.dns` through the system's resolver: `localhost` names the one gateway (and, where
+/// it also resolves to ::1, a second backend nobody listens on, which fails over to it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dns_name_resolves_to_the_backends() {
+    let (port, capture, running) = gateway().await;
+    let lb = balancer_of(&format!(
+        "protocol: {{ otlp: {{ compression: none }} }}\nresolver: {{ dns: {{ hostname: localhost, port: {port}, interval: 1s }} }}\n"
+    ));
+    assert!(
+        routes_to(lb.as_ref(), &[&capture], &[0]).await,
+        "the name's address receives the pools"
+    );
+    lb.shutdown().await.unwrap();
+    running.run_until(std::future::ready(())).await;
+}
