@@ -225,14 +225,11 @@ service:
         }
     }
     let peak_mb = status_kb(pid, "VmHWM:") / 1024;
-    let page = client
-        .get(format!("http://127.0.0.1:{telemetry_port}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page = common::get_text(
+        &client,
+        &format!("http://127.0.0.1:{telemetry_port}/metrics"),
+    )
+    .await;
     let _ = child.kill();
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&dir);

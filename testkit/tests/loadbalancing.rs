@@ -284,14 +284,7 @@ async fn pools_stay_whole_on_one_gateway_through_a_gateways_death_and_return() {
     let client = reqwest::Client::new();
     let mut want: BTreeMap<String, f64> = BTreeMap::new();
     for (i, s) in sims.iter().enumerate() {
-        let page = client
-            .get(s.metrics_url())
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let page = common::get_text(&client, &s.metrics_url()).await;
         let waiting: f64 = page
             .lines()
             .filter(|l| l.split(['{', ' ']).next() == Some("vllm:num_requests_waiting"))

@@ -139,14 +139,7 @@ service:
         .build()
         .unwrap();
     let url = format!("https://localhost:{port}/metrics");
-    let body = trusting
-        .get(&url)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let body = common::get_text(&trusting, &url).await;
     assert!(body.contains("test_metric_0_ratio{"), "{body}");
     let unknown = reqwest::Client::new().get(&url).send().await;
     assert!(unknown.is_err(), "a client without the CA is refused");

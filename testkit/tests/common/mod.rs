@@ -92,6 +92,11 @@ impl Background {
     }
 }
 
+/// The body of a GET of `url`, which must answer.
+pub async fn get_text(client: &reqwest::Client, url: &str) -> String {
+    client.get(url).send().await.unwrap().text().await.unwrap()
+}
+
 /// Waits until something listens on the loopback `port` (a receiver's listener is up).
 pub async fn listening(port: u16) {
     genai_collector_testkit::eventually(Duration::from_secs(30), "the listener", || {
