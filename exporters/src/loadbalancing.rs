@@ -55,6 +55,12 @@ pub struct FailoverConfig {
     /// How long an unreachable backend is passed over before it is tried again.
     #[serde(with = "duration")]
     pub recheck_after: Duration,
+    /// A send to one backend that takes longer is abandoned and the backend counts as
+    /// unreachable: a gateway that went away without closing its connections (a pod's address
+    /// dropping packets) is failed over instead of holding every batch until the runtime's
+    /// `timeout`. Keep it under that `timeout`.
+    #[serde(with = "duration")]
+    pub timeout: Duration,
 }
 
 impl Default for FailoverConfig {
@@ -62,6 +68,7 @@ impl Default for FailoverConfig {
         Self {
             enabled: true,
             recheck_after: Duration::from_secs(5),
+            timeout: Duration::from_secs(3),
         }
     }
 }
@@ -160,6 +167,9 @@ impl ComponentConfig for LoadBalancingConfig {
         match (&r.static_list, &r.dns, &r.k8s) {
             _ if self.failover.enabled && self.failover.recheck_after.is_zero() => Err(
                 ValidationError::field("failover.recheck_after", "must be more than 0s"),
+            ),
+            _ if self.failover.enabled && self.failover.timeout.is_zero() => Err(
+                ValidationError::field("failover.timeout", "must be more than 0s"),
             ),
             (Some(s), None, None) if !s.hostnames.is_empty() => Ok(()),
             (None, Some(d), None) if !d.hostname.is_empty() && !d.interval.is_zero() => Ok(()),
@@ -395,7 +405,7 @@ impl Exporter for LoadBalancing {
                 }
             }
             let whole = parts.len() == 1 && pending.len() == keys.len();
-            let backends = &backends;
+            let (backends, failover) = (&backends, &shared.config.failover);
             let sends = parts.iter().map(|(&b, resources)| async move {
                 // One backend for the whole batch (one gateway, or one pool): as it is.
                 let body = if whole {
@@ -403,7 +413,19 @@ impl Exporter for LoadBalancing {
                 } else {
                     batch.encode_request_of(resources)
                 };
-                let result = backends[b].exporter.send_encoded(body).await;
+                let send = backends[b].exporter.send_encoded(body);
+                let result = if failover.enabled {
+                    tokio::time::timeout(failover.timeout, send)
+                        .await
+                        .unwrap_or_else(|_| {
+                            Err(ExportError::retryable(format!(
+                                "no answer within failover.timeout ({:?})",
+                                failover.timeout
+                            )))
+                        })
+                } else {
+                    send.await
+                };
                 (b, result)
             });
             let results = futures_util::future::join_all(sends).await;

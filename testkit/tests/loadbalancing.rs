@@ -533,3 +533,38 @@ async fn a_dns_name_resolves_to_the_backends() {
     lb.shutdown().await.unwrap();
     running.run_until(std::future::ready(())).await;
 }
+
+/// A gateway that went away without closing its connections (a pod's address dropping
+/// packets, here a listener that accepts and never answers): after `failover.timeout` its
+/// pools go to the next gateway, in the same export.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_never_answers_is_failed_over_after_the_timeout() {
+    let (a, ca, ra) = gateway().await;
+    let hole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hole_port = hole.local_addr().unwrap().port();
+    // Accepted and held, never read: the gRPC request never gets an answer.
+    let held = std::thread::spawn(move || hole.incoming().take(4).collect::<Vec<_>>());
+    let lb = balancer_of(&format!(
+        "protocol: {{ otlp: {{ compression: none }} }}\nresolver: {{ static: {{ hostnames: [\"127.0.0.1:{a}\", \"127.0.0.1:{hole_port}\"] }} }}\nfailover: {{ timeout: 300ms }}\n"
+    ));
+    let started = std::time::Instant::now();
+    lb.export(&pools()).await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "failed over after {:?}",
+        started.elapsed()
+    );
+    let at = eventually(Duration::from_secs(10), "every pool at gateway a", || {
+        let o = owners(&[&ca], &[0]);
+        (o.len() == 61).then_some(o)
+    })
+    .await;
+    assert_eq!(at.len(), 61);
+    // Passed over now: the next export goes straight to a.
+    let started = std::time::Instant::now();
+    lb.export(&pools()).await.unwrap();
+    assert!(started.elapsed() < Duration::from_millis(300));
+    lb.shutdown().await.unwrap();
+    ra.run_until(std::future::ready(())).await;
+    drop(held);
+}
