@@ -80,6 +80,7 @@ macro_rules! counters {
                     last_error: Mutex::new(None),
                 };
                 stats.targets.store(u64::MAX, Ordering::Relaxed);
+                stats.backends.store(u64::MAX, Ordering::Relaxed);
                 stats
             }
 
@@ -138,12 +139,22 @@ counters! {
     skipped_intervals,
     /// Processor (`pool_aggregate`): pools it emitted at its last flush.
     pools,
+    /// Exporter (`loadbalancing`): backends resolved now; `u64::MAX` for other exporters.
+    backends,
+    /// Exporter (`loadbalancing`): of those, backends passed over as unreachable.
+    backends_down,
 }
 
 impl ComponentStats {
     /// Sets `genai_normalize`'s count of scraped targets whose page lacks a core metric.
     pub fn set_incomplete_targets(&self, n: u64) {
         self.incomplete_targets.store(n, Ordering::Relaxed);
+    }
+
+    /// Sets how many backends `loadbalancing` has, and how many of them are passed over.
+    pub fn set_backends(&self, resolved: u64, down: u64) {
+        self.backends.store(resolved, Ordering::Relaxed);
+        self.backends_down.store(down, Ordering::Relaxed);
     }
 
     /// Sets the number of pools `pool_aggregate` emitted at its last flush.
@@ -523,7 +534,7 @@ impl Series {
     }
 }
 
-const SERIES: [Series; 23] = [
+const SERIES: [Series; 25] = [
     Series {
         kind: ComponentKind::Receiver,
         name: "genai_collector_receiver_accepted_points",
@@ -695,6 +706,28 @@ const SERIES: [Series; 23] = [
         unit: "{pool}",
         help: "Pools pool_aggregate emitted at its last flush: behind several gateways, the pools routed to this one.",
         value: |c| ComponentStats::get(&c.pools) as f64,
+    },
+    Series {
+        kind: ComponentKind::Exporter,
+        name: "genai_collector_exporter_backends",
+        counter: false,
+        unit: "{backend}",
+        help: "Backends the loadbalancing exporter resolved (gateway replicas).",
+        value: |c| match ComponentStats::get(&c.backends) {
+            u64::MAX => f64::NAN,
+            n => n as f64,
+        },
+    },
+    Series {
+        kind: ComponentKind::Exporter,
+        name: "genai_collector_exporter_backends_down",
+        counter: false,
+        unit: "{backend}",
+        help: "Backends the loadbalancing exporter passes over as unreachable, their keys failed over to the next.",
+        value: |c| match ComponentStats::get(&c.backends) {
+            u64::MAX => f64::NAN,
+            _ => ComponentStats::get(&c.backends_down) as f64,
+        },
     },
     Series {
         kind: ComponentKind::Exporter,

@@ -239,6 +239,10 @@ impl ExporterFactory for LoadBalancingFactory {
             config,
             ctx_id: ctx.id.clone(),
             epoch: Instant::now(),
+            stats: ctx.telemetry.find(
+                genai_collector_core::ComponentKind::Exporter,
+                &ctx.id.to_string(),
+            ),
         });
         let stop = CancellationToken::new();
         if let Some(s) = &shared.config.resolver.static_list {
@@ -285,6 +289,8 @@ struct Shared {
     backends: RwLock<Arc<Backends>>,
     ctx_id: genai_collector_core::ComponentId,
     epoch: Instant,
+    /// Where the backends' number and state are told (`genai_collector_exporter_backends`).
+    stats: Option<Arc<genai_collector_core::telemetry::ComponentStats>>,
 }
 
 impl Shared {
@@ -314,7 +320,21 @@ impl Shared {
         if let Ok(mut b) = self.backends.write() {
             *b = Arc::new(next);
         }
+        self.report();
         Ok(())
+    }
+
+    /// Tells the self-metrics how many backends there are and how many are passed over.
+    fn report(&self) {
+        let (Some(stats), Ok(backends)) = (&self.stats, self.backends.read()) else {
+            return;
+        };
+        let now = self.now_ms();
+        let down = backends
+            .iter()
+            .filter(|b| b.down_until.load(Ordering::Relaxed) > now)
+            .count();
+        stats.set_backends(backends.len() as u64, down as u64);
     }
 }
 
@@ -436,11 +456,13 @@ impl Exporter for LoadBalancing {
                     Ok(()) => {
                         if backend.down_until.swap(0, Ordering::Relaxed) != 0 {
                             tracing::info!(exporter = %shared.ctx_id, backend = %backend.url, "loadbalancing: backend answers again");
+                            shared.report();
                         }
                     }
                     Err(e) if shared.config.failover.enabled && unreachable(&e) => {
                         if shared.mark_down(backend) {
                             tracing::warn!(exporter = %shared.ctx_id, backend = %backend.url, error = %e, "loadbalancing: backend unreachable; its keys go to the next backend");
+                            shared.report();
                         }
                         failed_over.push(b);
                         pending.extend(&parts[&b]);

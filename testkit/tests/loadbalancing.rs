@@ -354,6 +354,23 @@ async fn pools_stay_whole_on_one_gateway_through_a_gateways_death_and_return() {
             assert_eq!(second[pool], *g, "{pool} moved though its gateway lived");
         }
     }
+    // Each agent tells it: three backends, one passed over.
+    let backends = |agents: &[(RunningService, genai_collector_core::telemetry::Telemetry)]| {
+        agents
+            .iter()
+            .map(|(_, t)| {
+                let s = t
+                    .find(
+                        genai_collector_core::ComponentKind::Exporter,
+                        "loadbalancing",
+                    )
+                    .unwrap()
+                    .snapshot();
+                (s.backends, s.backends_down)
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(backends(&agents), vec![(3, 1), (3, 1)]);
 
     // It returns on its port: its pools come back to it (a third of them), the rest stay.
     let back = pool_gateway(ports[1]).await;
@@ -366,6 +383,7 @@ async fn pools_stay_whole_on_one_gateway_through_a_gateways_death_and_return() {
     )
     .await;
     let moved_back = third.values().filter(|g| **g == 1).count();
+    assert_eq!(backends(&agents), vec![(3, 0), (3, 0)]);
     println!(
         "pools per gateway {held:?}; {} moved when gateway 1 died, {moved_back} back when it returned",
         held[1]

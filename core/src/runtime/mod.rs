@@ -140,10 +140,11 @@ impl Service {
                     pipeline: None,
                     telemetry: telemetry.clone(),
                 };
+                // Registered first, so that an exporter can report on itself from its build.
+                let stats = telemetry.register(ComponentKind::Exporter, &id.to_string(), None);
                 let exporter = factory
                     .build(&mut entry.config, &ctx)
                     .map_err(fail(ComponentKind::Exporter, id))?;
-                let stats = telemetry.register(ComponentKind::Exporter, &id.to_string(), None);
                 let q = &settings.sending_queue;
                 let queue = Arc::new(SendQueue::new(q.capacity(), q.sizer));
                 stats
