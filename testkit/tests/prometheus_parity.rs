@@ -127,6 +127,18 @@ async fn series_through_the_collector_keep_the_identity_a_direct_scrape_gives_th
         "receivers:\n  prometheus:\n    targets: [\"http://127.0.0.1:{node}/metrics\", \"http://127.0.0.1:{prom}/metrics\"]\n    interval: 1s\n    job: via\nexporters:\n  prometheus: {{ endpoint: \"127.0.0.1:{exporter}\" }}\nservice:\n  telemetry: {{ endpoint: null }}\n  pipelines:\n    metrics: {{ receivers: [prometheus], exporters: [prometheus] }}\n"
     );
     let run = common::Background::start(&yaml);
+    // The comparison below queries Prometheus, and its first query adds `/api/v1/query`
+    // series to its own page: one now, so that both sides have scraped them by then.
+    common::install_tls_provider();
+    let client = reqwest::Client::new();
+    let warm = format!("http://127.0.0.1:{prom}/api/v1/query?query=up");
+    for _ in 0..150 {
+        let answered = client.get(&warm).send().await;
+        if answered.is_ok_and(|r| r.status().is_success()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     // Prometheus scrapes both sides every second: ten seconds give each series several.
     tokio::time::sleep(Duration::from_secs(10)).await;
 
