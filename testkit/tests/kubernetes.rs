@@ -450,7 +450,7 @@ async fn the_shipped_agent_and_gateway_pipelines_end_to_end() {
     };
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let now = reqwest::get(&url).await.unwrap().text().await.unwrap();
+        let now = common::fetch(&url).await;
         if requests(&now) > 0.0 {
             break;
         }
@@ -462,12 +462,7 @@ async fn the_shipped_agent_and_gateway_pipelines_end_to_end() {
     }
 
     // The agent says how many pods each receiver found; receivers without targets say nothing.
-    let own = reqwest::get(format!("http://{}/metrics", local(agent_telemetry)))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let own = common::fetch(&format!("http://{}/metrics", local(agent_telemetry))).await;
     for (receiver, n) in [("vllm", "2"), ("tgi", "1"), ("llamacpp", "1")] {
         let line = format!("genai_collector_receiver_targets{{receiver=\"{receiver}\"}} {n}");
         assert!(own.lines().any(|l| l == line), "{line}:\n{own}");

@@ -38,12 +38,7 @@ fn samples(page: &str) -> Option<BTreeMap<String, Sample>> {
 }
 
 async fn page(port: u16) -> String {
-    reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
+    common::fetch(&format!("http://127.0.0.1:{port}/metrics")).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

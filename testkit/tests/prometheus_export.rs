@@ -131,30 +131,18 @@ async fn promtool_our_parser_and_a_real_prometheus() {
             break;
         }
     }
-    let max = reqwest::get(query(
+    let max = common::fetch(&query(
         "gen_ai_server_requests_max{gen_ai_pool_name=\"chat\"}",
     ))
-    .await
-    .unwrap()
-    .text()
-    .await
-    .unwrap();
-    let buckets = reqwest::get(query(
+    .await;
+    let buckets = common::fetch(&query(
         "count(gen_ai_server_time_to_first_token_seconds_bucket)",
     ))
-    .await
-    .unwrap()
-    .text()
-    .await
-    .unwrap();
-    let tokens = reqwest::get(query(
+    .await;
+    let tokens = common::fetch(&query(
         "gen_ai_server_token_usage_total{gen_ai_token_type=\"input\"} > 0",
     ))
-    .await
-    .unwrap()
-    .text()
-    .await
-    .unwrap();
+    .await;
     drop(prom);
     run.stop().await;
     assert!(

@@ -97,6 +97,12 @@ pub async fn get_text(client: &reqwest::Client, url: &str) -> String {
     client.get(url).send().await.unwrap().text().await.unwrap()
 }
 
+/// [`get_text`] with a client of its own.
+pub async fn fetch(url: &str) -> String {
+    install_tls_provider();
+    get_text(&reqwest::Client::new(), url).await
+}
+
 /// Waits until something listens on the loopback `port` (a receiver's listener is up).
 pub async fn listening(port: u16) {
     genai_collector_testkit::eventually(Duration::from_secs(30), "the listener", || {
