@@ -226,7 +226,7 @@ impl ExporterFactory for LoadBalancingFactory {
     }
 
     fn description(&self) -> &'static str {
-        "routes each pool (a routing key) to one of several OTLP gateways by consistent hashing; static or DNS backends"
+        "routes each pool (a routing key) to one of several OTLP gateways by consistent hashing; static, DNS or EndpointSlice backends, failover"
     }
 
     fn build(
@@ -250,36 +250,34 @@ impl ExporterFactory for LoadBalancingFactory {
             shared.update(urls)?;
         }
         if let Some(d) = shared.config.resolver.dns.clone() {
-            let (shared, stop) = (shared.clone(), stop.clone());
-            tokio::spawn(async move {
-                loop {
-                    let target = format!("{}:{}", d.hostname, d.port);
-                    match tokio::net::lookup_host(&target).await {
-                        Ok(addrs) => {
-                            let mut urls: Vec<String> =
-                                addrs.map(|a| shared.config.url(&a.to_string())).collect();
-                            urls.sort();
-                            urls.dedup();
-                            if let Err(e) = shared.update(urls) {
-                                tracing::warn!(exporter = %shared.ctx_id, error = %e, "loadbalancing: backends not updated");
-                            }
-                        }
-                        Err(e) => {
-                            tracing::warn!(exporter = %shared.ctx_id, %target, error = %e, "loadbalancing: cannot resolve; keeping the backends");
-                        }
-                    }
-                    tokio::select! {
-                        () = stop.cancelled() => return,
-                        () = tokio::time::sleep(d.interval) => {}
-                    }
-                }
-            });
+            tokio::spawn(watch_dns(d, shared.clone(), stop.clone()));
         }
         #[cfg(feature = "k8s")]
         if let Some(k) = shared.config.resolver.k8s.clone() {
             tokio::spawn(k8s::watch(k, shared.clone(), stop.clone()));
         }
         Ok(Box::new(LoadBalancing { shared, stop }))
+    }
+}
+
+/// Resolves `d` every `interval` and makes its addresses the backends, until `stop`; a name
+/// that does not resolve leaves them as they were.
+async fn watch_dns(d: DnsResolver, shared: Arc<Shared>, stop: CancellationToken) {
+    let target = format!("{}:{}", d.hostname, d.port);
+    loop {
+        match tokio::net::lookup_host(&target).await {
+            Ok(addrs) => {
+                let urls = addrs.map(|a| shared.config.url(&a.to_string())).collect();
+                shared.update_or_warn(urls);
+            }
+            Err(e) => {
+                tracing::warn!(exporter = %shared.ctx_id, %target, error = %e, "loadbalancing: cannot resolve; keeping the backends");
+            }
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(d.interval) => {}
+        }
     }
 }
 
@@ -294,8 +292,11 @@ struct Shared {
 }
 
 impl Shared {
-    /// Makes `urls` the backends: the ones kept keep their connections.
-    fn update(&self, urls: Vec<String>) -> Result<(), ComponentError> {
+    /// Makes `urls` (in any order, repeats counting once) the backends: the ones kept keep
+    /// their connections.
+    fn update(&self, mut urls: Vec<String>) -> Result<(), ComponentError> {
+        urls.sort();
+        urls.dedup();
         let current: Arc<Backends> = self.backends.read().map(|b| b.clone()).unwrap_or_default();
         if current.iter().map(|b| &b.url).eq(urls.iter()) {
             return Ok(());
@@ -336,14 +337,14 @@ impl Shared {
             .count();
         stats.set_backends(backends.len() as u64, down as u64);
     }
-}
 
-struct LoadBalancing {
-    shared: Arc<Shared>,
-    stop: CancellationToken,
-}
+    /// [`Shared::update`] from a resolver, which carries on with the old backends on an error.
+    fn update_or_warn(&self, urls: Vec<String>) {
+        if let Err(e) = self.update(urls) {
+            tracing::warn!(exporter = %self.ctx_id, error = %e, "loadbalancing: backends not updated");
+        }
+    }
 
-impl Shared {
     fn now_ms(&self) -> u64 {
         // 1 past the epoch, so that 0 keeps meaning "up".
         self.epoch.elapsed().as_millis() as u64 + 1
@@ -365,6 +366,11 @@ impl Shared {
             })
             .collect()
     }
+}
+
+struct LoadBalancing {
+    shared: Arc<Shared>,
+    stop: CancellationToken,
 }
 
 /// An unreachable backend, as opposed to one that asked to be retried later.

@@ -26,9 +26,9 @@ fn ready_addresses(slice: &EndpointSlice) -> Vec<String> {
         .collect()
 }
 
-/// Every address on every port, as the backends' URLs, sorted.
+/// Every address on every port, as the backends' URLs.
 fn urls(shared: &Shared, slices: &BTreeMap<String, Vec<String>>, ports: &[u16]) -> Vec<String> {
-    let mut out: Vec<String> = slices
+    slices
         .values()
         .flatten()
         .flat_map(|a| {
@@ -41,10 +41,7 @@ fn urls(shared: &Shared, slices: &BTreeMap<String, Vec<String>>, ports: &[u16]) 
                 shared.config.url(&format!("{host}:{p}"))
             })
         })
-        .collect();
-    out.sort();
-    out.dedup();
-    out
+        .collect()
 }
 
 /// Watches the Service's EndpointSlices and makes their ready addresses the backends, until
@@ -105,9 +102,7 @@ pub(super) async fn watch(resolver: K8sResolver, shared: Arc<Shared>, stop: Canc
             Ok(Event::Delete(s)) => slices.remove(&slice_name(&s)).is_some(),
         };
         if changed {
-            if let Err(e) = shared.update(urls(&shared, &slices, &resolver.ports)) {
-                tracing::warn!(exporter = %id, error = %e, "loadbalancing: backends not updated");
-            }
+            shared.update_or_warn(urls(&shared, &slices, &resolver.ports));
         }
     }
 }
