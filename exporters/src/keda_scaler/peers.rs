@@ -73,7 +73,7 @@ impl PeersConfig {
 pub struct Peers {
     config: PeersConfig,
     token: Option<String>,
-    /// One connection per replica address, kept while it stays.
+    /// One connection per replica address, kept while the address stays among the peers.
     channels: Mutex<HashMap<String, Channel>>,
 }
 
@@ -131,6 +131,10 @@ impl Peers {
     /// Every replica's view of the selection; a replica that does not answer is left out.
     pub async fn views(&self, by: &(&'static str, String)) -> Vec<View> {
         let addresses = self.addresses().await;
+        // Replicas come and go with their pods' addresses: the connections of gone ones too.
+        if let Ok(mut channels) = self.channels.lock() {
+            channels.retain(|a, _| addresses.contains(a));
+        }
         let asks = addresses.iter().map(|a| {
             let request = PeerRequest {
                 kind: by.0.to_owned(),
@@ -214,6 +218,19 @@ mod tests {
         assert_eq!(got, vec![("s1".into(), 7.0), ("s2".into(), 1.0)]);
         assert_eq!((m.reported_age_ms, m.busy_age_ms), (Some(100), Some(100)));
         assert_eq!(merge([]).reported_age_ms, None);
+    }
+
+    #[tokio::test]
+    async fn a_replica_no_longer_among_the_peers_has_its_connection_dropped() {
+        let config: PeersConfig =
+            serde_saphyr::from_str("static: [\"127.0.0.1:9\"]\ntimeout: 200ms").unwrap();
+        let peers = Peers::new(config, None);
+        // A replica that was there before (its pod since replaced).
+        peers.channel("127.0.0.1:8").unwrap();
+        peers.views(&("pool", "chat".into())).await;
+        let mut kept: Vec<String> = peers.channels.lock().unwrap().keys().cloned().collect();
+        kept.sort();
+        assert_eq!(kept, vec!["127.0.0.1:9".to_owned()]);
     }
 
     #[test]
