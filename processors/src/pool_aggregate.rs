@@ -440,13 +440,15 @@ impl PoolAggregate {
     /// The aggregates of every pool with present servers, at `now`.
     pub fn views(&self, now: Instant) -> BTreeMap<String, PoolView> {
         let (stale, typical) = (self.config.stale_after, self.typical_period);
-        let present = |s: &Server| s.present(now, stale, typical);
         self.pools
             .iter()
-            .filter(|(_, servers)| servers.values().any(present))
-            .map(|(p, servers)| {
-                let present = servers.iter().filter(|(_, s)| present(s));
-                (p.clone(), aggregate(present))
+            .filter_map(|(p, servers)| {
+                let mut present = servers
+                    .iter()
+                    .filter(|(_, s)| s.present(now, stale, typical))
+                    .peekable();
+                present.peek()?;
+                Some((p.clone(), aggregate(present)))
             })
             .collect()
     }

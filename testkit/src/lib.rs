@@ -19,9 +19,18 @@ pub async fn eventually<T>(
     what: &str,
     mut check: impl FnMut() -> Option<T>,
 ) -> T {
+    eventually_async(within, what, || std::future::ready(check())).await
+}
+
+/// [`eventually`] for a check that awaits (an HTTP request).
+pub async fn eventually_async<T, F: std::future::Future<Output = Option<T>>>(
+    within: std::time::Duration,
+    what: &str,
+    mut check: impl FnMut() -> F,
+) -> T {
     let deadline = std::time::Instant::now() + within;
     loop {
-        if let Some(v) = check() {
+        if let Some(v) = check().await {
             return v;
         }
         assert!(

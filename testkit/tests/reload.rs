@@ -16,28 +16,9 @@ use std::time::Duration;
 use common::{free_port, Sink};
 use genai_collector_core::model::{kv, number_point, Metric, MetricExt};
 use genai_collector_core::Batch;
-use genai_collector_testkit::sim;
+use genai_collector_testkit::{eventually_async, sim};
 
 const POINTS: u64 = 10;
-
-/// Polls `check` until it gives a value, for at most `within`.
-async fn eventually_async<T, F: std::future::Future<Output = Option<T>>>(
-    within: Duration,
-    what: &str,
-    mut check: impl FnMut() -> F,
-) -> T {
-    let deadline = std::time::Instant::now() + within;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "not within {within:?}: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 /// One push request: `POINTS` gauge points whose values are their sequence numbers.
 fn request(first: u64) -> Vec<u8> {
