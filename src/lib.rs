@@ -183,7 +183,8 @@ impl Reload {
         telemetry: &Telemetry,
     ) -> (config::Config, Vec<Source>) {
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
-        let mut last_seen = texts(&self.running);
+        // What the files held when last read, so that the watch acts on a change only.
+        let mut last_seen: Option<Vec<Source>> = None;
         loop {
             let asked = tokio::select! {
                 () = hangup.recv() => true,
@@ -204,30 +205,30 @@ impl Reload {
                     continue;
                 }
             };
-            let now = texts(&sources);
-            if now == last_seen && !asked {
+            let seen = last_seen.as_deref().unwrap_or(&self.running);
+            if same_text(&sources, seen) && !asked {
                 continue;
             }
-            last_seen = now;
-            if last_seen == texts(&self.running) {
+            if same_text(&sources, &self.running) {
                 tracing::info!("config reload: unchanged");
-                continue;
-            }
-            match config::load(&sources, components) {
-                Ok(cfg) => {
-                    for w in &cfg.warnings {
-                        tracing::warn!("{w}");
+            } else {
+                match config::load(&sources, components) {
+                    Ok(cfg) => {
+                        for w in &cfg.warnings {
+                            tracing::warn!("{w}");
+                        }
+                        return (cfg, std::mem::replace(&mut self.running, sources));
                     }
-                    return (cfg, std::mem::replace(&mut self.running, sources));
+                    Err(e) => refuse(telemetry, &e.to_string()),
                 }
-                Err(e) => refuse(telemetry, &e.to_string()),
             }
+            last_seen = Some(sources);
         }
     }
 }
 
-fn texts(sources: &[Source]) -> Vec<String> {
-    sources.iter().map(|s| s.text.clone()).collect()
+fn same_text(a: &[Source], b: &[Source]) -> bool {
+    a.iter().map(|s| &s.text).eq(b.iter().map(|s| &s.text))
 }
 
 fn refuse(telemetry: &Telemetry, error: &str) {
