@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use genai_collector_core::config::{self, Source};
 use genai_collector_core::model::{kv, number_point, AttributesExt, Metric, MetricExt};
+use genai_collector_core::telemetry::Telemetry;
 use genai_collector_core::{
     Batch, BuildContext, ComponentConfig, ComponentId, ExporterFactory, RunningService, Service,
 };
@@ -181,13 +182,7 @@ fn a_pipeline_with_the_loadbalancing_exporter_loads() {
 }
 
 /// A gateway on `port`: OTLP/gRPC into `pool_aggregate` (1 s) into a capture.
-async fn pool_gateway(
-    port: u16,
-) -> (
-    Capture,
-    RunningService,
-    genai_collector_core::telemetry::Telemetry,
-) {
+async fn pool_gateway(port: u16) -> (Capture, RunningService, Telemetry) {
     let yaml = format!(
         "receivers:\n  otlp: {{ protocols: {{ grpc: {{ endpoint: \"127.0.0.1:{port}\" }} }} }}\nprocessors:\n  pool_aggregate: {{ interval: 1s, stale_after: 30s }}\nexporters:\n  capture:\nservice:\n  telemetry: {{ endpoint: null }}\n  pipelines:\n    metrics: {{ receivers: [otlp], processors: [pool_aggregate], exporters: [capture] }}\n"
     );
@@ -267,6 +262,17 @@ fn placement(
         }
     }
     (at.len() == want.len()).then_some(at)
+}
+
+/// An agent's `loadbalancing` counters.
+fn balancer_counts(telemetry: &Telemetry) -> genai_collector_core::telemetry::Counts {
+    telemetry
+        .find(
+            genai_collector_core::ComponentKind::Exporter,
+            "loadbalancing",
+        )
+        .unwrap()
+        .snapshot()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -355,17 +361,11 @@ async fn pools_stay_whole_on_one_gateway_through_a_gateways_death_and_return() {
         }
     }
     // Each agent tells it: three backends, one passed over.
-    let backends = |agents: &[(RunningService, genai_collector_core::telemetry::Telemetry)]| {
+    let backends = |agents: &[(RunningService, Telemetry)]| {
         agents
             .iter()
             .map(|(_, t)| {
-                let s = t
-                    .find(
-                        genai_collector_core::ComponentKind::Exporter,
-                        "loadbalancing",
-                    )
-                    .unwrap()
-                    .snapshot();
+                let s = balancer_counts(t);
                 (s.backends, s.backends_down)
             })
             .collect::<Vec<_>>()
@@ -395,13 +395,7 @@ async fn pools_stay_whole_on_one_gateway_through_a_gateways_death_and_return() {
     for (running, telemetry) in agents {
         let summary = running.run_until(std::future::ready(())).await;
         assert!(summary.drained, "{summary:?}");
-        let lb = telemetry
-            .find(
-                genai_collector_core::ComponentKind::Exporter,
-                "loadbalancing",
-            )
-            .unwrap()
-            .snapshot();
+        let lb = balancer_counts(&telemetry);
         assert_eq!(lb.failed, 0, "points given up on");
         // Scrapes that found the queue full (an overloaded machine) were never queued: counted
         // apart, and no part of the contract.
