@@ -274,6 +274,19 @@ pub trait ExporterFactory: Send + Sync + 'static {
         config: Self::Config,
         ctx: &BuildContext,
     ) -> Result<Box<dyn Exporter>, ComponentError>;
+
+    /// What the runtime calls: [`ExporterFactory::build`], also told the instance's
+    /// `sending_queue`, `retry_on_failure` and `timeout`, for an exporter that keeps queues of
+    /// its own ([`crate::runtime::QueuedExporter`]) and gives them the same settings.
+    fn build_with_settings(
+        &self,
+        config: Self::Config,
+        ctx: &BuildContext,
+        settings: &crate::config::exporter::ExporterSettings,
+    ) -> Result<Box<dyn Exporter>, ComponentError> {
+        let _ = settings;
+        self.build(config, ctx)
+    }
 }
 
 /// An error and its causes, joined with `: ` (HTTP and gRPC clients keep the useful part, such

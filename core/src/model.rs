@@ -223,12 +223,6 @@ impl Batch {
     pub fn encode_request(&self) -> Vec<u8> {
         encode::encode_request(&self.resource_metrics)
     }
-
-    /// [`Batch::encode_request`] of the resources at `indices` only, still without copying
-    /// them: how a batch is split between backends.
-    pub fn encode_request_of(&self, indices: &[usize]) -> Vec<u8> {
-        encode::encode_request(indices.iter().map(|&i| &self.resource_metrics[i]))
-    }
 }
 
 /// Keeps the first `keep` points in `metric` and returns the rest as a metric of their own.
@@ -599,31 +593,6 @@ pub fn number_value(point: &NumberDataPoint) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_part_of_a_batch_encodes_as_those_resources_alone() {
-        let mut batch = Batch::new();
-        for i in 0..3 {
-            batch.push_resource(
-                vec![kv("gen_ai.pool.name", format!("pool-{i}"))],
-                vec![Metric::gauge(
-                    "g",
-                    "1",
-                    vec![number_point(1, i as f64, vec![])],
-                )],
-            );
-        }
-        let part = <ExportMetricsServiceRequest as prost::Message>::decode(
-            &batch.encode_request_of(&[2, 0])[..],
-        )
-        .unwrap();
-        let want = vec![
-            batch.resource_metrics[2].clone(),
-            batch.resource_metrics[0].clone(),
-        ];
-        assert_eq!(part.resource_metrics, want);
-        assert!(batch.encode_request_of(&[]).is_empty());
-    }
 
     #[test]
     fn encode_request_matches_prost_for_every_kind() {

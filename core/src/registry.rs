@@ -9,6 +9,7 @@ use crate::component::{
     BuildContext, ComponentConfig, ComponentError, Exporter, ExporterFactory, Processor,
     ProcessorFactory, Receiver, ReceiverFactory,
 };
+use crate::config::exporter::ExporterSettings;
 use crate::config::node::{DeError, Node};
 use crate::id::{ComponentId, ComponentKind};
 
@@ -21,6 +22,16 @@ pub(crate) trait DynFactory<T: ?Sized>: Send + Sync {
     fn description(&self) -> &'static str;
     fn parse(&self, node: &Node) -> Result<AnyConfig, DeError>;
     fn build(&self, config: &mut AnyConfig, ctx: &BuildContext) -> Result<Box<T>, ComponentError>;
+    /// Exporters: [`ExporterFactory::build_with_settings`].
+    fn build_with_settings(
+        &self,
+        config: &mut AnyConfig,
+        ctx: &BuildContext,
+        settings: &ExporterSettings,
+    ) -> Result<Box<T>, ComponentError> {
+        let _ = settings;
+        self.build(config, ctx)
+    }
 }
 
 fn parse_config<C: ComponentConfig>(node: &Node) -> Result<AnyConfig, DeError> {
@@ -109,6 +120,15 @@ impl<F: ExporterFactory> DynFactory<dyn Exporter> for Erased<F> {
         ctx: &BuildContext,
     ) -> Result<Box<dyn Exporter>, ComponentError> {
         self.0.build(take_config(config)?, ctx)
+    }
+    fn build_with_settings(
+        &self,
+        config: &mut AnyConfig,
+        ctx: &BuildContext,
+        settings: &ExporterSettings,
+    ) -> Result<Box<dyn Exporter>, ComponentError> {
+        self.0
+            .build_with_settings(take_config(config)?, ctx, settings)
     }
 }
 

@@ -59,6 +59,8 @@ macro_rules! counters {
             /// The pipeline a processor instance belongs to.
             pub pipeline: Option<String>,
             $($(#[$doc])* pub(crate) $name: AtomicU64,)*
+            /// Exporter: its queue is on disk, so what it holds at a cut-short shutdown is kept.
+            pub(crate) persistent: AtomicBool,
             state: AtomicU8,
             last_error: Mutex<Option<String>>,
         }
@@ -76,6 +78,7 @@ macro_rules! counters {
                     id,
                     pipeline,
                     $($name: AtomicU64::new(0),)*
+                    persistent: AtomicBool::new(false),
                     state: AtomicU8::new(State::Starting as u8),
                     last_error: Mutex::new(None),
                 };
@@ -274,6 +277,13 @@ impl Telemetry {
             c.push(stats.clone());
         }
         stats
+    }
+
+    /// Removes `stats` from `/metrics` and `/healthz`: a component that is gone for good.
+    pub(crate) fn unregister(&self, stats: &Arc<ComponentStats>) {
+        if let Ok(mut c) = self.inner.components.lock() {
+            c.retain(|s| !Arc::ptr_eq(s, stats));
+        }
     }
 
     /// Every registered component's stats.

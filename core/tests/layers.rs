@@ -20,7 +20,7 @@ fn files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
 
 /// The module a file belongs to, and what `crate::` path names one.
 fn module_of(rel: &str) -> String {
-    const LEAVES: [&str; 4] = ["duration", "size", "node", "env"];
+    const LEAVES: [&str; 5] = ["duration", "size", "node", "env", "exporter"];
     let parts: Vec<&str> = rel.trim_end_matches(".rs").split('/').collect();
     match parts.as_slice() {
         ["config", leaf] if LEAVES.contains(leaf) => format!("config::{leaf}"),

@@ -9,24 +9,30 @@
 //! through the Kubernetes API (`k8s.rs`). Resources without the key go to the backend of the
 //! empty key: one stable default.
 //!
-//! A batch is split by backend and sent to all of them at once. A backend that cannot be reached
-//! (a failure without the backend's own retry hint) is down for `failover.recheck_after`: its
-//! part goes at once to each key's next backend in rendezvous order, which is where the key
-//! would go were the backend gone, so no other key moves; the keys return when it answers
-//! again. A backend that answers "retry later" (a full gateway) is not failed over: the whole
-//! batch is retried (the runtime's queue and retry), so a backend that succeeded gets those
-//! points again: cumulative points sent twice change nothing at a gateway (the latest wins).
+//! Each backend has its own queue, consumers, retries and (with `sending_queue.storage`)
+//! persistent-queue directory, with this exporter's settings, or those under `protocol.otlp`
+//! where given. A batch is split by backend into those queues, all or none, so a slow gateway
+//! holds up only its own pools until its queue is full. A backend that cannot be reached (a
+//! failure without the backend's own retry hint, or no answer within `failover.timeout`) is
+//! passed over for `failover.recheck_after`: what its queue holds goes to each key's next
+//! backend in rendezvous order, which is where the key would go were the backend gone, so no
+//! other key moves; the keys return when it answers again. A backend the resolver no longer
+//! lists is retired: its queue, in memory and on disk, is routed to the others the same way,
+//! then closed. A backend that answers "retry later" (a full gateway) keeps its part and
+//! retries it.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
-use genai_collector_core::config::duration;
+use genai_collector_core::config::{duration, ExporterSettings};
 use genai_collector_core::model::{AttributesExt, Batch};
+use genai_collector_core::runtime::QueuedExporter;
+use genai_collector_core::telemetry::{ComponentStats, Telemetry};
 use genai_collector_core::{
-    async_trait, BuildContext, CancellationToken, ComponentConfig, ComponentError, ExportError,
-    Exporter, ExporterFactory, ValidationError,
+    async_trait, BuildContext, CancellationToken, ComponentConfig, ComponentError, ComponentId,
+    ExportError, Exporter, ExporterFactory, ValidationError,
 };
 use serde::Deserialize;
 
@@ -80,9 +86,14 @@ fn pool_key() -> String {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProtocolConfig {
-    /// The `otlp` exporter's settings but `endpoint`, which each backend gives.
+    /// The `otlp` exporter's settings but `endpoint`, which each backend gives; with
+    /// `sending_queue`, `retry_on_failure` or `timeout`, each backend's queue takes them in
+    /// place of this exporter's own.
     pub otlp: serde_json::Map<String, serde_json::Value>,
 }
+
+/// The keys of `protocol.otlp` that set each backend's queue rather than its `otlp` exporter.
+const QUEUE_KEYS: [&str; 3] = ["sending_queue", "retry_on_failure", "timeout"];
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -142,9 +153,39 @@ impl LoadBalancingConfig {
         if otlp.contains_key("endpoint") {
             return Err("protocol.otlp: `endpoint` comes from the resolver".into());
         }
+        otlp.retain(|k, _| !QUEUE_KEYS.contains(&k.as_str()));
         otlp.insert("endpoint".into(), endpoint.into());
         serde_json::from_value(serde_json::Value::Object(otlp))
             .map_err(|e| format!("protocol.otlp: {e}"))
+    }
+
+    /// Each backend's queue settings: this exporter's, but for the keys `protocol.otlp` gives.
+    fn backend_settings(&self, own: &ExporterSettings) -> Result<ExporterSettings, String> {
+        let given: serde_json::Map<String, serde_json::Value> = QUEUE_KEYS
+            .iter()
+            .filter_map(|&k| Some((k.to_owned(), self.protocol.otlp.get(k)?.clone())))
+            .collect();
+        let mut settings = own.clone();
+        if given.is_empty() {
+            return Ok(settings);
+        }
+        let parsed: ExporterSettings =
+            serde_json::from_value(serde_json::Value::Object(given.clone()))
+                .map_err(|e| format!("protocol.otlp: {e}"))?;
+        if given.contains_key("sending_queue") {
+            parsed
+                .sending_queue
+                .validate()
+                .map_err(|e| format!("protocol.otlp: {e}"))?;
+            settings.sending_queue = parsed.sending_queue;
+        }
+        if given.contains_key("retry_on_failure") {
+            settings.retry_on_failure = parsed.retry_on_failure;
+        }
+        if given.contains_key("timeout") {
+            settings.timeout = parsed.timeout;
+        }
+        Ok(settings)
     }
 
     /// The https scheme when the backends' settings ask for TLS.
@@ -163,6 +204,8 @@ impl ComponentConfig for LoadBalancingConfig {
             .backend("http://localhost:4317")
             .map_err(|e| ValidationError::field("protocol", e))?;
         probe.validate()?;
+        self.backend_settings(&ExporterSettings::default())
+            .map_err(|e| ValidationError::field("protocol", e))?;
         let r = &self.resolver;
         match (&r.static_list, &r.dns, &r.k8s) {
             _ if self.failover.enabled && self.failover.recheck_after.is_zero() => Err(
@@ -212,9 +255,17 @@ struct Backend {
     url: String,
     exporter: OtlpExporter,
     down_until: AtomicU64,
+    /// Not among the resolved backends: what its queue holds goes to the others.
+    retired: AtomicBool,
 }
 
-type Backends = Vec<Arc<Backend>>;
+/// A backend and the queue in front of it.
+struct Member {
+    backend: Arc<Backend>,
+    queue: QueuedExporter,
+}
+
+type Members = Vec<Arc<Member>>;
 
 pub struct LoadBalancingFactory;
 
@@ -226,7 +277,7 @@ impl ExporterFactory for LoadBalancingFactory {
     }
 
     fn description(&self) -> &'static str {
-        "routes each pool (a routing key) to one of several OTLP gateways by consistent hashing; static, DNS or EndpointSlice backends, failover"
+        "routes each pool (a routing key) to one of several OTLP gateways by consistent hashing, a queue per gateway; static, DNS or EndpointSlice backends, failover"
     }
 
     fn build(
@@ -234,29 +285,51 @@ impl ExporterFactory for LoadBalancingFactory {
         config: LoadBalancingConfig,
         ctx: &BuildContext,
     ) -> Result<Box<dyn Exporter>, ComponentError> {
-        let shared = Arc::new(Shared {
-            backends: RwLock::new(Arc::new(Vec::new())),
+        self.build_with_settings(config, ctx, &ExporterSettings::default())
+    }
+
+    fn build_with_settings(
+        &self,
+        config: LoadBalancingConfig,
+        ctx: &BuildContext,
+        settings: &ExporterSettings,
+    ) -> Result<Box<dyn Exporter>, ComponentError> {
+        let settings = config
+            .backend_settings(settings)
+            .map_err(ComponentError::Config)?;
+        let shared = Arc::new_cyclic(|me| Shared {
+            me: me.clone(),
+            current: RwLock::new(Arc::new(Vec::new())),
+            members: Mutex::new(BTreeMap::new()),
             config,
+            settings,
             ctx_id: ctx.id.clone(),
             epoch: Instant::now(),
+            telemetry: ctx.telemetry.clone(),
             stats: ctx.telemetry.find(
                 genai_collector_core::ComponentKind::Exporter,
                 &ctx.id.to_string(),
             ),
         });
+        shared.recover()?;
         let stop = CancellationToken::new();
         if let Some(s) = &shared.config.resolver.static_list {
             let urls: Vec<String> = s.hostnames.iter().map(|h| shared.config.url(h)).collect();
             shared.update(urls)?;
         }
+        let mut tasks = vec![tokio::spawn(reap(shared.clone(), stop.clone()))];
         if let Some(d) = shared.config.resolver.dns.clone() {
-            tokio::spawn(watch_dns(d, shared.clone(), stop.clone()));
+            tasks.push(tokio::spawn(watch_dns(d, shared.clone(), stop.clone())));
         }
         #[cfg(feature = "k8s")]
         if let Some(k) = shared.config.resolver.k8s.clone() {
-            tokio::spawn(k8s::watch(k, shared.clone(), stop.clone()));
+            tasks.push(tokio::spawn(k8s::watch(k, shared.clone(), stop.clone())));
         }
-        Ok(Box::new(LoadBalancing { shared, stop }))
+        Ok(Box::new(LoadBalancing {
+            shared,
+            stop,
+            tasks: Mutex::new(tasks),
+        }))
     }
 }
 
@@ -281,61 +354,159 @@ async fn watch_dns(d: DnsResolver, shared: Arc<Shared>, stop: CancellationToken)
     }
 }
 
+/// Closes the queues of retired backends once they are empty, until `stop`.
+async fn reap(shared: Arc<Shared>, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        // Closed and removed under the lock, so that a resolver bringing a backend back finds
+        // it either open or gone, never half closed.
+        let closed: Vec<(String, Arc<Member>)> = {
+            let mut members = shared.lock_members();
+            let idle: Vec<String> = members
+                .iter()
+                .filter(|(_, m)| m.backend.retired.load(Ordering::Relaxed))
+                .filter(|(_, m)| m.queue.close_if_idle())
+                .map(|(url, _)| url.clone())
+                .collect();
+            idle.into_iter()
+                .filter_map(|url| members.remove_entry(&url))
+                .collect()
+        };
+        for (url, member) in closed {
+            member.queue.retire().await;
+            tracing::info!(exporter = %shared.ctx_id, backend = %url, "loadbalancing: a backend that left has nothing queued any more; its queue is closed");
+        }
+    }
+}
+
 struct Shared {
+    me: Weak<Shared>,
     config: LoadBalancingConfig,
-    /// Replaced whole on a change, so that a batch reads them with one `Arc` clone.
-    backends: RwLock<Arc<Backends>>,
-    ctx_id: genai_collector_core::ComponentId,
+    /// Each backend's queue settings.
+    settings: ExporterSettings,
+    /// The resolved backends by URL, replaced whole on a change, so that a batch reads them
+    /// with one `Arc` clone.
+    current: RwLock<Arc<Members>>,
+    /// Those and the retired ones whose queues are not yet empty, by URL.
+    members: Mutex<BTreeMap<String, Arc<Member>>>,
+    ctx_id: ComponentId,
     epoch: Instant,
+    telemetry: Telemetry,
     /// Where the backends' number and state are told (`genai_collector_exporter_backends`).
-    stats: Option<Arc<genai_collector_core::telemetry::ComponentStats>>,
+    stats: Option<Arc<ComponentStats>>,
 }
 
 impl Shared {
+    fn current(&self) -> Arc<Members> {
+        self.current.read().map(|b| b.clone()).unwrap_or_default()
+    }
+
+    fn lock_members(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Arc<Member>>> {
+        self.members.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The self-metrics id of a backend's queue, which also names its persistent-queue
+    /// directory: this exporter's id, then the URL without its scheme.
+    fn backend_id(&self, url: &str) -> String {
+        let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+        format!("{}/{rest}", self.ctx_id)
+    }
+
+    /// A backend and its queue, started retired.
+    fn member(&self, url: &str) -> Result<Arc<Member>, ComponentError> {
+        let config = self.config.backend(url).map_err(ComponentError::Config)?;
+        let backend = Arc::new(Backend {
+            exporter: OtlpExporter::new(config)?,
+            url: url.to_owned(),
+            down_until: AtomicU64::new(0),
+            retired: AtomicBool::new(true),
+        });
+        let send = BackendSend {
+            backend: backend.clone(),
+            shared: self.me.clone(),
+        };
+        let id = self.backend_id(url);
+        let queue = QueuedExporter::start(&id, Box::new(send), &self.settings, &self.telemetry)?;
+        Ok(Arc::new(Member { backend, queue }))
+    }
+
+    /// Opens the persistent queues an earlier run left for backends, retired: what they hold
+    /// goes to the backends resolved now (or back to the same one, if it is among them).
+    fn recover(&self) -> Result<(), ComponentError> {
+        let Some(root) = &self.settings.sending_queue.storage else {
+            return Ok(());
+        };
+        let Ok(entries) = std::fs::read_dir(root) else {
+            return Ok(());
+        };
+        let prefix = format!("{}__", self.ctx_id.to_string().replace('/', "__"));
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(&prefix)) else {
+                continue;
+            };
+            if !entry.path().is_dir() {
+                continue;
+            }
+            let url = self.config.url(&rest.replace("__", "/"));
+            let member = self.member(&url)?;
+            self.lock_members().insert(url, member);
+        }
+        Ok(())
+    }
+
     /// Makes `urls` (in any order, repeats counting once) the backends: the ones kept keep
-    /// their connections.
+    /// their connections and queues, the others are retired.
     fn update(&self, mut urls: Vec<String>) -> Result<(), ComponentError> {
         urls.sort();
         urls.dedup();
-        let current: Arc<Backends> = self.backends.read().map(|b| b.clone()).unwrap_or_default();
-        if current.iter().map(|b| &b.url).eq(urls.iter()) {
+        if self
+            .current()
+            .iter()
+            .map(|m| &m.backend.url)
+            .eq(urls.iter())
+        {
             return Ok(());
         }
+        let mut members = self.lock_members();
         let mut next = Vec::with_capacity(urls.len());
-        for url in urls {
-            let backend = match current.iter().find(|b| b.url == url) {
-                Some(b) => b.clone(),
+        for url in &urls {
+            let member = match members.get(url) {
+                Some(m) => m.clone(),
                 None => {
-                    let config = self.config.backend(&url).map_err(ComponentError::Config)?;
-                    Arc::new(Backend {
-                        exporter: OtlpExporter::new(config)?,
-                        url,
-                        down_until: AtomicU64::new(0),
-                    })
+                    let m = self.member(url)?;
+                    members.insert(url.clone(), m.clone());
+                    m
                 }
             };
-            next.push(backend);
+            next.push(member);
         }
-        let shown: Vec<&str> = next.iter().map(|b| b.url.as_str()).collect();
-        tracing::info!(exporter = %self.ctx_id, backends = ?shown, "loadbalancing: backends");
-        if let Ok(mut b) = self.backends.write() {
-            *b = Arc::new(next);
+        for (url, m) in members.iter() {
+            let listed = urls.binary_search(url).is_ok();
+            m.backend.retired.store(!listed, Ordering::Relaxed);
         }
+        tracing::info!(exporter = %self.ctx_id, backends = ?urls, "loadbalancing: backends");
+        if let Ok(mut current) = self.current.write() {
+            *current = Arc::new(next);
+        }
+        drop(members);
         self.report();
         Ok(())
     }
 
     /// Tells the self-metrics how many backends there are and how many are passed over.
     fn report(&self) {
-        let (Some(stats), Ok(backends)) = (&self.stats, self.backends.read()) else {
-            return;
-        };
+        let Some(stats) = &self.stats else { return };
+        let current = self.current();
         let now = self.now_ms();
-        let down = backends
+        let down = current
             .iter()
-            .filter(|b| b.down_until.load(Ordering::Relaxed) > now)
+            .filter(|m| self.is_down(&m.backend, now))
             .count();
-        stats.set_backends(backends.len() as u64, down as u64);
+        stats.set_backends(current.len() as u64, down as u64);
     }
 
     /// [`Shared::update`] from a resolver, which carries on with the old backends on an error.
@@ -350,27 +521,81 @@ impl Shared {
         self.epoch.elapsed().as_millis() as u64 + 1
     }
 
+    fn is_down(&self, b: &Backend, now: u64) -> bool {
+        b.down_until.load(Ordering::Relaxed) > now
+    }
+
     /// Passes `b` over for `recheck_after`; true when it was up until now.
     fn mark_down(&self, b: &Backend) -> bool {
         let until = self.now_ms() + self.config.failover.recheck_after.as_millis() as u64;
         b.down_until.swap(until, Ordering::Relaxed) == 0
     }
 
-    /// Backends not passed over now, as indices; a backend whose time is up is tried again.
-    fn up(&self, backends: &[Arc<Backend>]) -> Vec<usize> {
+    /// Queues each resource of `batch` on its key's backend among those up, other than
+    /// `from` (a backend handing its batch on): in every queue it goes to, or in none, so
+    /// that a retry sends nothing twice. Waits for room.
+    async fn route(&self, batch: &Batch, from: Option<&Backend>) -> Result<(), ExportError> {
+        let current = self.current();
+        if current.is_empty() {
+            return Err(ExportError::retryable("no backend resolved yet"));
+        }
         let now = self.now_ms();
-        (0..backends.len())
-            .filter(|&i| {
-                let until = backends[i].down_until.load(Ordering::Relaxed);
-                until == 0 || until <= now
-            })
-            .collect()
+        let mut up: Vec<&Member> = current
+            .iter()
+            .map(|m| &**m)
+            .filter(|m| !self.is_down(&m.backend, now))
+            .filter(|m| !from.is_some_and(|f| std::ptr::eq(f, &*m.backend)))
+            .collect();
+        if up.is_empty() {
+            if from.is_some() {
+                return Err(ExportError::retryable("no other backend is up"));
+            }
+            // All down: the owners are tried again rather than nothing sent.
+            up = current.iter().map(|m| &**m).collect();
+        }
+        let names: Vec<&str> = up.iter().map(|m| m.backend.url.as_str()).collect();
+        let key = self.config.routing_key.as_str();
+        let mut parts: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+        for (r, rm) in batch.resource_metrics.iter().enumerate() {
+            let k = rm.resource.as_ref().and_then(|r| r.attributes.get_str(key));
+            if let Some(j) = pick(k.unwrap_or(""), &names) {
+                parts.entry(j).or_default().push(r);
+            }
+        }
+        let whole = parts.len() == 1;
+        let mut rooms = Vec::with_capacity(parts.len());
+        for (&j, resources) in &parts {
+            let part = if whole {
+                batch.clone()
+            } else {
+                Batch {
+                    resource_metrics: resources
+                        .iter()
+                        .map(|&r| batch.resource_metrics[r].clone())
+                        .collect(),
+                }
+            };
+            let Some(room) = up[j].queue.reserve(&part).await else {
+                // Rooms taken so far are given back as they drop.
+                return Err(ExportError::retryable(format!(
+                    "loadbalancing: the queue of {} is closed",
+                    names[j]
+                )));
+            };
+            rooms.push((room, part));
+        }
+        for (room, part) in rooms {
+            room.commit(Arc::new(part)).await;
+        }
+        Ok(())
     }
 }
 
 struct LoadBalancing {
     shared: Arc<Shared>,
     stop: CancellationToken,
+    /// The resolver and the reaper, which hold `shared` until they end.
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 /// An unreachable backend, as opposed to one that asked to be retried later.
@@ -386,108 +611,80 @@ fn unreachable(e: &ExportError) -> bool {
 
 #[async_trait]
 impl Exporter for LoadBalancing {
+    /// Done once every part is in its backend's queue; the backends' consumers send them.
     async fn export(&self, batch: &Batch) -> Result<(), ExportError> {
-        let shared = &*self.shared;
-        let backends: Arc<Backends> = shared
-            .backends
-            .read()
-            .map(|b| b.clone())
-            .unwrap_or_default();
-        if backends.is_empty() {
-            return Err(ExportError::retryable("no backend resolved yet"));
-        }
-        let key = shared.config.routing_key.as_str();
-        let keys: Vec<&str> = batch
-            .resource_metrics
-            .iter()
-            .map(|rm| {
-                rm.resource
-                    .as_ref()
-                    .and_then(|r| r.attributes.get_str(key))
-                    .unwrap_or("")
-            })
-            .collect();
-        // Resources (indices into the batch) still to send; failed over, they are sent again.
-        let mut pending: Vec<usize> = (0..keys.len()).collect();
-        let mut failed_over: Vec<usize> = Vec::new();
-        // A backend's "retry later" retries the whole batch; a permanent refusal of one part is
-        // told only when nothing can be retried.
-        let (mut unreached, mut retry, mut permanent) = (None, None, None);
-        while !pending.is_empty() {
-            let mut up = shared.up(&backends);
-            up.retain(|i| !failed_over.contains(i));
-            if up.is_empty() {
-                // All down: the owners are tried again rather than nothing sent.
-                if !failed_over.is_empty() {
-                    break;
-                }
-                up = (0..backends.len()).collect();
-            }
-            let names: Vec<&str> = up.iter().map(|&i| backends[i].url.as_str()).collect();
-            let mut parts: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
-            for &r in &pending {
-                if let Some(j) = pick(keys[r], &names) {
-                    parts.entry(up[j]).or_default().push(r);
-                }
-            }
-            let whole = parts.len() == 1 && pending.len() == keys.len();
-            let (backends, failover) = (&backends, &shared.config.failover);
-            let sends = parts.iter().map(|(&b, resources)| async move {
-                // One backend for the whole batch (one gateway, or one pool): as it is.
-                let body = if whole {
-                    batch.encode_request()
-                } else {
-                    batch.encode_request_of(resources)
-                };
-                let send = backends[b].exporter.send_encoded(body);
-                let result = if failover.enabled {
-                    tokio::time::timeout(failover.timeout, send)
-                        .await
-                        .unwrap_or_else(|_| {
-                            Err(ExportError::retryable(format!(
-                                "no answer within failover.timeout ({:?})",
-                                failover.timeout
-                            )))
-                        })
-                } else {
-                    send.await
-                };
-                (b, result)
-            });
-            let results = futures_util::future::join_all(sends).await;
-            pending.clear();
-            for (b, result) in results {
-                let backend = &backends[b];
-                match result {
-                    Ok(()) => {
-                        if backend.down_until.swap(0, Ordering::Relaxed) != 0 {
-                            tracing::info!(exporter = %shared.ctx_id, backend = %backend.url, "loadbalancing: backend answers again");
-                            shared.report();
-                        }
-                    }
-                    Err(e) if shared.config.failover.enabled && unreachable(&e) => {
-                        if shared.mark_down(backend) {
-                            tracing::warn!(exporter = %shared.ctx_id, backend = %backend.url, error = %e, "loadbalancing: backend unreachable; its keys go to the next backend");
-                            shared.report();
-                        }
-                        failed_over.push(b);
-                        pending.extend(&parts[&b]);
-                        unreached = Some(e);
-                    }
-                    Err(e @ ExportError::Retryable { .. }) => retry = Some(e),
-                    Err(e) => permanent = Some(e),
-                }
-            }
-        }
-        if !pending.is_empty() {
-            return Err(unreached.unwrap_or_else(|| ExportError::retryable("no backend")));
-        }
-        retry.or(permanent).map_or(Ok(()), Err)
+        self.shared.route(batch, None).await
     }
 
     async fn shutdown(&self) -> Result<(), ExportError> {
         self.stop.cancel();
+        let members: Vec<Arc<Member>> = self.shared.lock_members().values().cloned().collect();
+        let (retired, resolved): (Vec<_>, Vec<_>) = members
+            .iter()
+            .partition(|m| m.backend.retired.load(Ordering::Relaxed));
+        // Retired first: they hand their batches to the resolved, whose queues still take them.
+        futures_util::future::join_all(retired.iter().map(|m| m.queue.stop())).await;
+        futures_util::future::join_all(resolved.iter().map(|m| m.queue.stop())).await;
+        // Once they end, dropping this exporter frees the persistent queues' directories at
+        // once, for a reloaded config's exporter to open.
+        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        futures_util::future::join_all(tasks).await;
         Ok(())
+    }
+}
+
+/// What a backend's queue sends through: the backend itself, or, when it is retired or
+/// unreachable, the backends its keys go to instead.
+struct BackendSend {
+    backend: Arc<Backend>,
+    shared: Weak<Shared>,
+}
+
+#[async_trait]
+impl Exporter for BackendSend {
+    async fn export(&self, batch: &Batch) -> Result<(), ExportError> {
+        let Some(shared) = self.shared.upgrade() else {
+            return Err(ExportError::retryable("the loadbalancing exporter stopped"));
+        };
+        let b = &*self.backend;
+        let failover = &shared.config.failover;
+        let retired = b.retired.load(Ordering::Relaxed);
+        let down = failover.enabled && shared.is_down(b, shared.now_ms());
+        if (retired || down) && shared.route(batch, Some(b)).await.is_ok() {
+            return Ok(());
+        }
+        // No other backend takes it: this one is tried, even retired (a gateway that stopped
+        // being listed may well still be there).
+        let send = b.exporter.export(batch);
+        let result = if failover.enabled {
+            tokio::time::timeout(failover.timeout, send)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(ExportError::retryable(format!(
+                        "no answer within failover.timeout ({:?})",
+                        failover.timeout
+                    )))
+                })
+        } else {
+            send.await
+        };
+        match result {
+            Ok(()) => {
+                if b.down_until.swap(0, Ordering::Relaxed) != 0 {
+                    tracing::info!(exporter = %shared.ctx_id, backend = %b.url, "loadbalancing: backend answers again");
+                    shared.report();
+                }
+                Ok(())
+            }
+            Err(e) if failover.enabled && unreachable(&e) => {
+                if shared.mark_down(b) {
+                    tracing::warn!(exporter = %shared.ctx_id, backend = %b.url, error = %e, "loadbalancing: backend unreachable; its keys go to the next backend");
+                    shared.report();
+                }
+                shared.route(batch, Some(b)).await.map_err(|_| e)
+            }
+            Err(e) => Err(e),
+        }
     }
 }
 
@@ -544,6 +741,28 @@ mod tests {
             c.validate().is_err(),
             "the endpoint comes from the resolver"
         );
+        // Queue keys under protocol.otlp set the backends' queues; the rest is inherited.
+        let own = "protocol: { otlp: { timeout: 2s, sending_queue: { num_consumers: 2 } } }\nresolver: { static: { hostnames: [a:1] } }\n";
+        let c: LoadBalancingConfig = serde_saphyr::from_str(own).unwrap();
+        c.validate().unwrap();
+        c.backend("http://a:1")
+            .expect("queue keys are not the otlp exporter's");
+        let mut inherited = ExporterSettings::default();
+        inherited.retry_on_failure.initial_interval = Duration::from_millis(100);
+        inherited.sending_queue.num_consumers = 7;
+        let b = c.backend_settings(&inherited).unwrap();
+        assert_eq!(b.timeout, Duration::from_secs(2));
+        assert_eq!(b.sending_queue.num_consumers, 2);
+        assert_eq!(b.retry_on_failure, inherited.retry_on_failure);
+        assert_eq!(
+            c.backend_settings(&ExporterSettings::default())
+                .unwrap()
+                .timeout,
+            Duration::from_secs(2)
+        );
+        let bad = "protocol: { otlp: { sending_queue: { num_consumers: 0 } } }\nresolver: { static: { hostnames: [a:1] } }\n";
+        let c: LoadBalancingConfig = serde_saphyr::from_str(bad).unwrap();
+        assert!(c.validate().is_err(), "a backend queue without consumers");
         let none = "protocol: { otlp: {} }\nresolver: {}\n";
         let c: LoadBalancingConfig = serde_saphyr::from_str(none).unwrap();
         assert!(c.validate().is_err(), "a resolver is needed");

@@ -273,8 +273,7 @@ impl Exporter for OtlpExporter {
 }
 
 impl OtlpExporter {
-    /// Sends an export request already encoded (see [`Batch::encode_request_of`]).
-    pub async fn send_encoded(&self, body: Vec<u8>) -> Result<(), ExportError> {
+    async fn send_encoded(&self, body: Vec<u8>) -> Result<(), ExportError> {
         match &self.sender {
             Sender::Grpc { client, metadata } => {
                 // A clone shares the channel; each request in flight needs its own handle.

@@ -1,8 +1,9 @@
 //! The `loadbalancing` exporter's cost and movement:
 //! - the rendezvous pick per resource, for 3 and 16 backends;
 //! - one agent batch (120 servers in 60 pools, 30 points each) exported through
-//!   `loadbalancing` to three local gateways, against the `otlp` exporter sending it whole to
-//!   one of them: medians of 200 exports each, per point, and their ratio;
+//!   `loadbalancing` to three local gateways until its backends' queues have sent every part,
+//!   against the `otlp` exporter sending it whole to one of them: medians of 200 exports
+//!   each, per point, and their ratio;
 //! - the fraction of 10,000 pools that move when a fourth gateway joins three (aim: 1/4).
 //!
 //! `cargo bench -p genai-collector-testkit --bench loadbalancing`
@@ -11,6 +12,7 @@ use std::time::Instant;
 
 use genai_collector_core::config::{self, Source};
 use genai_collector_core::model::{kv, number_point, Metric, MetricExt};
+use genai_collector_core::telemetry::Telemetry;
 use genai_collector_core::{
     Batch, BuildContext, ComponentConfig, ComponentId, Exporter, ExporterFactory, RunningService,
     Service,
@@ -60,22 +62,35 @@ async fn gateway(port: u16) -> RunningService {
     running
 }
 
-fn ctx(id: &str) -> BuildContext {
+fn ctx(id: &str, telemetry: &Telemetry) -> BuildContext {
     BuildContext {
         id: ComponentId::parse(id).unwrap(),
         pipeline: None,
-        telemetry: Default::default(),
+        telemetry: telemetry.clone(),
     }
 }
 
-async fn median_us(exporter: &dyn Exporter, batch: &Batch) -> f64 {
+/// Exports `batch` and waits until nothing is queued in `telemetry`'s exporters (the
+/// `loadbalancing` backends' queues): the time until the gateways have it.
+async fn export_delivered(exporter: &dyn Exporter, batch: &Batch, telemetry: &Telemetry) {
+    exporter.export(batch).await.unwrap();
+    while telemetry
+        .components()
+        .iter()
+        .any(|c| c.snapshot().queued > 0)
+    {
+        tokio::task::yield_now().await;
+    }
+}
+
+async fn median_us(exporter: &dyn Exporter, batch: &Batch, telemetry: &Telemetry) -> f64 {
     for _ in 0..20 {
-        exporter.export(batch).await.unwrap();
+        export_delivered(exporter, batch, telemetry).await;
     }
     let mut times = Vec::with_capacity(ROUNDS);
     for _ in 0..ROUNDS {
         let started = Instant::now();
-        exporter.export(batch).await.unwrap();
+        export_delivered(exporter, batch, telemetry).await;
         times.push(started.elapsed().as_secs_f64() * 1e6);
     }
     times.sort_by(f64::total_cmp);
@@ -123,7 +138,10 @@ fn main() {
             ports[0]
         ))
         .unwrap();
-        let otlp = OtlpExporterFactory.build(otlp_config, &ctx("otlp")).unwrap();
+        let (otlp_telemetry, lb_telemetry) = (Telemetry::new(), Telemetry::new());
+        let otlp = OtlpExporterFactory
+            .build(otlp_config, &ctx("otlp", &otlp_telemetry))
+            .unwrap();
         let hostnames: Vec<String> = ports.iter().map(|p| format!("\"127.0.0.1:{p}\"")).collect();
         let lb_config: LoadBalancingConfig = serde_saphyr::from_str(&format!(
             "protocol: {{ otlp: {{ compression: none }} }}\nresolver: {{ static: {{ hostnames: [{}] }} }}\n",
@@ -132,13 +150,13 @@ fn main() {
         .unwrap();
         lb_config.validate().unwrap();
         let lb = LoadBalancingFactory
-            .build(lb_config, &ctx("loadbalancing"))
+            .build(lb_config, &ctx("loadbalancing", &lb_telemetry))
             .unwrap();
         // Alternate the two, three times, so that drift on a shared machine hits both.
         let (mut a, mut b) = (Vec::new(), Vec::new());
         for _ in 0..3 {
-            a.push(median_us(otlp.as_ref(), &batch).await);
-            b.push(median_us(lb.as_ref(), &batch).await);
+            a.push(median_us(otlp.as_ref(), &batch, &otlp_telemetry).await);
+            b.push(median_us(lb.as_ref(), &batch, &lb_telemetry).await);
         }
         a.sort_by(f64::total_cmp);
         b.sort_by(f64::total_cmp);
@@ -147,6 +165,7 @@ fn main() {
         println!("  otlp, whole to one gateway:        {:.2} µs per point", a / points);
         println!("  loadbalancing over three gateways: {:.2} µs per point", b / points);
         println!("  ratio loadbalancing / otlp:        {:.2}", b / a);
+        lb.shutdown().await.unwrap();
         for g in gateways {
             g.run_until(std::future::ready(())).await;
         }

@@ -67,24 +67,38 @@ fn pools() -> Batch {
     b
 }
 
+/// A balancer over gateways on these ports, whose backends retry every 100-200 ms and recheck
+/// an unreachable one after 500 ms.
 fn balancer(ports: &[u16]) -> Box<dyn genai_collector_core::Exporter> {
     let hostnames: Vec<String> = ports.iter().map(|p| format!("\"127.0.0.1:{p}\"")).collect();
     let yaml = format!(
-        "protocol: {{ otlp: {{ compression: none }} }}\nresolver: {{ static: {{ hostnames: [{}] }} }}\n",
+        "protocol: {{ otlp: {{ compression: none, retry_on_failure: {{ initial_interval: 100ms, max_interval: 200ms }} }} }}\nresolver: {{ static: {{ hostnames: [{}] }} }}\nfailover: {{ recheck_after: 500ms }}\n",
         hostnames.join(", ")
     );
-    balancer_of(&yaml)
+    balancer_of(&yaml).0
 }
 
-fn balancer_of(yaml: &str) -> Box<dyn genai_collector_core::Exporter> {
+/// A balancer from its YAML, and the telemetry its backends' queues report to.
+fn balancer_of(yaml: &str) -> (Box<dyn genai_collector_core::Exporter>, Telemetry) {
     let config: LoadBalancingConfig = serde_saphyr::from_str(yaml).unwrap();
     config.validate().unwrap();
+    let telemetry = Telemetry::new();
     let ctx = BuildContext {
         id: ComponentId::parse("loadbalancing").unwrap(),
         pipeline: None,
-        telemetry: Default::default(),
+        telemetry: telemetry.clone(),
     };
-    LoadBalancingFactory.build(config, &ctx).unwrap()
+    (LoadBalancingFactory.build(config, &ctx).unwrap(), telemetry)
+}
+
+/// The counters of the balancer's queue for the backend on `port`, while it has one.
+fn backend_counts(
+    telemetry: &Telemetry,
+    port: u16,
+) -> Option<genai_collector_core::telemetry::Counts> {
+    let id = format!("loadbalancing/127.0.0.1:{port}");
+    let stats = telemetry.find(genai_collector_core::ComponentKind::Exporter, &id)?;
+    Some(stats.snapshot())
 }
 
 /// Which gateway (by index) got each pool, from the batches each capture took after `since`.
@@ -148,24 +162,34 @@ async fn each_pool_reaches_one_gateway_and_only_a_leaving_gateways_pools_move() 
             assert_eq!(at, &first[pool], "{pool} moved though its gateway stayed");
         }
     }
-    // Gateway c goes down: in the same export, its pools go to a, their next backend.
-    drop(rc);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Gateway c goes down: its part goes from its queue to a, its pools' next backend.
+    rc.run_until(std::future::ready(())).await;
     let since: Vec<usize> = captures.iter().map(|c| c.batches().len()).collect();
     two.export(&pools()).await.unwrap();
-    let third = owners(&captures, &since);
-    assert_eq!(third.len(), 61);
+    let third = eventually(Duration::from_secs(10), "61 resources at a", || {
+        let o = owners(&captures, &since);
+        (o.len() == 61).then_some(o)
+    })
+    .await;
     assert!(
         third.values().all(|at| at == &BTreeSet::from([0])),
         "{third:?}"
     );
-    // Every backend down: the batch is refused as retryable, for the runtime to retry.
+    // Every backend down: the batch is queued all the same, and arrives whole once a gateway
+    // is back on a's port.
     ra.run_until(std::future::ready(())).await;
-    let err = two.export(&pools()).await.unwrap_err();
-    assert!(
-        matches!(err, genai_collector_core::ExportError::Retryable { .. }),
-        "{err}"
-    );
+    two.export(&pools()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (ca2, ra2) = gateway_at("127.0.0.1", a).await;
+    let back = eventually(Duration::from_secs(10), "61 resources at the new a", || {
+        let o = owners(&[&ca2], &[0]);
+        (o.len() == 61).then_some(o)
+    })
+    .await;
+    assert_eq!(back.len(), 61);
+    two.shutdown().await.unwrap();
+    three.shutdown().await.unwrap();
+    ra2.run_until(std::future::ready(())).await;
     rb.run_until(std::future::ready(())).await;
 }
 
@@ -399,7 +423,16 @@ async fn pools_stay_whole_on_one_gateway_through_a_gateways_death_and_return() {
         assert_eq!(lb.failed, 0, "points given up on");
         // Scrapes that found the queue full (an overloaded machine) were never queued: counted
         // apart, and no part of the contract.
-        assert_eq!(lb.accepted, lb.sent, "queued but not delivered");
+        assert_eq!(lb.accepted, lb.sent, "queued but not routed to a backend");
+        // Each backend's queue sent all it took (its own and, while another was down, that
+        // one's), and gave up on nothing.
+        for c in telemetry.components() {
+            if c.id.starts_with("loadbalancing/") {
+                let b = c.snapshot();
+                assert_eq!((b.failed, b.queued), (0, 0), "{}", c.id);
+                assert_eq!(b.accepted, b.sent, "{}", c.id);
+            }
+        }
         queued += lb.accepted;
         sent += lb.sent;
         dropped += lb.refused;
@@ -486,7 +519,7 @@ async fn the_backends_follow_the_gateway_services_endpointslices() {
     let dir = std::env::temp_dir().join(format!("lb-k8s-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let kubeconfig = common::kube::kubeconfig(&dir, api);
-    let lb = balancer_of(&format!(
+    let (lb, _) = balancer_of(&format!(
         "protocol: {{ otlp: {{ compression: none }} }}\nresolver: {{ k8s: {{ service: gateway-headless.genai, ports: [{port}], kubeconfig: \"{}\" }} }}\n",
         kubeconfig.display()
     ));
@@ -535,7 +568,7 @@ async fn the_backends_follow_the_gateway_services_endpointslices() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dns_name_resolves_to_the_backends() {
     let (port, capture, running) = gateway().await;
-    let lb = balancer_of(&format!(
+    let (lb, _) = balancer_of(&format!(
         "protocol: {{ otlp: {{ compression: none }} }}\nresolver: {{ dns: {{ hostname: localhost, port: {port}, interval: 1s }} }}\n"
     ));
     assert!(
@@ -548,7 +581,7 @@ async fn a_dns_name_resolves_to_the_backends() {
 
 /// A gateway that went away without closing its connections (a pod's address dropping
 /// packets, here a listener that accepts and never answers): after `failover.timeout` its
-/// pools go to the next gateway, in the same export.
+/// pools go to the next gateway.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_that_never_answers_is_failed_over_after_the_timeout() {
     let (a, ca, ra) = gateway().await;
@@ -556,27 +589,147 @@ async fn a_backend_that_never_answers_is_failed_over_after_the_timeout() {
     let hole_port = hole.local_addr().unwrap().port();
     // Accepted and held, never read: the gRPC request never gets an answer.
     let held = std::thread::spawn(move || hole.incoming().take(4).collect::<Vec<_>>());
-    let lb = balancer_of(&format!(
+    let (lb, telemetry) = balancer_of(&format!(
         "protocol: {{ otlp: {{ compression: none }} }}\nresolver: {{ static: {{ hostnames: [\"127.0.0.1:{a}\", \"127.0.0.1:{hole_port}\"] }} }}\nfailover: {{ timeout: 300ms }}\n"
     ));
     let started = std::time::Instant::now();
     lb.export(&pools()).await.unwrap();
-    assert!(
-        started.elapsed() < Duration::from_secs(3),
-        "failed over after {:?}",
-        started.elapsed()
-    );
     let at = eventually(Duration::from_secs(10), "every pool at gateway a", || {
         let o = owners(&[&ca], &[0]);
         (o.len() == 61).then_some(o)
     })
     .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "failed over after {:?}",
+        started.elapsed()
+    );
     assert_eq!(at.len(), 61);
-    // Passed over now: the next export goes straight to a.
-    let started = std::time::Instant::now();
+    let to_hole = backend_counts(&telemetry, hole_port).unwrap().accepted;
+    assert!(to_hole > 0, "the hole owned some pools");
+    // Passed over now: the next export's pools go straight to a's queue.
+    let since = ca.batches().len();
     lb.export(&pools()).await.unwrap();
-    assert!(started.elapsed() < Duration::from_millis(300));
+    eventually(Duration::from_secs(10), "every pool at a again", || {
+        (owners(&[&ca], &[since]).len() == 61).then_some(())
+    })
+    .await;
+    assert_eq!(
+        backend_counts(&telemetry, hole_port).unwrap().accepted,
+        to_hole
+    );
     lb.shutdown().await.unwrap();
     ra.run_until(std::future::ready(())).await;
     drop(held);
+}
+
+/// A gateway that accepts and never answers, with failover off (nothing is passed over): its
+/// pools wait in its queue while every other gateway gets each of its pools exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_gateway_holds_up_only_its_own_pools() {
+    let (a, ca, ra) = gateway().await;
+    let hole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hole_port = hole.local_addr().unwrap().port();
+    let held = std::thread::spawn(move || hole.incoming().take(16).collect::<Vec<_>>());
+    let (lb, telemetry) = balancer_of(&format!(
+        "protocol: {{ otlp: {{ compression: none, timeout: 500ms }} }}\nresolver: {{ static: {{ hostnames: [\"127.0.0.1:{a}\", \"127.0.0.1:{hole_port}\"] }} }}\nfailover: {{ enabled: false }}\n"
+    ));
+    for _ in 0..5 {
+        lb.export(&pools()).await.unwrap();
+    }
+    let mine = eventually(Duration::from_secs(10), "a's pools, five times", || {
+        let per_pool = pool_counts(&ca);
+        (!per_pool.is_empty() && per_pool.values().all(|n| *n >= 5)).then_some(per_pool)
+    })
+    .await;
+    // A while longer: the stuck gateway's retries must not send a's pools again.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(pool_counts(&ca), mine, "a got pools more than once");
+    assert!(mine.values().all(|n| *n == 5), "{mine:?}");
+    let stuck = backend_counts(&telemetry, hole_port).unwrap();
+    assert_eq!(
+        mine.len() as u64 + stuck.accepted / 5,
+        61,
+        "every pool went to one of them"
+    );
+    assert!(stuck.queued > 0 && stuck.sent == 0, "{stuck:?}");
+    assert!(stuck.attempt_failures > 0, "{stuck:?}");
+    ra.run_until(std::future::ready(())).await;
+    drop(held);
+}
+
+/// How many times each pool reached `capture`.
+fn pool_counts(capture: &Capture) -> BTreeMap<String, usize> {
+    let mut n = BTreeMap::new();
+    for b in capture.batches() {
+        for rm in &b.resource_metrics {
+            let attrs = &rm.resource.as_ref().unwrap().attributes;
+            let pool = attrs.get_str("gen_ai.pool.name").unwrap_or("").to_owned();
+            *n.entry(pool).or_insert(0) += 1;
+        }
+    }
+    n
+}
+
+/// A backend's persistent queue outlives it: batches a stuck gateway never took are on disk at
+/// shutdown, and the next run, whose resolver no longer lists that gateway, sends them to the
+/// one it does list, then removes the directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_that_left_has_its_persisted_batches_sent_to_the_others() {
+    let (a, ca, ra) = gateway().await;
+    let hole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hole_port = hole.local_addr().unwrap().port();
+    let held = std::thread::spawn(move || hole.incoming().take(16).collect::<Vec<_>>());
+    let dir = std::env::temp_dir().join(format!("lb-disk-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let yaml = |hostnames: &str| {
+        format!(
+            "protocol: {{ otlp: {{ compression: none, timeout: 300ms, sending_queue: {{ storage: \"{}\" }} }} }}\nresolver: {{ static: {{ hostnames: [{hostnames}] }} }}\nfailover: {{ enabled: false }}\n",
+            dir.display()
+        )
+    };
+    let (lb, telemetry) = balancer_of(&yaml(&format!(
+        "\"127.0.0.1:{a}\", \"127.0.0.1:{hole_port}\""
+    )));
+    lb.export(&pools()).await.unwrap();
+    let stuck = eventually(Duration::from_secs(10), "the stuck part on disk", || {
+        backend_counts(&telemetry, hole_port).filter(|c| c.disk_bytes > 0)
+    })
+    .await;
+    let hole_dir = dir.join(format!("loadbalancing__127.0.0.1:{hole_port}"));
+    assert!(hole_dir.is_dir(), "{}", hole_dir.display());
+    lb.shutdown().await.unwrap();
+    let kept = backend_counts(&telemetry, hole_port).unwrap();
+    assert_eq!(
+        kept.persisted, stuck.accepted,
+        "kept on disk at shutdown: {kept:?}"
+    );
+    let first = pool_counts(&ca);
+    drop(lb);
+
+    // The next run lists only a: the hole's pools arrive there from the hole's directory.
+    let (lb, telemetry) = balancer_of(&yaml(&format!("\"127.0.0.1:{a}\"")));
+    let both = eventually(Duration::from_secs(10), "all 61 at a", || {
+        let n = pool_counts(&ca);
+        (n.len() == 61).then_some(n)
+    })
+    .await;
+    for (pool, n) in &both {
+        assert_eq!(
+            *n,
+            1,
+            "{pool} came {n} times (first run: {:?})",
+            first.get(pool)
+        );
+    }
+    eventually(
+        Duration::from_secs(10),
+        "the hole's queue closed and its directory gone",
+        || (backend_counts(&telemetry, hole_port).is_none() && !hole_dir.exists()).then_some(()),
+    )
+    .await;
+    lb.shutdown().await.unwrap();
+    ra.run_until(std::future::ready(())).await;
+    drop(held);
+    let _ = std::fs::remove_dir_all(&dir);
 }

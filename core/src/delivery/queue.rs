@@ -226,6 +226,20 @@ impl SendQueue {
         self.room.notify_waiters();
     }
 
+    /// Closes the queue if nothing is queued or reserved, at once so that no reservation can
+    /// slip in between; whether it did.
+    pub fn close_if_idle(&self) -> bool {
+        let mut s = self.lock();
+        if s.used > 0 || !s.items.is_empty() || !s.backlog.is_empty() {
+            return false;
+        }
+        s.closed = true;
+        drop(s);
+        self.items.notify_waiters();
+        self.room.notify_waiters();
+        true
+    }
+
     /// No more batches will come: consumers end once the queue is empty.
     pub fn close(&self) {
         self.lock().closed = true;

@@ -14,12 +14,10 @@ use crate::component::{ComponentError, ExportError, Exporter};
 use crate::config::{ExporterSettings, RetrySettings};
 use crate::delivery::queue::{Item, Payload, SendQueue};
 use crate::disk_queue::{DiskQueue, Stored};
-use crate::id::ComponentId;
 use crate::model::Batch;
 use crate::telemetry::{ComponentStats, State};
 
 pub(crate) struct ExporterTask {
-    pub id: ComponentId,
     pub exporter: Box<dyn Exporter>,
     pub queue: Arc<SendQueue>,
     pub settings: ExporterSettings,
@@ -33,7 +31,6 @@ pub(crate) struct ExporterTask {
 
 /// What every consumer of one exporter shares.
 struct Worker {
-    id: ComponentId,
     exporter: Box<dyn Exporter>,
     queue: Arc<SendQueue>,
     settings: ExporterSettings,
@@ -55,7 +52,6 @@ pub(crate) async fn run_exporter(task: ExporterTask) -> Result<(), ComponentErro
         });
     }
     let worker = Arc::new(Worker {
-        id: task.id,
         exporter: task.exporter,
         queue: task.queue,
         settings: task.settings,
@@ -70,14 +66,15 @@ pub(crate) async fn run_exporter(task: ExporterTask) -> Result<(), ComponentErro
     while let Some(done) = consumers.join_next().await {
         if let Err(e) = done {
             if e.is_panic() {
-                error!(exporter = %worker.id, "an export panicked; that consumer stopped");
+                error!(exporter = %worker.stats.id, "an export panicked; that consumer stopped");
                 worker.stats.fail("an export panicked");
             }
         }
     }
-    let shutdown = worker.exporter.shutdown();
-    if let Err(e) = tokio::time::timeout(worker.settings.timeout, shutdown).await {
-        warn!(exporter = %worker.id, error = %e, "exporter shutdown timed out");
+    // Bounded by the collector's shutdown timeout, not the export timeout: an exporter with
+    // queues of its own (`loadbalancing`) drains them here.
+    if let Err(e) = worker.exporter.shutdown().await {
+        warn!(exporter = %worker.stats.id, error = %e, "exporter shutdown failed");
     }
     Ok(())
 }
@@ -103,12 +100,12 @@ async fn consume(w: Arc<Worker>) {
                     .await
             }
             Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
-                warn!(exporter = %w.id, seq = ?item.seq, error = %e, "corrupt batch in the persistent queue; dropping it");
+                warn!(exporter = %w.stats.id, seq = ?item.seq, error = %e, "corrupt batch in the persistent queue; dropping it");
                 ComponentStats::add(&w.stats.failed, item.points as usize);
             }
             Err(e) => {
                 // A read that failed for another reason (permissions, I/O) may work next start.
-                warn!(exporter = %w.id, seq = ?item.seq, error = %e, "cannot read a batch of the persistent queue; it stays on disk for the next start");
+                warn!(exporter = %w.stats.id, seq = ?item.seq, error = %e, "cannot read a batch of the persistent queue; it stays on disk for the next start");
                 ComponentStats::add(&w.stats.persisted, item.points as usize);
                 keep_file = true;
             }
@@ -145,7 +142,7 @@ impl Worker {
         if let (Some(disk), Some(seq), false) = (&self.disk, item.seq, keep_file) {
             let (d, points) = (disk.clone(), item.points);
             if let Err(e) = blocking(move || d.remove(seq, points)).await {
-                warn!(exporter = %self.id, seq, error = %e, "cannot remove a sent batch from the persistent queue; it will be sent again after a restart");
+                warn!(exporter = %self.stats.id, seq, error = %e, "cannot remove a sent batch from the persistent queue; it will be sent again after a restart");
             }
             self.stats.disk_bytes.store(disk.bytes(), Ordering::Relaxed);
         }
@@ -265,7 +262,7 @@ fn jitter(d: Duration) -> Duration {
 }
 
 /// Logs what a previous run left in the persistent queue.
-pub(crate) fn log_recovered(id: &ComponentId, dir: &std::path::Path, recovered: &[Stored]) {
+pub(crate) fn log_recovered(id: &str, dir: &std::path::Path, recovered: &[Stored]) {
     if recovered.is_empty() {
         return;
     }

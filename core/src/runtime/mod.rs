@@ -7,6 +7,7 @@
 
 mod exporter;
 mod pipeline;
+mod queued;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -20,16 +21,19 @@ use tracing::{error, info, warn};
 
 use crate::component::{BuildContext, ComponentError, ReceiverContext};
 use crate::config::Config;
+use crate::config::ExporterSettings;
 use crate::delivery::queue::SendQueue;
 pub use crate::delivery::{Captured, Output, SendError};
 use crate::delivery::{Envelope, LogEvery, PipelineInput};
 use crate::disk_queue::DiskQueue;
+use crate::disk_queue::Stored;
 use crate::id::{ComponentId, ComponentKind};
 use crate::memory::MemoryLimiter;
 use crate::registry::Components;
 use crate::telemetry::{ComponentStats, State, Telemetry};
 use exporter::{log_recovered, run_exporter, ExporterTask};
 use pipeline::{run_pipeline, ExporterQueue, PipelineTask};
+pub use queued::{QueuedExporter, Room};
 
 /// Batches a pipeline's input channel holds before receivers wait.
 pub const PIPELINE_QUEUE_BATCHES: usize = 64;
@@ -42,6 +46,41 @@ pub(crate) async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())))
+}
+
+/// An exporter's queue, its persistent directory if any, and what a previous run left there.
+type OpenedQueue = (Arc<SendQueue>, Option<Arc<DiskQueue>>, Vec<Stored>);
+
+/// The queue of the exporter `id` as `settings` give it: in memory, or over a persistent
+/// directory whose batches from a previous run come back first (counted in `stats`).
+fn open_queue(
+    id: &str,
+    settings: &ExporterSettings,
+    stats: &ComponentStats,
+) -> Result<OpenedQueue, String> {
+    let q = &settings.sending_queue;
+    let queue = Arc::new(SendQueue::new(q.capacity(), q.sizer));
+    stats
+        .queue_capacity
+        .store(queue.capacity(), Ordering::Relaxed);
+    let Some(root) = &q.storage else {
+        return Ok((queue, None, Vec::new()));
+    };
+    let (disk, recovered) = DiskQueue::open(root, id, q.fsync, q.storage_limit)
+        .map_err(|e| format!("sending_queue.storage: {e}"))?;
+    log_recovered(id, disk.dir(), &recovered);
+    let points = recovered
+        .iter()
+        .fold(0u64, |n, s| n.saturating_add(s.points));
+    stats.queued.fetch_add(points, Ordering::Relaxed);
+    stats.disk_bytes.store(disk.bytes(), Ordering::Relaxed);
+    stats.persistent.store(true, Ordering::Relaxed);
+    if let Some(first) = recovered.first() {
+        stats
+            .queue_oldest_ms
+            .store(first.queued_at_ms.max(1), Ordering::Relaxed);
+    }
+    Ok((queue, Some(Arc::new(disk)), recovered))
 }
 
 /// A component that could not be built.
@@ -143,52 +182,19 @@ impl Service {
                 // Registered first, so that an exporter can report on itself from its build.
                 let stats = telemetry.register(ComponentKind::Exporter, &id.to_string(), None);
                 let exporter = factory
-                    .build(&mut entry.config, &ctx)
+                    .build_with_settings(&mut entry.config, &ctx, settings)
                     .map_err(fail(ComponentKind::Exporter, id))?;
-                let q = &settings.sending_queue;
-                let queue = Arc::new(SendQueue::new(q.capacity(), q.sizer));
-                stats
-                    .queue_capacity
-                    .store(queue.capacity(), Ordering::Relaxed);
-                let (disk, recovered) = match &q.storage {
-                    Some(root) => {
-                        let (disk, recovered) =
-                            DiskQueue::open(root, &id.to_string(), q.fsync, q.storage_limit)
-                                .map_err(|e| BuildError {
-                                    kind: ComponentKind::Exporter,
-                                    id: id.to_string(),
-                                    source: ComponentError::Config(format!(
-                                        "sending_queue.storage: {e}"
-                                    )),
-                                })?;
-                        log_recovered(id, disk.dir(), &recovered);
-                        let points = recovered
-                            .iter()
-                            .fold(0u64, |n, s| n.saturating_add(s.points));
-                        stats.queued.fetch_add(points, Ordering::Relaxed);
-                        stats.disk_bytes.store(disk.bytes(), Ordering::Relaxed);
-                        if let Some(first) = recovered.first() {
-                            stats
-                                .queue_oldest_ms
-                                .store(first.queued_at_ms.max(1), Ordering::Relaxed);
-                        }
-                        (Some(Arc::new(disk)), recovered)
-                    }
-                    None => (None, Vec::new()),
-                };
+                let (queue, disk, recovered) = open_queue(&id.to_string(), settings, &stats)
+                    .map_err(|e| BuildError {
+                        kind: ComponentKind::Exporter,
+                        id: id.to_string(),
+                        source: ComponentError::Config(e),
+                    })?;
                 queues.push((
                     id.clone(),
-                    ExporterQueue {
-                        queue: queue.clone(),
-                        stats: stats.clone(),
-                        block: q.block_on_overflow,
-                        disk: disk.clone(),
-                        drop_log: Default::default(),
-                        disk_log: Default::default(),
-                    },
+                    ExporterQueue::new(queue.clone(), stats.clone(), disk.clone(), settings),
                 ));
                 exporters.push(ExporterTask {
-                    id: id.clone(),
                     exporter,
                     queue,
                     settings: settings.clone(),
@@ -321,18 +327,12 @@ impl Service {
             tokio::spawn(limiter.clone().run(*interval, stop_http.clone()));
         }
         let mut exporter_tasks = JoinSet::new();
-        let exporter_stats: Vec<_> = self
-            .exporters
-            .iter()
-            .map(|e| (e.stats.clone(), e.disk.is_some()))
-            .collect();
         let exporter_queues: Vec<_> = self.exporters.iter().map(|e| e.queue.clone()).collect();
         for task in self.exporters {
             let stats = task.stats.clone();
-            let id = task.id.clone();
             exporter_tasks.spawn(supervise(
                 ComponentKind::Exporter,
-                id,
+                stats.id.clone(),
                 stats,
                 run_exporter(task),
             ));
@@ -354,7 +354,7 @@ impl Service {
             let receiver = task.receiver;
             receiver_tasks.spawn(supervise(
                 ComponentKind::Receiver,
-                task.id,
+                task.id.to_string(),
                 stats,
                 receiver.run(ctx),
             ));
@@ -376,7 +376,6 @@ impl Service {
             receiver_tasks,
             pipeline_tasks,
             exporter_tasks,
-            exporter_stats,
             exporter_queues,
             inputs_done: self.inputs_done,
             stopping: self.stopping,
@@ -403,7 +402,6 @@ pub struct RunningService {
     receiver_tasks: JoinSet<()>,
     pipeline_tasks: JoinSet<()>,
     exporter_tasks: JoinSet<()>,
-    exporter_stats: Vec<(Arc<ComponentStats>, bool)>,
     exporter_queues: Vec<Arc<SendQueue>>,
     inputs_done: CancellationToken,
     stopping: CancellationToken,
@@ -456,9 +454,11 @@ impl RunningService {
             self.pipeline_tasks.abort_all();
             self.exporter_tasks.abort_all();
             let mut kept = 0;
-            for (stats, persistent) in &self.exporter_stats {
+            // Every exporter's, the queues exporters keep of their own (`QueuedExporter`) too.
+            let exporters = self.telemetry.components().into_iter();
+            for stats in exporters.filter(|c| c.kind == ComponentKind::Exporter) {
                 let queued = stats.queued.swap(0, Ordering::Relaxed);
-                if *persistent {
+                if stats.persistent.load(Ordering::Relaxed) {
                     stats.persisted.fetch_add(queued, Ordering::Relaxed);
                     kept += queued;
                 } else {
@@ -490,7 +490,7 @@ impl RunningService {
 /// taking the collector down.
 async fn supervise(
     kind: ComponentKind,
-    id: ComponentId,
+    id: String,
     stats: Arc<ComponentStats>,
     task: impl std::future::Future<Output = Result<(), ComponentError>> + Send + 'static,
 ) {

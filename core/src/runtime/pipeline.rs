@@ -191,6 +191,22 @@ async fn fan_out(
 }
 
 impl ExporterQueue {
+    pub fn new(
+        queue: Arc<SendQueue>,
+        stats: Arc<ComponentStats>,
+        disk: Option<Arc<DiskQueue>>,
+        settings: &crate::config::ExporterSettings,
+    ) -> Self {
+        Self {
+            queue,
+            stats,
+            block: settings.sending_queue.block_on_overflow,
+            disk,
+            drop_log: Default::default(),
+            disk_log: Default::default(),
+        }
+    }
+
     async fn reserve(&self, cost: Cost) -> Option<Reservation<'_>> {
         let size = cost.size(self.queue.sizer);
         if self.block {
@@ -200,7 +216,7 @@ impl ExporterQueue {
         }
     }
 
-    async fn enqueue(&self, room: Reservation<'_>, batch: &Arc<Batch>, cost: Cost) {
+    pub async fn enqueue(&self, room: Reservation<'_>, batch: &Arc<Batch>, cost: Cost) {
         // Written before it is queued, so a batch a consumer sees is always on disk.
         let seq = match &self.disk {
             Some(disk) => self.write(disk, batch, cost.points).await,
