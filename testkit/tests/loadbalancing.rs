@@ -733,3 +733,63 @@ async fn a_gateway_that_left_has_its_persisted_batches_sent_to_the_others() {
     drop(held);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A gateway that leaves the Service while its queue holds batches it never took (it accepts
+/// and never answers; failover off, so nothing else moves them): they go to the gateway that
+/// stays, each pool once, and the leaver's queue is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_leaving_the_service_has_its_queue_sent_to_the_others() {
+    let port = free_port();
+    let (ca, ra) = gateway_at("127.0.0.1", port).await;
+    let hole = std::net::TcpListener::bind(("127.0.0.2", port)).unwrap();
+    let held = std::thread::spawn(move || hole.incoming().take(16).collect::<Vec<_>>());
+    let path = "/apis/discovery.k8s.io/v1/namespaces/genai/endpointslices";
+    let both = slice("gw-a", &[("127.0.0.1", true), ("127.0.0.2", true)]);
+    let (fake, api) = common::kube::start_fake(path, "EndpointSliceList", false, vec![both]).await;
+    let dir = std::env::temp_dir().join(format!("lb-leave-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = common::kube::kubeconfig(&dir, api);
+    let (lb, telemetry) = balancer_of(&format!(
+        "protocol: {{ otlp: {{ compression: none, timeout: 500ms, retry_on_failure: {{ initial_interval: 100ms }} }} }}\nresolver: {{ k8s: {{ service: gateway-headless.genai, ports: [{port}], kubeconfig: \"{}\" }} }}\nfailover: {{ enabled: false }}\n",
+        kubeconfig.display()
+    ));
+    let leaver = format!("loadbalancing/127.0.0.2:{port}");
+    let counts = |id: &str| {
+        let stats = telemetry.find(genai_collector_core::ComponentKind::Exporter, id)?;
+        Some(stats.snapshot())
+    };
+    eventually(Duration::from_secs(10), "both backends", || {
+        counts(&leaver).map(|_| ())
+    })
+    .await;
+    for _ in 0..3 {
+        lb.export(&pools()).await.unwrap();
+    }
+    let stuck = eventually(Duration::from_secs(10), "a's pools at a", || {
+        let n = pool_counts(&ca);
+        let c = counts(&leaver)?;
+        (!n.is_empty() && n.values().all(|k| *k == 3) && c.accepted > 0).then_some(c)
+    })
+    .await;
+    assert_eq!(stuck.sent, 0, "the leaver took nothing: {stuck:?}");
+    common::kube::event(&fake, "MODIFIED", slice("gw-a", &[("127.0.0.1", true)]));
+    let all = eventually(
+        Duration::from_secs(15),
+        "every pool at a, three times",
+        || {
+            let n = pool_counts(&ca);
+            (n.len() == 61 && n.values().all(|k| *k >= 3)).then_some(n)
+        },
+    )
+    .await;
+    eventually(Duration::from_secs(10), "the leaver's queue closed", || {
+        counts(&leaver).is_none().then_some(())
+    })
+    .await;
+    assert_eq!(pool_counts(&ca), all, "pools sent more than three times");
+    assert!(all.values().all(|k| *k == 3), "{all:?}");
+    lb.shutdown().await.unwrap();
+    ra.run_until(std::future::ready(())).await;
+    drop(held);
+    let _ = std::fs::remove_dir_all(&dir);
+}
