@@ -74,11 +74,8 @@ fn ctx(id: &str, telemetry: &Telemetry) -> BuildContext {
 /// `loadbalancing` backends' queues): the time until the gateways have it.
 async fn export_delivered(exporter: &dyn Exporter, batch: &Batch, telemetry: &Telemetry) {
     exporter.export(batch).await.unwrap();
-    while telemetry
-        .components()
-        .iter()
-        .any(|c| c.snapshot().queued > 0)
-    {
+    let queues = telemetry.components();
+    while queues.iter().any(|c| c.snapshot().queued > 0) {
         tokio::task::yield_now().await;
     }
 }
