@@ -15,6 +15,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use genai_collector_core::config::{self, Source};
 use genai_collector_core::telemetry::Telemetry;
+use genai_collector_core::KeptReceivers;
 pub use genai_collector_core::{Components, Service};
 
 /// The config the binary runs when no `-c` is given.
@@ -247,12 +248,14 @@ async fn run(cfg: config::Config, components: Components, mut reload: Reload) ->
     // taken), and why it could not.
     let mut previous: Option<Vec<Source>> = None;
     let mut failed_reload: Option<String> = None;
+    // Receivers the last reload kept running, for the next service to adopt.
+    let mut kept = KeptReceivers::default();
     loop {
-        let started = match Service::build(cfg, &components) {
+        let started = match Service::build_keeping(cfg, &components, &kept) {
             Ok(service) => {
                 let telemetry = service.telemetry().clone();
                 service
-                    .start()
+                    .start_with(&mut kept)
                     .await
                     .map(|r| (r, telemetry))
                     .map_err(|e| format!("cannot start: {e}"))
@@ -281,18 +284,29 @@ async fn run(cfg: config::Config, components: Components, mut reload: Reload) ->
                 return ExitCode::FAILURE;
             }
         };
+        // Kept by the reload but not in this config as they were: they stop now.
+        std::mem::take(&mut kept).stop().await;
         if let Some(e) = failed_reload.take() {
             telemetry.set_config_error(e);
         }
+        let mut running = running;
         let mut next = None;
-        let summary = running
-            .run_until(async {
+        running
+            .wait(async {
                 tokio::select! {
                     () = &mut shutdown => {}
                     c = reload.next(&mut hangup, &components, &telemetry) => next = Some(c),
                 }
             })
             .await;
+        let summary = match &next {
+            Some((c, _)) => {
+                let (summary, k) = running.stop_for(c).await;
+                kept = k;
+                summary
+            }
+            None => running.stop().await,
+        };
         if !summary.drained {
             eprintln!(
                 "error: shutdown timed out; {} queued points were lost",
@@ -301,7 +315,10 @@ async fn run(cfg: config::Config, components: Components, mut reload: Reload) ->
         }
         match next {
             Some((c, before)) => {
-                tracing::info!("config reloaded: pipelines drained, starting the new ones");
+                tracing::info!(
+                    kept_receivers = kept.len(),
+                    "config reloaded: pipelines drained, starting the new ones"
+                );
                 cfg = c;
                 previous = Some(before);
             }

@@ -286,6 +286,13 @@ impl Telemetry {
         }
     }
 
+    /// Registers stats a component brings from an earlier registry (a receiver a reload kept).
+    pub(crate) fn adopt(&self, stats: Arc<ComponentStats>) {
+        if let Ok(mut c) = self.inner.components.lock() {
+            c.push(stats);
+        }
+    }
+
     /// Every registered component's stats.
     pub fn components(&self) -> Vec<Arc<ComponentStats>> {
         self.inner

@@ -2,8 +2,10 @@
 //! OTLP client pushes into it and its exporter holds a persistent queue for a slow sink (the
 //! independent Python sink). A reload that adds a scrape receiver takes effect; an invalid
 //! file is refused with its position, shown on `/healthz`, and the running pipelines carry on;
-//! a valid change after it is taken up; one that cannot start (a port taken) gives way to the
-//! last one again; every point the collector acknowledged arrives.
+//! a valid change after it is taken up, and one to the exporter alone keeps both receivers
+//! running (their counters and the scraped counters' start times go on); one that cannot
+//! start (a port taken) gives way to the last one again; every point the collector
+//! acknowledged arrives.
 
 mod common;
 
@@ -202,6 +204,68 @@ async fn a_reload_keeps_every_acknowledged_point_and_an_invalid_one_changes_noth
     .await;
     pushed(20).await;
 
+    // A change elsewhere (the exporter's timeout): both receivers are kept running. The
+    // engine's counters keep the start time they had, and the receivers' own counters go on
+    // from where they were: a restarted receiver would start both over.
+    let interval_changed_at = unix_nanos();
+    let metrics = |client: reqwest::Client| async move {
+        let url = format!("http://127.0.0.1:{telemetry}/metrics");
+        client.get(url).send().await.ok()?.text().await.ok()
+    };
+    let before = metrics(client.clone()).await.unwrap();
+    let uptime_before = sample(&before, "genai_collector_uptime_seconds").unwrap();
+    // From scrapes of the receiver the interval change started (the sink is slow: rows of the
+    // one before may still be arriving).
+    let starts_before = eventually_async(Duration::from_secs(30), "scrapes since", || {
+        let starts = counter_starts(&sink.rows(), interval_changed_at);
+        async move { (!starts.is_empty()).then_some(starts) }
+    })
+    .await;
+    write(
+        &config(http, telemetry, sink.grpc, &dir, &scrape)
+            .replace("500ms", "1s")
+            .replace("    sending_queue:", "    timeout: 6s\n    sending_queue:"),
+    );
+    // The new service's registry: its uptime starts over.
+    let after = eventually_async(Duration::from_secs(20), "the reloaded config", || {
+        let page = metrics(client.clone());
+        async move {
+            let page = page.await?;
+            let uptime = sample(&page, "genai_collector_uptime_seconds")?;
+            (uptime < uptime_before).then_some(page)
+        }
+    })
+    .await;
+    let reloaded_at = unix_nanos();
+    for receiver in ["otlp", "vllm"] {
+        let series =
+            format!("genai_collector_receiver_accepted_points_total{{receiver=\"{receiver}\"}}");
+        let (b, a) = (
+            sample(&before, &series).unwrap(),
+            sample(&after, &series).unwrap(),
+        );
+        assert!(
+            a >= b,
+            "{receiver}: {b} accepted before the reload, {a} after: restarted"
+        );
+    }
+    let starts_after =
+        eventually_async(Duration::from_secs(30), "scrapes after the reload", || {
+            let starts = counter_starts(&sink.rows(), reloaded_at);
+            async move { (!starts.is_empty()).then_some(starts) }
+        })
+        .await;
+    for (series, start) in &starts_after {
+        if let Some(before) = starts_before.get(series) {
+            assert_eq!(start, before, "{series}: its start time changed");
+        }
+    }
+    assert!(
+        starts_after.keys().any(|k| starts_before.contains_key(k)),
+        "the same series before and after"
+    );
+    pushed(20).await;
+
     // A valid config that cannot start (its port is taken): the last one runs again, and
     // /healthz tells why.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -249,8 +313,39 @@ async fn a_reload_keeps_every_acknowledged_point_and_an_invalid_one_changes_noth
         acked.len()
     );
     println!(
-        "{} points acknowledged through four reloads, all arrived",
+        "{} points acknowledged through five reloads, all arrived",
         acked.len()
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The value of the series `name` (with its labels, as written) on a Prometheus page.
+fn sample(page: &str, name: &str) -> Option<f64> {
+    page.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// The start time of each of the engine's counter series, from its latest point scraped
+/// after `since` (Unix ns).
+fn counter_starts(
+    rows: &[serde_json::Value],
+    since: u64,
+) -> std::collections::BTreeMap<String, u64> {
+    let mut out = std::collections::BTreeMap::new();
+    for r in rows {
+        let scraped = r["time_unix_nano"].as_u64().unwrap_or(0);
+        if r["resource"]["service.name"] != "vllm" || r["kind"] != "sum" || scraped <= since {
+            continue;
+        }
+        let series = format!("{}{}", r["metric"], r["attributes"]);
+        out.insert(series, r["start_time_unix_nano"].as_u64().unwrap_or(0));
+    }
+    out
+}
+
+fn unix_nanos() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
 }

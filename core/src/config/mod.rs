@@ -124,6 +124,8 @@ pub struct ComponentEntry {
     pub(crate) config: AnyConfig,
     /// Where the component was defined, for errors about it at run time.
     pub pos: Pos,
+    /// Its config node, canonical (positions left out): what a reload compares.
+    pub fingerprint: String,
 }
 
 /// The `service.telemetry` section: the collector's own endpoint.
@@ -469,6 +471,7 @@ impl Loader<'_> {
                     ComponentEntry {
                         config,
                         pos: key.pos,
+                        fingerprint: node.canonical(),
                     },
                     settings,
                 ),

@@ -38,6 +38,54 @@ pub struct Node {
 }
 
 impl Node {
+    /// The node's value as text, without positions: equal for equal configs wherever they
+    /// sit in the file.
+    pub fn canonical(&self) -> String {
+        let mut out = String::new();
+        self.write_canonical(&mut out);
+        out
+    }
+
+    fn write_canonical(&self, out: &mut String) {
+        use std::fmt::Write;
+        match &self.value {
+            Value::Null => out.push('~'),
+            Value::Bool(b) => {
+                let _ = write!(out, "{b}");
+            }
+            Value::Int(i) => {
+                let _ = write!(out, "{i}");
+            }
+            Value::UInt(u) => {
+                let _ = write!(out, "{u}");
+            }
+            Value::Float(f) => {
+                let _ = write!(out, "{f:?}");
+            }
+            Value::Str(s) => {
+                let _ = write!(out, "{s:?}");
+            }
+            Value::Seq(items) => {
+                out.push('[');
+                for n in items {
+                    n.write_canonical(out);
+                    out.push(',');
+                }
+                out.push(']');
+            }
+            Value::Map(entries) => {
+                out.push('{');
+                for (k, v) in entries {
+                    k.write_canonical(out);
+                    out.push(':');
+                    v.write_canonical(out);
+                    out.push(',');
+                }
+                out.push('}');
+            }
+        }
+    }
+
     pub fn new(value: Value, pos: Pos) -> Self {
         Self { value, pos }
     }
@@ -460,6 +508,18 @@ impl<'de> de::VariantAccess<'de> for NodeDeserializer<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_canonical_text_leaves_positions_out_and_tells_values_apart() {
+        let a = Node::parse("r:\n  targets: [\"x:1\"]\n  interval: 1s\n", 0).unwrap();
+        let moved = Node::parse("\n\nr: { targets: [\"x:1\"],   interval: 1s }\n", 0).unwrap();
+        let other = Node::parse("r: { targets: [\"x:1\"], interval: 2s }\n", 0).unwrap();
+        let typed = Node::parse("r: { targets: [\"x:1\"], interval: \"1s\", n: 1 }\n", 0).unwrap();
+        let r = |n: &Node| n.get("r").unwrap().canonical();
+        assert_eq!(r(&a), r(&moved));
+        assert_ne!(r(&a), r(&other));
+        assert_ne!(r(&a), r(&typed));
+    }
 
     #[derive(Deserialize, Debug, PartialEq)]
     #[serde(deny_unknown_fields)]

@@ -86,10 +86,49 @@ pub(crate) struct PipelineInput {
 /// Where a receiver sends its batches: every pipeline that lists it.
 #[derive(Clone)]
 pub struct Output {
-    pipelines: Arc<[PipelineInput]>,
+    route: Arc<Switch>,
     stats: Arc<ComponentStats>,
-    limiter: Option<Arc<MemoryLimiter>>,
     skip_log: Arc<LogEvery>,
+}
+
+/// The pipelines a receiver feeds and the memory limit they run under.
+pub(crate) struct Route {
+    pub pipelines: Arc<[PipelineInput]>,
+    pub limiter: Option<Arc<MemoryLimiter>>,
+}
+
+/// A receiver's route, which a config reload that keeps the receiver running points at the new
+/// pipelines. Between the old pipelines' drain and the new ones' start it is paused: pulled
+/// data waits, pushed data is refused (the client retries).
+#[derive(Default)]
+pub(crate) struct Switch {
+    route: std::sync::RwLock<Option<Arc<Route>>>,
+    changed: tokio::sync::Notify,
+}
+
+impl Switch {
+    /// Points the receiver at `route`; `None` pauses it.
+    pub fn set(&self, route: Option<Arc<Route>>) {
+        *self.route.write().unwrap_or_else(|p| p.into_inner()) = route;
+        self.changed.notify_waiters();
+    }
+
+    pub fn get(&self) -> Option<Arc<Route>> {
+        self.route.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The route, waiting while paused.
+    async fn wait(&self) -> Arc<Route> {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if let Some(r) = self.get() {
+                return r;
+            }
+            changed.await;
+        }
+    }
 }
 
 /// The receiving end of [`Output::capture`], for tests of a receiver alone.
@@ -121,12 +160,21 @@ impl Output {
         stats: Arc<ComponentStats>,
         limiter: Option<Arc<MemoryLimiter>>,
     ) -> Self {
-        Self {
+        let route = Switch::default();
+        route.set(Some(Arc::new(Route {
             pipelines: pipelines.into(),
-            stats,
             limiter,
+        })));
+        Self {
+            route: Arc::new(route),
+            stats,
             skip_log: Arc::new(LogEvery::default()),
         }
+    }
+
+    /// Its route, for a reload to point elsewhere.
+    pub(crate) fn switch(&self) -> &Arc<Switch> {
+        &self.route
     }
 
     /// An output into one channel of `capacity` batches, for testing a receiver alone.
@@ -142,10 +190,11 @@ impl Output {
     /// Whether a push could be taken now: under the memory limit, room in every pipeline and
     /// in every exporter queue they end in. Push receivers ask before decoding a request.
     pub fn ready(&self) -> Result<(), SendError> {
-        if self.limiter.as_ref().is_some_and(|l| !l.admits()) {
+        let route = self.route.get().ok_or(SendError::Full)?;
+        if route.limiter.as_ref().is_some_and(|l| !l.admits()) {
             return Err(SendError::MemoryLimit);
         }
-        for p in self.pipelines.iter() {
+        for p in route.pipelines.iter() {
             if p.tx.is_closed() {
                 return Err(SendError::Closed);
             }
@@ -159,7 +208,8 @@ impl Output {
     /// Reserves the memory a request will take once decoded, until the returned guard is
     /// dropped (after the request is answered).
     pub fn reserve_memory(&self, bytes: u64) -> Result<Option<Reserved>, SendError> {
-        match &self.limiter {
+        let route = self.route.get().ok_or(SendError::Full)?;
+        match &route.limiter {
             None => Ok(None),
             Some(l) => l.reserve(bytes).map(Some).map_err(|e| match e {
                 TooMuch::Never => SendError::TooLarge,
@@ -172,7 +222,7 @@ impl Output {
     pub fn refused(&self, points: usize, why: SendError) {
         let counter = match why {
             SendError::MemoryLimit | SendError::TooLarge => {
-                if let Some(l) = &self.limiter {
+                if let Some(l) = self.route.get().and_then(|r| r.limiter.clone()) {
                     ComponentStats::add(&l.refused_points, points);
                 }
                 &self.stats.memory_refused
@@ -199,10 +249,11 @@ impl Output {
     }
 
     async fn push_counted(&self, batch: Batch) -> Result<(), SendError> {
-        if self.limiter.as_ref().is_some_and(|l| !l.admits()) {
+        let route = self.route.get().ok_or(SendError::Full)?;
+        if route.limiter.as_ref().is_some_and(|l| !l.admits()) {
             return Err(SendError::MemoryLimit);
         }
-        let permits = self
+        let permits = route
             .pipelines
             .iter()
             .map(|p| p.tx.try_reserve())
@@ -244,11 +295,12 @@ impl Output {
             return Ok(());
         }
         let points = batch.point_count();
-        if self.limiter.as_ref().is_some_and(|l| !l.admits()) {
+        let route = self.route.wait().await;
+        if route.limiter.as_ref().is_some_and(|l| !l.admits()) {
             self.refused(points, SendError::MemoryLimit);
             return Err(SendError::MemoryLimit);
         }
-        let Some((last, rest)) = self.pipelines.split_last() else {
+        let Some((last, rest)) = route.pipelines.split_last() else {
             return Ok(());
         };
         for p in rest {
@@ -267,7 +319,10 @@ impl Output {
     /// Whether a pull receiver should read its sources this round: `false` above the memory
     /// limit, counted as a skipped round and logged at most once a minute.
     pub fn admit_round(&self) -> bool {
-        let Some(l) = &self.limiter else { return true };
+        let Some(route) = self.route.get() else {
+            return true;
+        };
+        let Some(l) = &route.limiter else { return true };
         if l.admits() {
             return true;
         }

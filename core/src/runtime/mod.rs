@@ -121,9 +121,63 @@ pub struct RunSummary {
 
 struct ReceiverTask {
     id: ComponentId,
-    receiver: Box<dyn crate::component::Receiver>,
+    /// `None` for a receiver a reload keeps running, to be adopted at the start.
+    receiver: Option<Box<dyn crate::component::Receiver>>,
     output: Output,
     stats: Arc<ComponentStats>,
+    /// Its config, canonical: a reload keeps it running when this is unchanged.
+    fingerprint: String,
+}
+
+/// A receiver running: what stopping it, keeping it across a reload or adopting it takes.
+struct RunningReceiver {
+    id: ComponentId,
+    fingerprint: String,
+    stats: Arc<ComponentStats>,
+    output: Output,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RunningReceiver {
+    fn is(&self, id: &ComponentId, fingerprint: &str) -> bool {
+        &self.id == id && self.fingerprint == fingerprint
+    }
+
+    /// Waits for its task to end; at once if it has (a handle must not be polled again).
+    async fn join(&mut self) {
+        if !self.task.is_finished() {
+            let _ = (&mut self.task).await;
+        }
+    }
+}
+
+/// Receivers a reload keeps running ([`RunningService::stop_for`]), paused until the next
+/// service adopts them ([`Service::start_with`]). Those it does not adopt are stopped with
+/// [`KeptReceivers::stop`].
+#[derive(Default)]
+pub struct KeptReceivers(Vec<RunningReceiver>);
+
+impl KeptReceivers {
+    /// How many there are.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Stops every receiver still held.
+    pub async fn stop(self) {
+        for r in &self.0 {
+            r.stop.cancel();
+        }
+        for mut r in self.0 {
+            r.join().await;
+        }
+    }
 }
 
 /// A collector built from config, ready to start.
@@ -141,7 +195,17 @@ pub struct Service {
 
 impl Service {
     /// Builds every component the pipelines use. Components defined but unused are not built.
-    pub fn build(mut config: Config, components: &Components) -> Result<Self, BuildError> {
+    pub fn build(config: Config, components: &Components) -> Result<Self, BuildError> {
+        Self::build_keeping(config, components, &KeptReceivers::default())
+    }
+
+    /// [`Service::build`] for a reload: the receivers `kept` has with the same config are not
+    /// built (they run on, holding their ports), for [`Service::start_with`] to adopt.
+    pub fn build_keeping(
+        mut config: Config,
+        components: &Components,
+        kept: &KeptReceivers,
+    ) -> Result<Self, BuildError> {
         let telemetry = Telemetry::new();
         let limiter = MemoryLimiter::from_config(&config.service.memory_limiter);
         if let Some(l) = &limiter {
@@ -273,11 +337,18 @@ impl Service {
                 pipeline: None,
                 telemetry: telemetry.clone(),
             };
-            let receiver = factory
-                .build(&mut entry.config, &ctx)
-                .map_err(fail(ComponentKind::Receiver, id))?;
+            let adopted = kept.0.iter().any(|r| r.is(id, &entry.fingerprint));
+            let receiver = match adopted {
+                true => None,
+                false => Some(
+                    factory
+                        .build(&mut entry.config, &ctx)
+                        .map_err(fail(ComponentKind::Receiver, id))?,
+                ),
+            };
             let stats = telemetry.register(ComponentKind::Receiver, &id.to_string(), None);
             receivers.push(ReceiverTask {
+                fingerprint: entry.fingerprint.clone(),
                 id: id.clone(),
                 receiver,
                 output: Output::new(senders, stats.clone(), limiter.clone()),
@@ -305,6 +376,13 @@ impl Service {
 
     /// Starts every task and the self-telemetry endpoint.
     pub async fn start(self) -> Result<RunningService, StartError> {
+        self.start_with(&mut KeptReceivers::default()).await
+    }
+
+    /// [`Service::start`], adopting from `kept` each receiver whose config is the one this
+    /// service has: it keeps running (its schedule, connections and counters) and now feeds
+    /// these pipelines. On an error `kept` is left as it was.
+    pub async fn start_with(self, kept: &mut KeptReceivers) -> Result<RunningService, StartError> {
         let stop_http = CancellationToken::new();
         let (telemetry_addr, http_task) = match &self.telemetry_endpoint {
             Some(endpoint) => {
@@ -341,27 +419,53 @@ impl Service {
         for task in self.pipelines {
             pipeline_tasks.spawn(run_pipeline(task));
         }
-        let receivers_stop = CancellationToken::new();
-        let mut receiver_tasks = JoinSet::new();
+        let mut receivers = Vec::with_capacity(self.receivers.len());
         for task in self.receivers {
+            if let Some(i) = kept
+                .0
+                .iter()
+                .position(|r| r.is(&task.id, &task.fingerprint))
+            {
+                // The one built for this service never runs: the kept one takes its route.
+                let kept = kept.0.swap_remove(i);
+                kept.output.switch().set(task.output.switch().get());
+                self.telemetry.unregister(&task.stats);
+                self.telemetry.adopt(kept.stats.clone());
+                info!(receiver = %kept.id, "config reload: receiver unchanged, kept running");
+                receivers.push(kept);
+                continue;
+            }
+            let Some(receiver) = task.receiver else {
+                // Built for a kept receiver that `kept` no longer holds: a caller's mistake.
+                error!(receiver = %task.id, "a kept receiver was not handed to the start; it does not run");
+                task.stats.fail("not started: kept by a reload, then lost");
+                continue;
+            };
+            let stop = CancellationToken::new();
             let ctx = ReceiverContext {
                 id: task.id.clone(),
-                output: task.output,
-                shutdown: receivers_stop.clone(),
+                output: task.output.clone(),
+                shutdown: stop.clone(),
             };
             task.stats.set_state(State::Running);
-            let stats = task.stats.clone();
-            let receiver = task.receiver;
-            receiver_tasks.spawn(supervise(
+            let run = supervise(
                 ComponentKind::Receiver,
                 task.id.to_string(),
-                stats,
+                task.stats.clone(),
                 receiver.run(ctx),
-            ));
+            );
+            receivers.push(RunningReceiver {
+                id: task.id,
+                fingerprint: task.fingerprint,
+                stats: task.stats,
+                output: task.output,
+                stop,
+                task: tokio::spawn(run),
+            });
         }
         self.telemetry.set_ready(true);
         info!(
-            receivers = receiver_tasks.len(),
+            receivers = receivers.len(),
             pipelines = pipeline_tasks.len(),
             exporters = exporter_tasks.len(),
             telemetry = ?telemetry_addr,
@@ -372,8 +476,7 @@ impl Service {
             telemetry_addr,
             http_task,
             stop_http,
-            receivers_stop,
-            receiver_tasks,
+            receivers,
             pipeline_tasks,
             exporter_tasks,
             exporter_queues,
@@ -398,8 +501,7 @@ pub struct RunningService {
     telemetry_addr: Option<SocketAddr>,
     http_task: Option<tokio::task::JoinHandle<()>>,
     stop_http: CancellationToken,
-    receivers_stop: CancellationToken,
-    receiver_tasks: JoinSet<()>,
+    receivers: Vec<RunningReceiver>,
     pipeline_tasks: JoinSet<()>,
     exporter_tasks: JoinSet<()>,
     exporter_queues: Vec<Arc<SendQueue>>,
@@ -425,16 +527,66 @@ impl RunningService {
         mut self,
         shutdown: impl std::future::Future<Output = ()>,
     ) -> RunSummary {
-        let receivers_done = async { while self.receiver_tasks.join_next().await.is_some() {} };
+        self.wait(shutdown).await;
+        self.stop().await
+    }
+
+    /// Waits for `until`, or for every receiver to end.
+    pub async fn wait(&mut self, until: impl std::future::Future<Output = ()>) {
+        let receivers_done = async {
+            for r in &mut self.receivers {
+                r.join().await;
+            }
+        };
         tokio::select! {
-            () = shutdown => info!("shutdown requested: stopping receivers, draining pipelines"),
+            () = until => info!("stopping receivers, draining pipelines"),
             () = receivers_done => info!("every receiver has ended: draining pipelines"),
         }
+    }
+
+    /// Stops the receivers, drains the pipelines and flushes the exporters within the
+    /// shutdown timeout.
+    pub async fn stop(self) -> RunSummary {
+        self.drain(|_| false).await.0
+    }
+
+    /// [`RunningService::stop`] for a reload to `next`: the receivers `next` has with the same
+    /// config, in some pipeline, keep running, paused (pulled data waits, pushes are refused
+    /// as retryable) until the next service adopts them.
+    pub async fn stop_for(self, next: &Config) -> (RunSummary, KeptReceivers) {
+        self.drain(|r| {
+            let same = next
+                .receivers
+                .get(&r.id)
+                .is_some_and(|e| e.fingerprint == r.fingerprint);
+            same && next
+                .service
+                .pipelines
+                .values()
+                .any(|p| p.receivers.contains(&r.id))
+        })
+        .await
+    }
+
+    async fn drain(
+        mut self,
+        keep: impl Fn(&RunningReceiver) -> bool,
+    ) -> (RunSummary, KeptReceivers) {
+        let (kept, mut stopping): (Vec<_>, Vec<_>) = std::mem::take(&mut self.receivers)
+            .into_iter()
+            .partition(|r| keep(r));
+        for r in &kept {
+            r.output.switch().set(None);
+        }
+        for r in &stopping {
+            r.stop.cancel();
+        }
         self.telemetry.set_ready(false);
-        self.receivers_stop.cancel();
         self.stopping.cancel();
         let drain = async {
-            while self.receiver_tasks.join_next().await.is_some() {}
+            for r in &mut stopping {
+                r.join().await;
+            }
             // Receivers have stopped; a copy of their output left in a stray task (a
             // connection a server did not close) must not keep the pipelines open.
             self.inputs_done.cancel();
@@ -450,7 +602,9 @@ impl RunningService {
             .is_ok();
         let mut lost_points = 0;
         if !drained {
-            self.receiver_tasks.abort_all();
+            for r in &stopping {
+                r.task.abort();
+            }
             self.pipeline_tasks.abort_all();
             self.exporter_tasks.abort_all();
             let mut kept = 0;
@@ -478,11 +632,12 @@ impl RunningService {
         if let Some(task) = self.http_task.take() {
             let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
         }
-        info!(drained, "collector stopped");
-        RunSummary {
+        info!(drained, kept = kept.len(), "collector stopped");
+        let summary = RunSummary {
             drained,
             lost_points,
-        }
+        };
+        (summary, KeptReceivers(kept))
     }
 }
 
