@@ -10,6 +10,7 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use genai_collector_core::config::{self, Source};
@@ -791,5 +792,138 @@ async fn a_gateway_leaving_the_service_has_its_queue_sent_to_the_others() {
     lb.shutdown().await.unwrap();
     ra.run_until(std::future::ready(())).await;
     drop(held);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Whether, within 15 s, pools pushed into the agent on `push` reach exactly the gateways
+/// `want`.
+async fn pushes_route_to(
+    client: &reqwest::Client,
+    push: u16,
+    captures: &[&Capture],
+    want: &[usize],
+) -> bool {
+    for _ in 0..60 {
+        let since: Vec<usize> = captures.iter().map(|c| c.batches().len()).collect();
+        let ok = client
+            .post(format!("http://127.0.0.1:{push}/v1/metrics"))
+            .header("Content-Type", "application/x-protobuf")
+            .body(pools().encode_request())
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success());
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let reached = owners(captures, &since);
+        let at: BTreeSet<usize> = reached.values().flatten().copied().collect();
+        if ok && reached.len() == 61 && at.iter().eq(want) {
+            return true;
+        }
+    }
+    false
+}
+
+/// `resolver.dns` membership from a hosts file the test controls: the agent binary runs in a
+/// user and mount namespace where that file is `/etc/hosts`, and the name's addresses are
+/// rewritten under it. Gateways join and leave as the name's addresses do, and only the
+/// pools of the gateway that joined or left move.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_membership_follows_the_names_addresses() {
+    let namespaces = Command::new("unshare")
+        .args(["--user", "--map-root-user", "--mount", "true"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !namespaces {
+        println!("skipped: this machine gives no user namespaces (`unshare --user` failed)");
+        return;
+    }
+    let port = free_port();
+    let mut gateways = Vec::new();
+    for host in ["127.0.0.1", "127.0.0.2", "127.0.0.3"] {
+        gateways.push(gateway_at(host, port).await);
+    }
+    let captures: Vec<&Capture> = gateways.iter().map(|g| &g.0).collect();
+    let dir = std::env::temp_dir().join(format!("lb-dns-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let hosts = dir.join("hosts");
+    // Rewritten in place: the bind mount follows the file, not its name.
+    let set_hosts = |ips: &[&str]| {
+        let text: String = ips
+            .iter()
+            .map(|ip| format!("{ip} gateways.genai.test\n"))
+            .collect();
+        std::fs::write(&hosts, text).unwrap();
+    };
+    set_hosts(&["127.0.0.1", "127.0.0.2"]);
+    let push = free_port();
+    let config = dir.join("agent.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "receivers:\n  otlp: {{ protocols: {{ http: {{ endpoint: \"127.0.0.1:{push}\" }} }} }}\nexporters:\n  loadbalancing:\n    protocol: {{ otlp: {{ compression: none }} }}\n    resolver: {{ dns: {{ hostname: gateways.genai.test, port: {port}, interval: 200ms }} }}\nservice:\n  telemetry: {{ endpoint: null }}\n  pipelines:\n    metrics: {{ receivers: [otlp], exporters: [loadbalancing] }}\n"
+        ),
+    )
+    .unwrap();
+    let script = format!(
+        "mount --bind '{}' /etc/hosts && exec '{}' -c '{}'",
+        hosts.display(),
+        env!("CARGO_BIN_EXE_testkit-collector"),
+        config.display()
+    );
+    let _agent = common::Killed(
+        Command::new("unshare")
+            .args(["--user", "--map-root-user", "--mount", "sh", "-c", &script])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    common::listening(push).await;
+    common::install_tls_provider();
+    let client = reqwest::Client::new();
+    assert!(
+        pushes_route_to(&client, push, &captures, &[0, 1]).await,
+        "the name's two addresses"
+    );
+    let before = owners(&captures, &[0, 0, 0]);
+    // A third address joins the name: it takes pools, and only from the other two.
+    set_hosts(&["127.0.0.1", "127.0.0.2", "127.0.0.3"]);
+    assert!(
+        pushes_route_to(&client, push, &captures, &[0, 1, 2]).await,
+        "the joined address"
+    );
+    let since: Vec<usize> = captures.iter().map(|c| c.batches().len()).collect();
+    assert!(pushes_route_to(&client, push, &captures, &[0, 1, 2]).await);
+    let three = owners(&captures, &since);
+    let moved = three.values().filter(|at| at.contains(&2)).count();
+    assert!(
+        (8..=35).contains(&moved),
+        "{moved} of 61 pools moved to the third"
+    );
+    for (pool, at) in &three {
+        if !at.contains(&2) {
+            assert_eq!(
+                at, &before[pool],
+                "{pool} moved between the two that stayed"
+            );
+        }
+    }
+    // 127.0.0.2 leaves the name: its pools go, the others stay where they were.
+    set_hosts(&["127.0.0.1", "127.0.0.3"]);
+    assert!(
+        pushes_route_to(&client, push, &captures, &[0, 2]).await,
+        "the address that left"
+    );
+    let since: Vec<usize> = captures.iter().map(|c| c.batches().len()).collect();
+    assert!(pushes_route_to(&client, push, &captures, &[0, 2]).await);
+    let two = owners(&captures, &since);
+    for (pool, at) in &two {
+        if !three[pool].contains(&1) {
+            assert_eq!(at, &three[pool], "{pool} moved though its gateway stayed");
+        }
+    }
+    drop(_agent);
+    for (_, running) in gateways {
+        running.run_until(std::future::ready(())).await;
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
