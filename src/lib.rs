@@ -15,7 +15,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use genai_collector_core::config::{self, Source};
 use genai_collector_core::telemetry::Telemetry;
-use genai_collector_core::KeptReceivers;
+use genai_collector_core::Kept;
 pub use genai_collector_core::{Components, Service};
 
 /// The config the binary runs when no `-c` is given.
@@ -248,8 +248,8 @@ async fn run(cfg: config::Config, components: Components, mut reload: Reload) ->
     // taken), and why it could not.
     let mut previous: Option<Vec<Source>> = None;
     let mut failed_reload: Option<String> = None;
-    // Receivers the last reload kept running, for the next service to adopt.
-    let mut kept = KeptReceivers::default();
+    // What the last reload kept running, for the next service to adopt.
+    let mut kept = Kept::default();
     loop {
         let started = match Service::build_keeping(cfg, &components, &kept) {
             Ok(service) => {
@@ -284,10 +284,12 @@ async fn run(cfg: config::Config, components: Components, mut reload: Reload) ->
                 return ExitCode::FAILURE;
             }
         };
-        // Kept by the reload but not in this config as they were: they stop now.
+        // Kept by the reload but not adopted (the last config came back instead): they stop.
         std::mem::take(&mut kept).stop().await;
-        if let Some(e) = failed_reload.take() {
-            telemetry.set_config_error(e);
+        // The registry outlives a reload: a refusal shown before is cleared by this start.
+        match failed_reload.take() {
+            Some(e) => telemetry.set_config_error(e),
+            None => telemetry.clear_config_error(),
         }
         let mut running = running;
         let mut next = None;
@@ -316,7 +318,7 @@ async fn run(cfg: config::Config, components: Components, mut reload: Reload) ->
         match next {
             Some((c, before)) => {
                 tracing::info!(
-                    kept_receivers = kept.len(),
+                    kept_components = kept.len(),
                     "config reloaded: pipelines drained, starting the new ones"
                 );
                 cfg = c;

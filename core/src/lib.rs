@@ -38,7 +38,7 @@ pub use delivery::{Captured, Output, SendError};
 pub use id::{ComponentId, ComponentKind};
 pub use model::Batch;
 pub use registry::{Components, KindInfo};
-pub use runtime::{KeptReceivers, RunSummary, RunningService, Service};
+pub use runtime::{Kept, RunSummary, RunningService, Service};
 pub use tokio_util::sync::CancellationToken;
 
 /// A random number in `[0, 1)` from the standard library's randomly seeded hasher: enough to

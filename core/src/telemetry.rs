@@ -61,6 +61,8 @@ macro_rules! counters {
             $($(#[$doc])* pub(crate) $name: AtomicU64,)*
             /// Exporter: its queue is on disk, so what it holds at a cut-short shutdown is kept.
             pub(crate) persistent: AtomicBool,
+            /// When it was registered (Unix ns): its counters' start time.
+            started_unix_nanos: u64,
             state: AtomicU8,
             last_error: Mutex<Option<String>>,
         }
@@ -79,6 +81,7 @@ macro_rules! counters {
                     pipeline,
                     $($name: AtomicU64::new(0),)*
                     persistent: AtomicBool::new(false),
+                    started_unix_nanos: now_unix_nanos(),
                     state: AtomicU8::new(State::Starting as u8),
                     last_error: Mutex::new(None),
                 };
@@ -236,7 +239,8 @@ struct Inner {
     started: Instant,
     ready: AtomicBool,
     components: Mutex<Vec<Arc<ComponentStats>>>,
-    limiter: std::sync::OnceLock<Arc<MemoryLimiter>>,
+    /// Replaced by each service a reload starts.
+    limiter: Mutex<Option<Arc<MemoryLimiter>>>,
     /// Why the last config reload was refused, while this config runs on.
     config_error: Mutex<Option<String>>,
 }
@@ -255,7 +259,7 @@ impl Telemetry {
                 started: Instant::now(),
                 ready: AtomicBool::new(false),
                 components: Mutex::new(Vec::new()),
-                limiter: std::sync::OnceLock::new(),
+                limiter: Mutex::new(None),
                 config_error: Mutex::new(None),
             }),
         }
@@ -286,10 +290,10 @@ impl Telemetry {
         }
     }
 
-    /// Registers stats a component brings from an earlier registry (a receiver a reload kept).
-    pub(crate) fn adopt(&self, stats: Arc<ComponentStats>) {
+    /// Keeps only the components `keep` says: after a reload's drain, those still running.
+    pub(crate) fn retain(&self, keep: impl Fn(&ComponentStats) -> bool) {
         if let Ok(mut c) = self.inner.components.lock() {
-            c.push(stats);
+            c.retain(|s| keep(s));
         }
     }
 
@@ -321,7 +325,9 @@ impl Telemetry {
 
     /// The memory limiter whose readings `/metrics` shows.
     pub fn set_limiter(&self, limiter: Arc<MemoryLimiter>) {
-        let _ = self.inner.limiter.set(limiter);
+        if let Ok(mut l) = self.inner.limiter.lock() {
+            *l = Some(limiter);
+        }
     }
 
     /// Sets what `/readyz` answers (on start and at shutdown).
@@ -342,8 +348,17 @@ impl Telemetry {
     /// Records why a config reload was refused: `/healthz` shows it as `config_error` while
     /// the running config carries on.
     pub fn set_config_error(&self, error: impl Into<String>) {
+        self.set_config_error_to(Some(error.into()));
+    }
+
+    /// A reload succeeded: `/healthz` no longer shows a refused one.
+    pub fn clear_config_error(&self) {
+        self.set_config_error_to(None);
+    }
+
+    fn set_config_error_to(&self, error: Option<String>) {
         if let Ok(mut e) = self.inner.config_error.lock() {
-            *e = Some(error.into());
+            *e = error;
         }
     }
 
@@ -380,7 +395,6 @@ impl Telemetry {
     /// Self-metrics as a batch (sums and gauges), for the `internal` receiver.
     pub fn to_batch(&self) -> Batch {
         let now = now_unix_nanos();
-        let start = now.saturating_sub(self.inner.started.elapsed().as_nanos() as u64);
         let components = self.components();
         let mut metrics = Vec::with_capacity(SERIES.len() + 1);
         let up = components
@@ -405,7 +419,7 @@ impl Telemetry {
                     }
                     let mut p = number_point(now, v, point_attrs(c));
                     if s.counter {
-                        p.start_time_unix_nano = start;
+                        p.start_time_unix_nano = c.started_unix_nanos;
                     }
                     Some(p)
                 })
@@ -461,7 +475,8 @@ impl Telemetry {
                 );
             },
         );
-        if let Some(l) = self.inner.limiter.get() {
+        let limiter = self.inner.limiter.lock().ok().and_then(|l| l.clone());
+        if let Some(l) = limiter {
             family(
                 &mut out,
                 "genai_collector_memory_usage_bytes",

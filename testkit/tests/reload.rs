@@ -195,7 +195,16 @@ async fn a_reload_keeps_every_acknowledged_point_and_an_invalid_one_changes_noth
     assert!(refused.contains(&position), "{position} in {refused}");
     pushed(20).await;
 
-    // A valid change (the scrape interval) after it: taken up, the error gone.
+    let metrics = |client: reqwest::Client| async move {
+        let url = format!("http://127.0.0.1:{telemetry}/metrics");
+        client.get(url).send().await.ok()?.text().await.ok()
+    };
+    const EXPORTER_SENT: &str = "genai_collector_exporter_sent_points_total{exporter=\"otlp\"}";
+    const OTLP_ACCEPTED: &str = "genai_collector_receiver_accepted_points_total{receiver=\"otlp\"}";
+
+    // A valid change (the scrape interval) after it: taken up, the error gone. The pipeline
+    // and its exporter are unchanged, so they run on: their counters go on.
+    let before = metrics(client.clone()).await.unwrap();
     write(&config(http, telemetry, sink.grpc, &dir, &scrape).replace("500ms", "1s"));
     eventually_async(Duration::from_secs(20), "the new config running", || {
         let h = health();
@@ -203,17 +212,24 @@ async fn a_reload_keeps_every_acknowledged_point_and_an_invalid_one_changes_noth
     })
     .await;
     pushed(20).await;
+    let after = metrics(client.clone()).await.unwrap();
+    for series in [EXPORTER_SENT, OTLP_ACCEPTED] {
+        let (b, a) = (
+            sample(&before, series).unwrap(),
+            sample(&after, series).unwrap(),
+        );
+        assert!(
+            a > b,
+            "{series}: {b} before the reload, {a} after: restarted"
+        );
+    }
 
-    // A change elsewhere (the exporter's timeout): both receivers are kept running. The
-    // engine's counters keep the start time they had, and the receivers' own counters go on
-    // from where they were: a restarted receiver would start both over.
+    // A change to the exporter alone (its timeout): the exporter and its pipeline start over,
+    // both receivers are kept running. The engine's counters keep the start time they had,
+    // and the receivers' own counters go on: a restarted receiver would start both over.
     let interval_changed_at = unix_nanos();
-    let metrics = |client: reqwest::Client| async move {
-        let url = format!("http://127.0.0.1:{telemetry}/metrics");
-        client.get(url).send().await.ok()?.text().await.ok()
-    };
     let before = metrics(client.clone()).await.unwrap();
-    let uptime_before = sample(&before, "genai_collector_uptime_seconds").unwrap();
+    let sent_before = sample(&before, EXPORTER_SENT).unwrap();
     // From scrapes of the receiver the interval change started (the sink is slow: rows of the
     // one before may still be arriving).
     let starts_before = eventually_async(Duration::from_secs(30), "scrapes since", || {
@@ -226,13 +242,12 @@ async fn a_reload_keeps_every_acknowledged_point_and_an_invalid_one_changes_noth
             .replace("500ms", "1s")
             .replace("    sending_queue:", "    timeout: 6s\n    sending_queue:"),
     );
-    // The new service's registry: its uptime starts over.
+    // The new exporter's counters start over.
     let after = eventually_async(Duration::from_secs(20), "the reloaded config", || {
         let page = metrics(client.clone());
         async move {
             let page = page.await?;
-            let uptime = sample(&page, "genai_collector_uptime_seconds")?;
-            (uptime < uptime_before).then_some(page)
+            (sample(&page, EXPORTER_SENT)? < sent_before).then_some(page)
         }
     })
     .await;
@@ -348,4 +363,113 @@ fn unix_nanos() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_nanos() as u64
+}
+
+/// The runtime's side of a reload, in process: a receiver added to a pipeline keeps that
+/// pipeline (its `batch` processor and what it holds) and its exporter running, the same
+/// instances; a processor's config changed starts the pipeline over but keeps the exporter;
+/// a removed receiver stops and frees its port. Every point pushed arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unchanged_pipelines_and_exporters_run_on_through_a_reload() {
+    use genai_collector_core::config::{self, Source};
+    use genai_collector_core::telemetry::Telemetry;
+    use genai_collector_core::{ComponentKind, Service};
+    use genai_collector_testkit::{components, Capture};
+
+    let (a, b) = (free_port(), free_port());
+    let yaml = |receivers: &str, timeout: &str| {
+        format!(
+            "receivers:\n  otlp/a: {{ protocols: {{ http: {{ endpoint: \"127.0.0.1:{a}\" }} }} }}\n  otlp/b: {{ protocols: {{ http: {{ endpoint: \"127.0.0.1:{b}\" }} }} }}\nprocessors:\n  batch: {{ timeout: {timeout} }}\nexporters:\n  capture:\nservice:\n  telemetry: {{ endpoint: null }}\n  pipelines:\n    metrics: {{ receivers: [{receivers}], processors: [batch], exporters: [capture] }}\n"
+        )
+    };
+    let capture = Capture::new();
+    let comps = components(&capture);
+    let load = |text: String| config::load(&[Source::new("c.yaml", text)], &comps).unwrap();
+    common::install_tls_provider();
+    let client = reqwest::Client::new();
+    let push = |port: u16, first: u64| {
+        let client = client.clone();
+        async move {
+            client
+                .post(format!("http://127.0.0.1:{port}/v1/metrics"))
+                .header("Content-Type", "application/x-protobuf")
+                .body(request(first))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success())
+        }
+    };
+    let find = |t: &Telemetry, kind, id: &str| match kind {
+        ComponentKind::Processor => t.find_processor(id, "metrics").unwrap(),
+        _ => t.find(kind, id).unwrap(),
+    };
+    let arrived = |capture: &Capture| -> BTreeSet<u64> {
+        capture
+            .batches()
+            .iter()
+            .flat_map(|b| b.resource_metrics.iter())
+            .flat_map(|rm| rm.scope_metrics.iter())
+            .flat_map(|sm| sm.metrics.iter())
+            .flat_map(|m| m.number_points())
+            .filter_map(genai_collector_core::model::number_value)
+            .map(|v| v as u64)
+            .collect()
+    };
+
+    let service = Service::build(load(yaml("otlp/a", "1s")), &comps).unwrap();
+    let telemetry = service.telemetry().clone();
+    let running = service.start().await.unwrap();
+    common::listening(a).await;
+    assert!(push(a, 0).await);
+    let batch = find(&telemetry, ComponentKind::Processor, "batch");
+    let exporter = find(&telemetry, ComponentKind::Exporter, "capture");
+
+    // otlp/b joins the pipeline: nothing else changed, so the pipeline runs on, holding the
+    // batch it has not flushed yet, and so does the exporter.
+    let next = load(yaml("otlp/a, otlp/b", "1s"));
+    let (summary, mut kept) = running.stop_for(&next).await;
+    assert!(summary.drained);
+    assert_eq!(kept.len(), 3, "otlp/a, the pipeline and the exporter");
+    let service = Service::build_keeping(next, &comps, &kept).unwrap();
+    let running = service.start_with(&mut kept).await.unwrap();
+    assert!(kept.is_empty());
+    common::listening(b).await;
+    assert!(push(a, 100).await && push(b, 200).await);
+    assert!(Arc::ptr_eq(
+        &batch,
+        &find(&telemetry, ComponentKind::Processor, "batch")
+    ));
+    assert!(Arc::ptr_eq(
+        &exporter,
+        &find(&telemetry, ComponentKind::Exporter, "capture")
+    ));
+
+    // The batch processor's timeout changes and otlp/a leaves: the pipeline starts over (its
+    // held batch flushed on the way), the exporter runs on, otlp/a's port is free.
+    let next = load(yaml("otlp/b", "2s"));
+    let (summary, mut kept) = running.stop_for(&next).await;
+    assert!(summary.drained);
+    assert_eq!(kept.len(), 2, "otlp/b and the exporter");
+    let service = Service::build_keeping(next, &comps, &kept).unwrap();
+    let running = service.start_with(&mut kept).await.unwrap();
+    assert!(!Arc::ptr_eq(
+        &batch,
+        &find(&telemetry, ComponentKind::Processor, "batch")
+    ));
+    assert!(Arc::ptr_eq(
+        &exporter,
+        &find(&telemetry, ComponentKind::Exporter, "capture")
+    ));
+    assert!(
+        std::net::TcpListener::bind(("127.0.0.1", a)).is_ok(),
+        "otlp/a's port is free"
+    );
+    assert!(push(b, 300).await);
+    let summary = running.run_until(std::future::ready(())).await;
+    assert!(summary.drained);
+    let want: BTreeSet<u64> = [0, 100, 200, 300]
+        .iter()
+        .flat_map(|f| *f..*f + POINTS)
+        .collect();
+    assert_eq!(arrived(&capture), want);
 }

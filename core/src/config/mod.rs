@@ -124,7 +124,8 @@ pub struct ComponentEntry {
     pub(crate) config: AnyConfig,
     /// Where the component was defined, for errors about it at run time.
     pub pos: Pos,
-    /// Its config node, canonical (positions left out): what a reload compares.
+    /// Its config node, canonical (positions left out), exporters' settings included: what a
+    /// reload compares.
     pub fingerprint: String,
 }
 
@@ -443,6 +444,9 @@ impl Loader<'_> {
             let label = Some(format!("{}: {raw}", kind.section()));
             let id = ComponentId::parse(raw).map_err(|m| self.error(key.pos, label.clone(), m))?;
             let mut node = node.clone();
+            // Before the runtime's settings are split off: they are part of what a reload
+            // compares.
+            let fingerprint = node.canonical();
             let settings = T::split_settings(&mut node)
                 .map_err(|e| self.de_error(e, node.pos, label.clone()))?;
             let config = match components.parse(kind, &id, &node) {
@@ -471,7 +475,7 @@ impl Loader<'_> {
                     ComponentEntry {
                         config,
                         pos: key.pos,
-                        fingerprint: node.canonical(),
+                        fingerprint,
                     },
                     settings,
                 ),

@@ -6,6 +6,7 @@
 //! consumers and retries; this file builds them from config, starts them and drains them.
 
 mod exporter;
+mod keep;
 mod pipeline;
 mod queued;
 
@@ -15,7 +16,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -32,6 +32,8 @@ use crate::memory::MemoryLimiter;
 use crate::registry::Components;
 use crate::telemetry::{ComponentStats, State, Telemetry};
 use exporter::{log_recovered, run_exporter, ExporterTask};
+pub use keep::Kept;
+use keep::{join, pipeline_fingerprint, RunningExporter, RunningPipeline, RunningReceiver};
 use pipeline::{run_pipeline, ExporterQueue, PipelineTask};
 pub use queued::{QueuedExporter, Room};
 
@@ -129,84 +131,66 @@ struct ReceiverTask {
     fingerprint: String,
 }
 
-/// A receiver running: what stopping it, keeping it across a reload or adopting it takes.
-struct RunningReceiver {
+/// A pipeline built, or one a reload keeps (`task: None`) to be adopted at the start.
+struct BuiltPipeline {
+    name: String,
+    fingerprint: String,
+    task: Option<PipelineTask>,
+    input: PipelineInput,
+    stats: Vec<Arc<ComponentStats>>,
+    inputs_done: CancellationToken,
+}
+
+/// An exporter built, or one a reload keeps (`task: None`) to be adopted at the start.
+struct BuiltExporter {
     id: ComponentId,
     fingerprint: String,
-    stats: Arc<ComponentStats>,
-    output: Output,
-    stop: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl RunningReceiver {
-    fn is(&self, id: &ComponentId, fingerprint: &str) -> bool {
-        &self.id == id && self.fingerprint == fingerprint
-    }
-
-    /// Waits for its task to end; at once if it has (a handle must not be polled again).
-    async fn join(&mut self) {
-        if !self.task.is_finished() {
-            let _ = (&mut self.task).await;
-        }
-    }
-}
-
-/// Receivers a reload keeps running ([`RunningService::stop_for`]), paused until the next
-/// service adopts them ([`Service::start_with`]). Those it does not adopt are stopped with
-/// [`KeptReceivers::stop`].
-#[derive(Default)]
-pub struct KeptReceivers(Vec<RunningReceiver>);
-
-impl KeptReceivers {
-    /// How many there are.
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    /// Whether there are none.
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
-    /// Stops every receiver still held.
-    pub async fn stop(self) {
-        for r in &self.0 {
-            r.stop.cancel();
-        }
-        for mut r in self.0 {
-            r.join().await;
-        }
-    }
+    task: Option<ExporterTask>,
+    entry: ExporterQueue,
+    stopping: CancellationToken,
 }
 
 /// A collector built from config, ready to start.
 pub struct Service {
     telemetry: Telemetry,
     receivers: Vec<ReceiverTask>,
-    pipelines: Vec<PipelineTask>,
-    exporters: Vec<ExporterTask>,
+    pipelines: Vec<BuiltPipeline>,
+    exporters: Vec<BuiltExporter>,
     shutdown_timeout: Duration,
     telemetry_endpoint: Option<String>,
     limiter: Option<(Arc<MemoryLimiter>, Duration)>,
-    inputs_done: CancellationToken,
-    stopping: CancellationToken,
 }
 
 impl Service {
     /// Builds every component the pipelines use. Components defined but unused are not built.
     pub fn build(config: Config, components: &Components) -> Result<Self, BuildError> {
-        Self::build_keeping(config, components, &KeptReceivers::default())
+        Self::build_keeping(config, components, &Kept::default())
     }
 
-    /// [`Service::build`] for a reload: the receivers `kept` has with the same config are not
-    /// built (they run on, holding their ports), for [`Service::start_with`] to adopt.
+    /// [`Service::build`] for a reload: what `kept` holds with the same config is not built
+    /// (it runs on, holding its ports, queues and state), for [`Service::start_with`] to adopt;
+    /// the self-metrics go on in `kept`'s registry.
     pub fn build_keeping(
+        config: Config,
+        components: &Components,
+        kept: &Kept,
+    ) -> Result<Self, BuildError> {
+        let telemetry = kept.telemetry.clone().unwrap_or_default();
+        let before = telemetry.components();
+        let built = Self::build_in(config, components, kept, telemetry.clone());
+        if built.is_err() {
+            // What this build registered goes with it.
+            telemetry.retain(|s| before.iter().any(|b| std::ptr::eq(&**b, s)));
+        }
+        built
+    }
+
+    fn build_in(
         mut config: Config,
         components: &Components,
-        kept: &KeptReceivers,
+        kept: &Kept,
+        telemetry: Telemetry,
     ) -> Result<Self, BuildError> {
-        let telemetry = Telemetry::new();
         let limiter = MemoryLimiter::from_config(&config.service.memory_limiter);
         if let Some(l) = &limiter {
             telemetry.set_limiter(l.clone());
@@ -222,18 +206,26 @@ impl Service {
             source: ComponentError::Config("no factory for this kind".into()),
         };
 
-        let mut exporters = Vec::new();
-        let mut queues: Vec<(ComponentId, ExporterQueue)> = Vec::new();
-        let stopping = CancellationToken::new();
+        let mut exporters: Vec<BuiltExporter> = Vec::new();
         for p in pipelines_cfg.values() {
             for id in &p.exporters {
-                if queues.iter().any(|(q, _)| q == id) {
+                if exporters.iter().any(|e| &e.id == id) {
                     continue;
                 }
                 let (entry, settings) = config
                     .exporters
                     .get_mut(id)
                     .ok_or_else(|| missing(ComponentKind::Exporter, id))?;
+                if let Some(k) = kept.exporter(id, &entry.fingerprint) {
+                    exporters.push(BuiltExporter {
+                        id: id.clone(),
+                        fingerprint: entry.fingerprint.clone(),
+                        task: None,
+                        entry: k.entry.clone(),
+                        stopping: k.stopping.clone(),
+                    });
+                    continue;
+                }
                 let factory = components
                     .exporters
                     .get(id.kind())
@@ -254,26 +246,39 @@ impl Service {
                         id: id.to_string(),
                         source: ComponentError::Config(e),
                     })?;
-                queues.push((
-                    id.clone(),
-                    ExporterQueue::new(queue.clone(), stats.clone(), disk.clone(), settings),
-                ));
-                exporters.push(ExporterTask {
-                    exporter,
-                    queue,
-                    settings: settings.clone(),
-                    stats,
-                    disk,
-                    recovered,
-                    stopping: stopping.clone(),
+                let stopping = CancellationToken::new();
+                exporters.push(BuiltExporter {
+                    id: id.clone(),
+                    fingerprint: entry.fingerprint.clone(),
+                    entry: ExporterQueue::new(queue.clone(), stats.clone(), disk.clone(), settings),
+                    task: Some(ExporterTask {
+                        exporter,
+                        queue,
+                        settings: settings.clone(),
+                        stats,
+                        disk,
+                        recovered,
+                        stopping: stopping.clone(),
+                    }),
+                    stopping,
                 });
             }
         }
 
         let mut pipelines = Vec::new();
-        let mut inputs: Vec<PipelineInput> = Vec::new();
-        let inputs_done = CancellationToken::new();
         for (name, p) in &pipelines_cfg {
+            let fingerprint = pipeline_fingerprint(name, p, &config);
+            if let Some(k) = kept.pipeline(&fingerprint) {
+                pipelines.push(BuiltPipeline {
+                    name: name.clone(),
+                    fingerprint,
+                    task: None,
+                    input: k.input.clone(),
+                    stats: k.stats.clone(),
+                    inputs_done: k.inputs_done.clone(),
+                });
+                continue;
+            }
             let mut processors = Vec::new();
             for id in &p.processors {
                 let entry = config
@@ -298,32 +303,41 @@ impl Service {
                 processors.push((processor, stats));
             }
             let (tx, rx) = mpsc::channel::<Envelope>(PIPELINE_QUEUE_BATCHES);
-            let exporters: Vec<ExporterQueue> = p
+            let queues: Vec<ExporterQueue> = p
                 .exporters
                 .iter()
-                .filter_map(|id| queues.iter().find(|(q, _)| q == id).map(|(_, q)| q.clone()))
+                .filter_map(|id| exporters.iter().find(|e| &e.id == id))
+                .map(|e| e.entry.clone())
                 .collect();
-            inputs.push(PipelineInput {
+            let input = PipelineInput {
                 tx,
-                exporters: exporters.iter().map(|e| e.queue.clone()).collect(),
-            });
-            pipelines.push(PipelineTask {
+                exporters: queues.iter().map(|e| e.queue.clone()).collect(),
+            };
+            let inputs_done = CancellationToken::new();
+            pipelines.push(BuiltPipeline {
                 name: name.clone(),
-                rx,
-                held: processors.iter().map(|_| Vec::new()).collect(),
-                processors,
-                exporters,
+                fingerprint,
+                input,
+                stats: processors.iter().map(|(_, s)| s.clone()).collect(),
                 inputs_done: inputs_done.clone(),
+                task: Some(PipelineTask {
+                    name: name.clone(),
+                    rx,
+                    held: processors.iter().map(|_| Vec::new()).collect(),
+                    processors,
+                    exporters: queues,
+                    inputs_done,
+                }),
             });
         }
 
         let mut receivers = Vec::new();
         for (id, entry) in config.receivers.iter_mut() {
             let senders: Vec<_> = pipelines_cfg
-                .iter()
-                .zip(&inputs)
-                .filter(|((_, p), _)| p.receivers.contains(id))
-                .map(|(_, input)| input.clone())
+                .values()
+                .zip(&pipelines)
+                .filter(|(p, _)| p.receivers.contains(id))
+                .map(|(_, built)| built.input.clone())
                 .collect();
             if senders.is_empty() {
                 continue;
@@ -337,16 +351,16 @@ impl Service {
                 pipeline: None,
                 telemetry: telemetry.clone(),
             };
-            let adopted = kept.0.iter().any(|r| r.is(id, &entry.fingerprint));
-            let receiver = match adopted {
-                true => None,
-                false => Some(
-                    factory
+            let (receiver, stats) = match kept.receiver(id, &entry.fingerprint) {
+                Some(k) => (None, k.stats.clone()),
+                None => {
+                    let receiver = factory
                         .build(&mut entry.config, &ctx)
-                        .map_err(fail(ComponentKind::Receiver, id))?,
-                ),
+                        .map_err(fail(ComponentKind::Receiver, id))?;
+                    let stats = telemetry.register(ComponentKind::Receiver, &id.to_string(), None);
+                    (Some(receiver), stats)
+                }
             };
-            let stats = telemetry.register(ComponentKind::Receiver, &id.to_string(), None);
             receivers.push(ReceiverTask {
                 fingerprint: entry.fingerprint.clone(),
                 id: id.clone(),
@@ -364,8 +378,6 @@ impl Service {
             shutdown_timeout: config.service.shutdown_timeout,
             telemetry_endpoint: config.service.telemetry.endpoint.clone(),
             limiter: limiter.map(|l| (l, config.service.memory_limiter.check_interval)),
-            inputs_done,
-            stopping,
         })
     }
 
@@ -376,13 +388,13 @@ impl Service {
 
     /// Starts every task and the self-telemetry endpoint.
     pub async fn start(self) -> Result<RunningService, StartError> {
-        self.start_with(&mut KeptReceivers::default()).await
+        self.start_with(&mut Kept::default()).await
     }
 
-    /// [`Service::start`], adopting from `kept` each receiver whose config is the one this
-    /// service has: it keeps running (its schedule, connections and counters) and now feeds
-    /// these pipelines. On an error `kept` is left as it was.
-    pub async fn start_with(self, kept: &mut KeptReceivers) -> Result<RunningService, StartError> {
+    /// [`Service::start`], adopting from `kept` what [`Service::build_keeping`] left unbuilt:
+    /// it keeps running, and the kept receivers now feed these pipelines. On an error `kept`
+    /// is left as it was.
+    pub async fn start_with(self, kept: &mut Kept) -> Result<RunningService, StartError> {
         let stop_http = CancellationToken::new();
         let (telemetry_addr, http_task) = match &self.telemetry_endpoint {
             Some(endpoint) => {
@@ -404,41 +416,63 @@ impl Service {
         if let Some((limiter, interval)) = &self.limiter {
             tokio::spawn(limiter.clone().run(*interval, stop_http.clone()));
         }
-        let mut exporter_tasks = JoinSet::new();
-        let exporter_queues: Vec<_> = self.exporters.iter().map(|e| e.queue.clone()).collect();
-        for task in self.exporters {
+        let mut exporters = Vec::with_capacity(self.exporters.len());
+        for e in self.exporters {
+            let Some(task) = e.task else {
+                match kept.take_exporter(&e.id, &e.fingerprint) {
+                    Some(k) => exporters.push(k),
+                    None => error!(exporter = %e.id, "a kept exporter was not handed to the start"),
+                }
+                continue;
+            };
             let stats = task.stats.clone();
-            exporter_tasks.spawn(supervise(
+            let run = supervise(
                 ComponentKind::Exporter,
                 stats.id.clone(),
                 stats,
                 run_exporter(task),
-            ));
+            );
+            exporters.push(RunningExporter {
+                id: e.id,
+                fingerprint: e.fingerprint,
+                entry: e.entry,
+                stopping: e.stopping,
+                task: tokio::spawn(run),
+            });
         }
-        let mut pipeline_tasks = JoinSet::new();
-        for task in self.pipelines {
-            pipeline_tasks.spawn(run_pipeline(task));
+        let mut pipelines = Vec::with_capacity(self.pipelines.len());
+        for p in self.pipelines {
+            let Some(task) = p.task else {
+                match kept.take_pipeline(&p.fingerprint) {
+                    Some(k) => pipelines.push(k),
+                    None => {
+                        error!(pipeline = %p.name, "a kept pipeline was not handed to the start")
+                    }
+                }
+                continue;
+            };
+            pipelines.push(RunningPipeline {
+                name: p.name,
+                fingerprint: p.fingerprint,
+                input: p.input,
+                stats: p.stats,
+                inputs_done: p.inputs_done,
+                task: tokio::spawn(run_pipeline(task)),
+            });
         }
         let mut receivers = Vec::with_capacity(self.receivers.len());
         for task in self.receivers {
-            if let Some(i) = kept
-                .0
-                .iter()
-                .position(|r| r.is(&task.id, &task.fingerprint))
-            {
-                // The one built for this service never runs: the kept one takes its route.
-                let kept = kept.0.swap_remove(i);
-                kept.output.switch().set(task.output.switch().get());
-                self.telemetry.unregister(&task.stats);
-                self.telemetry.adopt(kept.stats.clone());
-                info!(receiver = %kept.id, "config reload: receiver unchanged, kept running");
-                receivers.push(kept);
-                continue;
-            }
             let Some(receiver) = task.receiver else {
-                // Built for a kept receiver that `kept` no longer holds: a caller's mistake.
-                error!(receiver = %task.id, "a kept receiver was not handed to the start; it does not run");
-                task.stats.fail("not started: kept by a reload, then lost");
+                match kept.take_receiver(&task.id, &task.fingerprint) {
+                    Some(k) => {
+                        k.output.switch().set(task.output.switch().get());
+                        receivers.push(k);
+                    }
+                    None => {
+                        error!(receiver = %task.id, "a kept receiver was not handed to the start; it does not run");
+                        task.stats.fail("not started: kept by a reload, then lost");
+                    }
+                }
                 continue;
             };
             let stop = CancellationToken::new();
@@ -466,8 +500,8 @@ impl Service {
         self.telemetry.set_ready(true);
         info!(
             receivers = receivers.len(),
-            pipelines = pipeline_tasks.len(),
-            exporters = exporter_tasks.len(),
+            pipelines = pipelines.len(),
+            exporters = exporters.len(),
             telemetry = ?telemetry_addr,
             "collector started"
         );
@@ -477,11 +511,8 @@ impl Service {
             http_task,
             stop_http,
             receivers,
-            pipeline_tasks,
-            exporter_tasks,
-            exporter_queues,
-            inputs_done: self.inputs_done,
-            stopping: self.stopping,
+            pipelines,
+            exporters,
             shutdown_timeout: self.shutdown_timeout,
         })
     }
@@ -502,11 +533,8 @@ pub struct RunningService {
     http_task: Option<tokio::task::JoinHandle<()>>,
     stop_http: CancellationToken,
     receivers: Vec<RunningReceiver>,
-    pipeline_tasks: JoinSet<()>,
-    exporter_tasks: JoinSet<()>,
-    exporter_queues: Vec<Arc<SendQueue>>,
-    inputs_done: CancellationToken,
-    stopping: CancellationToken,
+    pipelines: Vec<RunningPipeline>,
+    exporters: Vec<RunningExporter>,
     shutdown_timeout: Duration,
 }
 
@@ -535,7 +563,7 @@ impl RunningService {
     pub async fn wait(&mut self, until: impl std::future::Future<Output = ()>) {
         let receivers_done = async {
             for r in &mut self.receivers {
-                r.join().await;
+                join(&mut r.task).await;
             }
         };
         tokio::select! {
@@ -547,70 +575,107 @@ impl RunningService {
     /// Stops the receivers, drains the pipelines and flushes the exporters within the
     /// shutdown timeout.
     pub async fn stop(self) -> RunSummary {
-        self.drain(|_| false).await.0
+        self.drain(None).await.0
     }
 
-    /// [`RunningService::stop`] for a reload to `next`: the receivers `next` has with the same
-    /// config, in some pipeline, keep running, paused (pulled data waits, pushes are refused
-    /// as retryable) until the next service adopts them.
-    pub async fn stop_for(self, next: &Config) -> (RunSummary, KeptReceivers) {
-        self.drain(|r| {
-            let same = next
-                .receivers
-                .get(&r.id)
-                .is_some_and(|e| e.fingerprint == r.fingerprint);
-            same && next
-                .service
-                .pipelines
-                .values()
-                .any(|p| p.receivers.contains(&r.id))
-        })
-        .await
+    /// [`RunningService::stop`] for a reload to `next`, keeping running what `next` has
+    /// unchanged (see [`Kept`]): kept receivers are paused (pulled data waits, pushes are
+    /// refused as retryable) until the next service adopts them.
+    pub fn stop_for(
+        self,
+        next: &Config,
+    ) -> impl std::future::Future<Output = (RunSummary, Kept)> + Send + 'static {
+        // Decided here, so that the drain holds no reference to `next`.
+        let listed = |id: &ComponentId, exporter: bool| {
+            next.service.pipelines.values().any(|p| match exporter {
+                true => p.exporters.contains(id),
+                false => p.receivers.contains(id),
+            })
+        };
+        let receivers = self
+            .receivers
+            .iter()
+            .map(|r| {
+                let same = next.receivers.get(&r.id);
+                same.is_some_and(|e| e.fingerprint == r.fingerprint) && listed(&r.id, false)
+            })
+            .collect();
+        let exporters = self
+            .exporters
+            .iter()
+            .map(|e| {
+                let same = next.exporters.get(&e.id);
+                same.is_some_and(|(c, _)| c.fingerprint == e.fingerprint) && listed(&e.id, true)
+            })
+            .collect();
+        let pipelines = self
+            .pipelines
+            .iter()
+            .map(|p| {
+                let same = next.service.pipelines.get(&p.name);
+                same.is_some_and(|c| pipeline_fingerprint(&p.name, c, next) == p.fingerprint)
+            })
+            .collect();
+        self.drain(Some(KeepPlan {
+            receivers,
+            pipelines,
+            exporters,
+        }))
     }
 
-    async fn drain(
-        mut self,
-        keep: impl Fn(&RunningReceiver) -> bool,
-    ) -> (RunSummary, KeptReceivers) {
-        let (kept, mut stopping): (Vec<_>, Vec<_>) = std::mem::take(&mut self.receivers)
-            .into_iter()
-            .partition(|r| keep(r));
-        for r in &kept {
+    async fn drain(mut self, plan: Option<KeepPlan>) -> (RunSummary, Kept) {
+        let reload = plan.is_some();
+        let plan = plan.unwrap_or_default();
+        let (kept_receivers, mut receivers) = split(&mut self.receivers, &plan.receivers);
+        let (kept_pipelines, mut pipelines) = split(&mut self.pipelines, &plan.pipelines);
+        let (kept_exporters, mut exporters) = split(&mut self.exporters, &plan.exporters);
+        for r in &kept_receivers {
             r.output.switch().set(None);
         }
-        for r in &stopping {
+        for r in &receivers {
             r.stop.cancel();
         }
         self.telemetry.set_ready(false);
-        self.stopping.cancel();
+        for e in &exporters {
+            e.stopping.cancel();
+        }
         let drain = async {
-            for r in &mut stopping {
-                r.join().await;
+            for r in &mut receivers {
+                join(&mut r.task).await;
             }
             // Receivers have stopped; a copy of their output left in a stray task (a
             // connection a server did not close) must not keep the pipelines open.
-            self.inputs_done.cancel();
-            while self.pipeline_tasks.join_next().await.is_some() {}
-            // Nothing more can be queued: consumers end once their queue is empty.
-            for q in &self.exporter_queues {
-                q.close();
+            for p in &pipelines {
+                p.inputs_done.cancel();
             }
-            while self.exporter_tasks.join_next().await.is_some() {}
+            for p in &mut pipelines {
+                join(&mut p.task).await;
+            }
+            // Nothing more can be queued: consumers end once their queue is empty.
+            for e in &exporters {
+                e.entry.queue.close();
+            }
+            for e in &mut exporters {
+                join(&mut e.task).await;
+            }
         };
         let drained = tokio::time::timeout(self.shutdown_timeout, drain)
             .await
             .is_ok();
         let mut lost_points = 0;
         if !drained {
-            for r in &stopping {
-                r.task.abort();
+            let tasks = receivers.iter().map(|r| &r.task);
+            let tasks = tasks.chain(pipelines.iter().map(|p| &p.task));
+            for t in tasks.chain(exporters.iter().map(|e| &e.task)) {
+                t.abort();
             }
-            self.pipeline_tasks.abort_all();
-            self.exporter_tasks.abort_all();
             let mut kept = 0;
-            // Every exporter's, the queues exporters keep of their own (`QueuedExporter`) too.
-            let exporters = self.telemetry.components().into_iter();
-            for stats in exporters.filter(|c| c.kind == ComponentKind::Exporter) {
+            // Every stopped exporter's, the queues exporters keep of their own
+            // (`QueuedExporter`) too.
+            let stopped = self.telemetry.components().into_iter().filter(|c| {
+                c.kind == ComponentKind::Exporter && !kept_exporters.iter().any(|e| e.owns(c))
+            });
+            for stats in stopped {
                 let queued = stats.queued.swap(0, Ordering::Relaxed);
                 if stats.persistent.load(Ordering::Relaxed) {
                     stats.persisted.fetch_add(queued, Ordering::Relaxed);
@@ -628,17 +693,51 @@ impl RunningService {
             );
         }
         self.stop_http.cancel();
-        // The port is free once `run_until` returns.
+        // The port is free once `stop` returns.
         if let Some(task) = self.http_task.take() {
             let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+        }
+        let kept = Kept {
+            telemetry: Some(self.telemetry.clone()),
+            receivers: kept_receivers,
+            pipelines: kept_pipelines,
+            exporters: kept_exporters,
+        };
+        if reload {
+            // The registry goes on with the next service: what stopped leaves it.
+            self.telemetry.retain(|s| {
+                kept.receivers.iter().any(|r| std::ptr::eq(&*r.stats, s))
+                    || kept
+                        .pipelines
+                        .iter()
+                        .flat_map(|p| &p.stats)
+                        .any(|p| std::ptr::eq(&**p, s))
+                    || kept.exporters.iter().any(|e| e.owns(s))
+            });
         }
         info!(drained, kept = kept.len(), "collector stopped");
         let summary = RunSummary {
             drained,
             lost_points,
         };
-        (summary, KeptReceivers(kept))
+        (summary, kept)
     }
+}
+
+/// Which of a running service's receivers, pipelines and exporters (in order) a reload keeps.
+#[derive(Default)]
+struct KeepPlan {
+    receivers: Vec<bool>,
+    pipelines: Vec<bool>,
+    exporters: Vec<bool>,
+}
+
+/// Takes `all` apart into those `keep` marks (missing: not kept) and the rest.
+fn split<T>(all: &mut Vec<T>, keep: &[bool]) -> (Vec<T>, Vec<T>) {
+    let mut marks = keep.iter().copied().chain(std::iter::repeat(false));
+    std::mem::take(all)
+        .into_iter()
+        .partition(|_| marks.next().unwrap_or(false))
 }
 
 /// Runs a component's task in its own tokio task so that a panic marks it failed instead of

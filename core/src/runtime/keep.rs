@@ -1,0 +1,191 @@
+//! What a config reload keeps running: each receiver, pipeline and exporter whose config is the
+//! same in the new config, so that its schedule, connections, queue and state carry on.
+//!
+//! A pipeline is kept when its processors and exporters are the same, in the same order; an
+//! exporter when its config and settings are the same and a pipeline of the new config lists
+//! it; a receiver when its config is the same and a pipeline lists it. The running service
+//! hands them over paused ([`super::RunningService::stop_for`]), the next one adopts them
+//! ([`super::Service::start_with`]) and points the kept receivers at its pipelines.
+
+use std::sync::Arc;
+
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::pipeline::ExporterQueue;
+use crate::config::{Config, PipelineConfig};
+use crate::delivery::{Output, PipelineInput};
+use crate::id::ComponentId;
+use crate::telemetry::{ComponentStats, Telemetry};
+
+pub(crate) struct RunningReceiver {
+    pub id: ComponentId,
+    pub fingerprint: String,
+    pub stats: Arc<ComponentStats>,
+    pub output: Output,
+    pub stop: CancellationToken,
+    pub task: JoinHandle<()>,
+}
+
+pub(crate) struct RunningPipeline {
+    pub name: String,
+    pub fingerprint: String,
+    pub input: PipelineInput,
+    /// Its processors' stats.
+    pub stats: Vec<Arc<ComponentStats>>,
+    /// Cancelled to make it drain and end.
+    pub inputs_done: CancellationToken,
+    pub task: JoinHandle<()>,
+}
+
+pub(crate) struct RunningExporter {
+    pub id: ComponentId,
+    pub fingerprint: String,
+    pub entry: ExporterQueue,
+    /// Cancelled when it is to stop: batches on disk stop retrying and stay there.
+    pub stopping: CancellationToken,
+    pub task: JoinHandle<()>,
+}
+
+impl RunningExporter {
+    /// Whether `stats` are this exporter's, or of a queue it keeps of its own
+    /// (`QueuedExporter`, registered under its id and a `/`).
+    pub fn owns(&self, stats: &ComponentStats) -> bool {
+        let id = self.id.to_string();
+        stats.kind == crate::id::ComponentKind::Exporter
+            && (stats.id == id
+                || stats
+                    .id
+                    .strip_prefix(id.as_str())
+                    .is_some_and(|rest| rest.starts_with('/')))
+    }
+}
+
+/// Waits for a task to end; at once if it has (a handle must not be polled again).
+pub(crate) async fn join(task: &mut JoinHandle<()>) {
+    if !task.is_finished() {
+        let _ = task.await;
+    }
+}
+
+/// The canonical text of pipeline `name` of `config`: its processors' and exporters' ids and
+/// configs in order. Equal text, equal pipeline.
+pub(crate) fn pipeline_fingerprint(name: &str, p: &PipelineConfig, config: &Config) -> String {
+    let mut out = format!("{name}|");
+    for id in &p.processors {
+        let fp = config.processors.get(id).map_or("", |e| &e.fingerprint);
+        out.push_str(&format!("{id}={fp};"));
+    }
+    out.push('|');
+    for id in &p.exporters {
+        let fp = config.exporters.get(id).map_or("", |(e, _)| &e.fingerprint);
+        out.push_str(&format!("{id}={fp};"));
+    }
+    out
+}
+
+/// Components a reload keeps running, paused until the next service adopts them. Those it
+/// does not adopt are stopped with [`Kept::stop`].
+#[derive(Default)]
+pub struct Kept {
+    /// The registry they report to, which the next service goes on with.
+    pub(crate) telemetry: Option<Telemetry>,
+    pub(crate) receivers: Vec<RunningReceiver>,
+    pub(crate) pipelines: Vec<RunningPipeline>,
+    pub(crate) exporters: Vec<RunningExporter>,
+}
+
+impl Kept {
+    /// How many components it holds.
+    pub fn len(&self) -> usize {
+        self.receivers.len() + self.pipelines.len() + self.exporters.len()
+    }
+
+    /// Whether it holds none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub(crate) fn receiver(&self, id: &ComponentId, fingerprint: &str) -> Option<&RunningReceiver> {
+        self.receivers
+            .iter()
+            .find(|r| &r.id == id && r.fingerprint == fingerprint)
+    }
+
+    pub(crate) fn take_receiver(
+        &mut self,
+        id: &ComponentId,
+        fingerprint: &str,
+    ) -> Option<RunningReceiver> {
+        let i = self
+            .receivers
+            .iter()
+            .position(|r| &r.id == id && r.fingerprint == fingerprint)?;
+        Some(self.receivers.swap_remove(i))
+    }
+
+    pub(crate) fn pipeline(&self, fingerprint: &str) -> Option<&RunningPipeline> {
+        self.pipelines.iter().find(|p| p.fingerprint == fingerprint)
+    }
+
+    pub(crate) fn take_pipeline(&mut self, fingerprint: &str) -> Option<RunningPipeline> {
+        let i = self
+            .pipelines
+            .iter()
+            .position(|p| p.fingerprint == fingerprint)?;
+        Some(self.pipelines.swap_remove(i))
+    }
+
+    pub(crate) fn exporter(&self, id: &ComponentId, fingerprint: &str) -> Option<&RunningExporter> {
+        self.exporters
+            .iter()
+            .find(|e| &e.id == id && e.fingerprint == fingerprint)
+    }
+
+    pub(crate) fn take_exporter(
+        &mut self,
+        id: &ComponentId,
+        fingerprint: &str,
+    ) -> Option<RunningExporter> {
+        let i = self
+            .exporters
+            .iter()
+            .position(|e| &e.id == id && e.fingerprint == fingerprint)?;
+        Some(self.exporters.swap_remove(i))
+    }
+
+    /// Stops every component still held, receivers first, exporters last, and takes them out
+    /// of the self-metrics.
+    pub async fn stop(self) {
+        for r in &self.receivers {
+            r.stop.cancel();
+        }
+        for mut r in self.receivers {
+            join(&mut r.task).await;
+            if let Some(t) = &self.telemetry {
+                t.unregister(&r.stats);
+            }
+        }
+        for p in &self.pipelines {
+            p.inputs_done.cancel();
+        }
+        for mut p in self.pipelines {
+            join(&mut p.task).await;
+            if let Some(t) = &self.telemetry {
+                for s in &p.stats {
+                    t.unregister(s);
+                }
+            }
+        }
+        for e in &self.exporters {
+            e.stopping.cancel();
+            e.entry.queue.close();
+        }
+        for mut e in self.exporters {
+            join(&mut e.task).await;
+            if let Some(t) = &self.telemetry {
+                t.retain(|s| !e.owns(s));
+            }
+        }
+    }
+}
