@@ -293,7 +293,7 @@ async fn run(cfg: config::Config, components: Components, mut reload: Reload) ->
         }
         let mut running = running;
         let mut next = None;
-        running
+        let asked = running
             .wait(async {
                 tokio::select! {
                     () = &mut shutdown => {}
@@ -303,11 +303,17 @@ async fn run(cfg: config::Config, components: Components, mut reload: Reload) ->
             .await;
         let summary = match &next {
             Some((c, _)) => {
+                tracing::info!("config reload: stopping what changed, draining its pipelines");
                 let (summary, k) = running.stop_for(c).await;
                 kept = k;
                 summary
             }
-            None => running.stop().await,
+            None => {
+                if asked {
+                    tracing::info!("shutdown requested: stopping receivers, draining pipelines");
+                }
+                running.stop().await
+            }
         };
         if !summary.drained {
             eprintln!(

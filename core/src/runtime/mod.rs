@@ -85,6 +85,26 @@ fn open_queue(
     Ok((queue, Some(Arc::new(disk)), recovered))
 }
 
+/// An exporter behind its queue (as `settings` give it), and the task that drains the queue.
+fn exporter_queue(
+    exporter: Box<dyn crate::component::Exporter>,
+    settings: &ExporterSettings,
+    stats: Arc<ComponentStats>,
+) -> Result<(ExporterQueue, ExporterTask), String> {
+    let (queue, disk, recovered) = open_queue(&stats.id, settings, &stats)?;
+    let entry = ExporterQueue::new(queue.clone(), stats.clone(), disk.clone(), settings);
+    let task = ExporterTask {
+        exporter,
+        queue,
+        settings: settings.clone(),
+        stats,
+        disk,
+        recovered,
+        stopping: CancellationToken::new(),
+    };
+    Ok((entry, task))
+}
+
 /// A component that could not be built.
 #[derive(Debug, thiserror::Error)]
 #[error("{kind} `{id}`: {source}")]
@@ -240,27 +260,18 @@ impl Service {
                 let exporter = factory
                     .build_with_settings(&mut entry.config, &ctx, settings)
                     .map_err(fail(ComponentKind::Exporter, id))?;
-                let (queue, disk, recovered) = open_queue(&id.to_string(), settings, &stats)
-                    .map_err(|e| BuildError {
+                let (queue, task) =
+                    exporter_queue(exporter, settings, stats).map_err(|e| BuildError {
                         kind: ComponentKind::Exporter,
                         id: id.to_string(),
                         source: ComponentError::Config(e),
                     })?;
-                let stopping = CancellationToken::new();
                 exporters.push(BuiltExporter {
                     id: id.clone(),
                     fingerprint: entry.fingerprint.clone(),
-                    entry: ExporterQueue::new(queue.clone(), stats.clone(), disk.clone(), settings),
-                    task: Some(ExporterTask {
-                        exporter,
-                        queue,
-                        settings: settings.clone(),
-                        stats,
-                        disk,
-                        recovered,
-                        stopping: stopping.clone(),
-                    }),
-                    stopping,
+                    entry: queue,
+                    stopping: task.stopping.clone(),
+                    task: Some(task),
                 });
             }
         }
@@ -555,20 +566,25 @@ impl RunningService {
         mut self,
         shutdown: impl std::future::Future<Output = ()>,
     ) -> RunSummary {
-        self.wait(shutdown).await;
+        if self.wait(shutdown).await {
+            info!("shutdown requested: stopping receivers, draining pipelines");
+        }
         self.stop().await
     }
 
-    /// Waits for `until`, or for every receiver to end.
-    pub async fn wait(&mut self, until: impl std::future::Future<Output = ()>) {
+    /// Waits for `until` (true), or for every receiver to end (false, logged).
+    pub async fn wait(&mut self, until: impl std::future::Future<Output = ()>) -> bool {
         let receivers_done = async {
             for r in &mut self.receivers {
                 join(&mut r.task).await;
             }
         };
         tokio::select! {
-            () = until => info!("stopping receivers, draining pipelines"),
-            () = receivers_done => info!("every receiver has ended: draining pipelines"),
+            () = until => true,
+            () = receivers_done => {
+                info!("every receiver has ended: draining pipelines");
+                false
+            }
         }
     }
 

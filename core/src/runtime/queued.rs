@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::exporter::{run_exporter, ExporterTask};
-use super::open_queue;
+use super::exporter::run_exporter;
+use super::exporter_queue;
 use super::pipeline::ExporterQueue;
 use crate::component::{ComponentError, Exporter};
 use crate::config::ExporterSettings;
@@ -43,24 +43,15 @@ impl QueuedExporter {
         telemetry: &Telemetry,
     ) -> Result<Self, ComponentError> {
         let stats = telemetry.register(ComponentKind::Exporter, id, None);
-        let (queue, disk, recovered) = match open_queue(id, settings, &stats) {
+        let (entry, task) = match exporter_queue(exporter, settings, stats.clone()) {
             Ok(q) => q,
             Err(e) => {
                 telemetry.unregister(&stats);
                 return Err(ComponentError::Config(e));
             }
         };
-        let stopping = CancellationToken::new();
-        let entry = ExporterQueue::new(queue.clone(), stats.clone(), disk.clone(), settings);
-        let task = tokio::spawn(run_exporter(ExporterTask {
-            exporter,
-            queue,
-            settings: settings.clone(),
-            stats,
-            disk,
-            recovered,
-            stopping: stopping.clone(),
-        }));
+        let stopping = task.stopping.clone();
+        let task = tokio::spawn(run_exporter(task));
         Ok(Self {
             entry,
             telemetry: telemetry.clone(),
