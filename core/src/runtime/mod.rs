@@ -179,6 +179,9 @@ pub struct Service {
     shutdown_timeout: Duration,
     telemetry_endpoint: Option<String>,
     limiter: Option<(Arc<MemoryLimiter>, Duration)>,
+    /// The registry's components before this build (a reload's kept ones): a start that fails
+    /// takes the rest out again.
+    registered_before: Vec<Arc<ComponentStats>>,
 }
 
 impl Service {
@@ -198,11 +201,17 @@ impl Service {
         let telemetry = kept.telemetry.clone().unwrap_or_default();
         let before = telemetry.components();
         let built = Self::build_in(config, components, kept, telemetry.clone());
-        if built.is_err() {
-            // What this build registered goes with it.
-            telemetry.retain(|s| before.iter().any(|b| std::ptr::eq(&**b, s)));
+        match built {
+            Ok(mut service) => {
+                service.registered_before = before;
+                Ok(service)
+            }
+            Err(e) => {
+                // What this build registered goes with it.
+                telemetry.retain(|s| before.iter().any(|b| std::ptr::eq(&**b, s)));
+                Err(e)
+            }
         }
-        built
     }
 
     fn build_in(
@@ -389,6 +398,7 @@ impl Service {
             shutdown_timeout: config.service.shutdown_timeout,
             telemetry_endpoint: config.service.telemetry.endpoint.clone(),
             limiter: limiter.map(|l| (l, config.service.memory_limiter.check_interval)),
+            registered_before: Vec::new(),
         })
     }
 
@@ -415,9 +425,14 @@ impl Service {
                     stop_http.clone(),
                 )
                 .await
-                .map_err(|source| StartError::Telemetry {
-                    endpoint: endpoint.clone(),
-                    source,
+                .map_err(|source| {
+                    let before = &self.registered_before;
+                    self.telemetry
+                        .retain(|s| before.iter().any(|b| std::ptr::eq(&**b, s)));
+                    StartError::Telemetry {
+                        endpoint: endpoint.clone(),
+                        source,
+                    }
                 })?;
                 (Some(addr), Some(task))
             }
