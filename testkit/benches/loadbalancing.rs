@@ -123,6 +123,39 @@ async fn median_us(exporter: &dyn Exporter, batch: &Batch, telemetry: &Telemetry
     times[ROUNDS / 2]
 }
 
+#[derive(Clone, Copy)]
+enum Measure {
+    /// Median wall time of one delivered export.
+    Wall,
+    /// CPU time per point.
+    Cpu,
+}
+
+async fn measure(what: Measure, (e, t): (&dyn Exporter, &Telemetry), batch: &Batch) -> f64 {
+    match what {
+        Measure::Wall => median_us(e, batch, t).await,
+        Measure::Cpu => cpu_per_point(e, batch, t).await,
+    }
+}
+
+/// `what` of the two exporters, alternated three times so that drift on a shared machine hits
+/// both; the medians.
+async fn alternate(
+    what: Measure,
+    a: (&dyn Exporter, &Telemetry),
+    b: (&dyn Exporter, &Telemetry),
+    batch: &Batch,
+) -> (f64, f64) {
+    let (mut xs, mut ys) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        xs.push(measure(what, a, batch).await);
+        ys.push(measure(what, b, batch).await);
+    }
+    xs.sort_by(f64::total_cmp);
+    ys.sort_by(f64::total_cmp);
+    (xs[1], ys[1])
+}
+
 fn main() {
     let keys: Vec<String> = (0..10_000).map(|i| format!("pool-{i}")).collect();
     for n in [3, 16] {
@@ -178,27 +211,14 @@ fn main() {
         let lb = LoadBalancingFactory
             .build(lb_config, &ctx("loadbalancing", &lb_telemetry))
             .unwrap();
-        // Alternate the two, three times, so that drift on a shared machine hits both.
-        let (mut a, mut b) = (Vec::new(), Vec::new());
-        for _ in 0..3 {
-            a.push(median_us(otlp.as_ref(), &batch, &otlp_telemetry).await);
-            b.push(median_us(lb.as_ref(), &batch, &lb_telemetry).await);
-        }
-        a.sort_by(f64::total_cmp);
-        b.sort_by(f64::total_cmp);
-        let (a, b) = (a[1], b[1]);
+        let otlp = (otlp.as_ref(), &otlp_telemetry);
+        let balanced = (lb.as_ref(), &lb_telemetry);
+        let (a, b) = alternate(Measure::Wall, otlp, balanced, &batch).await;
         println!("one agent batch of {points} points (120 servers, 60 pools), median of {ROUNDS} exports:");
         println!("  otlp, whole to one gateway:        {:.2} µs per point", a / points);
         println!("  loadbalancing over three gateways: {:.2} µs per point", b / points);
         println!("  ratio loadbalancing / otlp:        {:.2}", b / a);
-        let (mut a, mut b) = (Vec::new(), Vec::new());
-        for _ in 0..3 {
-            a.push(cpu_per_point(otlp.as_ref(), &batch, &otlp_telemetry).await);
-            b.push(cpu_per_point(lb.as_ref(), &batch, &lb_telemetry).await);
-        }
-        a.sort_by(f64::total_cmp);
-        b.sort_by(f64::total_cmp);
-        let (a, b) = (a[1], b[1]);
+        let (a, b) = alternate(Measure::Cpu, otlp, balanced, &batch).await;
         println!("the same, CPU time of the process (agent side and gateways), median of three:");
         println!("  otlp:                              {:.2} µs per point", a * 1e6);
         println!("  loadbalancing:                     {:.2} µs per point", b * 1e6);

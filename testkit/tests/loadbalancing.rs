@@ -580,16 +580,30 @@ async fn a_dns_name_resolves_to_the_backends() {
     running.run_until(std::future::ready(())).await;
 }
 
+/// A gateway that went away without closing its connections: a listener on `addr` that
+/// accepts (up to 16 connections) and never reads, so a request never gets an answer. Its
+/// port, and the thread that holds the connections.
+fn stuck_gateway(
+    addr: (&str, u16),
+) -> (
+    u16,
+    std::thread::JoinHandle<Vec<std::io::Result<std::net::TcpStream>>>,
+) {
+    let hole = std::net::TcpListener::bind(addr).unwrap();
+    let port = hole.local_addr().unwrap().port();
+    (
+        port,
+        std::thread::spawn(move || hole.incoming().take(16).collect()),
+    )
+}
+
 /// A gateway that went away without closing its connections (a pod's address dropping
 /// packets, here a listener that accepts and never answers): after `failover.timeout` its
 /// pools go to the next gateway.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_that_never_answers_is_failed_over_after_the_timeout() {
     let (a, ca, ra) = gateway().await;
-    let hole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let hole_port = hole.local_addr().unwrap().port();
-    // Accepted and held, never read: the gRPC request never gets an answer.
-    let held = std::thread::spawn(move || hole.incoming().take(4).collect::<Vec<_>>());
+    let (hole_port, held) = stuck_gateway(("127.0.0.1", 0));
     let (lb, telemetry) = balancer_of(&format!(
         "protocol: {{ otlp: {{ compression: none }} }}\nresolver: {{ static: {{ hostnames: [\"127.0.0.1:{a}\", \"127.0.0.1:{hole_port}\"] }} }}\nfailover: {{ timeout: 300ms }}\n"
     ));
@@ -629,9 +643,7 @@ async fn a_backend_that_never_answers_is_failed_over_after_the_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stuck_gateway_holds_up_only_its_own_pools() {
     let (a, ca, ra) = gateway().await;
-    let hole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let hole_port = hole.local_addr().unwrap().port();
-    let held = std::thread::spawn(move || hole.incoming().take(16).collect::<Vec<_>>());
+    let (hole_port, held) = stuck_gateway(("127.0.0.1", 0));
     let (lb, telemetry) = balancer_of(&format!(
         "protocol: {{ otlp: {{ compression: none, timeout: 500ms }} }}\nresolver: {{ static: {{ hostnames: [\"127.0.0.1:{a}\", \"127.0.0.1:{hole_port}\"] }} }}\nfailover: {{ enabled: false }}\n"
     ));
@@ -678,9 +690,7 @@ fn pool_counts(capture: &Capture) -> BTreeMap<String, usize> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_that_left_has_its_persisted_batches_sent_to_the_others() {
     let (a, ca, ra) = gateway().await;
-    let hole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let hole_port = hole.local_addr().unwrap().port();
-    let held = std::thread::spawn(move || hole.incoming().take(16).collect::<Vec<_>>());
+    let (hole_port, held) = stuck_gateway(("127.0.0.1", 0));
     let dir = std::env::temp_dir().join(format!("lb-disk-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let yaml = |hostnames: &str| {
@@ -742,8 +752,7 @@ async fn a_gateway_that_left_has_its_persisted_batches_sent_to_the_others() {
 async fn a_gateway_leaving_the_service_has_its_queue_sent_to_the_others() {
     let port = free_port();
     let (ca, ra) = gateway_at("127.0.0.1", port).await;
-    let hole = std::net::TcpListener::bind(("127.0.0.2", port)).unwrap();
-    let held = std::thread::spawn(move || hole.incoming().take(16).collect::<Vec<_>>());
+    let (_, held) = stuck_gateway(("127.0.0.2", port));
     let path = "/apis/discovery.k8s.io/v1/namespaces/genai/endpointslices";
     let both = slice("gw-a", &[("127.0.0.1", true), ("127.0.0.2", true)]);
     let (fake, api) = common::kube::start_fake(path, "EndpointSliceList", false, vec![both]).await;
