@@ -297,6 +297,11 @@ impl Telemetry {
         }
     }
 
+    /// Keeps only `these`: what was registered before a build or start that failed.
+    pub(crate) fn keep_only(&self, these: &[Arc<ComponentStats>]) {
+        self.retain(|s| these.iter().any(|t| std::ptr::eq(&**t, s)));
+    }
+
     /// Every registered component's stats.
     pub fn components(&self) -> Vec<Arc<ComponentStats>> {
         self.inner

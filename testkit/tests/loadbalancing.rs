@@ -92,12 +92,21 @@ fn balancer_of(yaml: &str) -> (Box<dyn genai_collector_core::Exporter>, Telemetr
     (LoadBalancingFactory.build(config, &ctx).unwrap(), telemetry)
 }
 
-/// The counters of the balancer's queue for the backend on `port`, while it has one.
+/// The counters of the balancer's queue for the backend on 127.0.0.1:`port`, while it has one.
 fn backend_counts(
     telemetry: &Telemetry,
     port: u16,
 ) -> Option<genai_collector_core::telemetry::Counts> {
-    let id = format!("loadbalancing/127.0.0.1:{port}");
+    backend_counts_at(telemetry, "127.0.0.1", port)
+}
+
+/// [`backend_counts`] for a backend on `host`.
+fn backend_counts_at(
+    telemetry: &Telemetry,
+    host: &str,
+    port: u16,
+) -> Option<genai_collector_core::telemetry::Counts> {
+    let id = format!("loadbalancing/{host}:{port}");
     let stats = telemetry.find(genai_collector_core::ComponentKind::Exporter, &id)?;
     Some(stats.snapshot())
 }
@@ -501,6 +510,32 @@ async fn routes_to(
     false
 }
 
+/// A balancer whose `resolver.k8s` watches the fake API server, which lists `slice` first;
+/// `settings` are its other keys (`protocol`, `failover`). The fake (for events), the
+/// balancer, its telemetry, and the directory of its kubeconfig (remove it at the end).
+async fn k8s_balancer(
+    name: &str,
+    port: u16,
+    slice: serde_json::Value,
+    settings: &str,
+) -> (
+    common::kube::Fake,
+    Box<dyn genai_collector_core::Exporter>,
+    Telemetry,
+    std::path::PathBuf,
+) {
+    let path = "/apis/discovery.k8s.io/v1/namespaces/genai/endpointslices";
+    let (fake, api) = common::kube::start_fake(path, "EndpointSliceList", false, vec![slice]).await;
+    let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = common::kube::kubeconfig(&dir, api);
+    let (lb, telemetry) = balancer_of(&format!(
+        "{settings}resolver: {{ k8s: {{ service: gateway-headless.genai, ports: [{port}], kubeconfig: \"{}\" }} }}\n",
+        kubeconfig.display()
+    ));
+    (fake, lb, telemetry, dir)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_backends_follow_the_gateway_services_endpointslices() {
     let port = free_port();
@@ -509,21 +544,13 @@ async fn the_backends_follow_the_gateway_services_endpointslices() {
         gateways.push(gateway_at(host, port).await);
     }
     let captures: Vec<&Capture> = gateways.iter().map(|g| &g.0).collect();
-    let path = "/apis/discovery.k8s.io/v1/namespaces/genai/endpointslices";
-    let (fake, api) = common::kube::start_fake(
-        path,
-        "EndpointSliceList",
-        false,
-        vec![slice("gw-a", &[("127.0.0.1", true), ("127.0.0.2", true)])],
+    let (fake, lb, _, dir) = k8s_balancer(
+        "lb-k8s",
+        port,
+        slice("gw-a", &[("127.0.0.1", true), ("127.0.0.2", true)]),
+        "protocol: { otlp: { compression: none } }\n",
     )
     .await;
-    let dir = std::env::temp_dir().join(format!("lb-k8s-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let kubeconfig = common::kube::kubeconfig(&dir, api);
-    let (lb, _) = balancer_of(&format!(
-        "protocol: {{ otlp: {{ compression: none }} }}\nresolver: {{ k8s: {{ service: gateway-headless.genai, ports: [{port}], kubeconfig: \"{}\" }} }}\n",
-        kubeconfig.display()
-    ));
     // The listed slice: its two ready addresses share the pools.
     assert!(
         routes_to(lb.as_ref(), &captures, &[0, 1]).await,
@@ -753,23 +780,16 @@ async fn a_gateway_leaving_the_service_has_its_queue_sent_to_the_others() {
     let port = free_port();
     let (ca, ra) = gateway_at("127.0.0.1", port).await;
     let (_, held) = stuck_gateway(("127.0.0.2", port));
-    let path = "/apis/discovery.k8s.io/v1/namespaces/genai/endpointslices";
-    let both = slice("gw-a", &[("127.0.0.1", true), ("127.0.0.2", true)]);
-    let (fake, api) = common::kube::start_fake(path, "EndpointSliceList", false, vec![both]).await;
-    let dir = std::env::temp_dir().join(format!("lb-leave-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let kubeconfig = common::kube::kubeconfig(&dir, api);
-    let (lb, telemetry) = balancer_of(&format!(
-        "protocol: {{ otlp: {{ compression: none, timeout: 500ms, retry_on_failure: {{ initial_interval: 100ms }} }} }}\nresolver: {{ k8s: {{ service: gateway-headless.genai, ports: [{port}], kubeconfig: \"{}\" }} }}\nfailover: {{ enabled: false }}\n",
-        kubeconfig.display()
-    ));
-    let leaver = format!("loadbalancing/127.0.0.2:{port}");
-    let counts = |id: &str| {
-        let stats = telemetry.find(genai_collector_core::ComponentKind::Exporter, id)?;
-        Some(stats.snapshot())
-    };
+    let (fake, lb, telemetry, dir) = k8s_balancer(
+        "lb-leave",
+        port,
+        slice("gw-a", &[("127.0.0.1", true), ("127.0.0.2", true)]),
+        "protocol: { otlp: { compression: none, timeout: 500ms, retry_on_failure: { initial_interval: 100ms } } }\nfailover: { enabled: false }\n",
+    )
+    .await;
+    let leaver = || backend_counts_at(&telemetry, "127.0.0.2", port);
     eventually(Duration::from_secs(10), "both backends", || {
-        counts(&leaver).map(|_| ())
+        leaver().map(|_| ())
     })
     .await;
     for _ in 0..3 {
@@ -777,7 +797,7 @@ async fn a_gateway_leaving_the_service_has_its_queue_sent_to_the_others() {
     }
     let stuck = eventually(Duration::from_secs(10), "a's pools at a", || {
         let n = pool_counts(&ca);
-        let c = counts(&leaver)?;
+        let c = leaver()?;
         (!n.is_empty() && n.values().all(|k| *k == 3) && c.accepted > 0).then_some(c)
     })
     .await;
@@ -793,7 +813,7 @@ async fn a_gateway_leaving_the_service_has_its_queue_sent_to_the_others() {
     )
     .await;
     eventually(Duration::from_secs(10), "the leaver's queue closed", || {
-        counts(&leaver).is_none().then_some(())
+        leaver().is_none().then_some(())
     })
     .await;
     assert_eq!(pool_counts(&ca), all, "pools sent more than three times");

@@ -47,7 +47,17 @@ pub(crate) struct RunningExporter {
     pub task: JoinHandle<()>,
 }
 
+impl RunningReceiver {
+    fn is(&self, id: &ComponentId, fingerprint: &str) -> bool {
+        &self.id == id && self.fingerprint == fingerprint
+    }
+}
+
 impl RunningExporter {
+    fn is(&self, id: &ComponentId, fingerprint: &str) -> bool {
+        &self.id == id && self.fingerprint == fingerprint
+    }
+
     /// Whether `stats` are this exporter's, or of a queue it keeps of its own
     /// (`QueuedExporter`, registered under its id and a `/`).
     pub fn owns(&self, stats: &ComponentStats) -> bool {
@@ -59,6 +69,12 @@ impl RunningExporter {
                     .strip_prefix(id.as_str())
                     .is_some_and(|rest| rest.starts_with('/')))
     }
+}
+
+/// The first of `list` that `is` picks, taken out.
+fn take<T>(list: &mut Vec<T>, is: impl Fn(&T) -> bool) -> Option<T> {
+    let i = list.iter().position(is)?;
+    Some(list.swap_remove(i))
 }
 
 /// Waits for a task to end; at once if it has (a handle must not be polled again).
@@ -107,9 +123,7 @@ impl Kept {
     }
 
     pub(crate) fn receiver(&self, id: &ComponentId, fingerprint: &str) -> Option<&RunningReceiver> {
-        self.receivers
-            .iter()
-            .find(|r| &r.id == id && r.fingerprint == fingerprint)
+        self.receivers.iter().find(|r| r.is(id, fingerprint))
     }
 
     pub(crate) fn take_receiver(
@@ -117,11 +131,7 @@ impl Kept {
         id: &ComponentId,
         fingerprint: &str,
     ) -> Option<RunningReceiver> {
-        let i = self
-            .receivers
-            .iter()
-            .position(|r| &r.id == id && r.fingerprint == fingerprint)?;
-        Some(self.receivers.swap_remove(i))
+        take(&mut self.receivers, |r| r.is(id, fingerprint))
     }
 
     pub(crate) fn pipeline(&self, fingerprint: &str) -> Option<&RunningPipeline> {
@@ -129,17 +139,11 @@ impl Kept {
     }
 
     pub(crate) fn take_pipeline(&mut self, fingerprint: &str) -> Option<RunningPipeline> {
-        let i = self
-            .pipelines
-            .iter()
-            .position(|p| p.fingerprint == fingerprint)?;
-        Some(self.pipelines.swap_remove(i))
+        take(&mut self.pipelines, |p| p.fingerprint == fingerprint)
     }
 
     pub(crate) fn exporter(&self, id: &ComponentId, fingerprint: &str) -> Option<&RunningExporter> {
-        self.exporters
-            .iter()
-            .find(|e| &e.id == id && e.fingerprint == fingerprint)
+        self.exporters.iter().find(|e| e.is(id, fingerprint))
     }
 
     pub(crate) fn take_exporter(
@@ -147,11 +151,7 @@ impl Kept {
         id: &ComponentId,
         fingerprint: &str,
     ) -> Option<RunningExporter> {
-        let i = self
-            .exporters
-            .iter()
-            .position(|e| &e.id == id && e.fingerprint == fingerprint)?;
-        Some(self.exporters.swap_remove(i))
+        take(&mut self.exporters, |e| e.is(id, fingerprint))
     }
 
     /// Stops every component still held, receivers first, exporters last, and takes them out

@@ -208,7 +208,7 @@ impl Service {
             }
             Err(e) => {
                 // What this build registered goes with it.
-                telemetry.retain(|s| before.iter().any(|b| std::ptr::eq(&**b, s)));
+                telemetry.keep_only(&before);
                 Err(e)
             }
         }
@@ -426,9 +426,7 @@ impl Service {
                 )
                 .await
                 .map_err(|source| {
-                    let before = &self.registered_before;
-                    self.telemetry
-                        .retain(|s| before.iter().any(|b| std::ptr::eq(&**b, s)));
+                    self.telemetry.keep_only(&self.registered_before);
                     StartError::Telemetry {
                         endpoint: endpoint.clone(),
                         source,
@@ -613,7 +611,7 @@ impl RunningService {
     /// unchanged (see [`Kept`]): kept receivers are paused (pulled data waits, pushes are
     /// refused as retryable) until the next service adopts them.
     pub fn stop_for(
-        self,
+        mut self,
         next: &Config,
     ) -> impl std::future::Future<Output = (RunSummary, Kept)> + Send + 'static {
         // Decided here, so that the drain holds no reference to `next`.
@@ -623,44 +621,44 @@ impl RunningService {
                 false => p.receivers.contains(id),
             })
         };
-        let receivers = self
-            .receivers
-            .iter()
-            .map(|r| {
+        let (receivers, rest) = std::mem::take(&mut self.receivers)
+            .into_iter()
+            .partition(|r| {
                 let same = next.receivers.get(&r.id);
                 same.is_some_and(|e| e.fingerprint == r.fingerprint) && listed(&r.id, false)
-            })
-            .collect();
-        let exporters = self
-            .exporters
-            .iter()
-            .map(|e| {
+            });
+        self.receivers = rest;
+        let (exporters, rest) = std::mem::take(&mut self.exporters)
+            .into_iter()
+            .partition(|e| {
                 let same = next.exporters.get(&e.id);
                 same.is_some_and(|(c, _)| c.fingerprint == e.fingerprint) && listed(&e.id, true)
-            })
-            .collect();
-        let pipelines = self
-            .pipelines
-            .iter()
-            .map(|p| {
+            });
+        self.exporters = rest;
+        let (pipelines, rest) = std::mem::take(&mut self.pipelines)
+            .into_iter()
+            .partition(|p| {
                 let same = next.service.pipelines.get(&p.name);
                 same.is_some_and(|c| pipeline_fingerprint(&p.name, c, next) == p.fingerprint)
-            })
-            .collect();
-        self.drain(Some(KeepPlan {
+            });
+        self.pipelines = rest;
+        let kept = Kept {
+            telemetry: Some(self.telemetry.clone()),
             receivers,
             pipelines,
             exporters,
-        }))
+        };
+        self.drain(Some(kept))
     }
 
-    async fn drain(mut self, plan: Option<KeepPlan>) -> (RunSummary, Kept) {
-        let reload = plan.is_some();
-        let plan = plan.unwrap_or_default();
-        let (kept_receivers, mut receivers) = split(&mut self.receivers, &plan.receivers);
-        let (kept_pipelines, mut pipelines) = split(&mut self.pipelines, &plan.pipelines);
-        let (kept_exporters, mut exporters) = split(&mut self.exporters, &plan.exporters);
-        for r in &kept_receivers {
+    /// Stops and drains what it runs; `kept` (a reload's) stays running and is handed back.
+    async fn drain(mut self, kept: Option<Kept>) -> (RunSummary, Kept) {
+        let reload = kept.is_some();
+        let kept = kept.unwrap_or_default();
+        let mut receivers = std::mem::take(&mut self.receivers);
+        let mut pipelines = std::mem::take(&mut self.pipelines);
+        let mut exporters = std::mem::take(&mut self.exporters);
+        for r in &kept.receivers {
             r.output.switch().set(None);
         }
         for r in &receivers {
@@ -700,17 +698,17 @@ impl RunningService {
             for t in tasks.chain(exporters.iter().map(|e| &e.task)) {
                 t.abort();
             }
-            let mut kept = 0;
+            let mut on_disk = 0;
             // Every stopped exporter's, the queues exporters keep of their own
             // (`QueuedExporter`) too.
             let stopped = self.telemetry.components().into_iter().filter(|c| {
-                c.kind == ComponentKind::Exporter && !kept_exporters.iter().any(|e| e.owns(c))
+                c.kind == ComponentKind::Exporter && !kept.exporters.iter().any(|e| e.owns(c))
             });
             for stats in stopped {
                 let queued = stats.queued.swap(0, Ordering::Relaxed);
                 if stats.persistent.load(Ordering::Relaxed) {
                     stats.persisted.fetch_add(queued, Ordering::Relaxed);
-                    kept += queued;
+                    on_disk += queued;
                 } else {
                     stats.failed.fetch_add(queued, Ordering::Relaxed);
                     lost_points += queued;
@@ -718,7 +716,7 @@ impl RunningService {
             }
             warn!(
                 lost_points,
-                kept_on_disk = kept,
+                kept_on_disk = on_disk,
                 timeout = ?self.shutdown_timeout,
                 "shutdown timeout reached before every exporter was flushed; queued points not in a persistent queue are lost"
             );
@@ -728,12 +726,6 @@ impl RunningService {
         if let Some(task) = self.http_task.take() {
             let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
         }
-        let kept = Kept {
-            telemetry: Some(self.telemetry.clone()),
-            receivers: kept_receivers,
-            pipelines: kept_pipelines,
-            exporters: kept_exporters,
-        };
         if reload {
             // The registry goes on with the next service: what stopped leaves it.
             self.telemetry.retain(|s| {
@@ -753,22 +745,6 @@ impl RunningService {
         };
         (summary, kept)
     }
-}
-
-/// Which of a running service's receivers, pipelines and exporters (in order) a reload keeps.
-#[derive(Default)]
-struct KeepPlan {
-    receivers: Vec<bool>,
-    pipelines: Vec<bool>,
-    exporters: Vec<bool>,
-}
-
-/// Takes `all` apart into those `keep` marks (missing: not kept) and the rest.
-fn split<T>(all: &mut Vec<T>, keep: &[bool]) -> (Vec<T>, Vec<T>) {
-    let mut marks = keep.iter().copied().chain(std::iter::repeat(false));
-    std::mem::take(all)
-        .into_iter()
-        .partition(|_| marks.next().unwrap_or(false))
 }
 
 /// Runs a component's task in its own tokio task so that a panic marks it failed instead of

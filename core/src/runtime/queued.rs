@@ -16,7 +16,7 @@ use crate::config::ExporterSettings;
 use crate::delivery::queue::{Cost, Reservation};
 use crate::id::ComponentKind;
 use crate::model::{approx_bytes, Batch};
-use crate::telemetry::{ComponentStats, Telemetry};
+use crate::telemetry::Telemetry;
 
 /// See the module doc. Its counters are an exporter's, under the id it was started with.
 pub struct QueuedExporter {
@@ -58,11 +58,6 @@ impl QueuedExporter {
             stopping,
             task: Mutex::new(Some(task)),
         })
-    }
-
-    /// Its counters.
-    pub fn stats(&self) -> &Arc<ComponentStats> {
-        &self.entry.stats
     }
 
     /// Waits for room for `batch`; `None` once stopped.
