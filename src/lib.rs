@@ -252,17 +252,13 @@ async fn run(cfg: config::Config, components: Components, mut reload: Reload) ->
     let mut kept = Kept::default();
     loop {
         let started = match Service::build_keeping(cfg, &components, &kept) {
-            Ok(service) => {
-                let telemetry = service.telemetry().clone();
-                service
-                    .start_with(&mut kept)
-                    .await
-                    .map(|r| (r, telemetry))
-                    .map_err(|e| format!("cannot start: {e}"))
-            }
+            Ok(service) => service
+                .start_with(&mut kept)
+                .await
+                .map_err(|e| format!("cannot start: {e}")),
             Err(e) => Err(format!("cannot build the pipelines: {e}")),
         };
-        let (running, telemetry) = match (started, previous.take()) {
+        let mut running = match (started, previous.take()) {
             (Ok(r), _) => r,
             (Err(e), Some(sources)) => {
                 tracing::error!("config reload: the new config {e}; going back to the last one");
@@ -284,6 +280,7 @@ async fn run(cfg: config::Config, components: Components, mut reload: Reload) ->
                 return ExitCode::FAILURE;
             }
         };
+        let telemetry = running.telemetry().clone();
         // Kept by the reload but not adopted (the last config came back instead): they stop.
         std::mem::take(&mut kept).stop().await;
         // The registry outlives a reload: a refusal shown before is cleared by this start.
@@ -291,7 +288,6 @@ async fn run(cfg: config::Config, components: Components, mut reload: Reload) ->
             Some(e) => telemetry.set_config_error(e),
             None => telemetry.clear_config_error(),
         }
-        let mut running = running;
         let mut next = None;
         let asked = running
             .wait(async {
