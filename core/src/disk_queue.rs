@@ -57,6 +57,29 @@ pub struct Stored {
     pub queued_at_ms: u64,
 }
 
+/// The directory, under the storage root, of the exporter `id` (`/` is not allowed in a name).
+fn dir_name(id: &str) -> String {
+    id.replace('/', "__")
+}
+
+/// The ids below `parent` (`parent/...`) whose directories are under `root`: queues an earlier
+/// run left for parts of an exporter that come and go (`loadbalancing`'s backends).
+pub fn ids_below(root: &Path, parent: &str) -> Vec<String> {
+    let prefix = dir_name(&format!("{parent}/"));
+    let Ok(entries) = fs::read_dir(root) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let rest = name.strip_prefix(&prefix)?;
+            Some(format!("{parent}/{}", rest.replace("__", "/")))
+        })
+        .collect()
+}
+
 impl DiskQueue {
     /// Opens (creating) the directory for `exporter` under `root`, removes what an interrupted
     /// write left, and returns the batches waiting there, oldest first.
@@ -66,7 +89,7 @@ impl DiskQueue {
         fsync: bool,
         limit: u64,
     ) -> io::Result<(Self, Vec<Stored>)> {
-        let dir = root.join(exporter.replace('/', "__"));
+        let dir = root.join(dir_name(exporter));
         private_dir(&dir)
             .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", dir.display())))?;
         // Two writers would take each other's sequence numbers and delete each other's files.
@@ -282,6 +305,29 @@ pub(crate) fn unix_ms(t: SystemTime) -> u64 {
 mod tests {
     use super::*;
     use crate::model::{kv, number_point, Metric, MetricExt};
+
+    #[test]
+    fn the_ids_below_an_exporter_come_back_from_their_directories() {
+        let root = std::env::temp_dir().join(format!("dq-below-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        for id in [
+            "lb/agent/10.0.0.1:4317",
+            "lb/agent/gw:4318/v1/metrics",
+            "lb/agent",
+            "lb/other/x:1",
+        ] {
+            let (q, _) = DiskQueue::open(&root, id, false, 1 << 30).unwrap();
+            drop(q);
+        }
+        fs::write(root.join("lb__agent__file"), b"not a queue").unwrap();
+        let mut ids = ids_below(&root, "lb/agent");
+        ids.sort();
+        assert_eq!(
+            ids,
+            ["lb/agent/10.0.0.1:4317", "lb/agent/gw:4318/v1/metrics"]
+        );
+        let _ = fs::remove_dir_all(&root);
+    }
 
     fn batch(v: f64, n: usize) -> Batch {
         let points = (0..n)

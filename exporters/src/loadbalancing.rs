@@ -439,19 +439,12 @@ impl Shared {
         let Some(root) = &self.settings.sending_queue.storage else {
             return Ok(());
         };
-        let Ok(entries) = std::fs::read_dir(root) else {
-            return Ok(());
-        };
-        let prefix = format!("{}__", self.ctx_id.to_string().replace('/', "__"));
-        for entry in entries.flatten() {
-            let name = entry.file_name();
-            let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(&prefix)) else {
+        let parent = self.ctx_id.to_string();
+        for id in QueuedExporter::left_below(root, &parent) {
+            let Some(rest) = id.strip_prefix(&parent).and_then(|r| r.strip_prefix('/')) else {
                 continue;
             };
-            if !entry.path().is_dir() {
-                continue;
-            }
-            let url = self.config.url(&rest.replace("__", "/"));
+            let url = self.config.url(rest);
             let member = self.member(&url)?;
             self.lock_members().insert(url, member);
         }

@@ -78,6 +78,12 @@ impl QueuedExporter {
         })
     }
 
+    /// The ids below `parent` (`parent/...`) whose persistent queues an earlier run left under
+    /// `root`, for an exporter to start them again (and send on what they hold).
+    pub fn left_below(root: &std::path::Path, parent: &str) -> Vec<String> {
+        crate::disk_queue::ids_below(root, parent)
+    }
+
     /// Takes nothing more and waits until what it holds is sent, given up on, or (in the
     /// persistent queue, when a send fails) kept on disk for the next start.
     pub async fn stop(&self) {
