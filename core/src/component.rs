@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
@@ -220,6 +221,24 @@ pub trait Processor: Send {
 pub trait Exporter: Send + Sync {
     /// Sends one batch; the error decides between a retry and a drop.
     async fn export(&self, batch: &Batch) -> Result<(), ExportError>;
+
+    /// The request `batch` becomes, for an exporter that sends bytes built from the batch
+    /// alone (OTLP). The runtime then builds it once, frees the batch at once, while it is
+    /// still in the cache of the core that built it, and sends the same bytes on every
+    /// attempt with [`Exporter::export_encoded`]. `None`, the default: every attempt is
+    /// [`Exporter::export`].
+    fn encode(&self, batch: &Batch) -> Option<Bytes> {
+        let _ = batch;
+        None
+    }
+
+    /// Sends a request [`Exporter::encode`] built.
+    async fn export_encoded(&self, request: Bytes) -> Result<(), ExportError> {
+        let _ = request;
+        Err(ExportError::Permanent(
+            "this exporter sends batches, not encoded requests".into(),
+        ))
+    }
 
     /// Flushes anything buffered; called once after the last batch.
     async fn shutdown(&self) -> Result<(), ExportError> {

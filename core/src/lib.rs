@@ -29,6 +29,7 @@ pub mod telemetry;
 pub mod tls;
 
 pub use async_trait::async_trait;
+pub use bytes::Bytes;
 pub use component::{
     BuildContext, ComponentConfig, ComponentError, ExportError, Exporter, ExporterFactory,
     NoConfig, Processor, ProcessorFactory, Receiver, ReceiverContext, ReceiverFactory,

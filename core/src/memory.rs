@@ -126,6 +126,19 @@ pub struct Reserved {
     bytes: u64,
 }
 
+impl Reserved {
+    /// Holds `bytes` instead, once they are known (the request decoded).
+    pub fn resize(&mut self, bytes: u64) {
+        let reserved = &self.limiter.reserved;
+        if bytes > self.bytes {
+            reserved.fetch_add(bytes - self.bytes, Ordering::Relaxed);
+        } else {
+            reserved.fetch_sub(self.bytes - bytes, Ordering::Relaxed);
+        }
+        self.bytes = bytes;
+    }
+}
+
 impl Drop for Reserved {
     fn drop(&mut self) {
         self.limiter

@@ -9,7 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 mod encode;
 mod size;
-pub use size::{approx_bytes, decoded_size, DecodedSize, WireError};
+pub use size::{approx_bytes, decoded_size, worst_case_size, DecodedSize, WireError};
 
 pub use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 pub use opentelemetry_proto::tonic::common::v1::{

@@ -6,8 +6,8 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use genai_collector_core::model::{
-    approx_bytes, decoded_size, kv, metric, number_point, Batch, ExportMetricsServiceRequest,
-    Histogram, HistogramDataPoint, Metric, MetricExt,
+    approx_bytes, decoded_size, kv, metric, number_point, worst_case_size, Batch,
+    ExportMetricsServiceRequest, Histogram, HistogramDataPoint, Metric, MetricExt,
 };
 use prost::Message;
 
@@ -86,7 +86,13 @@ fn cases() -> Vec<(&'static str, Batch)> {
             vec![],
         );
     }
+    // Every vector holds one element, at the capacity of four: the most per wire byte.
+    let mut singles = Batch::new();
+    for _ in 0..2_000 {
+        singles.push_resource(vec![], vec![histogram(vec![Default::default()])]);
+    }
     vec![
+        ("one element per vector", singles),
         (
             "empty histogram points",
             Batch::with_resource(vec![], vec![empty_hist]),
@@ -132,6 +138,16 @@ fn decoded_size_is_an_upper_bound_of_what_decoding_allocates() {
             forecast.bytes <= 3 * measured + wire.len() as u64,
             "{name}: forecast {} too far above {measured}",
             forecast.bytes
+        );
+        let worst = worst_case_size(wire.len());
+        assert!(
+            forecast.bytes <= worst && measured <= worst,
+            "{name}: the worst case {worst} under the forecast {} or the {measured} allocated",
+            forecast.bytes
+        );
+        println!(
+            "  worst case for its size: {:.1}x the forecast",
+            worst as f64 / forecast.bytes as f64
         );
         let held = approx_bytes(&decoded);
         assert!(

@@ -16,8 +16,8 @@ use genai_collector_core::model::GRPC_EXPORT_PATH;
 use genai_collector_core::retry_info;
 use genai_collector_core::tls::TlsClientConfig;
 use genai_collector_core::{
-    async_trait, Batch, BuildContext, ComponentConfig, ComponentError, ExportError, Exporter,
-    ExporterFactory, ValidationError,
+    async_trait, Batch, BuildContext, Bytes, ComponentConfig, ComponentError, ExportError,
+    Exporter, ExporterFactory, ValidationError,
 };
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceResponse;
 use serde::Deserialize;
@@ -265,20 +265,42 @@ fn grpc_error(status: tonic::Status) -> ExportError {
     }
 }
 
-#[async_trait]
-impl Exporter for OtlpExporter {
-    async fn export(&self, batch: &Batch) -> Result<(), ExportError> {
-        self.send_encoded(batch.encode_request()).await
+impl OtlpExporter {
+    /// The body every attempt sends: the encoded request, gzip-compressed for HTTP when
+    /// configured (gRPC compresses in its own framing).
+    fn request(&self, batch: &Batch) -> Result<Bytes, ExportError> {
+        let body = batch.encode_request();
+        if !self.gzip || matches!(self.sender, Sender::Grpc { .. }) {
+            return Ok(body.into());
+        }
+        let mut enc = flate2::write::GzEncoder::new(
+            Vec::with_capacity(body.len() / 4),
+            flate2::Compression::fast(),
+        );
+        enc.write_all(&body)
+            .and_then(|()| enc.finish())
+            .map(Bytes::from)
+            .map_err(|e| ExportError::Permanent(e.to_string()))
     }
 }
 
-impl OtlpExporter {
-    async fn send_encoded(&self, body: Vec<u8>) -> Result<(), ExportError> {
+#[async_trait]
+impl Exporter for OtlpExporter {
+    async fn export(&self, batch: &Batch) -> Result<(), ExportError> {
+        self.export_encoded(self.request(batch)?).await
+    }
+
+    fn encode(&self, batch: &Batch) -> Option<Bytes> {
+        // A compression failure (out of memory) is left to `export`, which reports it.
+        self.request(batch).ok()
+    }
+
+    async fn export_encoded(&self, body: Bytes) -> Result<(), ExportError> {
         match &self.sender {
             Sender::Grpc { client, metadata } => {
                 // A clone shares the channel; each request in flight needs its own handle.
                 let mut client = client.clone();
-                let mut request = tonic::Request::new(body.into());
+                let mut request = tonic::Request::new(body);
                 *request.metadata_mut() = metadata.clone();
                 client.ready().await.map_err(|e| {
                     ExportError::retryable(format!("cannot connect: {}", error_chain(&e)))
@@ -291,20 +313,10 @@ impl OtlpExporter {
                     .map_err(grpc_error)
             }
             Sender::Http { client, url } => {
-                let mut body = body;
                 let mut request = client
                     .post(url.clone())
                     .header(reqwest::header::CONTENT_TYPE, "application/x-protobuf");
                 if self.gzip {
-                    let mut enc = flate2::write::GzEncoder::new(
-                        Vec::with_capacity(body.len() / 4),
-                        flate2::Compression::fast(),
-                    );
-                    enc.write_all(&body)
-                        .map_err(|e| ExportError::Permanent(e.to_string()))?;
-                    body = enc
-                        .finish()
-                        .map_err(|e| ExportError::Permanent(e.to_string()))?;
                     request = request.header(reqwest::header::CONTENT_ENCODING, "gzip");
                 }
                 let response = request

@@ -570,29 +570,63 @@ fn same_kind(a: &Metric, b: &Metric) -> bool {
     }
 }
 
+/// One series: the same attributes, in any order.
+fn same_attrs(x: &[KeyValue], y: &[KeyValue]) -> bool {
+    x.len() == y.len()
+        && x.iter()
+            .all(|kv| y.iter().any(|o| o.key == kv.key && o.value == kv.value))
+}
+
+/// A hash equal for attribute sets `same_attrs` calls the same (keys and string values;
+/// other values are left to the comparison).
+fn attrs_hash(state: &impl std::hash::BuildHasher, attrs: &[KeyValue]) -> u64 {
+    attrs.iter().fold(0u64, |sum, kv| {
+        let text = match kv.value.as_ref().and_then(|v| v.value.as_ref()) {
+            Some(any_value::Value::StringValue(s)) => s.as_str(),
+            _ => "",
+        };
+        sum.wrapping_add(state.hash_one((&kv.key, text)))
+    })
+}
+
 /// Adds `from`'s points to `into`'s. A point whose attributes `into` already has is one
 /// series reported twice: the earlier rule's point stays (`into_first`: `into`'s).
 fn merge_points(into: &mut Metric, from: Metric, into_first: bool) {
     fn merge<P>(a: &mut Vec<P>, b: Vec<P>, attrs: fn(&P) -> &[KeyValue], a_first: bool) {
-        let key = |p: &P| {
-            let mut kv: Vec<String> = attrs(p)
-                .iter()
-                .map(|kv| format!("{}\u{1}{:?}", kv.key, kv.value))
-                .collect();
-            kv.sort_unstable();
-            kv.join("\u{2}")
+        let put = |a: &mut Vec<P>, at: Option<usize>, p: P| match at {
+            Some(_) if a_first => {}
+            Some(i) => a[i] = p,
+            None => a.push(p),
         };
-        let mut have: HashMap<String, usize> =
-            a.iter().enumerate().map(|(i, p)| (key(p), i)).collect();
-        for p in b {
-            match have.get(&key(&p)) {
-                Some(_) if a_first => {}
-                Some(&i) => a[i] = p,
-                None => {
-                    have.insert(key(&p), a.len());
-                    a.push(p);
-                }
+        if a.len().saturating_mul(b.len()) <= 256 {
+            // A page's few models: a scan beats hashing.
+            for p in b {
+                let at = a.iter().position(|q| same_attrs(attrs(q), attrs(&p)));
+                put(a, at, p);
             }
+            return;
+        }
+        let state = std::hash::RandomState::new();
+        let hash = |p: &P| attrs_hash(&state, attrs(p));
+        // Attribute hash → the last point with it; `earlier[i]` chains to the one before.
+        let mut last: HashMap<u64, usize> = HashMap::with_capacity(a.len() + b.len());
+        let mut earlier: Vec<Option<usize>> = Vec::with_capacity(a.len() + b.len());
+        for (i, q) in a.iter().enumerate() {
+            earlier.push(last.insert(hash(q), i));
+        }
+        for p in b {
+            let h = hash(&p);
+            let mut at = last.get(&h).copied();
+            while let Some(i) = at {
+                if same_attrs(attrs(&a[i]), attrs(&p)) {
+                    break;
+                }
+                at = earlier[i];
+            }
+            if at.is_none() {
+                earlier.push(last.insert(h, a.len()));
+            }
+            put(a, at, p);
         }
     }
     match (&mut into.data, from.data) {
@@ -758,6 +792,39 @@ mod tests {
                 values.contains(&(Some("other"), 75.0)),
                 "the old name still serves where it is alone: {values:?}"
             );
+        }
+    }
+
+    #[test]
+    fn many_series_under_an_old_and_a_new_name_count_once() {
+        // 40 × 50 points: past the scan, through the hashed merge; attribute order differs.
+        let attrs = |m: usize, reversed: bool| {
+            let mut a = vec![kv("model_name", format!("m{m}")), kv("engine", "0")];
+            if reversed {
+                a.reverse();
+            }
+            a
+        };
+        let current = (0..40).map(|m| number_point(1, 0.5, attrs(m, false)));
+        let old = (0..50).map(|m| number_point(1, 0.25, attrs(m, true)));
+        let mut batch = Batch::with_resource(
+            vec![kv("gen_ai.provider.name", "vllm")],
+            vec![
+                Metric::gauge("vllm:gpu_cache_usage_perc", "", old.collect()),
+                Metric::gauge("vllm:kv_cache_usage_perc", "", current.collect()),
+            ],
+        );
+        normalize(NormalizeConfig::default()).process(&mut batch);
+        let usage = find(&batch, "gen_ai.server.kv_cache.usage");
+        let Some(metric::Data::Gauge(g)) = &usage.data else {
+            panic!("gauge")
+        };
+        assert_eq!(g.data_points.len(), 50, "one point per model");
+        for p in &g.data_points {
+            let model = p.attributes.get_str("gen_ai.request.model").unwrap();
+            let n: usize = model[1..].parse().unwrap();
+            let want = if n < 40 { 50.0 } else { 25.0 };
+            assert_eq!(number_value(p), Some(want), "{model}");
         }
     }
 

@@ -22,7 +22,9 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
-use genai_collector_core::model::{approx_bytes, decoded_size, Batch, GRPC_EXPORT_PATH};
+use genai_collector_core::model::{
+    approx_bytes, decoded_size, worst_case_size, Batch, WireError, GRPC_EXPORT_PATH,
+};
 use genai_collector_core::retry_info;
 use genai_collector_core::tls::{self, TlsServerConfig};
 use genai_collector_core::{
@@ -217,17 +219,30 @@ enum Refusal {
 async fn take(output: &Output, body: Body<'_>) -> Result<ExportMetricsServiceResponse, Refusal> {
     let (batch, _reserved) = match body {
         Body::Protobuf(bytes) => {
-            let size = decoded_size(bytes).map_err(|e| Refusal::Malformed(e.to_string()))?;
+            let malformed = |e: WireError| Refusal::Malformed(e.to_string());
             let refuse = |e: SendError| {
-                output.refused(size.points as usize, e);
+                let points = decoded_size(bytes).map_or(0, |s| s.points);
+                output.refused(points as usize, e);
                 Refusal::Send(e)
             };
-            // A request that could never fit is told so before it is told to retry.
-            let reserved = output.reserve_memory(size.bytes).map_err(refuse)?;
+            // Where the worst a request of this size can decode to fits, the exact forecast
+            // (a walk over every field) is spared; near the limit it decides. A request that
+            // could never fit is told so before it is told to retry.
+            let mut reserved = match output.reserve_memory(worst_case_size(bytes.len())) {
+                Ok(reserved) => reserved,
+                Err(_) => {
+                    let size = decoded_size(bytes).map_err(malformed)?;
+                    output.reserve_memory(size.bytes).map_err(refuse)?
+                }
+            };
             output.ready().map_err(refuse)?;
             let request = ExportMetricsServiceRequest::decode(bytes)
                 .map_err(|e| Refusal::Malformed(e.to_string()))?;
-            (Batch::from_request(request), reserved)
+            let batch = Batch::from_request(request);
+            if let Some(r) = &mut reserved {
+                r.resize(approx_bytes(&batch));
+            }
+            (batch, reserved)
         }
         Body::Json(bytes) => {
             output.ready().map_err(Refusal::Send)?;

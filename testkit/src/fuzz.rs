@@ -7,7 +7,9 @@ use std::sync::OnceLock;
 
 use genai_collector::Builtin as _;
 use genai_collector_core::config::{self, Source};
-use genai_collector_core::model::{decoded_size, Batch, ExportMetricsServiceRequest};
+use genai_collector_core::model::{
+    decoded_size, worst_case_size, Batch, ExportMetricsServiceRequest,
+};
 use genai_collector_core::{BuildContext, ComponentId, Components, Processor, ProcessorFactory};
 use genai_collector_exporters::prometheus::render_batch;
 use genai_collector_processors::{
@@ -162,6 +164,10 @@ pub fn otlp_pipeline(data: &[u8]) {
         };
         // What prost decodes, the forecast must have sized, with the same points.
         let forecast = forecast.expect("a request prost decodes is sized");
+        assert!(
+            forecast.bytes <= worst_case_size(data.len()),
+            "the forecast above the worst case for the request's size"
+        );
         let points = Batch::from_request(request.clone()).point_count() as u64;
         assert_eq!(forecast.points, points, "forecast points");
         request

@@ -37,6 +37,14 @@ pub(crate) enum Payload {
     Memory(Arc<Batch>),
     /// Left on disk by a previous run; read when a consumer takes it.
     Disk(Stored),
+    /// Taken by the consumer delivering it.
+    Taken,
+}
+
+impl Payload {
+    pub fn take(&mut self) -> Self {
+        std::mem::replace(self, Self::Taken)
+    }
 }
 
 /// A batch in an exporter's queue.

@@ -122,6 +122,42 @@ pub struct DecodedSize {
     pub points: u64,
 }
 
+/// The most any request of `wire_len` bytes can decode to, by [`decoded_size`]'s count,
+/// known without reading it. An element of a repeated field takes at least 2 bytes on the
+/// wire (a packed number 1 byte for 8) and its vector at most 4 times its size per element;
+/// strings at most 8 bytes for 3; the largest vector's last growth adds at most half.
+pub fn worst_case_size(wire_len: usize) -> u64 {
+    const LARGEST: usize = max(&[
+        size_of::<ResourceMetrics>(),
+        size_of::<ScopeMetrics>(),
+        size_of::<Metric>(),
+        size_of::<NumberDataPoint>(),
+        size_of::<HistogramDataPoint>(),
+        size_of::<ExponentialHistogramDataPoint>(),
+        size_of::<SummaryDataPoint>(),
+        size_of::<ValueAtQuantile>(),
+        size_of::<Exemplar>(),
+        size_of::<KeyValue>(),
+        size_of::<AnyValue>(),
+        // An entity ref: its struct and the 64 bytes counted beyond its wire bytes.
+        size_of::<opentelemetry_proto::tonic::common::v1::EntityRef>() + 64,
+        32,
+    ]);
+    const fn max(sizes: &[usize]) -> usize {
+        let (mut i, mut m) = (0, 0);
+        while i < sizes.len() {
+            if sizes[i] > m {
+                m = sizes[i];
+            }
+            i += 1;
+        }
+        m
+    }
+    // Per wire byte: the request itself, 2 × the largest element (4 × its size for 2 bytes),
+    // and half of that again for growth.
+    wire_len as u64 * (1 + 3 * LARGEST as u64)
+}
+
 /// What decoding the OTLP `ExportMetricsServiceRequest` in `request` would take: heap bytes
 /// (an upper bound: vectors are counted at the capacity their growth reaches, plus the
 /// request itself) and data points. Reads the wire format without allocating.

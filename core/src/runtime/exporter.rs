@@ -16,6 +16,7 @@ use crate::delivery::queue::{Item, Payload, SendQueue};
 use crate::disk_queue::{DiskQueue, Stored};
 use crate::model::Batch;
 use crate::telemetry::{ComponentStats, State};
+use crate::Bytes;
 
 pub(crate) struct ExporterTask {
     pub exporter: Box<dyn Exporter>,
@@ -80,17 +81,19 @@ pub(crate) async fn run_exporter(task: ExporterTask) -> Result<(), ComponentErro
 }
 
 async fn consume(w: Arc<Worker>) {
-    while let Some(item) = w.queue.pop().await {
+    while let Some(mut item) = w.queue.pop().await {
         w.stats
             .queue_oldest_ms
             .store(item.queued_at_ms.max(1), Ordering::Relaxed);
-        let batch = match (&item.payload, &w.disk) {
-            (Payload::Memory(b), _) => Ok(b.clone()),
+        let batch = match (item.payload.take(), &w.disk) {
+            (Payload::Memory(b), _) => Ok(b),
             (Payload::Disk(stored), Some(disk)) => {
-                let (disk, stored) = (disk.clone(), stored.clone());
+                let disk = disk.clone();
                 blocking(move || disk.read(&stored)).await.map(Arc::new)
             }
-            (Payload::Disk(_), None) => Err(std::io::ErrorKind::NotFound.into()),
+            (Payload::Disk(_), None) | (Payload::Taken, _) => {
+                Err(std::io::ErrorKind::NotFound.into())
+            }
         };
         let mut keep_file = false;
         match batch {
@@ -123,15 +126,18 @@ impl Worker {
         // A batch on disk waits for no retry once shutdown begins: the next start sends it.
         let stopping = on_disk.then_some(&self.stopping);
         if max == 0 || points <= max {
-            let outcome = deliver(exporter, &batch, points, settings, stats, stopping).await;
+            let request = Request::new(exporter, batch);
+            let outcome = deliver(exporter, &request, points, settings, stats, stopping).await;
             return outcome == Outcome::Kept;
         }
         let owned = Arc::try_unwrap(batch).unwrap_or_else(|shared| (*shared).clone());
         let mut keep = false;
         for part in owned.split(max) {
             let n = part.point_count();
+            let request = Request::new(exporter, Arc::new(part));
             // Parts already sent would be sent again with the file: at-least-once.
-            keep |= deliver(exporter, &part, n, settings, stats, stopping).await == Outcome::Kept;
+            keep |=
+                deliver(exporter, &request, n, settings, stats, stopping).await == Outcome::Kept;
         }
         keep
     }
@@ -158,6 +164,30 @@ impl Worker {
     }
 }
 
+/// What every attempt sends: the batch, or the request the exporter built from it once.
+enum Request {
+    Batch(Arc<Batch>),
+    Encoded(Bytes),
+}
+
+impl Request {
+    /// Lets the exporter encode `batch`, which is then freed here (unless another exporter
+    /// shares it): on the core whose cache still holds it, and before the wait for the answer.
+    fn new(exporter: &dyn Exporter, batch: Arc<Batch>) -> Self {
+        match exporter.encode(&batch) {
+            Some(bytes) => Self::Encoded(bytes),
+            None => Self::Batch(batch),
+        }
+    }
+
+    async fn send(&self, exporter: &dyn Exporter) -> Result<(), ExportError> {
+        match self {
+            Self::Batch(batch) => exporter.export(batch).await,
+            Self::Encoded(bytes) => exporter.export_encoded(bytes.clone()).await,
+        }
+    }
+}
+
 /// How an export ended.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Outcome {
@@ -173,7 +203,7 @@ enum Outcome {
 /// the next start instead, at once when shutdown begins.
 async fn deliver(
     exporter: &dyn Exporter,
-    batch: &Batch,
+    request: &Request,
     points: usize,
     settings: &ExporterSettings,
     stats: &ComponentStats,
@@ -183,7 +213,7 @@ async fn deliver(
     let started = Instant::now();
     let mut backoff = settings.retry_on_failure.initial_interval;
     loop {
-        let result = match tokio::time::timeout(settings.timeout, exporter.export(batch)).await {
+        let result = match tokio::time::timeout(settings.timeout, request.send(exporter)).await {
             Ok(r) => r,
             Err(_) => Err(ExportError::retryable(format!(
                 "export timed out after {:?}",
