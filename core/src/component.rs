@@ -194,6 +194,15 @@ pub trait Processor: Send {
     fn flush(&mut self) -> Option<Batch> {
         None
     }
+
+    /// Whether [`Processor::flush`] may also run as soon as no more input is waiting while a
+    /// pushing client waits for an answer on what the processor holds. Right for a processor
+    /// that only gathers (`batch`): a client that sends its next request only once answered
+    /// would otherwise wait out the timer on every request. Wrong for one whose flush emits
+    /// what an interval gathered (`pool_aggregate`): the default.
+    fn flush_when_idle(&self) -> bool {
+        false
+    }
 }
 
 /// Sends batches to a backend. The runtime owns queueing, retries and timeouts, and calls

@@ -91,6 +91,10 @@ impl Processor for Batcher {
         Some(self.config.timeout)
     }
 
+    fn flush_when_idle(&self) -> bool {
+        true
+    }
+
     fn flush(&mut self) -> Option<Batch> {
         self.points = 0;
         let held = std::mem::take(&mut self.held);

@@ -10,7 +10,7 @@ use genai_collector_core::model::{
 };
 use genai_collector_core::{
     async_trait, Batch, BuildContext, ComponentConfig, ComponentError, Components, ExportError,
-    Exporter, ExporterFactory, NoConfig, Processor, ProcessorFactory, Receiver, ReceiverContext,
+    Exporter, ExporterFactory, Processor, ProcessorFactory, Receiver, ReceiverContext,
     ReceiverFactory,
 };
 use serde::Deserialize;
@@ -154,23 +154,41 @@ fn write_report(c: &GeneratorConfig, sent: u64) -> std::io::Result<()> {
 
 pub struct NoopFactory;
 
+/// `noop`: passes batches through, after `sleep` (a slow processor, for tests of what queues
+/// up before it).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NoopConfig {
+    #[serde(with = "duration::option")]
+    pub sleep: Option<Duration>,
+}
+
+impl ComponentConfig for NoopConfig {}
+
 impl ProcessorFactory for NoopFactory {
-    type Config = NoConfig;
+    type Config = NoopConfig;
     fn kind(&self) -> &'static str {
         "noop"
     }
     fn description(&self) -> &'static str {
-        "test: passes batches through untouched"
+        "test: passes batches through untouched, optionally after a sleep"
     }
-    fn build(&self, _: &NoConfig, _: &BuildContext) -> Result<Box<dyn Processor>, ComponentError> {
-        Ok(Box::new(Noop))
+    fn build(
+        &self,
+        config: &NoopConfig,
+        _: &BuildContext,
+    ) -> Result<Box<dyn Processor>, ComponentError> {
+        Ok(Box::new(Noop(config.sleep)))
     }
 }
 
-struct Noop;
+struct Noop(Option<Duration>);
 
 impl Processor for Noop {
     fn process(&mut self, batch: &mut Batch) {
+        if let Some(d) = self.0 {
+            std::thread::sleep(d);
+        }
         std::hint::black_box(batch);
     }
 }

@@ -150,12 +150,14 @@ service:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn data_held_by_the_batch_processor_is_acknowledged_when_it_is_queued() {
     let capture = Capture::new();
+    // One client that sends its next request once answered: the processor has nothing more
+    // to gather, so it lets each request go at once instead of waiting out its hour.
     let svc = service(
         r#"
 receivers:
   generator: { batches: 3, points: 10, push: true }
 processors:
-  batch: { send_batch_size: 1000, timeout: 300ms }
+  batch: { send_batch_size: 1000, timeout: 1h }
 exporters:
   capture: {}
 service:
@@ -169,19 +171,61 @@ service:
     let running = svc.start().await.unwrap();
     let recv = stat(&telemetry, ComponentKind::Receiver, "generator");
     let exp = stat(&telemetry, ComponentKind::Exporter, "capture");
-    tokio::time::sleep(Duration::from_millis(150)).await;
-    assert_eq!(
-        recv.snapshot().accepted,
-        0,
-        "held by the batch processor: the first push is not answered yet"
-    );
-    genai_collector_testkit::eventually(Duration::from_secs(10), "the push answered", || {
+    genai_collector_testkit::eventually(Duration::from_secs(10), "the pushes answered", || {
         (recv.snapshot().accepted == 30).then_some(())
     })
     .await;
     assert_eq!(exp.snapshot().accepted, 30, "answered once queued");
     running.run_until(async {}).await;
     assert_eq!(capture.point_count(), 30);
+    assert_eq!(
+        capture.batches().len(),
+        3,
+        "nothing arrived together to gather"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushes_that_arrive_together_are_gathered_into_one_batch() {
+    let capture = Capture::new();
+    // Four clients, each waiting for its answer, behind a slow processor: while it works on
+    // one request the others arrive, and `batch` sends them together.
+    let svc = service(
+        r#"
+receivers:
+  generator/a: { batches: 10, points: 10, push: true }
+  generator/b: { batches: 10, points: 10, push: true }
+  generator/c: { batches: 10, points: 10, push: true }
+  generator/d: { batches: 10, points: 10, push: true }
+processors:
+  noop: { sleep: 20ms }
+  batch: { send_batch_size: 1000, timeout: 1h }
+exporters:
+  capture: {}
+service:
+  telemetry: { endpoint: null }
+  pipelines:
+    metrics:
+      receivers: [generator/a, generator/b, generator/c, generator/d]
+      processors: [noop, batch]
+      exporters: [capture]
+"#,
+        &capture,
+    );
+    let telemetry = svc.telemetry().clone();
+    let running = svc.start().await.unwrap();
+    let exp = stat(&telemetry, ComponentKind::Exporter, "capture");
+    genai_collector_testkit::eventually(Duration::from_secs(20), "every push answered", || {
+        (exp.snapshot().accepted == 400).then_some(())
+    })
+    .await;
+    running.run_until(async {}).await;
+    assert_eq!(capture.point_count(), 400);
+    let batches = capture.batches().len();
+    assert!(
+        batches <= 20,
+        "40 pushes went out as {batches} batches: not gathered"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

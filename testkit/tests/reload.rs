@@ -366,7 +366,7 @@ fn unix_nanos() -> u64 {
 }
 
 /// The runtime's side of a reload, in process: a receiver added to a pipeline keeps that
-/// pipeline (its `batch` processor and what it holds) and its exporter running, the same
+/// pipeline (its `batch` processor) and its exporter running, the same
 /// instances; a processor's config changed starts the pipeline over but keeps the exporter;
 /// a removed receiver stops and frees its port. Every point pushed arrives.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -424,8 +424,8 @@ async fn unchanged_pipelines_and_exporters_run_on_through_a_reload() {
     let batch = find(&telemetry, ComponentKind::Processor, "batch");
     let exporter = find(&telemetry, ComponentKind::Exporter, "capture");
 
-    // otlp/b joins the pipeline: nothing else changed, so the pipeline runs on, holding the
-    // batch it has not flushed yet, and so does the exporter.
+    // otlp/b joins the pipeline: nothing else changed, so the pipeline runs on, its `batch`
+    // processor the same instance, and so does the exporter.
     let next = load(yaml("otlp/a, otlp/b", "1s"));
     let (summary, mut kept) = running.stop_for(&next).await;
     assert!(summary.drained);

@@ -2,7 +2,9 @@
 //!
 //! Pushed batches carry an acknowledgement. A processor that holds data for a later flush
 //! (`batch`) keeps the acknowledgements with it, so the client hears back once its points are
-//! queued for export, not when they were merely buffered. At the fan-out a pushed batch goes
+//! queued for export, not when they were merely buffered; a processor that only gathers
+//! ([`Processor::flush_when_idle`]) is flushed as soon as the input is empty while it holds
+//! such a client's answer. At the fan-out a pushed batch goes
 //! into every exporter's queue or into none (the client is told to retry); scraped data goes
 //! into each queue that has room, and a full queue drops it for that exporter alone.
 
@@ -92,6 +94,17 @@ pub(crate) async fn run_pipeline(mut task: PipelineTask) {
                 task.process_from(0, e.batch, acks).await;
             }
             None => break,
+        }
+        if task.rx.is_empty() {
+            // Nothing more to gather now, and waiting clients send nothing until answered.
+            let now = Instant::now();
+            for (i, next) in next_flush.iter_mut().enumerate() {
+                let processor = &task.processors[i].0;
+                if !task.held[i].is_empty() && processor.flush_when_idle() {
+                    *next = processor.flush_interval().map(|d| now + d);
+                    task.flush(i).await;
+                }
+            }
         }
     }
     for i in 0..task.processors.len() {

@@ -51,6 +51,9 @@ struct Args {
     /// Number points only: no TTFT and latency histograms (which cost several times more each).
     #[arg(long)]
     no_histograms: bool,
+    /// Add the `batch` processor to the collector's pipeline (Rotel batches by default).
+    #[arg(long)]
+    batch: bool,
     /// The exporters' compression: none or gzip (for both).
     #[arg(long, default_value = "none")]
     compression: String,
@@ -361,10 +364,11 @@ async fn finish(mut run: Run, drain: Duration) -> (u64, u64, u64, f64) {
 fn collector_config(args: &Args, in_port: u16, sink_port: u16, memory: &str) -> String {
     format!(
         "receivers:\n  otlp:\n    protocols:\n      grpc: {{ endpoint: \"127.0.0.1:{in_port}\" }}\n\
-         processors:\n  genai_normalize:\n\
+         processors:\n  genai_normalize:\n  batch:\n\
          exporters:\n  otlp:\n    endpoint: \"http://127.0.0.1:{sink_port}\"\n    compression: {}\n\
-         service:\n  telemetry: {{ endpoint: null }}\n{memory}  pipelines:\n    metrics: {{ receivers: [otlp], processors: [genai_normalize], exporters: [otlp] }}\n",
-        args.compression
+         service:\n  telemetry: {{ endpoint: null }}\n{memory}  pipelines:\n    metrics: {{ receivers: [otlp], processors: [{}], exporters: [otlp] }}\n",
+        args.compression,
+        if args.batch { "genai_normalize, batch" } else { "genai_normalize" }
     )
 }
 
@@ -375,11 +379,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     std::fs::create_dir_all(&dir)?;
     let per_request = request(args.servers, !args.no_histograms).point_count();
     println!(
-        "load-otlp: {per_request} points per request ({} servers{}), {} clients, exporters' compression {}",
+        "load-otlp: {per_request} points per request ({} servers{}), {} clients, exporters' compression {}, pipeline genai_normalize{}",
         args.servers,
         if args.no_histograms { ", no histograms" } else { "" },
         args.clients,
-        args.compression
+        args.compression,
+        if args.batch { " + batch" } else { "" }
     );
     if let Some(hang) = args.fault_hang_seconds {
         return fault_run(&args, &dir, hang).await;
