@@ -151,10 +151,11 @@ pub fn run_with(components: Components) -> ExitCode {
                 watch: cli.watch_config,
                 running: sources,
             };
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            if let Some(n) = cfg.service.worker_threads {
+                builder.worker_threads(n);
+            }
+            let runtime = match builder.enable_all().build() {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("error: cannot start the async runtime: {e}");
@@ -244,6 +245,7 @@ async fn run(cfg: config::Config, components: Components, mut reload: Reload) ->
     // Registered once, before anything runs: an unhandled SIGHUP would end the process.
     let mut hangup = hangup_signal();
     let mut cfg = cfg;
+    let worker_threads = cfg.service.worker_threads;
     // The config that ran before a reload, to go back to if the new one cannot start (a port
     // taken), and why it could not.
     let mut previous: Option<Vec<Source>> = None;
@@ -323,6 +325,11 @@ async fn run(cfg: config::Config, components: Components, mut reload: Reload) ->
                     kept_components = kept.len(),
                     "config reloaded: pipelines drained, starting the new ones"
                 );
+                if c.service.worker_threads != worker_threads {
+                    tracing::warn!(
+                        "config reload: service.worker_threads takes effect at the next restart"
+                    );
+                }
                 cfg = c;
                 previous = Some(before);
             }

@@ -165,6 +165,9 @@ pub struct ServiceConfig {
     pub memory_limiter: crate::memory::MemoryLimiterConfig,
     /// How long shutdown may take to drain pipelines and flush exporters.
     pub shutdown_timeout: Duration,
+    /// The async runtime's worker threads; `None`: one per CPU the process may use (its
+    /// cgroup's CPU limit counts). Read at start; a reload does not change it.
+    pub worker_threads: Option<usize>,
     /// Pipelines by name (`metrics`, `metrics/gpu`).
     pub pipelines: IndexMap<String, PipelineConfig>,
 }
@@ -188,6 +191,7 @@ const SERVICE_KEYS: &[&str] = &[
     "telemetry",
     "memory_limiter",
     "shutdown_timeout",
+    "worker_threads",
     "pipelines",
 ];
 const PIPELINE_KEYS: &[&str] = &["receivers", "processors", "exporters"];
@@ -518,6 +522,19 @@ impl Loader<'_> {
             }
             None => Duration::from_secs(10),
         };
+        let worker_threads = match node.get("worker_threads") {
+            Some(n) => {
+                let label = Some("service.worker_threads".to_string());
+                let threads: usize = n
+                    .deserialize()
+                    .map_err(|e| self.de_error(e, n.pos, label.clone()))?;
+                if !(1..=1024).contains(&threads) {
+                    return Err(self.error(n.pos, label, "must be between 1 and 1024"));
+                }
+                Some(threads)
+            }
+            None => None,
+        };
         let pipelines_node = node.get("pipelines").ok_or_else(|| {
             self.error(node.pos, label.clone(), "missing `pipelines`: name at least one, e.g. `metrics: {receivers: [...], exporters: [...]}`")
         })?;
@@ -555,6 +572,7 @@ impl Loader<'_> {
             telemetry,
             memory_limiter,
             shutdown_timeout,
+            worker_threads,
             pipelines,
         })
     }

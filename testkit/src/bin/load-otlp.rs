@@ -54,6 +54,9 @@ struct Args {
     /// Add the `batch` processor to the collector's pipeline (Rotel batches by default).
     #[arg(long)]
     batch: bool,
+    /// The collector's `service.worker_threads` (default: one per CPU, as Rotel's runtime).
+    #[arg(long)]
+    worker_threads: Option<usize>,
     /// The exporters' compression: none or gzip (for both).
     #[arg(long, default_value = "none")]
     compression: String,
@@ -362,11 +365,15 @@ async fn finish(mut run: Run, drain: Duration) -> (u64, u64, u64, f64) {
 }
 
 fn collector_config(args: &Args, in_port: u16, sink_port: u16, memory: &str) -> String {
+    let threads = args
+        .worker_threads
+        .map(|n| format!("  worker_threads: {n}\n"))
+        .unwrap_or_default();
     format!(
         "receivers:\n  otlp:\n    protocols:\n      grpc: {{ endpoint: \"127.0.0.1:{in_port}\" }}\n\
          processors:\n  genai_normalize:\n  batch:\n\
          exporters:\n  otlp:\n    endpoint: \"http://127.0.0.1:{sink_port}\"\n    compression: {}\n\
-         service:\n  telemetry: {{ endpoint: null }}\n{memory}  pipelines:\n    metrics: {{ receivers: [otlp], processors: [{}], exporters: [otlp] }}\n",
+         service:\n  telemetry: {{ endpoint: null }}\n{memory}{threads}  pipelines:\n    metrics: {{ receivers: [otlp], processors: [{}], exporters: [otlp] }}\n",
         args.compression,
         if args.batch { "genai_normalize, batch" } else { "genai_normalize" }
     )
@@ -386,6 +393,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         args.compression,
         if args.batch { " + batch" } else { "" }
     );
+    if let Some(n) = args.worker_threads {
+        println!("collector worker threads: {n}");
+    }
     if let Some(hang) = args.fault_hang_seconds {
         return fault_run(&args, &dir, hang).await;
     }
