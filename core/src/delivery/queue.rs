@@ -42,7 +42,7 @@ pub(crate) enum Payload {
 }
 
 impl Payload {
-    pub fn take(&mut self) -> Self {
+    pub(crate) fn take(&mut self) -> Self {
         std::mem::replace(self, Self::Taken)
     }
 }
