@@ -23,7 +23,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
 use genai_collector_core::model::{
-    approx_bytes, decoded_size, worst_case_size, Batch, WireError, GRPC_EXPORT_PATH,
+    approx_bytes, decoded_size, worst_case_size, Batch, GRPC_EXPORT_PATH,
 };
 use genai_collector_core::retry_info;
 use genai_collector_core::tls::{self, TlsServerConfig};
@@ -219,9 +219,8 @@ enum Refusal {
 async fn take(output: &Output, body: Body<'_>) -> Result<ExportMetricsServiceResponse, Refusal> {
     let (batch, _reserved) = match body {
         Body::Protobuf(bytes) => {
-            let malformed = |e: WireError| Refusal::Malformed(e.to_string());
-            let refuse = |e: SendError| {
-                let points = decoded_size(bytes).map_or(0, |s| s.points);
+            let forecast = || decoded_size(bytes).map_err(|e| Refusal::Malformed(e.to_string()));
+            let refuse = |e: SendError, points: u64| {
                 output.refused(points as usize, e);
                 Refusal::Send(e)
             };
@@ -231,11 +230,15 @@ async fn take(output: &Output, body: Body<'_>) -> Result<ExportMetricsServiceRes
             let mut reserved = match output.reserve_memory(worst_case_size(bytes.len())) {
                 Ok(reserved) => reserved,
                 Err(_) => {
-                    let size = decoded_size(bytes).map_err(malformed)?;
-                    output.reserve_memory(size.bytes).map_err(refuse)?
+                    let size = forecast()?;
+                    output
+                        .reserve_memory(size.bytes)
+                        .map_err(|e| refuse(e, size.points))?
                 }
             };
-            output.ready().map_err(refuse)?;
+            if let Err(e) = output.ready() {
+                return Err(refuse(e, forecast().map_or(0, |s| s.points)));
+            }
             let request = ExportMetricsServiceRequest::decode(bytes)
                 .map_err(|e| Refusal::Malformed(e.to_string()))?;
             let batch = Batch::from_request(request);

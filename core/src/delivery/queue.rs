@@ -68,6 +68,14 @@ pub(crate) struct Cost {
 }
 
 impl Cost {
+    /// What `batch` takes: its points and its estimated heap size.
+    pub fn of(batch: &Batch) -> Self {
+        Self {
+            points: batch.point_count() as u64,
+            bytes: crate::model::approx_bytes(batch),
+        }
+    }
+
     pub fn size(self, sizer: Sizer) -> u64 {
         match sizer {
             Sizer::Requests => 1,

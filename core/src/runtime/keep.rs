@@ -77,6 +77,37 @@ fn take<T>(list: &mut Vec<T>, is: impl Fn(&T) -> bool) -> Option<T> {
     Some(list.swap_remove(i))
 }
 
+/// Stops the receivers, then lets the pipelines drain what they hold, then the exporters
+/// flush their queues: each stage waits for the one before.
+pub(crate) async fn stop_in_order(
+    receivers: &mut [RunningReceiver],
+    pipelines: &mut [RunningPipeline],
+    exporters: &mut [RunningExporter],
+) {
+    for r in receivers.iter() {
+        r.stop.cancel();
+    }
+    for r in receivers.iter_mut() {
+        join(&mut r.task).await;
+    }
+    // Receivers have stopped; a copy of their output left in a stray task (a connection a
+    // server did not close) must not keep the pipelines open.
+    for p in pipelines.iter() {
+        p.inputs_done.cancel();
+    }
+    for p in pipelines.iter_mut() {
+        join(&mut p.task).await;
+    }
+    // Nothing more can be queued: consumers end once their queue is empty.
+    for e in exporters.iter() {
+        e.stopping.cancel();
+        e.entry.queue.close();
+    }
+    for e in exporters.iter_mut() {
+        join(&mut e.task).await;
+    }
+}
+
 /// Waits for a task to end; at once if it has (a handle must not be polled again).
 pub(crate) async fn join(task: &mut JoinHandle<()>) {
     if !task.is_finished() {
@@ -154,38 +185,30 @@ impl Kept {
         take(&mut self.exporters, |e| e.is(id, fingerprint))
     }
 
+    /// Whether `stats` are a held component's (an exporter's own queues included).
+    pub(crate) fn holds(&self, stats: &ComponentStats) -> bool {
+        self.receivers
+            .iter()
+            .any(|r| std::ptr::eq(&*r.stats, stats))
+            || self
+                .pipelines
+                .iter()
+                .flat_map(|p| &p.stats)
+                .any(|p| std::ptr::eq(&**p, stats))
+            || self.exporters.iter().any(|e| e.owns(stats))
+    }
+
     /// Stops every component still held, receivers first, exporters last, and takes them out
     /// of the self-metrics.
-    pub async fn stop(self) {
-        for r in &self.receivers {
-            r.stop.cancel();
-        }
-        for mut r in self.receivers {
-            join(&mut r.task).await;
-            if let Some(t) = &self.telemetry {
-                t.unregister(&r.stats);
-            }
-        }
-        for p in &self.pipelines {
-            p.inputs_done.cancel();
-        }
-        for mut p in self.pipelines {
-            join(&mut p.task).await;
-            if let Some(t) = &self.telemetry {
-                for s in &p.stats {
-                    t.unregister(s);
-                }
-            }
-        }
-        for e in &self.exporters {
-            e.stopping.cancel();
-            e.entry.queue.close();
-        }
-        for mut e in self.exporters {
-            join(&mut e.task).await;
-            if let Some(t) = &self.telemetry {
-                t.retain(|s| !e.owns(s));
-            }
+    pub async fn stop(mut self) {
+        stop_in_order(
+            &mut self.receivers,
+            &mut self.pipelines,
+            &mut self.exporters,
+        )
+        .await;
+        if let Some(t) = &self.telemetry {
+            t.retain(|s| !self.holds(s));
         }
     }
 }

@@ -33,7 +33,9 @@ use crate::registry::Components;
 use crate::telemetry::{ComponentStats, State, Telemetry};
 use exporter::{log_recovered, run_exporter, ExporterTask};
 pub use keep::Kept;
-use keep::{join, pipeline_fingerprint, RunningExporter, RunningPipeline, RunningReceiver};
+use keep::{
+    join, pipeline_fingerprint, stop_in_order, RunningExporter, RunningPipeline, RunningReceiver,
+};
 use pipeline::{run_pipeline, ExporterQueue, PipelineTask};
 pub use queued::{QueuedExporter, Room};
 
@@ -661,33 +663,12 @@ impl RunningService {
         for r in &kept.receivers {
             r.output.switch().set(None);
         }
-        for r in &receivers {
-            r.stop.cancel();
-        }
         self.telemetry.set_ready(false);
+        // At once, not when the drain reaches them: batches on disk stop retrying.
         for e in &exporters {
             e.stopping.cancel();
         }
-        let drain = async {
-            for r in &mut receivers {
-                join(&mut r.task).await;
-            }
-            // Receivers have stopped; a copy of their output left in a stray task (a
-            // connection a server did not close) must not keep the pipelines open.
-            for p in &pipelines {
-                p.inputs_done.cancel();
-            }
-            for p in &mut pipelines {
-                join(&mut p.task).await;
-            }
-            // Nothing more can be queued: consumers end once their queue is empty.
-            for e in &exporters {
-                e.entry.queue.close();
-            }
-            for e in &mut exporters {
-                join(&mut e.task).await;
-            }
-        };
+        let drain = stop_in_order(&mut receivers, &mut pipelines, &mut exporters);
         let drained = tokio::time::timeout(self.shutdown_timeout, drain)
             .await
             .is_ok();
@@ -728,15 +709,7 @@ impl RunningService {
         }
         if reload {
             // The registry goes on with the next service: what stopped leaves it.
-            self.telemetry.retain(|s| {
-                kept.receivers.iter().any(|r| std::ptr::eq(&*r.stats, s))
-                    || kept
-                        .pipelines
-                        .iter()
-                        .flat_map(|p| &p.stats)
-                        .any(|p| std::ptr::eq(&**p, s))
-                    || kept.exporters.iter().any(|e| e.owns(s))
-            });
+            self.telemetry.retain(|s| kept.holds(s));
         }
         info!(drained, kept = kept.len(), "collector stopped");
         let summary = RunSummary {

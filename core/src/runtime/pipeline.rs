@@ -21,7 +21,7 @@ use crate::component::Processor;
 use crate::delivery::queue::{Cost, Item, Payload, Reservation, SendQueue};
 use crate::delivery::{Ack, Envelope, SendError};
 use crate::disk_queue::{unix_ms, DiskQueue};
-use crate::model::{approx_bytes, Batch};
+use crate::model::Batch;
 use crate::telemetry::{ComponentStats, State};
 
 /// A pipeline's handle on one exporter's queue.
@@ -78,13 +78,8 @@ pub(crate) async fn run_pipeline(mut task: PipelineTask) {
             }
             () = tokio::time::sleep_until(due.unwrap_or(start).into()), if due.is_some() => {
                 let now = Instant::now();
-                let due: Vec<usize> = (0..next_flush.len())
-                    .filter(|&i| next_flush[i].is_some_and(|t| t <= now))
-                    .collect();
-                for i in due {
-                    next_flush[i] = task.processors[i].0.flush_interval().map(|d| now + d);
-                    task.flush(i).await;
-                }
+                task.flush_picked(&mut next_flush, |_, _, next| next.is_some_and(|t| t <= now))
+                    .await;
                 continue;
             }
         };
@@ -97,14 +92,10 @@ pub(crate) async fn run_pipeline(mut task: PipelineTask) {
         }
         if task.rx.is_empty() {
             // Nothing more to gather now, and waiting clients send nothing until answered.
-            let now = Instant::now();
-            for (i, next) in next_flush.iter_mut().enumerate() {
-                let processor = &task.processors[i].0;
-                if !task.held[i].is_empty() && processor.flush_when_idle() {
-                    *next = processor.flush_interval().map(|d| now + d);
-                    task.flush(i).await;
-                }
-            }
+            task.flush_picked(&mut next_flush, |t, i, _| {
+                !t.held[i].is_empty() && t.processors[i].0.flush_when_idle()
+            })
+            .await;
         }
     }
     for i in 0..task.processors.len() {
@@ -119,6 +110,23 @@ pub(crate) async fn run_pipeline(mut task: PipelineTask) {
 }
 
 impl PipelineTask {
+    /// Flushes each processor `pick` chooses (given its index and next timer), its timer
+    /// starting over.
+    async fn flush_picked(
+        &mut self,
+        next_flush: &mut [Option<Instant>],
+        pick: impl Fn(&Self, usize, Option<Instant>) -> bool,
+    ) {
+        let now = Instant::now();
+        let picked: Vec<usize> = (0..self.processors.len())
+            .filter(|&i| pick(self, i, next_flush[i]))
+            .collect();
+        for i in picked {
+            next_flush[i] = self.processors[i].0.flush_interval().map(|d| now + d);
+            self.flush(i).await;
+        }
+    }
+
     async fn flush(&mut self, i: usize) {
         let acks = std::mem::take(&mut self.held[i]);
         let (processor, stats) = &mut self.processors[i];
@@ -172,10 +180,7 @@ async fn fan_out(
     batch: Batch,
     all_or_none: bool,
 ) -> Result<(), SendError> {
-    let cost = Cost {
-        points: batch.point_count() as u64,
-        bytes: approx_bytes(&batch),
-    };
+    let cost = Cost::of(&batch);
     if cost.points == 0 {
         return Ok(());
     }

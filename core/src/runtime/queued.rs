@@ -15,7 +15,7 @@ use crate::component::{ComponentError, Exporter};
 use crate::config::ExporterSettings;
 use crate::delivery::queue::{Cost, Reservation};
 use crate::id::ComponentKind;
-use crate::model::{approx_bytes, Batch};
+use crate::model::Batch;
 use crate::telemetry::Telemetry;
 
 /// See the module doc. Its counters are an exporter's, under the id it was started with.
@@ -62,10 +62,7 @@ impl QueuedExporter {
 
     /// Waits for room for `batch`; `None` once stopped.
     pub async fn reserve(&self, batch: &Batch) -> Option<Room<'_>> {
-        let cost = Cost {
-            points: batch.point_count() as u64,
-            bytes: approx_bytes(batch),
-        };
+        let cost = Cost::of(batch);
         let reservation = self
             .entry
             .queue
