@@ -232,10 +232,13 @@ pub trait Exporter: Send + Sync {
     async fn export(&self, batch: &Batch) -> Result<(), ExportError>;
 
     /// The request `batch` becomes, for an exporter that sends bytes built from the batch
-    /// alone (OTLP). The runtime then builds it once, frees the batch at once, while it is
-    /// still in the cache of the core that built it, and sends the same bytes on every
-    /// attempt with [`Exporter::export_encoded`]. `None`, the default: every attempt is
-    /// [`Exporter::export`].
+    /// alone (OTLP). The runtime builds it once, as the batch is queued (in the pipeline's
+    /// task, usually on the core that decoded the batch, so it is freed where its memory is
+    /// warm), queues the request instead of the batch, and sends the same bytes on every
+    /// attempt with [`Exporter::export_encoded`]. Keep it cheap: compression belongs in
+    /// `export_encoded`, which the exporter's consumers run in parallel. `None`, the default:
+    /// every attempt is [`Exporter::export`]. A persistent queue stores batches; their
+    /// requests are built as they are taken from it.
     fn encode(&self, batch: &Batch) -> Option<Bytes> {
         let _ = batch;
         None

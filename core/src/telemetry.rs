@@ -124,7 +124,8 @@ counters! {
     queue_used,
     /// Exporter: batches waiting in the queue.
     queue_batches,
-    /// Exporter: estimated heap bytes of the batches queued and in flight.
+    /// Exporter: heap bytes its queue holds, queued and in flight (batches estimated, encoded
+    /// requests by their length).
     queue_bytes,
     /// Exporter: when the oldest batch in the queue was queued (Unix ms), 0 when empty.
     queue_oldest_ms,
@@ -701,7 +702,7 @@ const SERIES: [Series; 25] = [
         name: "genai_collector_exporter_queue_bytes",
         counter: false,
         unit: "By",
-        help: "Estimated heap bytes of the batches an exporter's queue holds, queued and in flight.",
+        help: "Heap bytes an exporter's queue holds, queued and in flight: batches by their estimated size, requests encoded when queued by their length.",
         value: |c| ComponentStats::get(&c.queue_bytes) as f64,
     },
     Series {

@@ -1,10 +1,12 @@
-//! An exporter that encodes (`Exporter::encode`): the runtime encodes each batch once, frees it
-//! before the first attempt, and every retry sends the same bytes through `export_encoded`.
+//! An exporter that encodes (`Exporter::encode`): the runtime encodes each batch once as it is
+//! queued, frees it then, queues the request (counted by its length), and every retry sends the
+//! same bytes through `export_encoded`.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
+use genai_collector_core::component::ComponentKind;
 use genai_collector_core::config::ExporterSettings;
 use genai_collector_core::model::{number_point, Metric, MetricExt};
 use genai_collector_core::runtime::QueuedExporter;
@@ -100,4 +102,92 @@ async fn a_batch_is_encoded_once_freed_and_its_bytes_sent_on_every_attempt() {
         Some(false),
         "the batch was freed before the first attempt"
     );
+}
+
+/// Holds every attempt until the gate opens.
+struct Gated {
+    gate: Arc<tokio::sync::Semaphore>,
+    bodies: Arc<Mutex<Vec<Bytes>>>,
+}
+
+#[async_trait]
+impl Exporter for Gated {
+    async fn export(&self, _: &Batch) -> Result<(), ExportError> {
+        Err(ExportError::Permanent("sent as a batch".into()))
+    }
+
+    fn encode(&self, batch: &Batch) -> Option<Bytes> {
+        Some(Bytes::from(batch.encode_request()))
+    }
+
+    async fn export_encoded(&self, request: Bytes) -> Result<(), ExportError> {
+        let _pass = self.gate.acquire().await;
+        self.bodies.lock().unwrap().push(request);
+        Ok(())
+    }
+}
+
+fn gauge(points: usize) -> Arc<Batch> {
+    Arc::new(Batch::with_resource(
+        vec![],
+        vec![Metric::gauge(
+            "g",
+            "",
+            (0..points)
+                .map(|i| number_point(1, i as f64, vec![]))
+                .collect(),
+        )],
+    ))
+}
+
+#[tokio::test]
+async fn a_queued_batch_is_held_as_its_request_and_counted_by_its_length() {
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let bodies = Arc::new(Mutex::new(Vec::new()));
+    let mut settings = ExporterSettings::default();
+    settings.sending_queue.num_consumers = 1;
+    let telemetry = Telemetry::new();
+    let exporter = QueuedExporter::start(
+        "gated",
+        Box::new(Gated {
+            gate: gate.clone(),
+            bodies: bodies.clone(),
+        }),
+        &settings,
+        &telemetry,
+    )
+    .unwrap();
+    let stats = telemetry
+        .find(ComponentKind::Exporter, "gated")
+        .expect("the exporter's stats");
+    // The first batch holds the only consumer at the gate; the second waits in the queue.
+    let (first, second) = (gauge(100), gauge(1000));
+    let mut wire = 0;
+    for batch in [first, second] {
+        wire += batch.encode_request().len() as u64;
+        let estimate = genai_collector_core::model::approx_bytes(&batch);
+        assert!(estimate > 4 * batch.encode_request().len() as u64);
+        let freed = Arc::downgrade(&batch);
+        let room = exporter.reserve(&batch).await.unwrap();
+        room.commit(batch).await;
+        assert!(freed.upgrade().is_none(), "freed as it was queued");
+    }
+    let counts = stats.snapshot();
+    assert_eq!(counts.queued, 1100);
+    assert_eq!(
+        counts.queue_bytes, wire,
+        "the requests' lengths, not the batches' estimate"
+    );
+    assert_eq!(
+        counts.queue_used, wire,
+        "the bytes sizer counts what the queue holds"
+    );
+    gate.add_permits(2);
+    exporter.stop().await;
+    let counts = stats.snapshot();
+    assert_eq!(
+        (counts.queue_bytes, counts.queue_used, counts.sent),
+        (0, 0, 1100)
+    );
+    assert_eq!(bodies.lock().unwrap().len(), 2);
 }

@@ -265,34 +265,28 @@ fn grpc_error(status: tonic::Status) -> ExportError {
     }
 }
 
-impl OtlpExporter {
-    /// The body every attempt sends: the encoded request, gzip-compressed for HTTP when
-    /// configured (gRPC compresses in its own framing).
-    fn request(&self, batch: &Batch) -> Result<Bytes, ExportError> {
-        let body = batch.encode_request();
-        if !self.gzip || matches!(self.sender, Sender::Grpc { .. }) {
-            return Ok(body.into());
-        }
-        let mut enc = flate2::write::GzEncoder::new(
-            Vec::with_capacity(body.len() / 4),
-            flate2::Compression::fast(),
-        );
-        enc.write_all(&body)
-            .and_then(|()| enc.finish())
-            .map(Bytes::from)
-            .map_err(|e| ExportError::Permanent(e.to_string()))
-    }
+/// An HTTP body gzip-compressed. Done as each attempt is sent, by the exporter's consumers in
+/// parallel, as gRPC compresses in its own framing: the request is encoded (and queued) by the
+/// pipeline, which should stay cheap.
+fn gzip(body: &[u8]) -> Result<Bytes, ExportError> {
+    let mut enc = flate2::write::GzEncoder::new(
+        Vec::with_capacity(body.len() / 4),
+        flate2::Compression::fast(),
+    );
+    enc.write_all(body)
+        .and_then(|()| enc.finish())
+        .map(Bytes::from)
+        .map_err(|e| ExportError::Permanent(e.to_string()))
 }
 
 #[async_trait]
 impl Exporter for OtlpExporter {
     async fn export(&self, batch: &Batch) -> Result<(), ExportError> {
-        self.export_encoded(self.request(batch)?).await
+        self.export_encoded(batch.encode_request().into()).await
     }
 
     fn encode(&self, batch: &Batch) -> Option<Bytes> {
-        // A compression failure (out of memory) is left to `export`, which reports it.
-        self.request(batch).ok()
+        Some(batch.encode_request().into())
     }
 
     async fn export_encoded(&self, body: Bytes) -> Result<(), ExportError> {
@@ -316,9 +310,12 @@ impl Exporter for OtlpExporter {
                 let mut request = client
                     .post(url.clone())
                     .header(reqwest::header::CONTENT_TYPE, "application/x-protobuf");
-                if self.gzip {
+                let body = if self.gzip {
                     request = request.header(reqwest::header::CONTENT_ENCODING, "gzip");
-                }
+                    gzip(&body)?
+                } else {
+                    body
+                };
                 let response = request
                     .body(body)
                     .send()

@@ -27,7 +27,8 @@ pub enum Sizer {
     Requests,
     /// Data points.
     Items,
-    /// The batches' estimated heap size: what bounds memory.
+    /// What the queue holds in memory, what bounds it: a batch's estimated heap size, or
+    /// the length of the request an exporter encoded it to when it was queued.
     #[default]
     Bytes,
 }
@@ -35,6 +36,8 @@ pub enum Sizer {
 /// What a queued batch is made of.
 pub(crate) enum Payload {
     Memory(Arc<Batch>),
+    /// The request the exporter built from the batch when it was queued.
+    Encoded(crate::Bytes),
     /// Left on disk by a previous run; read when a consumer takes it.
     Disk(Stored),
     /// Taken by the consumer delivering it.
@@ -54,7 +57,7 @@ pub(crate) struct Item {
     pub seq: Option<u64>,
     pub queued_at_ms: u64,
     pub points: u64,
-    /// Its heap size, estimated.
+    /// What it holds in memory: the batch's heap size, estimated, or the request's length.
     pub bytes: u64,
     /// What it holds of the queue's capacity, in sizer units.
     pub size: u64,
@@ -265,6 +268,15 @@ impl SendQueue {
 }
 
 impl Reservation<'_> {
+    /// Gives back what the item will not take after all (a batch queued as its smaller
+    /// encoded request).
+    pub fn shrink(&mut self, size: u64) {
+        if size < self.size {
+            self.queue.release(self.size - size);
+            self.size = size;
+        }
+    }
+
     /// Queues `item` in the room reserved for it.
     pub fn commit(self, mut item: Item) {
         let queue = self.queue;

@@ -19,7 +19,7 @@ use crate::telemetry::{ComponentStats, State};
 use crate::Bytes;
 
 pub(crate) struct ExporterTask {
-    pub exporter: Box<dyn Exporter>,
+    pub exporter: Arc<dyn Exporter>,
     pub queue: Arc<SendQueue>,
     pub settings: ExporterSettings,
     pub stats: Arc<ComponentStats>,
@@ -32,7 +32,7 @@ pub(crate) struct ExporterTask {
 
 /// What every consumer of one exporter shares.
 struct Worker {
-    exporter: Box<dyn Exporter>,
+    exporter: Arc<dyn Exporter>,
     queue: Arc<SendQueue>,
     settings: ExporterSettings,
     stats: Arc<ComponentStats>,
@@ -86,6 +86,11 @@ async fn consume(w: Arc<Worker>) {
             .queue_oldest_ms
             .store(item.queued_at_ms.max(1), Ordering::Relaxed);
         let batch = match (item.payload.take(), &w.disk) {
+            (Payload::Encoded(bytes), _) => {
+                w.send_encoded(bytes, item.points as usize).await;
+                w.done(&item, false).await;
+                continue;
+            }
             (Payload::Memory(b), _) => Ok(b),
             (Payload::Disk(stored), Some(disk)) => {
                 let disk = disk.clone();
@@ -140,6 +145,20 @@ impl Worker {
                 deliver(exporter, &request, n, settings, stats, stopping).await == Outcome::Kept;
         }
         keep
+    }
+
+    /// Delivers a request its exporter encoded when the batch was queued.
+    async fn send_encoded(&self, bytes: Bytes, points: usize) {
+        let request = Request::Encoded(bytes);
+        deliver(
+            &*self.exporter,
+            &request,
+            points,
+            &self.settings,
+            &self.stats,
+            None,
+        )
+        .await;
     }
 
     /// Marks a batch handled, delivered or given up on: off the disk, out of the counts, and

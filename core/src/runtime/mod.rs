@@ -94,7 +94,14 @@ fn exporter_queue(
     stats: Arc<ComponentStats>,
 ) -> Result<(ExporterQueue, ExporterTask), String> {
     let (queue, disk, recovered) = open_queue(&stats.id, settings, &stats)?;
-    let entry = ExporterQueue::new(queue.clone(), stats.clone(), disk.clone(), settings);
+    let exporter: Arc<dyn crate::component::Exporter> = exporter.into();
+    let entry = ExporterQueue::new(
+        &exporter,
+        queue.clone(),
+        stats.clone(),
+        disk.clone(),
+        settings,
+    );
     let task = ExporterTask {
         exporter,
         queue,

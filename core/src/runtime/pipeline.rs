@@ -17,8 +17,8 @@ use tokio::sync::mpsc;
 use tracing::{debug, error, warn};
 
 use super::{blocking, LogEvery};
-use crate::component::Processor;
-use crate::delivery::queue::{Cost, Item, Payload, Reservation, SendQueue};
+use crate::component::{Exporter, Processor};
+use crate::delivery::queue::{Cost, Item, Payload, Reservation, SendQueue, Sizer};
 use crate::delivery::{Ack, Envelope, SendError};
 use crate::disk_queue::{unix_ms, DiskQueue};
 use crate::model::Batch;
@@ -34,6 +34,12 @@ pub(crate) struct ExporterQueue {
     pub drop_log: Arc<LogEvery>,
     /// Batches the persistent queue could not take.
     pub disk_log: Arc<LogEvery>,
+    /// The exporter, which encodes each batch it can send whole as it is queued (see
+    /// [`ExporterQueue::enqueue`]); `None` for a persistent queue, which stores batches.
+    pub encoder: Option<Arc<dyn Exporter>>,
+    /// `sending_queue.max_batch_points`: a larger batch is queued as is, for the consumer to
+    /// split.
+    pub max_batch_points: usize,
 }
 
 pub(crate) struct PipelineTask {
@@ -210,6 +216,7 @@ async fn fan_out(
 
 impl ExporterQueue {
     pub fn new(
+        exporter: &Arc<dyn Exporter>,
         queue: Arc<SendQueue>,
         stats: Arc<ComponentStats>,
         disk: Option<Arc<DiskQueue>>,
@@ -219,10 +226,25 @@ impl ExporterQueue {
             queue,
             stats,
             block: settings.sending_queue.block_on_overflow,
+            encoder: disk.is_none().then(|| exporter.clone()),
             disk,
             drop_log: Default::default(),
             disk_log: Default::default(),
+            max_batch_points: settings.sending_queue.max_batch_points,
         }
+    }
+
+    /// What the queue holds of `batch`: the request its exporter builds from it, where the
+    /// exporter encodes and sends the batch whole. Encoding here, in the task that ran the
+    /// processors (usually on the core that decoded the batch), lets the batch be freed where
+    /// its memory is warm, and keeps only the much smaller request queued.
+    fn payload(&self, batch: &Arc<Batch>, points: u64) -> Payload {
+        let whole = self.max_batch_points == 0 || points <= self.max_batch_points as u64;
+        match &self.encoder {
+            Some(e) if whole => e.encode(batch).map(Payload::Encoded),
+            _ => None,
+        }
+        .unwrap_or_else(|| Payload::Memory(batch.clone()))
     }
 
     async fn reserve(&self, cost: Cost) -> Option<Reservation<'_>> {
@@ -234,12 +256,21 @@ impl ExporterQueue {
         }
     }
 
-    pub async fn enqueue(&self, room: Reservation<'_>, batch: &Arc<Batch>, cost: Cost) {
+    pub async fn enqueue(&self, mut room: Reservation<'_>, batch: &Arc<Batch>, cost: Cost) {
         // Written before it is queued, so a batch a consumer sees is always on disk.
         let seq = match &self.disk {
             Some(disk) => self.write(disk, batch, cost.points).await,
             None => None,
         };
+        let payload = self.payload(batch, cost.points);
+        // A request takes what it holds: its encoded size, not the batch's.
+        let bytes = match &payload {
+            Payload::Encoded(request) => request.len() as u64,
+            _ => cost.bytes,
+        };
+        if self.queue.sizer == Sizer::Bytes {
+            room.shrink(bytes);
+        }
         let queued_at_ms = unix_ms(SystemTime::now());
         let _ = self.stats.queue_oldest_ms.compare_exchange(
             0,
@@ -248,16 +279,14 @@ impl ExporterQueue {
             Ordering::Relaxed,
         );
         self.stats.queued.fetch_add(cost.points, Ordering::Relaxed);
-        self.stats
-            .queue_bytes
-            .fetch_add(cost.bytes, Ordering::Relaxed);
+        self.stats.queue_bytes.fetch_add(bytes, Ordering::Relaxed);
         ComponentStats::add(&self.stats.accepted, cost.points as usize);
         room.commit(Item {
-            payload: Payload::Memory(batch.clone()),
+            payload,
             seq,
             queued_at_ms,
             points: cost.points,
-            bytes: cost.bytes,
+            bytes,
             size: 0,
         });
         self.queue.report(&self.stats);
