@@ -154,7 +154,9 @@ pub trait Receiver: Send {
     async fn run(self: Box<Self>, ctx: ReceiverContext) -> Result<(), ComponentError>;
 }
 
-/// Transforms batches in place: synchronous and CPU-only.
+/// Transforms batches in place: synchronous and CPU-only. A processor takes one batch at a
+/// time, in the pipeline's task or, for a push through a pipeline none of whose processors has a
+/// [`Processor::flush_interval`], in the pushing receiver's task.
 ///
 /// ```
 /// use genai_collector_core::model::{number_point, Metric, MetricExt};

@@ -1,3 +1,4 @@
+use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -114,7 +115,7 @@ impl Receiver for Generator {
             if c.push {
                 // A client that retries what it is refused, as OTLP SDKs do.
                 loop {
-                    match ctx.output.push(batch.clone()).await {
+                    match PUSHING.scope((), ctx.output.push(batch.clone())).await {
                         Ok(()) => break,
                         Err(e) if e.is_retryable() && !ctx.shutdown.is_cancelled() => {
                             tokio::time::sleep(Duration::from_millis(2)).await;
@@ -152,15 +153,35 @@ fn write_report(c: &GeneratorConfig, sent: u64) -> std::io::Result<()> {
     }
 }
 
+tokio::task_local! {
+    /// Set around each push of a pushing `generator`.
+    static PUSHING: ();
+}
+
+/// Per `noop` `name`: batches it processed in a pushing receiver's task, and elsewhere.
+static NOOP_SEEN: Mutex<BTreeMap<String, (usize, usize)>> = Mutex::new(BTreeMap::new());
+
+/// How many batches the `noop` named `name` processed in a pushing `generator`'s own task, and
+/// how many elsewhere (the pipeline's task).
+pub fn noop_seen(name: &str) -> (usize, usize) {
+    NOOP_SEEN
+        .lock()
+        .unwrap()
+        .get(name)
+        .copied()
+        .unwrap_or_default()
+}
+
 pub struct NoopFactory;
 
 /// `noop`: passes batches through, after `sleep` (a slow processor, for tests of what queues
-/// up before it).
+/// up before it); with a `name`, counts where it ran ([`noop_seen`]).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct NoopConfig {
     #[serde(with = "duration::option")]
     pub sleep: Option<Duration>,
+    pub name: Option<String>,
 }
 
 impl ComponentConfig for NoopConfig {}
@@ -178,16 +199,24 @@ impl ProcessorFactory for NoopFactory {
         config: &NoopConfig,
         _: &BuildContext,
     ) -> Result<Box<dyn Processor>, ComponentError> {
-        Ok(Box::new(Noop(config.sleep)))
+        Ok(Box::new(Noop(config.clone())))
     }
 }
 
-struct Noop(Option<Duration>);
+struct Noop(NoopConfig);
 
 impl Processor for Noop {
     fn process(&mut self, batch: &mut Batch) {
-        if let Some(d) = self.0 {
+        if let Some(d) = self.0.sleep {
             std::thread::sleep(d);
+        }
+        if let Some(name) = &self.0.name {
+            let mut seen = NOOP_SEEN.lock().unwrap();
+            let (pushing, elsewhere) = seen.entry(name.clone()).or_default();
+            match PUSHING.try_with(|_| ()) {
+                Ok(()) => *pushing += 1,
+                Err(_) => *elsewhere += 1,
+            }
         }
         std::hint::black_box(batch);
     }

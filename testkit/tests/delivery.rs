@@ -229,6 +229,90 @@ service:
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_runs_a_pipeline_without_holding_processors_in_its_own_task() {
+    let capture = Capture::new();
+    let dir = std::env::temp_dir().join(format!("delivery-direct-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let name = |n: &str| format!("{n}-{}", std::process::id());
+    let (direct, shared, queued) = (name("direct"), name("shared"), name("queued"));
+    // Client a alone feeds a pipeline whose processors hold nothing: the push runs it in its
+    // own task. Both clients feed a slow one of the same kind, where a push that finds the
+    // processors busy goes through the pipeline's task. Client b feeds one with `batch`, run
+    // by the pipeline's task. The collector stops while pushes are under way: every point
+    // the clients were told OK for arrives in each of their pipelines.
+    let svc = service(
+        &format!(
+            r#"
+receivers:
+  generator/a: {{ batches: 0, points: 10, push: true, report: "{a}" }}
+  generator/b: {{ batches: 0, points: 10, push: true, report: "{b}" }}
+processors:
+  noop/direct: {{ name: {direct} }}
+  noop/shared: {{ name: {shared}, sleep: 2ms }}
+  noop/queued: {{ name: {queued} }}
+  batch: {{ send_batch_size: 1000, timeout: 1h }}
+exporters:
+  capture: {{}}
+service:
+  telemetry: {{ endpoint: null }}
+  shutdown_timeout: 10s
+  pipelines:
+    metrics/direct:
+      receivers: [generator/a]
+      processors: [noop/direct]
+      exporters: [capture]
+    metrics/shared:
+      receivers: [generator/a, generator/b]
+      processors: [noop/shared]
+      exporters: [capture]
+    metrics/queued:
+      receivers: [generator/b]
+      processors: [noop/queued, batch]
+      exporters: [capture]
+"#,
+            a = dir.join("a").display(),
+            b = dir.join("b").display(),
+        ),
+        &capture,
+    );
+    svc.run(tokio::time::sleep(Duration::from_millis(400)))
+        .await
+        .unwrap();
+    let acked: usize = ["a", "b"]
+        .iter()
+        .map(|f| {
+            std::fs::read_to_string(dir.join(f))
+                .unwrap()
+                .parse::<usize>()
+                .unwrap()
+        })
+        .sum();
+    let _ = std::fs::remove_dir_all(&dir);
+    let seen = genai_collector_testkit::components::noop_seen;
+    let (in_push, elsewhere) = seen(&direct);
+    assert!(
+        in_push > 10,
+        "{in_push} batches processed in the pushing task"
+    );
+    assert_eq!(
+        elsewhere, 0,
+        "uncontended, none went through the pipeline's task"
+    );
+    let (in_push, elsewhere) = seen(&queued);
+    assert_eq!(in_push, 0, "a pipeline with `batch` runs in its own task");
+    assert!(elsewhere > 10);
+    let (in_push, elsewhere) = seen(&shared);
+    eprintln!("shared pipeline: {in_push} batches in the pushing task, {elsewhere} in its own");
+    // Each client's pushes go into two pipelines; one cut short by the shutdown may have
+    // reached one of them (a batch of 10 points per client at most).
+    let arrived = capture.point_count();
+    assert!(
+        arrived >= 2 * acked && arrived <= 2 * acked + 2 * 10,
+        "{arrived} points arrived for {acked} acknowledged"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn above_the_memory_limit_pushes_are_refused_and_scrapes_skipped() {
     let capture = Capture::new();
     // A hard limit of 1 MiB is below any process's resident memory: nothing gets in.

@@ -81,6 +81,16 @@ pub(crate) struct Envelope {
 pub(crate) struct PipelineInput {
     pub tx: mpsc::Sender<Envelope>,
     pub exporters: Arc<[Arc<SendQueue>]>,
+    /// Where a push runs the pipeline in its own task rather than the pipeline's.
+    pub direct: Option<Arc<dyn Direct>>,
+}
+
+/// A pipeline that a push runs in the pushing task: its processors, then its exporters' queues.
+#[async_trait::async_trait]
+pub(crate) trait Direct: Send + Sync {
+    /// Answers as [`Output::push`] does for this pipeline; gives the batch back when the
+    /// pipeline is busy, for its task to take.
+    async fn push(&self, batch: Batch) -> Result<Result<(), SendError>, Batch>;
 }
 
 /// Where a receiver sends its batches: every pipeline that lists it.
@@ -183,6 +193,7 @@ impl Output {
         let input = PipelineInput {
             tx,
             exporters: Arc::new([]),
+            direct: None,
         };
         (Self::new(vec![input], stats, None), Captured(rx))
     }
@@ -253,32 +264,57 @@ impl Output {
         if route.limiter.as_ref().is_some_and(|l| !l.admits()) {
             return Err(SendError::MemoryLimit);
         }
+        let full = |e| match e {
+            mpsc::error::TrySendError::Full(()) => SendError::Full,
+            mpsc::error::TrySendError::Closed(()) => SendError::Closed,
+        };
+        // Room in the input of every pipeline a push goes through, before any is sent to.
         let permits = route
             .pipelines
             .iter()
-            .map(|p| p.tx.try_reserve())
+            .map(|p| p.direct.is_none().then(|| p.tx.try_reserve()).transpose())
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| match e {
-                mpsc::error::TrySendError::Full(()) => SendError::Full,
-                mpsc::error::TrySendError::Closed(()) => SendError::Closed,
-            })?;
+            .map_err(full)?;
         let mut answers = Vec::with_capacity(permits.len());
+        let mut direct = Vec::new();
         let mut batch = Some(batch);
         let last = permits.len() - 1;
-        for (i, permit) in permits.into_iter().enumerate() {
+        let send = |permit: mpsc::Permit<'_, Envelope>, batch| {
             let (ack, answer) = oneshot::channel();
+            permit.send(Envelope {
+                batch,
+                ack: Some(ack),
+            });
+            answer
+        };
+        for (i, (p, permit)) in route.pipelines.iter().zip(permits).enumerate() {
             let b = if i == last {
                 batch.take().unwrap_or_default()
             } else {
                 batch.clone().unwrap_or_default()
             };
-            permit.send(Envelope {
-                batch: b,
-                ack: Some(ack),
-            });
-            answers.push(answer);
+            match (permit, &p.direct) {
+                (Some(permit), _) => answers.push(send(permit, b)),
+                (None, Some(d)) => direct.push((p, d, b)),
+                (None, None) => {}
+            }
         }
         let mut result = Ok(());
+        for (p, d, b) in direct {
+            let r = match d.push(b).await {
+                Ok(r) => r,
+                Err(b) => match p.tx.try_reserve() {
+                    Ok(permit) => {
+                        answers.push(send(permit, b));
+                        continue;
+                    }
+                    Err(e) => Err(full(e)),
+                },
+            };
+            if result.is_ok() {
+                result = r;
+            }
+        }
         for answer in answers {
             let r = answer.await.unwrap_or(Err(SendError::Closed));
             if result.is_ok() {

@@ -1,5 +1,7 @@
 //! The pipeline runtime: receivers as tasks, a bounded channel into each pipeline, processors in
-//! order, and a fan-out where every exporter has its own bounded queue and consumers.
+//! order, and a fan-out where every exporter has its own bounded queue and consumers. A push
+//! runs a pipeline whose processors hold nothing for later in its own task instead (see
+//! `pipeline::Stage`).
 //!
 //! `output` holds the delivery contract (what a receiver's "sent" means), `pipeline` the
 //! processors and the fan-out, `queue` the exporters' sending queues, `exporter` their
@@ -36,7 +38,7 @@ pub use keep::Kept;
 use keep::{
     join, pipeline_fingerprint, stop_in_order, RunningExporter, RunningPipeline, RunningReceiver,
 };
-use pipeline::{run_pipeline, ExporterQueue, PipelineTask};
+use pipeline::{run_pipeline, ExporterQueue, PipelineTask, Stage};
 pub use queued::{QueuedExporter, Room};
 
 /// Batches a pipeline's input channel holds before receivers wait.
@@ -338,23 +340,27 @@ impl Service {
                 .filter_map(|id| exporters.iter().find(|e| &e.id == id))
                 .map(|e| e.entry.clone())
                 .collect();
+            let stats = processors.iter().map(|(_, s)| s.clone()).collect();
+            let exporter_queues = queues.iter().map(|e| e.queue.clone()).collect();
+            let stage = Arc::new(Stage::new(name.clone(), processors, queues));
             let input = PipelineInput {
                 tx,
-                exporters: queues.iter().map(|e| e.queue.clone()).collect(),
+                exporters: exporter_queues,
+                direct: stage
+                    .is_direct()
+                    .then(|| stage.clone() as Arc<dyn crate::delivery::Direct>),
             };
             let inputs_done = CancellationToken::new();
             pipelines.push(BuiltPipeline {
                 name: name.clone(),
                 fingerprint,
                 input,
-                stats: processors.iter().map(|(_, s)| s.clone()).collect(),
+                stats,
                 inputs_done: inputs_done.clone(),
                 task: Some(PipelineTask {
-                    name: name.clone(),
                     rx,
-                    held: processors.iter().map(|_| Vec::new()).collect(),
-                    processors,
-                    exporters: queues,
+                    held: p.processors.iter().map(|_| Vec::new()).collect(),
+                    stage,
                     inputs_done,
                 }),
             });

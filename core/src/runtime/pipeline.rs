@@ -11,7 +11,7 @@
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::mpsc;
 use tracing::{debug, error, warn};
@@ -19,7 +19,7 @@ use tracing::{debug, error, warn};
 use super::{blocking, LogEvery};
 use crate::component::{Exporter, Processor};
 use crate::delivery::queue::{Cost, Item, Payload, Reservation, SendQueue, Sizer};
-use crate::delivery::{Ack, Envelope, SendError};
+use crate::delivery::{Ack, Direct, Envelope, SendError};
 use crate::disk_queue::{unix_ms, DiskQueue};
 use crate::model::Batch;
 use crate::telemetry::{ComponentStats, State};
@@ -42,11 +42,129 @@ pub(crate) struct ExporterQueue {
     pub max_batch_points: usize,
 }
 
-pub(crate) struct PipelineTask {
+/// A pipeline's processors and the queues it ends in: run by its task, and by the pushing
+/// receivers themselves where no processor holds data for later (see [`Stage::push`]).
+pub(crate) struct Stage {
     pub name: String,
-    pub rx: mpsc::Receiver<Envelope>,
-    pub processors: Vec<(Box<dyn Processor>, Arc<ComponentStats>)>,
+    processors: std::sync::Mutex<Processors>,
+    /// Each processor's `flush_interval` and `flush_when_idle`.
+    flushes: Vec<(Option<Duration>, bool)>,
     pub exporters: Vec<ExporterQueue>,
+    /// Whether it takes pushes directly; held shared by each push under way, and closed by the
+    /// drain once they are done.
+    open: tokio::sync::RwLock<bool>,
+}
+
+/// A pipeline's processors in order, each with its stats.
+pub(crate) type Processors = Vec<(Box<dyn Processor>, Arc<ComponentStats>)>;
+
+/// Where a batch left the processors.
+enum Through {
+    /// Past the last one.
+    Out(Batch),
+    /// Emptied by the processor at this index: dropped by its rule, or held for its flush.
+    Emptied(usize),
+    /// The processor at this index panicked; the batch is lost (and counted).
+    Panicked(usize),
+}
+
+impl Stage {
+    pub fn new(name: String, processors: Processors, exporters: Vec<ExporterQueue>) -> Self {
+        let flushes: Vec<_> = processors
+            .iter()
+            .map(|(p, _)| (p.flush_interval(), p.flush_when_idle()))
+            .collect();
+        Self {
+            name,
+            processors: std::sync::Mutex::new(processors),
+            flushes,
+            exporters,
+            open: tokio::sync::RwLock::new(true),
+        }
+    }
+
+    /// Whether pushes run it in the pushing task (see [`Direct`]): none of its processors holds
+    /// data for later.
+    pub fn is_direct(&self) -> bool {
+        self.flushes.iter().all(|(interval, _)| interval.is_none())
+    }
+
+    /// Lets the pushes under way finish and takes no more.
+    async fn close(&self) {
+        *self.open.write().await = false;
+    }
+
+    /// Runs `batch` through the processors from `start` on.
+    fn run(&self, start: usize, batch: Batch) -> Through {
+        let mut processors = self.processors.lock().unwrap_or_else(|p| p.into_inner());
+        self.run_in(&mut processors, start, batch)
+    }
+
+    fn run_in(&self, processors: &mut Processors, start: usize, mut batch: Batch) -> Through {
+        for (i, (processor, stats)) in processors.iter_mut().enumerate().skip(start) {
+            ComponentStats::add(&stats.accepted, batch.point_count());
+            if std::panic::catch_unwind(AssertUnwindSafe(|| processor.process(&mut batch))).is_err()
+            {
+                error!(pipeline = %self.name, processor = %stats.id, "processor panicked; batch dropped");
+                stats.fail("panicked");
+                return Through::Panicked(i);
+            }
+            if batch.is_empty() {
+                return Through::Emptied(i);
+            }
+            ComponentStats::add(&stats.sent, batch.point_count());
+        }
+        Through::Out(batch)
+    }
+
+    /// The processor at `i`'s flush.
+    fn flush(&self, i: usize) -> Result<Option<Batch>, ()> {
+        let mut processors = self.processors.lock().unwrap_or_else(|p| p.into_inner());
+        let (processor, stats) = &mut processors[i];
+        std::panic::catch_unwind(AssertUnwindSafe(|| processor.flush())).map_err(|_| {
+            error!(pipeline = %self.name, processor = %stats.id, "processor panicked in flush");
+            stats.fail("panicked in flush");
+        })
+    }
+
+    fn set_state(&self, state: State) {
+        let processors = self.processors.lock().unwrap_or_else(|p| p.into_inner());
+        for (_, stats) in processors.iter() {
+            if state != State::Stopped || stats.state() != State::Failed {
+                stats.set_state(state);
+            }
+        }
+    }
+}
+
+/// A pushed batch runs through the processors and into every exporter's queue (or none) in the
+/// receiver's own task: it stays on the core that decoded it until its request is encoded and
+/// it is freed, and no handoff to the pipeline's task and back is made. The processors take
+/// one batch at a time: a push that finds them busy goes through the pipeline's task rather
+/// than hold up its worker.
+#[async_trait::async_trait]
+impl Direct for Stage {
+    async fn push(&self, batch: Batch) -> Result<Result<(), SendError>, Batch> {
+        let open = self.open.read().await;
+        if !*open {
+            return Ok(Err(SendError::Closed));
+        }
+        let through = match self.processors.try_lock() {
+            Ok(mut processors) => self.run_in(&mut processors, 0, batch),
+            Err(std::sync::TryLockError::Poisoned(p)) => self.run_in(&mut p.into_inner(), 0, batch),
+            Err(std::sync::TryLockError::WouldBlock) => return Err(batch),
+        };
+        Ok(match through {
+            Through::Out(batch) => fan_out(&self.exporters, &self.name, batch, true).await,
+            Through::Emptied(_) => Ok(()),
+            Through::Panicked(_) => Err(SendError::Dropped),
+        })
+    }
+}
+
+pub(crate) struct PipelineTask {
+    pub rx: mpsc::Receiver<Envelope>,
+    pub stage: Arc<Stage>,
     /// Acknowledgements of pushed data a processor holds until its next flush, one list per
     /// processor.
     pub held: Vec<Vec<Ack>>,
@@ -64,13 +182,12 @@ fn answer(acks: Vec<Ack>, result: Result<(), SendError>) {
 pub(crate) async fn run_pipeline(mut task: PipelineTask) {
     let start = Instant::now();
     let mut next_flush: Vec<Option<Instant>> = task
-        .processors
+        .stage
+        .flushes
         .iter()
-        .map(|(p, _)| p.flush_interval().map(|i| start + i))
+        .map(|(interval, _)| interval.map(|i| start + i))
         .collect();
-    for (_, stats) in &task.processors {
-        stats.set_state(State::Running);
-    }
+    task.stage.set_state(State::Running);
     let inputs_done = task.inputs_done.clone();
     let mut closed = false;
     loop {
@@ -99,20 +216,17 @@ pub(crate) async fn run_pipeline(mut task: PipelineTask) {
         if task.rx.is_empty() {
             // Nothing more to gather now, and waiting clients send nothing until answered.
             task.flush_picked(&mut next_flush, |t, i, _| {
-                !t.held[i].is_empty() && t.processors[i].0.flush_when_idle()
+                !t.held[i].is_empty() && t.stage.flushes[i].1
             })
             .await;
         }
     }
-    for i in 0..task.processors.len() {
+    task.stage.close().await;
+    for i in 0..task.held.len() {
         task.flush(i).await;
     }
-    for (_, stats) in &task.processors {
-        if stats.state() != State::Failed {
-            stats.set_state(State::Stopped);
-        }
-    }
-    debug!(pipeline = %task.name, "pipeline drained");
+    task.stage.set_state(State::Stopped);
+    debug!(pipeline = %task.stage.name, "pipeline drained");
 }
 
 impl PipelineTask {
@@ -124,57 +238,49 @@ impl PipelineTask {
         pick: impl Fn(&Self, usize, Option<Instant>) -> bool,
     ) {
         let now = Instant::now();
-        let picked: Vec<usize> = (0..self.processors.len())
+        let picked: Vec<usize> = (0..self.held.len())
             .filter(|&i| pick(self, i, next_flush[i]))
             .collect();
         for i in picked {
-            next_flush[i] = self.processors[i].0.flush_interval().map(|d| now + d);
+            next_flush[i] = self.stage.flushes[i].0.map(|d| now + d);
             self.flush(i).await;
         }
     }
 
     async fn flush(&mut self, i: usize) {
         let acks = std::mem::take(&mut self.held[i]);
-        let (processor, stats) = &mut self.processors[i];
-        match std::panic::catch_unwind(AssertUnwindSafe(|| processor.flush())) {
+        match self.stage.flush(i) {
             Ok(Some(batch)) => self.process_from(i + 1, batch, acks).await,
             Ok(None) => answer(acks, Ok(())),
-            Err(_) => {
-                error!(pipeline = %self.name, processor = %stats.id, "processor panicked in flush");
-                stats.fail("panicked in flush");
-                answer(acks, Err(SendError::Dropped));
-            }
+            Err(()) => answer(acks, Err(SendError::Dropped)),
         }
     }
 
     /// Runs `batch` through the processors from `start` on, then fans it out.
-    async fn process_from(&mut self, start: usize, mut batch: Batch, mut acks: Vec<Ack>) {
-        for i in start..self.processors.len() {
-            let (processor, stats) = &mut self.processors[i];
-            ComponentStats::add(&stats.accepted, batch.point_count());
-            if std::panic::catch_unwind(AssertUnwindSafe(|| processor.process(&mut batch))).is_err()
-            {
-                error!(pipeline = %self.name, processor = %stats.id, "processor panicked; batch dropped");
-                stats.fail("panicked");
-                answer(acks, Err(SendError::Dropped));
-                return;
-            }
-            if batch.is_empty() {
-                if processor.flush_interval().is_some() {
-                    // Held for a later flush (or folded into state that a flush emits).
-                    self.held[i].append(&mut acks);
-                } else {
-                    // Dropped by the processor's own rule: nothing left to deliver.
-                    answer(acks, Ok(()));
-                }
-                return;
-            }
-            ComponentStats::add(&stats.sent, batch.point_count());
-            // What the processor held before goes out in this batch.
-            acks.append(&mut self.held[i]);
+    async fn process_from(&mut self, start: usize, batch: Batch, mut acks: Vec<Ack>) {
+        let through = self.stage.run(start, batch);
+        let passed = match &through {
+            Through::Out(_) => self.held.len(),
+            Through::Emptied(i) | Through::Panicked(i) => *i,
+        };
+        // What a processor held before goes on with the batch it passed.
+        for held in &mut self.held[start..passed] {
+            acks.append(held);
         }
-        let result = fan_out(&self.exporters, &self.name, batch, !acks.is_empty()).await;
-        answer(acks, result);
+        match through {
+            Through::Out(batch) => {
+                let stage = &self.stage;
+                let result = fan_out(&stage.exporters, &stage.name, batch, !acks.is_empty()).await;
+                answer(acks, result);
+            }
+            // Held for a later flush (or folded into state that a flush emits).
+            Through::Emptied(i) if self.stage.flushes[i].0.is_some() => {
+                self.held[i].append(&mut acks);
+            }
+            // Dropped by the processor's own rule: nothing left to deliver.
+            Through::Emptied(_) => answer(acks, Ok(())),
+            Through::Panicked(_) => answer(acks, Err(SendError::Dropped)),
+        }
     }
 }
 
