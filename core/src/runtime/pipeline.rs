@@ -43,15 +43,15 @@ pub(crate) struct ExporterQueue {
 }
 
 /// A pipeline's processors and the queues it ends in: run by its task, and by the pushing
-/// receivers themselves where no processor holds data for later (see [`Stage::push`]).
+/// receivers themselves where no processor holds data for later (see [`Direct`]).
 pub(crate) struct Stage {
     pub name: String,
     processors: std::sync::Mutex<Processors>,
     /// Each processor's `flush_interval` and `flush_when_idle`.
     flushes: Vec<(Option<Duration>, bool)>,
     pub exporters: Vec<ExporterQueue>,
-    /// Whether it takes pushes directly; held shared by each push under way, and closed by the
-    /// drain once they are done.
+    /// Whether pushes may still run it; held shared by each push under way, so that the drain,
+    /// which closes it, waits for them.
     open: tokio::sync::RwLock<bool>,
 }
 
