@@ -47,6 +47,8 @@ pub(crate) struct ExporterQueue {
 pub(crate) struct Stage {
     pub name: String,
     processors: std::sync::Mutex<Processors>,
+    /// Each processor's stats, outside the lock: a push finds it free unless a batch is in.
+    stats: Vec<Arc<ComponentStats>>,
     /// Each processor's `flush_interval` and `flush_when_idle`.
     flushes: Vec<(Option<Duration>, bool)>,
     pub exporters: Vec<ExporterQueue>,
@@ -76,6 +78,7 @@ impl Stage {
             .collect();
         Self {
             name,
+            stats: processors.iter().map(|(_, s)| s.clone()).collect(),
             processors: std::sync::Mutex::new(processors),
             flushes,
             exporters,
@@ -128,8 +131,7 @@ impl Stage {
     }
 
     fn set_state(&self, state: State) {
-        let processors = self.processors.lock().unwrap_or_else(|p| p.into_inner());
-        for (_, stats) in processors.iter() {
+        for stats in &self.stats {
             if state != State::Stopped || stats.state() != State::Failed {
                 stats.set_state(state);
             }
