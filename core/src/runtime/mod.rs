@@ -340,12 +340,10 @@ impl Service {
                 .filter_map(|id| exporters.iter().find(|e| &e.id == id))
                 .map(|e| e.entry.clone())
                 .collect();
-            let stats = processors.iter().map(|(_, s)| s.clone()).collect();
-            let exporter_queues = queues.iter().map(|e| e.queue.clone()).collect();
             let stage = Arc::new(Stage::new(name.clone(), processors, queues));
             let input = PipelineInput {
                 tx,
-                exporters: exporter_queues,
+                exporters: stage.exporters.iter().map(|e| e.queue.clone()).collect(),
                 direct: stage
                     .is_direct()
                     .then(|| stage.clone() as Arc<dyn crate::delivery::Direct>),
@@ -355,7 +353,7 @@ impl Service {
                 name: name.clone(),
                 fingerprint,
                 input,
-                stats,
+                stats: stage.stats.clone(),
                 inputs_done: inputs_done.clone(),
                 task: Some(PipelineTask {
                     rx,

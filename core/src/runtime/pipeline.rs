@@ -35,8 +35,8 @@ pub(crate) struct ExporterQueue {
     /// Batches the persistent queue could not take.
     pub disk_log: Arc<LogEvery>,
     /// The exporter, which encodes each batch it can send whole as it is queued (see
-    /// [`ExporterQueue::enqueue`]); `None` for a persistent queue, which stores batches.
-    pub encoder: Option<Arc<dyn Exporter>>,
+    /// [`ExporterQueue::enqueue`]), unless the queue is persistent: that one stores batches.
+    pub exporter: Arc<dyn Exporter>,
     /// `sending_queue.max_batch_points`: a larger batch is queued as is, for the consumer to
     /// split.
     pub max_batch_points: usize,
@@ -48,7 +48,7 @@ pub(crate) struct Stage {
     pub name: String,
     processors: std::sync::Mutex<Processors>,
     /// Each processor's stats, outside the lock: a push finds it free unless a batch is in.
-    stats: Vec<Arc<ComponentStats>>,
+    pub stats: Vec<Arc<ComponentStats>>,
     /// Each processor's `flush_interval` and `flush_when_idle`.
     flushes: Vec<(Option<Duration>, bool)>,
     pub exporters: Vec<ExporterQueue>,
@@ -334,7 +334,7 @@ impl ExporterQueue {
             queue,
             stats,
             block: settings.sending_queue.block_on_overflow,
-            encoder: disk.is_none().then(|| exporter.clone()),
+            exporter: exporter.clone(),
             disk,
             drop_log: Default::default(),
             disk_log: Default::default(),
@@ -348,11 +348,10 @@ impl ExporterQueue {
     /// its memory is warm, and keeps only the much smaller request queued.
     fn payload(&self, batch: &Arc<Batch>, points: u64) -> Payload {
         let whole = self.max_batch_points == 0 || points <= self.max_batch_points as u64;
-        match &self.encoder {
-            Some(e) if whole => e.encode(batch).map(Payload::Encoded),
-            _ => None,
-        }
-        .unwrap_or_else(|| Payload::Memory(batch.clone()))
+        (whole && self.disk.is_none())
+            .then(|| self.exporter.encode(batch))
+            .flatten()
+            .map_or_else(|| Payload::Memory(batch.clone()), Payload::Encoded)
     }
 
     async fn reserve(&self, cost: Cost) -> Option<Reservation<'_>> {
